@@ -1,0 +1,197 @@
+//! API Gateway (HTTP API, payload v2) entrypoints: parse, call the
+//! operation under its deadline, render JSON. Every error response is built
+//! in `error_response`, from `ErrorKind::status`.
+
+use std::future::Future;
+
+use lambda_http::http::StatusCode;
+use lambda_http::{Body, Request, RequestExt, Response};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::ops::{self, InstallRequest};
+use crate::App;
+
+/// Request bodies are tiny JSON documents; anything bigger is a mistake.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+pub async fn install(app: &App, req: Request) -> Response<Body> {
+    let rid = request_id(&req);
+    let r = async {
+        let ws = path_param(&req, "id")?;
+        let body = parse_install_body(req.body())?;
+        deadline(app, ops::install(&app.deps, &ws, body)).await
+    }
+    .await;
+    respond(&rid, "install", r)
+}
+
+pub async fn uninstall(app: &App, req: Request) -> Response<Body> {
+    let rid = request_id(&req);
+    let r = async {
+        let ws = path_param(&req, "id")?;
+        let name = path_param(&req, "name")?;
+        deadline(app, ops::uninstall(&app.deps, &ws, &name)).await
+    }
+    .await;
+    respond(&rid, "uninstall", r)
+}
+
+pub async fn list(app: &App, req: Request) -> Response<Body> {
+    let rid = request_id(&req);
+    let r = async {
+        let ws = path_param(&req, "id")?;
+        deadline(app, ops::list(&app.deps, &ws)).await
+    }
+    .await;
+    respond(&rid, "list", r)
+}
+
+/// API Gateway gives up at 29 s; answer 504 ourselves before that, with a
+/// body, rather than let the caller see a bare gateway timeout.
+async fn deadline<T>(app: &App, fut: impl Future<Output = Result<T>>) -> Result<T> {
+    let limit = app.deps.config.operation_timeout;
+    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+        Err(Error::deadline(format!(
+            "the operation did not finish within {} s",
+            limit.as_secs()
+        )))
+    })
+}
+
+fn parse_install_body(body: &Body) -> Result<InstallRequest> {
+    let bytes: &[u8] = match body {
+        Body::Empty => b"",
+        Body::Text(t) => t.as_bytes(),
+        Body::Binary(b) => b,
+        _ => b"",
+    };
+    if bytes.len() > MAX_BODY_BYTES {
+        return Err(Error::bad_request(format!(
+            "request body is larger than {} KiB",
+            MAX_BODY_BYTES / 1024
+        )));
+    }
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|_| Error::bad_request("request body must be a JSON object"))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| Error::bad_request("request body must be a JSON object"))?;
+    let source = match obj.get("source") {
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(Error::bad_request("\"source\" must be a string")),
+        None => return Err(Error::bad_request("missing \"source\"")),
+    };
+    let sha256 = match obj.get("sha256") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(Error::bad_request("\"sha256\" must be a string")),
+    };
+    Ok(InstallRequest { source, sha256 })
+}
+
+/// Path parameters from API Gateway; when invoked through a function URL
+/// (as `cargo lambda watch` serves it) they are parsed from the path.
+fn path_param(req: &Request, key: &str) -> Result<String> {
+    if let Some(v) = req.path_parameters_ref().and_then(|p| p.first(key)) {
+        return Ok(v.to_string());
+    }
+    let path = req.raw_http_path();
+    let path = if path.is_empty() { req.uri().path() } else { path };
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let at = segs.iter().position(|s| *s == "workspaces");
+    let found = at.and_then(|i| match key {
+        "id" => segs.get(i + 1),
+        "name" if segs.get(i + 2) == Some(&"plugins") => segs.get(i + 3),
+        _ => None,
+    });
+    found
+        .map(|s| percent_decode(s))
+        .ok_or_else(|| Error::bad_request(format!("missing path parameter {key:?}")))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() + 0 && i + 2 <= b.len() - 1 {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn request_id(req: &Request) -> String {
+    use lambda_http::request::RequestContext;
+    match req.request_context_ref() {
+        Some(RequestContext::ApiGatewayV2(c)) => c.request_id.clone(),
+        _ => None,
+    }
+    .or_else(|| req.lambda_context_ref().map(|c| c.request_id.clone()))
+    .filter(|s| !s.is_empty())
+    .unwrap_or_else(|| format!("local-{:016x}", rand::random::<u64>()))
+}
+
+fn json_response(status: u16, body: &Value, rid: &str) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header("content-type", "application/json")
+        .header("x-request-id", rid)
+        .body(Body::Text(body.to_string()))
+        .expect("static response parts are valid")
+}
+
+fn respond<T: Serialize>(rid: &str, op: &str, r: Result<T>) -> Response<Body> {
+    match r {
+        Ok(v) => {
+            tracing::info!(request_id = rid, op, "ok");
+            let body = serde_json::to_value(v).unwrap_or(Value::Null);
+            json_response(200, &body, rid)
+        }
+        Err(e) => error_response(rid, op, e),
+    }
+}
+
+/// The only place errors become responses: public message and fields in the
+/// body, everything else in the log line, joined by the request id.
+pub fn error_response(rid: &str, op: &str, e: Error) -> Response<Body> {
+    let status = e.status();
+    if status >= 500 {
+        tracing::error!(request_id = rid, op, status, error = %e.message, detail = ?e.detail, "failed");
+    } else {
+        tracing::warn!(request_id = rid, op, status, error = %e.message, detail = ?e.detail, "rejected");
+    }
+    let mut body = json!({ "error": e.message, "request_id": rid });
+    if let Value::Object(m) = &mut body {
+        for (k, v) in e.fields {
+            m.entry(k).or_insert(v);
+        }
+    }
+    json_response(status, &body, rid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_rules() {
+        let big = Body::Text(format!("{{\"source\":\"{}\"}}", "a".repeat(MAX_BODY_BYTES)));
+        assert_eq!(parse_install_body(&big).unwrap_err().status(), 400);
+        assert_eq!(parse_install_body(&Body::Text("nope".into())).unwrap_err().status(), 400);
+        assert_eq!(parse_install_body(&Body::Text("[]".into())).unwrap_err().status(), 400);
+        assert_eq!(parse_install_body(&Body::Text("{}".into())).unwrap_err().status(), 400);
+        let ok = parse_install_body(&Body::Text("{\"source\":\"x\",\"sha256\":\"ab\"}".into())).unwrap();
+        assert_eq!((ok.source.as_str(), ok.sha256.as_deref()), ("x", Some("ab")));
+        assert_eq!(percent_decode("a%2Fb"), "a/b");
+        assert_eq!(percent_decode("a%2"), "a%2");
+    }
+}

@@ -1,0 +1,60 @@
+//! Wires the real adapters (S3, EC2, EC2 Instance Connect, SSH) once per
+//! cold start.
+
+use std::sync::Arc;
+
+use aws_config::BehaviorVersion;
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::fleet::Ec2Fleet;
+use crate::ops::Deps;
+use crate::store::S3Store;
+use crate::transport::{EicKeyPusher, SshTransport};
+
+pub struct App {
+    pub deps: Deps,
+}
+
+impl App {
+    pub async fn from_env() -> Result<App> {
+        let config = Config::from_env()?;
+        let sdk = aws_config::defaults(BehaviorVersion::latest()).load().await;
+        Ok(App::new(config, &sdk))
+    }
+
+    pub fn new(config: Config, sdk: &aws_config::SdkConfig) -> App {
+        // Local S3 stand-ins serve buckets by path, not by virtual host.
+        let local_s3 = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
+            .iter()
+            .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty()));
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(sdk).force_path_style(local_s3).build(),
+        );
+        let store = Arc::new(S3Store::new(s3, config.bucket.clone()));
+        let fleet = Arc::new(Ec2Fleet::new(
+            aws_sdk_ec2::Client::new(sdk),
+            config.ssh_port,
+            config.address_tag.clone(),
+        ));
+        let pusher = Arc::new(EicKeyPusher::new(aws_sdk_ec2instanceconnect::Client::new(sdk)));
+        let transport = Arc::new(SshTransport::new(
+            pusher,
+            fleet.clone(),
+            config.ssh_user.clone(),
+            config.command_prefix.clone(),
+            config.insecure_ignore_host_key,
+            config.connect_timeout,
+        ));
+        App {
+            deps: Deps {
+                config: Arc::new(config),
+                registry: store.clone(),
+                archives: store.clone(),
+                state: store,
+                fleet,
+                transport,
+            },
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Deployment configuration, read once at cold start from the environment.
+//! Endpoints are not configured here: the AWS SDK reads the standard
+//! `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_<SERVICE>` variables itself.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Where a runtime keeps its config and how to restart it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct RuntimeProfile {
+    pub config_dir: String,
+    pub restart: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bucket: String,
+    /// OS user the ephemeral key is pushed for and SSH logs in as.
+    pub ssh_user: String,
+    pub ssh_port: u16,
+    /// When set, the SSH address (`host` or `host:port`) is read from this
+    /// instance tag instead of the private IP (the local stack uses it).
+    pub address_tag: Option<String>,
+    /// Local experiments only: accept any host key.
+    pub insecure_ignore_host_key: bool,
+    /// Run the host script through this (default `sudo -n`; empty when the
+    /// login user is already root).
+    pub command_prefix: String,
+    /// Overrides of the built-in runtime profiles, by runtime name;
+    /// the key `default` replaces the fallback profile.
+    pub profiles: BTreeMap<String, RuntimeProfile>,
+    /// Owner of the installed files on the host.
+    pub owner: String,
+    pub operation_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_tree_bytes: u64,
+    /// How long the host script waits for the per-config-dir lock.
+    pub lock_wait_secs: u64,
+}
+
+impl Config {
+    /// Defaults for everything but the bucket.
+    pub fn new(bucket: impl Into<String>) -> Self {
+        Config {
+            bucket: bucket.into(),
+            ssh_user: "ubuntu".into(),
+            ssh_port: 22,
+            address_tag: None,
+            insecure_ignore_host_key: false,
+            command_prefix: "sudo -n".into(),
+            profiles: BTreeMap::new(),
+            owner: "1000:1000".into(),
+            operation_timeout: Duration::from_secs(25),
+            connect_timeout: Duration::from_secs(10),
+            max_tree_bytes: 100 * 1024 * 1024,
+            lock_wait_secs: 20,
+        }
+    }
+
+    pub fn from_env() -> Result<Self> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let bucket = var("PLUGIN_BUCKET")
+            .ok_or_else(|| Error::internal("PLUGIN_BUCKET is not set"))?;
+        let mut c = Config::new(bucket);
+        if let Some(v) = var("PLUGIN_SSH_USER") {
+            c.ssh_user = v;
+        }
+        if let Some(v) = var("PLUGIN_SSH_PORT") {
+            c.ssh_port = parse(&v, "PLUGIN_SSH_PORT")?;
+        }
+        c.address_tag = var("PLUGIN_SSH_ADDRESS_TAG");
+        c.insecure_ignore_host_key = var("PLUGIN_SSH_INSECURE_IGNORE_HOST_KEY")
+            .is_some_and(|v| matches!(v.as_str(), "1" | "true" | "yes"));
+        // An explicitly empty prefix is meaningful (root login), so read raw.
+        if let Ok(v) = std::env::var("PLUGIN_HOST_COMMAND_PREFIX") {
+            c.command_prefix = v.trim().to_string();
+        }
+        if let Some(v) = var("PLUGIN_RUNTIME_PROFILES") {
+            c.profiles = serde_json::from_str(&v)
+                .map_err(|e| Error::internal(format!("PLUGIN_RUNTIME_PROFILES: {e}")))?;
+        }
+        if let Some(v) = var("PLUGIN_OWNER") {
+            c.owner = v;
+        }
+        if let Some(v) = var("PLUGIN_OPERATION_TIMEOUT_SECS") {
+            c.operation_timeout = Duration::from_secs(parse(&v, "PLUGIN_OPERATION_TIMEOUT_SECS")?);
+        }
+        if let Some(v) = var("PLUGIN_MAX_TREE_BYTES") {
+            c.max_tree_bytes = parse(&v, "PLUGIN_MAX_TREE_BYTES")?;
+        }
+        if let Some(v) = var("PLUGIN_LOCK_WAIT_SECS") {
+            c.lock_wait_secs = parse(&v, "PLUGIN_LOCK_WAIT_SECS")?;
+        }
+        if c.insecure_ignore_host_key {
+            tracing::warn!(
+                "PLUGIN_SSH_INSECURE_IGNORE_HOST_KEY is on: host keys are NOT verified. \
+                 Local experiments only; never deploy this."
+            );
+        }
+        Ok(c)
+    }
+
+    /// The profile of a runtime: configuration first, then the built-ins.
+    pub fn profile(&self, runtime: &str) -> RuntimeProfile {
+        if let Some(p) = self.profiles.get(runtime) {
+            return p.clone();
+        }
+        if let Some(p) = builtin_profile(runtime) {
+            return p;
+        }
+        self.profiles
+            .get("default")
+            .cloned()
+            .unwrap_or_else(|| RuntimeProfile {
+                config_dir: "/opt/configs".into(),
+                restart: "systemctl restart molecule-runtime.service".into(),
+            })
+    }
+}
+
+fn builtin_profile(runtime: &str) -> Option<RuntimeProfile> {
+    let (dir, unit) = match runtime {
+        "claude-code" => ("/configs", "claude-code.service"),
+        "hermes" => ("/home/ubuntu/.hermes", "hermes.service"),
+        _ => return None,
+    };
+    Some(RuntimeProfile {
+        config_dir: dir.into(),
+        restart: format!("systemctl restart {unit}"),
+    })
+}
+
+fn parse<T: std::str::FromStr>(v: &str, key: &str) -> Result<T> {
+    v.trim()
+        .parse()
+        .map_err(|_| Error::internal(format!("{key} is not a valid number: {v:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles_fall_back_to_builtins_then_default() {
+        let mut c = Config::new("b");
+        assert_eq!(c.profile("claude-code").config_dir, "/configs");
+        assert_eq!(c.profile("hermes").config_dir, "/home/ubuntu/.hermes");
+        assert_eq!(c.profile("langgraph").config_dir, "/opt/configs");
+        c.profiles.insert(
+            "default".into(),
+            RuntimeProfile { config_dir: "/srv/cfg".into(), restart: "true".into() },
+        );
+        assert_eq!(c.profile("langgraph").config_dir, "/srv/cfg");
+        assert_eq!(c.profile("claude-code").config_dir, "/configs");
+    }
+}

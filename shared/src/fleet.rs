@@ -1,0 +1,206 @@
+//! The fleet: which EC2 instance is a workspace's host, and how to trust it.
+
+use async_trait::async_trait;
+use aws_sdk_ec2::types::Filter;
+use aws_sdk_ec2::Client;
+use base64::Engine;
+
+use crate::error::{Error, Result};
+
+pub const TAG_WORKSPACE: &str = "molecule:workspace-id";
+pub const TAG_RUNTIME: &str = "molecule:runtime";
+pub const TAG_HOST_KEY: &str = "molecule:ssh-host-key";
+pub const TAG_ORG: &str = "molecule:org-id";
+
+/// A workspace's running instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    pub instance_id: String,
+    /// Where to connect: private IP (or the address tag on the local stack).
+    pub address: String,
+    pub port: u16,
+    pub runtime: String,
+    pub availability_zone: Option<String>,
+    /// OpenSSH public key line from the `molecule:ssh-host-key` tag.
+    pub published_host_key: Option<String>,
+    pub org_id: Option<String>,
+}
+
+#[async_trait]
+pub trait Fleet: Send + Sync {
+    /// 404 when no running instance carries the tag, 409 when several do.
+    async fn locate(&self, workspace: &str) -> Result<Host>;
+    /// The host keys published for the instance: the tag, else the keys
+    /// cloud-init printed to the console. Empty when none were published.
+    async fn host_keys(&self, host: &Host) -> Result<Vec<String>>;
+}
+
+pub struct Ec2Fleet {
+    client: Client,
+    /// Default SSH port.
+    port: u16,
+    /// Read the address from this tag instead of the private IP.
+    address_tag: Option<String>,
+}
+
+impl Ec2Fleet {
+    pub fn new(client: Client, port: u16, address_tag: Option<String>) -> Self {
+        Ec2Fleet { client, port, address_tag }
+    }
+}
+
+fn ec2_error<E: std::fmt::Debug>(what: &str, e: E) -> Error {
+    Error::unavailable("the EC2 API is not available right now").with_detail(format!("{what}: {e:?}"))
+}
+
+/// `host`, `host:port` or `[v6]:port`.
+pub fn split_address(addr: &str, default_port: u16) -> (String, u16) {
+    if let Some(rest) = addr.strip_prefix('[') {
+        if let Some((h, p)) = rest.split_once("]:") {
+            if let Ok(p) = p.parse() {
+                return (h.to_string(), p);
+            }
+        }
+        return (rest.trim_end_matches(']').to_string(), default_port);
+    }
+    match addr.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => match p.parse() {
+            Ok(p) => (h.to_string(), p),
+            Err(_) => (addr.to_string(), default_port),
+        },
+        _ => (addr.to_string(), default_port),
+    }
+}
+
+#[async_trait]
+impl Fleet for Ec2Fleet {
+    async fn locate(&self, workspace: &str) -> Result<Host> {
+        let mut pages = self
+            .client
+            .describe_instances()
+            .filters(Filter::builder().name(format!("tag:{TAG_WORKSPACE}")).values(workspace).build())
+            .filters(Filter::builder().name("instance-state-name").values("running").build())
+            .into_paginator()
+            .send();
+        let mut found = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| ec2_error("describe instances", e))?;
+            for r in page.reservations() {
+                found.extend(r.instances().iter().cloned());
+            }
+        }
+        let inst = match found.len() {
+            0 => {
+                return Err(Error::not_found(format!(
+                    "workspace {workspace:?} has no running instance"
+                )))
+            }
+            1 => found.remove(0),
+            n => {
+                return Err(Error::conflict(format!(
+                    "{n} running instances carry the tag of workspace {workspace:?}; \
+                     refusing to guess which one is its host"
+                )))
+            }
+        };
+        let tag = |k: &str| {
+            inst.tags()
+                .iter()
+                .find(|t| t.key() == Some(k))
+                .and_then(|t| t.value())
+                .map(str::to_string)
+                .filter(|v| !v.is_empty())
+        };
+        let instance_id = inst.instance_id().unwrap_or_default().to_string();
+        let raw_address = match &self.address_tag {
+            Some(t) => tag(t),
+            None => inst.private_ip_address().map(str::to_string),
+        }
+        .ok_or_else(|| {
+            Error::unavailable(format!("workspace {workspace:?}'s instance has no reachable address"))
+                .with_detail(format!("instance {instance_id} has no private IP / address tag"))
+        })?;
+        let (address, port) = split_address(&raw_address, self.port);
+        Ok(Host {
+            instance_id,
+            address,
+            port,
+            runtime: tag(TAG_RUNTIME).unwrap_or_default(),
+            availability_zone: inst
+                .placement()
+                .and_then(|p| p.availability_zone())
+                .map(str::to_string),
+            published_host_key: tag(TAG_HOST_KEY),
+            org_id: tag(TAG_ORG),
+        })
+    }
+
+    async fn host_keys(&self, host: &Host) -> Result<Vec<String>> {
+        if let Some(k) = &host.published_host_key {
+            return Ok(vec![k.clone()]);
+        }
+        let out = self
+            .client
+            .get_console_output()
+            .instance_id(&host.instance_id)
+            .send()
+            .await
+            .map_err(|e| ec2_error("get console output", e))?;
+        let text = out
+            .output()
+            .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        Ok(console_host_keys(&text))
+    }
+}
+
+/// The keys cloud-init prints between its `BEGIN/END SSH HOST KEY KEYS`
+/// markers. Console lines may carry a kernel-log prefix; keep the key part.
+pub fn console_host_keys(console: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut inside = false;
+    for line in console.lines() {
+        if line.contains("-----BEGIN SSH HOST KEY KEYS-----") {
+            inside = true;
+            continue;
+        }
+        if line.contains("-----END SSH HOST KEY KEYS-----") {
+            inside = false;
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        let start = ["ssh-ed25519 ", "ecdsa-sha2-", "ssh-rsa "]
+            .iter()
+            .filter_map(|p| line.find(p))
+            .min();
+        if let Some(i) = start {
+            keys.push(line[i..].trim().to_string());
+        }
+    }
+    keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_keys() {
+        let text = "boot\r\n-----BEGIN SSH HOST KEY KEYS-----\n[   12.3] ecdsa-sha2-nistp256 AAAAE2 root@h\nssh-ed25519 AAAAC3Nz root@h\r\n-----END SSH HOST KEY KEYS-----\nssh-rsa AAAAB3 later\n";
+        assert_eq!(
+            console_host_keys(text),
+            ["ecdsa-sha2-nistp256 AAAAE2 root@h", "ssh-ed25519 AAAAC3Nz root@h"]
+        );
+        assert!(console_host_keys("nothing").is_empty());
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(split_address("10.0.0.5", 22), ("10.0.0.5".into(), 22));
+        assert_eq!(split_address("127.0.0.9:2222", 22), ("127.0.0.9".into(), 2222));
+        assert_eq!(split_address("[::1]:2200", 22), ("::1".into(), 2200));
+    }
+}

@@ -1,0 +1,207 @@
+//! The host side of every operation is one POSIX sh script
+//! (`shared/host/plugin-host.sh`), embedded here and run remotely as
+//! `<prefix> sh -c '<script>' plugin-host <op> <args>`. Sending the script
+//! with each call means hosts need nothing pre-installed and never run a
+//! stale copy; every transport runs the same file.
+
+use serde::Deserialize;
+
+use crate::config::RuntimeProfile;
+use crate::error::{Error, Result};
+
+pub const SCRIPT: &str = include_str!("../host/plugin-host.sh");
+pub const RESULT_MARKER: &str = "@@plugin-delivery-result ";
+
+/// One invocation of the host script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostCommand {
+    pub args: Vec<String>,
+}
+
+impl HostCommand {
+    /// Archive on stdin; the script verifies `digest` before touching anything.
+    pub fn install(p: &RuntimeProfile, name: &str, digest: &str, owner: &str, lock_wait: u64) -> Self {
+        HostCommand {
+            args: vec![
+                "install".into(),
+                p.config_dir.clone(),
+                name.into(),
+                digest.into(),
+                owner.into(),
+                lock_wait.to_string(),
+                p.restart.clone(),
+            ],
+        }
+    }
+
+    pub fn uninstall(p: &RuntimeProfile, name: &str, owner: &str, lock_wait: u64) -> Self {
+        HostCommand {
+            args: vec![
+                "uninstall".into(),
+                p.config_dir.clone(),
+                name.into(),
+                owner.into(),
+                lock_wait.to_string(),
+                p.restart.clone(),
+            ],
+        }
+    }
+
+    pub fn inventory(p: &RuntimeProfile) -> Self {
+        HostCommand { args: vec!["inventory".into(), p.config_dir.clone()] }
+    }
+
+    /// The remote command line, for a login shell to parse.
+    pub fn render(&self, prefix: &str) -> String {
+        let mut cmd = String::with_capacity(SCRIPT.len() + 256);
+        if !prefix.trim().is_empty() {
+            cmd.push_str(prefix.trim());
+            cmd.push(' ');
+        }
+        cmd.push_str("sh -c ");
+        cmd.push_str(&shell_quote(SCRIPT));
+        cmd.push_str(" plugin-host");
+        for a in &self.args {
+            cmd.push(' ');
+            cmd.push_str(&shell_quote(a));
+        }
+        cmd
+    }
+}
+
+/// Single-quote for POSIX sh: nothing inside is special except `'` itself.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// What came back from the host, whatever the transport.
+#[derive(Debug, Default, Clone)]
+pub struct HostOutput {
+    /// `None` when the session ended without an exit status (connection lost).
+    pub exit_status: Option<u32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct InventoryEntry {
+    pub name: String,
+    #[serde(default)]
+    pub digest: String,
+}
+
+/// The script's one-line, machine-readable result.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct HostResult {
+    pub status: String,
+    #[serde(default)]
+    pub plugin: Option<String>,
+    #[serde(default)]
+    pub digest: Option<String>,
+    #[serde(default)]
+    pub previous: Option<String>,
+    #[serde(default)]
+    pub restarted: Option<bool>,
+    #[serde(default)]
+    pub code: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub plugins: Option<Vec<InventoryEntry>>,
+}
+
+/// Turns host output into a result or a public error. Only the last result
+/// line counts: everything else on stdout is noise from tools we call.
+pub fn interpret(out: &HostOutput) -> Result<HostResult> {
+    let line = out
+        .stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.trim_end().strip_prefix(RESULT_MARKER));
+    let detail = || {
+        format!(
+            "exit={:?} stderr_tail={:?}",
+            out.exit_status,
+            tail(&out.stderr, 2000)
+        )
+    };
+    let Some(line) = line else {
+        return Err(match out.exit_status {
+            None => Error::unavailable("the connection to the host was lost during the operation"),
+            Some(code) => Error::host_failed(format!("the host command failed (exit {code})")),
+        }
+        .with_detail(detail()));
+    };
+    let res: HostResult = serde_json::from_str(line)
+        .map_err(|e| Error::host_failed("the host returned an unreadable result").with_detail(e))?;
+    if res.status != "error" {
+        return Ok(res);
+    }
+    let code = res.code.clone().unwrap_or_default();
+    let err = match code.as_str() {
+        "busy" => Error::conflict(
+            "another plugin operation on this workspace's host is still running; try again",
+        ),
+        "digest_mismatch" => {
+            Error::host_failed("the plugin archive arrived incomplete or altered; nothing was changed")
+        }
+        "bad_archive" => Error::host_failed("the host could not unpack the plugin; nothing was changed"),
+        "restart_failed" => Error::host_failed("the plugin was changed but the runtime restart failed"),
+        "unwire_failed" => {
+            Error::host_failed("the host could not remove what the previous version had wired")
+        }
+        _ => Error::host_failed(format!("the host script failed ({code})")),
+    };
+    Err(err.with_field("host_error", serde_json::json!(code)).with_detail(format!(
+        "{} message={:?}",
+        detail(),
+        res.message
+    )))
+}
+
+fn tail(s: &str, n: usize) -> &str {
+    let mut start = s.len().saturating_sub(n);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_a_shell() {
+        let weird = "it's a \"test\" $HOME `x` \\ \n";
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf %s {}", shell_quote(weird)))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), weird);
+    }
+
+    #[test]
+    fn results() {
+        let ok = HostOutput {
+            exit_status: Some(0),
+            stdout: "noise\n@@plugin-delivery-result {\"status\":\"installed\",\"plugin\":\"a\",\"digest\":\"d\",\"restarted\":true}\n".into(),
+            stderr: String::new(),
+        };
+        let r = interpret(&ok).unwrap();
+        assert_eq!((r.status.as_str(), r.restarted), ("installed", Some(true)));
+        let busy = HostOutput {
+            exit_status: Some(75),
+            stdout: "@@plugin-delivery-result {\"status\":\"error\",\"code\":\"busy\"}".into(),
+            stderr: "/configs/x".into(),
+        };
+        let e = interpret(&busy).unwrap_err();
+        assert_eq!(e.status(), 409);
+        assert!(!e.message.contains("/configs"));
+        let lost = HostOutput { exit_status: None, ..Default::default() };
+        assert_eq!(interpret(&lost).unwrap_err().status(), 503);
+        let sudo = HostOutput { exit_status: Some(1), stderr: "sudo: a password is required".into(), ..Default::default() };
+        assert_eq!(interpret(&sudo).unwrap_err().status(), 502);
+    }
+}

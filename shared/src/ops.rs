@@ -1,0 +1,186 @@
+//! The operations, written against the ports only.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::archive::sha256_hex;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::fleet::Fleet;
+use crate::hostscript::{interpret, HostCommand};
+use crate::plugin::{validate_name, validate_workspace_id, DesiredState, InstalledPlugin, Manifest};
+use crate::source::{fetch_local, Source};
+use crate::store::{ArchiveStore, Registry, StateStore};
+use crate::transport::HostTransport;
+
+/// Everything an operation needs; adapters are chosen by `App`, fakes never.
+#[derive(Clone)]
+pub struct Deps {
+    pub config: Arc<Config>,
+    pub registry: Arc<dyn Registry>,
+    pub archives: Arc<dyn ArchiveStore>,
+    pub state: Arc<dyn StateStore>,
+    pub fleet: Arc<dyn Fleet>,
+    pub transport: Arc<dyn HostTransport>,
+}
+
+#[derive(Debug, Clone)]
+pub struct InstallRequest {
+    pub source: String,
+    /// SHA-256 of the plugin's `plugin.yaml`, to pin what gets installed.
+    pub sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InstallOutcome {
+    pub status: String,
+    pub plugin: String,
+    pub source: String,
+    pub version: String,
+    pub digest: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UninstallOutcome {
+    pub status: String,
+    pub plugin: String,
+}
+
+/// Max attempts at a conditional write of the desired state. Each conflict
+/// means another writer succeeded, so progress is guaranteed overall.
+const STATE_ATTEMPTS: u32 = 50;
+
+/// Read-modify-write of a workspace's desired state with optimistic
+/// concurrency: concurrent operations never lose each other's updates.
+pub async fn update_state<F>(state: &dyn StateStore, workspace: &str, mut change: F) -> Result<()>
+where
+    F: FnMut(&mut DesiredState) -> bool,
+{
+    for attempt in 0..STATE_ATTEMPTS {
+        let mut current = state.load(workspace).await?;
+        if !change(&mut current.state) {
+            return Ok(());
+        }
+        if state.save(workspace, &current.state, current.etag.as_deref()).await? {
+            return Ok(());
+        }
+        // Small randomized pause so racing writers spread out.
+        let ms = 5 + rand::random::<u64>() % (10 * (attempt as u64 + 1)).min(200);
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+    Err(Error::conflict("the workspace's plugin list is changing too fast; try again"))
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn valid_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Result<InstallOutcome> {
+    validate_workspace_id(workspace)?;
+    let source = Source::parse(&req.source)?;
+    let pin = match req.sha256.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(s) if valid_sha256(s) => Some(s.to_ascii_lowercase()),
+        Some(_) => return Err(Error::bad_request("sha256 must be 64 hexadecimal characters")),
+    };
+    let name = source.name().to_string();
+    let cfg = &deps.config;
+
+    // Finding the host and building the archive are independent; neither
+    // writes anything, so a bad workspace or plugin leaves no trace.
+    let (host, archive) = tokio::join!(
+        deps.fleet.locate(workspace),
+        fetch_local(&deps.registry, &name, cfg.max_tree_bytes)
+    );
+    let (host, archive) = (host?, archive?);
+
+    let manifest_bytes = archive.manifest.as_deref();
+    if let Some(pin) = &pin {
+        let Some(bytes) = manifest_bytes else {
+            return Err(Error::unprocessable("the plugin has no plugin.yaml to check sha256 against"));
+        };
+        let actual = sha256_hex(bytes);
+        if &actual != pin {
+            return Err(Error::unprocessable("sha256 does not match the plugin's plugin.yaml")
+                .with_field("expected", serde_json::json!(pin))
+                .with_field("actual", serde_json::json!(actual)));
+        }
+    }
+    let manifest = match manifest_bytes {
+        Some(b) => Manifest::parse(b)?,
+        None => Manifest::default(),
+    };
+
+    deps.archives.stage(&archive.sha256, archive.path()).await?;
+
+    let profile = cfg.profile(&host.runtime);
+    let cmd = HostCommand::install(&profile, &name, &archive.sha256, &cfg.owner, cfg.lock_wait_secs);
+    let out = deps.transport.run(&host, &cmd, Some(archive.path())).await?;
+    let result = interpret(&out)?;
+
+    let entry = InstalledPlugin::new(&name, &manifest, &archive.sha256, &source.canonical(), &now_rfc3339());
+    update_state(deps.state.as_ref(), workspace, |s| {
+        match s.plugins.get(&name) {
+            // Keep the original install time when nothing changed.
+            Some(cur) if cur.digest == entry.digest && cur.source == entry.source => false,
+            _ => {
+                s.plugins.insert(name.clone(), entry.clone());
+                true
+            }
+        }
+    })
+    .await?;
+
+    Ok(InstallOutcome {
+        status: if result.status == "unchanged" { "unchanged" } else { "installed" }.into(),
+        plugin: name,
+        source: source.canonical(),
+        version: manifest.version,
+        digest: archive.sha256,
+    })
+}
+
+pub async fn uninstall(deps: &Deps, workspace: &str, name: &str) -> Result<UninstallOutcome> {
+    validate_workspace_id(workspace)?;
+    validate_name(name)?;
+    let cfg = &deps.config;
+    let host = deps.fleet.locate(workspace).await?;
+    let profile = cfg.profile(&host.runtime);
+    let cmd = HostCommand::uninstall(&profile, name, &cfg.owner, cfg.lock_wait_secs);
+    let out = deps.transport.run(&host, &cmd, None).await?;
+    let result = interpret(&out)?;
+
+    let mut was_desired = false;
+    update_state(deps.state.as_ref(), workspace, |s| {
+        was_desired = s.plugins.remove(name).is_some();
+        was_desired
+    })
+    .await?;
+    let removed = result.status == "uninstalled" || was_desired;
+    Ok(UninstallOutcome {
+        status: if removed { "uninstalled" } else { "absent" }.into(),
+        plugin: name.to_string(),
+    })
+}
+
+/// The workspace's desired state, without a host round trip.
+pub async fn list(deps: &Deps, workspace: &str) -> Result<Vec<InstalledPlugin>> {
+    validate_workspace_id(workspace)?;
+    let current = deps.state.load(workspace).await?;
+    if current.etag.is_none() {
+        // No document: tell an unknown workspace from one with no plugins.
+        match deps.fleet.locate(workspace).await {
+            Ok(_) => {}
+            Err(e) if e.kind == crate::ErrorKind::Conflict => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(current.state.plugins.into_values().collect())
+}

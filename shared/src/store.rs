@@ -1,0 +1,244 @@
+//! S3: the plugin registry, the staged archives and the desired state.
+//!
+//! Ports first (what the domain needs), then the one S3 adapter.
+
+use std::path::Path;
+
+use async_trait::async_trait;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::Client;
+use tokio::io::AsyncBufRead;
+
+use crate::error::{Error, Result};
+use crate::plugin::DesiredState;
+
+/// One file of a plugin in the registry.
+#[derive(Debug, Clone)]
+pub struct RegistryFile {
+    /// Path inside the plugin (`skills/x/SKILL.md`).
+    pub path: String,
+    pub key: String,
+    pub size: u64,
+}
+
+/// A file being read from the registry.
+pub struct RegistryObject {
+    pub body: Box<dyn AsyncBufRead + Send + Unpin>,
+    /// Unix mode from `x-amz-meta-mode` when the publisher set it.
+    pub mode: Option<u32>,
+}
+
+#[async_trait]
+pub trait Registry: Send + Sync {
+    /// The plugin's files, unsorted; empty when the plugin is not published.
+    async fn list(&self, name: &str) -> Result<Vec<RegistryFile>>;
+    async fn open(&self, file: &RegistryFile) -> Result<RegistryObject>;
+}
+
+#[async_trait]
+pub trait ArchiveStore: Send + Sync {
+    /// Uploads the archive under its digest unless it is already there.
+    async fn stage(&self, digest: &str, path: &Path) -> Result<()>;
+}
+
+/// The stored desired state and the version token to write against.
+pub struct Versioned {
+    pub state: DesiredState,
+    /// `None` when the document does not exist yet.
+    pub etag: Option<String>,
+}
+
+#[async_trait]
+pub trait StateStore: Send + Sync {
+    async fn load(&self, workspace: &str) -> Result<Versioned>;
+    /// Conditional write: `Ok(false)` when someone else wrote first (412),
+    /// so the caller re-reads and re-applies its change.
+    async fn save(&self, workspace: &str, state: &DesiredState, etag: Option<&str>) -> Result<bool>;
+}
+
+pub fn registry_prefix(name: &str) -> String {
+    format!("registry/{name}/")
+}
+pub fn staged_key(digest: &str) -> String {
+    format!("staged/{digest}.tar.gz")
+}
+pub fn state_key(workspace: &str) -> String {
+    format!("workspaces/{workspace}/plugins.json")
+}
+
+#[derive(Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+}
+
+impl S3Store {
+    pub fn new(client: Client, bucket: impl Into<String>) -> Self {
+        S3Store { client, bucket: bucket.into() }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+}
+
+fn s3_error<E: std::fmt::Debug>(what: &str, e: E) -> Error {
+    Error::unavailable("the plugin store is not available right now")
+        .with_detail(format!("{what}: {e:?}"))
+}
+
+fn http_status<E, R: HasStatus>(e: &aws_sdk_s3::error::SdkError<E, R>) -> Option<u16> {
+    e.raw_response().map(|r| r.status_code())
+}
+
+trait HasStatus {
+    fn status_code(&self) -> u16;
+}
+impl HasStatus for aws_sdk_s3::config::http::HttpResponse {
+    fn status_code(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+#[async_trait]
+impl Registry for S3Store {
+    async fn list(&self, name: &str) -> Result<Vec<RegistryFile>> {
+        let prefix = registry_prefix(name);
+        let mut files = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| s3_error("list registry", e))?;
+            for obj in page.contents() {
+                let Some(key) = obj.key() else { continue };
+                let path = &key[prefix.len()..];
+                // "Folder" placeholder objects some consoles create.
+                if path.is_empty() || path.ends_with('/') {
+                    continue;
+                }
+                files.push(RegistryFile {
+                    path: path.to_string(),
+                    key: key.to_string(),
+                    size: obj.size().unwrap_or(0).max(0) as u64,
+                });
+            }
+        }
+        Ok(files)
+    }
+
+    async fn open(&self, file: &RegistryFile) -> Result<RegistryObject> {
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&file.key)
+            .send()
+            .await
+            .map_err(|e| s3_error("get registry object", e))?;
+        let mode = out
+            .metadata()
+            .and_then(|m| m.get("mode"))
+            .and_then(|m| parse_mode(m));
+        Ok(RegistryObject { body: Box::new(out.body.into_async_read()), mode })
+    }
+}
+
+/// `x-amz-meta-mode` as s3fs/goofys write it (decimal `st_mode`) or octal.
+fn parse_mode(v: &str) -> Option<u32> {
+    let v = v.trim();
+    if let Some(oct) = v.strip_prefix("0o").or_else(|| v.strip_prefix('0')) {
+        u32::from_str_radix(oct, 8).ok()
+    } else {
+        v.parse().ok()
+    }
+}
+
+#[async_trait]
+impl ArchiveStore for S3Store {
+    async fn stage(&self, digest: &str, path: &Path) -> Result<()> {
+        let key = staged_key(digest);
+        // Content-addressed: an existing object has exactly these bytes.
+        match self.client.head_object().bucket(&self.bucket).key(&key).send().await {
+            Ok(_) => return Ok(()),
+            Err(e) if http_status(&e) == Some(404) => {}
+            Err(e) => return Err(s3_error("head staged archive", e)),
+        }
+        let body = ByteStream::from_path(path)
+            .await
+            .map_err(|e| Error::internal(format!("open archive: {e}")))?;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .content_type("application/gzip")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| s3_error("put staged archive", e))?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl StateStore for S3Store {
+    async fn load(&self, workspace: &str) -> Result<Versioned> {
+        let key = state_key(workspace);
+        let out = match self.client.get_object().bucket(&self.bucket).key(&key).send().await {
+            Ok(out) => out,
+            Err(e) if http_status(&e) == Some(404) => {
+                return Ok(Versioned { state: DesiredState::default(), etag: None })
+            }
+            Err(e) => return Err(s3_error("get desired state", e)),
+        };
+        let etag = out.e_tag().map(str::to_string);
+        let bytes = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| s3_error("read desired state", e))?
+            .into_bytes();
+        let state = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::internal(format!("corrupt desired state {key}: {e}")))?;
+        Ok(Versioned { state, etag })
+    }
+
+    async fn save(&self, workspace: &str, state: &DesiredState, etag: Option<&str>) -> Result<bool> {
+        let body = serde_json::to_vec_pretty(state).map_err(Error::internal)?;
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(state_key(workspace))
+            .content_type("application/json")
+            .body(ByteStream::from(body));
+        req = match etag {
+            Some(tag) => req.if_match(tag),
+            None => req.if_none_match("*"),
+        };
+        match req.send().await {
+            Ok(_) => Ok(true),
+            // 412: precondition failed; 409: a concurrent conditional write
+            // is in flight (S3 says ConditionalRequestConflict). Both: retry.
+            Err(e) if matches!(http_status(&e), Some(412) | Some(409)) => Ok(false),
+            Err(e) => Err(s3_error("put desired state", e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn modes() {
+        assert_eq!(super::parse_mode("33261"), Some(0o100755));
+        assert_eq!(super::parse_mode("0755"), Some(0o755));
+        assert_eq!(super::parse_mode("x"), None);
+    }
+}

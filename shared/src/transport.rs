@@ -1,0 +1,298 @@
+//! Getting a command (and an archive) to a host.
+//!
+//! `HostTransport` is the port; `SshTransport` is the adapter for hosts with
+//! sshd: a fresh ed25519 key per operation, pushed with EC2 Instance Connect
+//! (valid 60 s), then one SSH session verified against the host key the
+//! instance published.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_ec2instanceconnect::error::ProvideErrorMetadata;
+use russh::client;
+use russh::keys::ssh_key::private::Ed25519Keypair;
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey};
+use russh::ChannelMsg;
+
+use crate::error::{Error, Result};
+use crate::fleet::{Fleet, Host};
+use crate::hostscript::{HostCommand, HostOutput};
+
+#[async_trait]
+pub trait HostTransport: Send + Sync {
+    /// Runs the host script with `cmd`, streaming the file at `stdin` (if
+    /// any) to it, and returns its output; the caller interprets it.
+    async fn run(&self, host: &Host, cmd: &HostCommand, stdin: Option<&Path>) -> Result<HostOutput>;
+}
+
+/// Delivers a public key that the host's sshd will accept for a short time.
+#[async_trait]
+pub trait KeyPusher: Send + Sync {
+    async fn push(&self, host: &Host, os_user: &str, public_key: &str) -> Result<()>;
+}
+
+/// EC2 Instance Connect `SendSSHPublicKey`.
+pub struct EicKeyPusher {
+    client: aws_sdk_ec2instanceconnect::Client,
+    max_attempts: u32,
+}
+
+impl EicKeyPusher {
+    pub fn new(client: aws_sdk_ec2instanceconnect::Client) -> Self {
+        EicKeyPusher { client, max_attempts: 6 }
+    }
+}
+
+#[async_trait]
+impl KeyPusher for EicKeyPusher {
+    async fn push(&self, host: &Host, os_user: &str, public_key: &str) -> Result<()> {
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=self.max_attempts {
+            let mut req = self
+                .client
+                .send_ssh_public_key()
+                .instance_id(&host.instance_id)
+                .instance_os_user(os_user)
+                .ssh_public_key(public_key);
+            if let Some(az) = &host.availability_zone {
+                req = req.availability_zone(az);
+            }
+            let err = match req.send().await {
+                Ok(_) => return Ok(()),
+                Err(e) => e,
+            };
+            let code = err.code().unwrap_or_default().to_string();
+            // Key pushes are rate limited per account; back off with jitter
+            // instead of failing a whole rollout on a burst.
+            if code == "ThrottlingException" && attempt < self.max_attempts {
+                let jitter = Duration::from_millis(rand::random::<u64>() % 50);
+                tracing::warn!(instance = %host.instance_id, attempt, "SendSSHPublicKey throttled; backing off");
+                tokio::time::sleep(delay + jitter).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+                continue;
+            }
+            let detail = format!("SendSSHPublicKey {code}: {err:?}");
+            return Err(match code.as_str() {
+                "EC2InstanceNotFoundException" | "EC2InstanceStateInvalidException"
+                | "EC2InstanceUnavailableException" => {
+                    Error::unavailable("the workspace's instance is not reachable through EC2 Instance Connect")
+                }
+                "ThrottlingException" => {
+                    Error::unavailable("EC2 Instance Connect is throttling key pushes; try again shortly")
+                }
+                "InvalidArgsException" => Error::host_failed(
+                    "EC2 Instance Connect refused the key push (check the configured OS user)",
+                ),
+                _ => Error::unavailable("EC2 Instance Connect is not available right now"),
+            }
+            .with_detail(detail));
+        }
+        unreachable!("the loop returns on its last attempt")
+    }
+}
+
+pub struct SshTransport {
+    pusher: Arc<dyn KeyPusher>,
+    fleet: Arc<dyn Fleet>,
+    user: String,
+    prefix: String,
+    insecure_ignore_host_key: bool,
+    connect_timeout: Duration,
+}
+
+impl SshTransport {
+    pub fn new(
+        pusher: Arc<dyn KeyPusher>,
+        fleet: Arc<dyn Fleet>,
+        user: impl Into<String>,
+        prefix: impl Into<String>,
+        insecure_ignore_host_key: bool,
+        connect_timeout: Duration,
+    ) -> Self {
+        SshTransport {
+            pusher,
+            fleet,
+            user: user.into(),
+            prefix: prefix.into(),
+            insecure_ignore_host_key,
+            connect_timeout,
+        }
+    }
+}
+
+/// A key that exists only in this process's memory for one operation.
+fn ephemeral_key() -> Result<PrivateKey> {
+    let seed: [u8; 32] = rand::random();
+    Ok(PrivateKey::from(Ed25519Keypair::from_seed(&seed)))
+}
+
+/// Accepts the server only if its key is one the instance published.
+struct Verifier {
+    trusted: Vec<PublicKey>,
+    insecure: bool,
+    /// Set when the server presented a key we do not trust.
+    rejected: Arc<Mutex<Option<String>>>,
+}
+
+impl client::Handler for Verifier {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        server: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        if self.insecure {
+            return Ok(true);
+        }
+        let russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } = server else {
+            *self.rejected.lock().unwrap() = Some("host certificate (not supported)".into());
+            return Ok(false);
+        };
+        let ok = self.trusted.iter().any(|t| t.key_data() == key.key_data());
+        if !ok {
+            *self.rejected.lock().unwrap() =
+                Some(key.fingerprint(russh::keys::HashAlg::Sha256).to_string());
+        }
+        Ok(ok)
+    }
+}
+
+const STDOUT_KEEP: usize = 64 * 1024;
+const STDERR_KEEP: usize = 16 * 1024;
+
+/// Keeps the last `cap` bytes: the result line is printed last.
+fn keep_tail(buf: &mut Vec<u8>, data: &[u8], cap: usize) {
+    buf.extend_from_slice(data);
+    if buf.len() > cap {
+        let cut = buf.len() - cap;
+        buf.drain(..cut);
+    }
+}
+
+#[async_trait]
+impl HostTransport for SshTransport {
+    async fn run(&self, host: &Host, cmd: &HostCommand, stdin: Option<&Path>) -> Result<HostOutput> {
+        let key = ephemeral_key()?;
+        let public_line = key
+            .public_key()
+            .to_openssh()
+            .map_err(|e| Error::internal(format!("encode public key: {e}")))?;
+
+        // The key push and the host-key lookup are independent: overlap them.
+        let keys_fut = async {
+            if self.insecure_ignore_host_key {
+                Ok(Vec::new())
+            } else {
+                self.fleet.host_keys(host).await
+            }
+        };
+        let (keys, pushed) =
+            tokio::join!(keys_fut, self.pusher.push(host, &self.user, &public_line));
+        pushed?;
+        let keys = keys?;
+        let trusted: Vec<PublicKey> = keys
+            .iter()
+            .filter_map(|line| PublicKey::from_openssh(line.trim()).ok())
+            .collect();
+        if trusted.is_empty() && !self.insecure_ignore_host_key {
+            return Err(Error::host_failed(
+                "the instance has no published SSH host key, so its identity cannot be verified",
+            )
+            .with_detail(format!("instance {} published {} unusable key lines", host.instance_id, keys.len())));
+        }
+
+        let rejected = Arc::new(Mutex::new(None));
+        let verifier = Verifier {
+            trusted,
+            insecure: self.insecure_ignore_host_key,
+            rejected: Arc::clone(&rejected),
+        };
+        let config = Arc::new(client::Config {
+            inactivity_timeout: Some(Duration::from_secs(120)),
+            nodelay: true,
+            // A bigger window keeps a 100 MiB transfer from stalling on
+            // window adjustments over a VPC round trip.
+            window_size: 8 * 1024 * 1024,
+            ..Default::default()
+        });
+        let addr = (host.address.as_str(), host.port);
+        let connected = tokio::time::timeout(self.connect_timeout, client::connect(config, addr, verifier)).await;
+        let mut session = match connected {
+            Err(_) => {
+                return Err(Error::unavailable("the workspace's host did not answer on SSH in time")
+                    .with_detail(format!("connect {}:{} timed out", host.address, host.port)))
+            }
+            Ok(Err(e)) => {
+                if let Some(fp) = rejected.lock().unwrap().take() {
+                    return Err(Error::host_failed(
+                        "the host's SSH key does not match the key published for the instance; refusing to connect",
+                    )
+                    .with_detail(format!("instance {} presented {fp}", host.instance_id)));
+                }
+                return Err(Error::unavailable("the workspace's host is unreachable over SSH")
+                    .with_detail(format!("connect {}:{}: {e:?}", host.address, host.port)));
+            }
+            Ok(Ok(s)) => s,
+        };
+
+        let auth = session
+            .authenticate_publickey(&self.user, PrivateKeyWithHashAlg::new(Arc::new(key), None))
+            .await
+            .map_err(|e| Error::unavailable("the SSH session to the host failed").with_detail(format!("auth: {e:?}")))?;
+        if !auth.success() {
+            return Err(Error::host_failed(format!(
+                "the host refused the key pushed through EC2 Instance Connect for OS user {:?}; \
+                 a wrong OS user is the usual cause",
+                self.user
+            ))
+            .with_detail(format!("instance {}: publickey auth failed", host.instance_id)));
+        }
+
+        let lost = |e: russh::Error| {
+            Error::unavailable("the connection to the host was lost during the operation").with_detail(format!("{e:?}"))
+        };
+        let channel = session.channel_open_session().await.map_err(lost)?;
+        channel.exec(true, cmd.render(&self.prefix)).await.map_err(lost)?;
+        let (mut rx, tx) = channel.split();
+
+        let writer = match stdin {
+            Some(path) => {
+                let file = tokio::fs::File::open(path)
+                    .await
+                    .map_err(|e| Error::internal(format!("open archive: {e}")))?;
+                tokio::spawn(async move {
+                    // The script may finish without reading (`unchanged`);
+                    // a failed write then is expected and harmless.
+                    let r = tx.data(tokio::io::BufReader::with_capacity(256 * 1024, file)).await;
+                    if r.is_ok() {
+                        let _ = tx.eof().await;
+                    }
+                })
+            }
+            None => tokio::spawn(async move {
+                let _ = tx.eof().await;
+            }),
+        };
+
+        let mut out = HostOutput::default();
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        while let Some(msg) = rx.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => keep_tail(&mut stdout, &data, STDOUT_KEEP),
+                ChannelMsg::ExtendedData { data, ext: 1 } => keep_tail(&mut stderr, &data, STDERR_KEEP),
+                ChannelMsg::ExitStatus { exit_status } => out.exit_status = Some(exit_status),
+                ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        writer.abort();
+        let _ = session
+            .disconnect(russh::Disconnect::ByApplication, "", "en")
+            .await;
+        out.stdout = String::from_utf8_lossy(&stdout).into_owned();
+        out.stderr = String::from_utf8_lossy(&stderr).into_owned();
+        Ok(out)
+    }
+}

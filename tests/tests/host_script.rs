@@ -1,0 +1,899 @@
+//! Tests of the host script (`shared/host/plugin-host.sh`) as the hosts run
+//! it: the system `sh` (dash on Debian), real files in a temp config dir, and
+//! `tests/stack/fake-runtime.py` as the runtime restart command. Every test
+//! has its own temp dir, so they run in parallel.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flate2::{write::GzEncoder, Compression};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+
+/// Tests run as root; the plugin files must end up owned by the workspace user.
+const OWNER: &str = "1000:1000";
+const MARKER: &str = "@@plugin-delivery-result ";
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/host/plugin-host.sh")
+}
+
+fn runtime() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("stack/fake-runtime.py")
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+// ------------------------------------------------------------ plugin trees
+
+#[derive(Debug, PartialEq)]
+enum Node {
+    Dir(u32),
+    File(u32, Vec<u8>),
+}
+
+/// Relative path -> node for everything under `root` (followed if a link).
+/// Sorted, so a dir always precedes its contents.
+fn snapshot(root: &Path) -> BTreeMap<String, Node> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Node>) {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let rel = path.strip_prefix(root).unwrap().to_str().unwrap().to_string();
+            let md = fs::symlink_metadata(&path).unwrap();
+            let mode = md.permissions().mode() & 0o7777;
+            if md.is_dir() {
+                out.insert(rel, Node::Dir(mode));
+                walk(root, &path, out);
+            } else if md.is_file() {
+                out.insert(rel, Node::File(mode, fs::read(&path).unwrap()));
+            } else {
+                panic!("unexpected entry {rel}");
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+struct Archive {
+    bytes: Vec<u8>,
+    sha: String,
+}
+
+impl Archive {
+    fn new(bytes: Vec<u8>) -> Self {
+        Archive { sha: sha256(&bytes), bytes }
+    }
+}
+
+/// Canonical archive: relative entries, dirs and regular files, sorted.
+fn pack(root: &Path) -> Archive {
+    let mut b = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::default()));
+    for (rel, node) in snapshot(root) {
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        match node {
+            Node::Dir(mode) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(mode);
+                h.set_size(0);
+                b.append_data(&mut h, format!("{rel}/"), std::io::empty()).unwrap();
+            }
+            Node::File(mode, data) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(mode);
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, rel, data.as_slice()).unwrap();
+            }
+        }
+    }
+    Archive::new(b.into_inner().unwrap().finish().unwrap())
+}
+
+/// A plugin source tree: `*.sh` files 0755, other files and dirs 0644/0755.
+struct Plugin {
+    dir: TempDir,
+    archive: Archive,
+}
+
+fn plugin(files: &[(&str, &str)]) -> Plugin {
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    for (rel, content) in files {
+        let path = dir.path().join(rel);
+        let mut parent = path.parent().unwrap();
+        fs::create_dir_all(parent).unwrap();
+        while parent != dir.path() {
+            fs::set_permissions(parent, fs::Permissions::from_mode(0o755)).unwrap();
+            parent = parent.parent().unwrap();
+        }
+        fs::write(&path, content).unwrap();
+        let mode = if rel.ends_with(".sh") { 0o755 } else { 0o644 };
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let archive = pack(dir.path());
+    Plugin { dir, archive }
+}
+
+// ------------------------------------------------------------ the host
+
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    result: Value,
+    stderr: String,
+}
+
+/// Runs the script; asserts stdout is exactly one result line and parses it.
+fn run_script(args: &[&str], stdin: Option<&[u8]>, path_env: Option<&Path>) -> Run {
+    let mut cmd = Command::new("sh");
+    cmd.arg(script())
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(p) = path_env {
+        cmd.env("PATH", p);
+    }
+    let mut child = cmd.spawn().expect("run sh");
+    let writer = stdin.map(|bytes| {
+        let mut pipe = child.stdin.take().unwrap();
+        let bytes = bytes.to_vec();
+        // The script may rightly stop reading early: ignore a broken pipe.
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&bytes);
+        })
+    });
+    let out = child.wait_with_output().unwrap();
+    if let Some(w) = writer {
+        w.join().unwrap();
+    }
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "stdout must be one result line: {stdout:?}\nstderr: {stderr}");
+    let json = lines[0]
+        .strip_prefix(MARKER)
+        .unwrap_or_else(|| panic!("no result marker: {stdout:?}\nstderr: {stderr}"));
+    let result: Value = serde_json::from_str(json).expect("result is JSON");
+    Run { code: out.status.code().expect("exit code"), result, stderr }
+}
+
+impl Run {
+    fn assert_ok(&self, status: &str) -> &Self {
+        assert_eq!((self.code, self.result["status"].as_str()), (0, Some(status)), "{self:#?}");
+        self
+    }
+
+    fn assert_error(&self, code: &str, exit: i32) -> &Self {
+        assert_eq!(self.code, exit, "{self:#?}");
+        assert_eq!(self.result["status"], "error", "{self:#?}");
+        assert_eq!(self.result["code"], code, "{self:#?}");
+        let message = self.result["message"].as_str().unwrap();
+        assert!(!message.is_empty() && !message.contains('/'), "{message:?}");
+        self
+    }
+}
+
+struct Host {
+    _tmp: TempDir,
+    cfg: PathBuf,
+}
+
+impl Host {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = tmp.path().join("cfg");
+        fs::create_dir(&cfg).unwrap();
+        Host { _tmp: tmp, cfg }
+    }
+
+    fn cfg(&self) -> &str {
+        self.cfg.to_str().unwrap()
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.cfg.join(rel)
+    }
+
+    fn read(&self, rel: &str) -> String {
+        fs::read_to_string(self.path(rel)).unwrap()
+    }
+
+    fn settings(&self) -> Value {
+        let text = self.read(".claude/settings.json");
+        assert!(text.ends_with("}\n"), "{text:?}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    fn restart_cmd(&self) -> String {
+        format!("python3 '{}' '{}'", runtime().display(), self.cfg.display())
+    }
+
+    /// Runs the fake runtime the way the restart command does.
+    fn restart(&self) {
+        let st = Command::new("sh").arg("-c").arg(self.restart_cmd()).status().unwrap();
+        assert!(st.success());
+    }
+
+    fn restarts(&self) -> usize {
+        fs::read_to_string(format!("{}.restarts", self.cfg())).map_or(0, |s| s.lines().count())
+    }
+
+    fn install_raw(&self, name: &str, sha: &str, bytes: &[u8], restart: &str) -> Run {
+        run_script(&["install", self.cfg(), name, sha, OWNER, "5", restart], Some(bytes), None)
+    }
+
+    fn install(&self, name: &str, p: &Plugin) -> Run {
+        self.install_raw(name, &p.archive.sha, &p.archive.bytes, &self.restart_cmd())
+    }
+
+    fn uninstall(&self, name: &str) -> Run {
+        run_script(&["uninstall", self.cfg(), name, OWNER, "5", &self.restart_cmd()], None, None)
+    }
+
+    fn inventory(&self) -> Value {
+        let r = run_script(&["inventory", self.cfg()], None, None);
+        r.assert_ok("inventory");
+        r.result["plugins"].clone()
+    }
+
+    fn link_target(&self, name: &str) -> String {
+        let t = fs::read_link(self.path(&format!("plugins/{name}"))).unwrap();
+        t.to_str().unwrap().to_string()
+    }
+
+    fn listing(&self, rel: &str) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.path(rel))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn assert_installed(&self, name: &str, p: &Plugin) {
+        assert_eq!(
+            self.link_target(name),
+            format!("../.plugin-delivery/store/{name}@{}", p.archive.sha)
+        );
+        assert_eq!(snapshot(&self.path(&format!("plugins/{name}"))), snapshot(p.dir.path()));
+    }
+
+    fn assert_no_leftovers(&self) {
+        assert_eq!(self.listing(".plugin-delivery/staging"), Vec::<String>::new());
+    }
+}
+
+// ------------------------------------------------------------ fixtures
+
+const USER_MEMORY: &str = "# My notes\n\nKeep this line.\n";
+
+fn alpha_v1() -> Plugin {
+    plugin(&[
+        ("plugin.yaml", "name: alpha\nversion: 1\nskills:\n  - alpha-skill\n"),
+        ("README.md", "# Alpha\n\nNot wired.\n"),
+        ("GUIDE.md", "\n  Use alpha wisely.\n\n"),
+        ("rules/empty.md", ""),
+        ("rules/style.md", "Line one\n\nLine two\n\n\nLine three\n"),
+        ("skills/alpha-skill/SKILL.md", "alpha skill\n"),
+        ("skills/alpha-skill/scripts/run.sh", "#!/bin/sh\necho run\n"),
+        ("hooks/alpha-hook.sh", "#!/bin/sh\necho alpha\n"),
+        ("commands/alpha-cmd.md", "Do alpha things.\n"),
+        (
+            "settings-fragment.json",
+            r#"{
+  "hooks": {
+    "PreToolUse": [{"matcher": "Bash", "hooks": [{"type": "command", "command": "${CLAUDE_DIR}/hooks/alpha-hook.sh"}]}],
+    "SessionStart": [{"hooks": [{"type": "command", "command": "${CLAUDE_DIR}/hooks/alpha-hook.sh start"}]}]
+  },
+  "mcpServers": {"shared-srv": {"command": "shared"}, "alpha-srv": {"command": "alpha"}}
+}"#,
+        ),
+    ])
+}
+
+/// Exactly what the runtime appends for `alpha_v1` (after a "\n").
+const ALPHA_V1_CHUNK: &str = "# Plugin: alpha / rule: empty.md\n\n\
+    \n\n# Plugin: alpha / rule: style.md\n\nLine one\n\nLine two\n\n\nLine three\
+    \n\n# Plugin: alpha / fragment: GUIDE.md\n\nUse alpha wisely.";
+
+fn alpha_v2() -> Plugin {
+    plugin(&[
+        ("plugin.yaml", "name: alpha\nversion: 2\n"),
+        ("rules/new.md", "New rule.\n"),
+        ("skills/new-skill/SKILL.md", "new skill\n"),
+        ("hooks/alpha-hook.sh", "#!/bin/sh\necho alpha v2\n"),
+    ])
+}
+
+const ALPHA_V2_CHUNK: &str = "# Plugin: alpha / rule: new.md\n\nNew rule.";
+
+fn beta() -> Plugin {
+    plugin(&[
+        ("plugin.yaml", "name: beta\n"),
+        ("rules/b.md", "Beta rule.\n"),
+        ("skills/beta-skill/SKILL.md", "beta skill\n"),
+        ("hooks/beta-hook.sh", "#!/bin/sh\necho beta\n"),
+        ("commands/beta-cmd.md", "Do beta things.\n"),
+        (
+            "settings-fragment.json",
+            r#"{
+  "hooks": {"PreToolUse": [{"matcher": "Edit", "hooks": [{"type": "command", "command": "${CLAUDE_DIR}/hooks/beta-hook.sh"}]}]},
+  "mcpServers": {"shared-srv": {"command": "shared"}}
+}"#,
+        ),
+    ])
+}
+
+const BETA_CHUNK: &str = "# Plugin: beta / rule: b.md\n\nBeta rule.";
+
+fn user_settings() -> Value {
+    json!({
+        "permissions": {"allow": ["Bash(ls)"]},
+        "hooks": {
+            "PreToolUse": [{"matcher": "Read", "hooks": [{"type": "command", "command": "/usr/local/bin/audit"}]}],
+            "Stop": [{"hooks": [{"type": "command", "command": "notify"}]}]
+        },
+        "model": "opus"
+    })
+}
+
+fn write_user_files(h: &Host) {
+    fs::write(h.path("CLAUDE.md"), USER_MEMORY).unwrap();
+    fs::create_dir_all(h.path(".claude")).unwrap();
+    fs::write(h.path(".claude/settings.json"), serde_json::to_string_pretty(&user_settings()).unwrap())
+        .unwrap();
+}
+
+fn hook_group(matcher: Option<&str>, command: String) -> Value {
+    let mut g = json!({"hooks": [{"type": "command", "command": command}]});
+    if let Some(m) = matcher {
+        g["matcher"] = json!(m);
+    }
+    g
+}
+
+// ------------------------------------------------------------ tests
+
+#[test]
+fn fresh_install_places_the_exact_tree_owned_by_the_user() {
+    let h = Host::new();
+    let p = alpha_v1();
+    let r = h.install("alpha", &p);
+    r.assert_ok("installed");
+    assert_eq!(
+        r.result,
+        json!({"status": "installed", "plugin": "alpha", "digest": p.archive.sha, "previous": "", "restarted": true})
+    );
+    // Same bytes, same modes (0644 files, 0755 dirs and scripts).
+    h.assert_installed("alpha", &p);
+    let snap = snapshot(&h.path("plugins/alpha"));
+    assert_eq!(snap["hooks/alpha-hook.sh"], Node::File(0o755, b"#!/bin/sh\necho alpha\n".to_vec()));
+    assert!(matches!(snap["rules/style.md"], Node::File(0o644, _)));
+    assert_eq!(snap["skills"], Node::Dir(0o755));
+    // Owned by the user: the link, the store dir and everything in it.
+    let link = fs::symlink_metadata(h.path("plugins/alpha")).unwrap();
+    assert!(link.file_type().is_symlink());
+    assert_eq!((link.uid(), link.gid()), (1000, 1000));
+    let store = h.path(&format!(".plugin-delivery/store/alpha@{}", p.archive.sha));
+    for path in std::iter::once(store.clone()).chain(snapshot(&store).keys().map(|k| store.join(k))) {
+        let md = fs::symlink_metadata(&path).unwrap();
+        assert_eq!((md.uid(), md.gid()), (1000, 1000), "{}", path.display());
+    }
+    let mode = |rel: &str| fs::metadata(h.path(rel)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(".plugin-delivery"), 0o755);
+    assert_eq!(mode(".plugin-delivery/staging"), 0o700);
+    assert_eq!(mode(".plugin-delivery/store"), 0o755);
+    h.assert_no_leftovers();
+    // Restarted once, and the runtime wired it.
+    assert_eq!(h.restarts(), 1);
+    assert_eq!(h.read("CLAUDE.md"), format!("\n{ALPHA_V1_CHUNK}"));
+    assert_eq!(h.read("skills/alpha-skill/SKILL.md"), "alpha skill\n");
+    assert_eq!(mode(".claude/hooks/alpha-hook.sh"), 0o755);
+    let claude = h.path(".claude");
+    assert_eq!(
+        h.settings()["hooks"]["PreToolUse"][0],
+        hook_group(Some("Bash"), format!("{}/hooks/alpha-hook.sh", claude.display()))
+    );
+}
+
+#[test]
+fn same_install_again_is_unchanged_without_reading_stdin_or_restarting() {
+    let h = Host::new();
+    let p = alpha_v1();
+    h.install("alpha", &p).assert_ok("installed");
+    // No stdin at all: reading it would fail the digest check.
+    let r = run_script(
+        &["install", h.cfg(), "alpha", &p.archive.sha, OWNER, "5", &h.restart_cmd()],
+        None,
+        None,
+    );
+    r.assert_ok("unchanged");
+    assert_eq!(
+        r.result,
+        json!({"status": "unchanged", "plugin": "alpha", "digest": p.archive.sha, "previous": p.archive.sha, "restarted": false})
+    );
+    assert_eq!(h.restarts(), 1);
+    h.assert_installed("alpha", &p);
+    h.assert_no_leftovers();
+}
+
+#[test]
+fn upgrade_replaces_the_tree_and_rewires_the_new_version() {
+    let h = Host::new();
+    write_user_files(&h);
+    let (v1, v2, b) = (alpha_v1(), alpha_v2(), beta());
+    h.install("alpha", &v1).assert_ok("installed");
+    h.install("beta", &b).assert_ok("installed");
+    assert_eq!(h.read("CLAUDE.md"), format!("{USER_MEMORY}\n{ALPHA_V1_CHUNK}\n{BETA_CHUNK}"));
+    assert!(h.path("skills/alpha-skill").is_dir());
+
+    let r = h.install("alpha", &v2);
+    r.assert_ok("installed");
+    assert_eq!((&r.result["previous"], &r.result["digest"]), (&json!(v1.archive.sha), &json!(v2.archive.sha)));
+    // Only v2's files, and only v2's store dir.
+    h.assert_installed("alpha", &v2);
+    let mut stores = vec![format!("alpha@{}", v2.archive.sha), format!("beta@{}", b.archive.sha)];
+    stores.sort();
+    assert_eq!(h.listing(".plugin-delivery/store"), stores);
+    h.assert_no_leftovers();
+    // v1's wiring is gone, v2's is wired after beta's, beta's and the user's kept.
+    assert_eq!(h.read("CLAUDE.md"), format!("{USER_MEMORY}\n{BETA_CHUNK}\n{ALPHA_V2_CHUNK}"));
+    assert!(!h.path("skills/alpha-skill").exists());
+    assert_eq!(h.read("skills/new-skill/SKILL.md"), "new skill\n");
+    assert_eq!(h.read("skills/beta-skill/SKILL.md"), "beta skill\n");
+    assert_eq!(h.read(".claude/hooks/alpha-hook.sh"), "#!/bin/sh\necho alpha v2\n");
+    assert!(!h.path(".claude/commands/alpha-cmd.md").exists());
+    let claude = h.path(".claude");
+    let mut want = user_settings();
+    want["hooks"]["PreToolUse"]
+        .as_array_mut()
+        .unwrap()
+        .push(hook_group(Some("Edit"), format!("{}/hooks/beta-hook.sh", claude.display())));
+    want["mcpServers"] = json!({"shared-srv": {"command": "shared"}});
+    assert_eq!(h.settings(), want);
+    assert_eq!(h.restarts(), 3);
+}
+
+#[test]
+fn upgrade_of_a_legacy_directory_replaces_it_with_a_link() {
+    let h = Host::new();
+    fs::write(h.path("CLAUDE.md"), USER_MEMORY).unwrap();
+    let legacy = h.path("plugins/alpha");
+    fs::create_dir_all(legacy.join("rules")).unwrap();
+    fs::create_dir_all(legacy.join("skills/legacy-skill")).unwrap();
+    fs::write(legacy.join("rules/old.md"), "Old rule.\n").unwrap();
+    fs::write(legacy.join("skills/legacy-skill/SKILL.md"), "legacy\n").unwrap();
+    h.restart();
+    assert_eq!(h.read("CLAUDE.md"), format!("{USER_MEMORY}\n# Plugin: alpha / rule: old.md\n\nOld rule."));
+    assert_eq!(h.inventory(), json!([{"name": "alpha", "digest": ""}]));
+
+    let v2 = alpha_v2();
+    let r = h.install("alpha", &v2);
+    r.assert_ok("installed");
+    assert_eq!(r.result["previous"], "");
+    h.assert_installed("alpha", &v2);
+    assert_eq!(h.read("CLAUDE.md"), format!("{USER_MEMORY}\n{ALPHA_V2_CHUNK}"));
+    assert!(!h.path("skills/legacy-skill").exists());
+    assert!(h.path("skills/new-skill").is_dir());
+    h.assert_no_leftovers();
+}
+
+#[test]
+fn uninstall_removes_exactly_what_the_plugin_wired() {
+    let h = Host::new();
+    write_user_files(&h);
+    let (a, b) = (alpha_v1(), beta());
+    h.install("alpha", &a).assert_ok("installed");
+    h.install("beta", &b).assert_ok("installed");
+    let claude = h.path(".claude");
+    let hooks_dir = claude.join("hooks");
+    let alpha_pre = hook_group(Some("Bash"), format!("{}/alpha-hook.sh", hooks_dir.display()));
+    let alpha_start = hook_group(None, format!("{}/alpha-hook.sh start", hooks_dir.display()));
+    let beta_pre = hook_group(Some("Edit"), format!("{}/beta-hook.sh", hooks_dir.display()));
+    let user_pre = user_settings()["hooks"]["PreToolUse"][0].clone();
+    // Both wired; the first plugin's mcpServers won the setdefault.
+    assert_eq!(h.read("CLAUDE.md"), format!("{USER_MEMORY}\n{ALPHA_V1_CHUNK}\n{BETA_CHUNK}"));
+    let mut want = user_settings();
+    want["hooks"]["PreToolUse"] = json!([user_pre, alpha_pre, beta_pre]);
+    want["hooks"]["SessionStart"] = json!([alpha_start]);
+    want["mcpServers"] = json!({"shared-srv": {"command": "shared"}, "alpha-srv": {"command": "alpha"}});
+    assert_eq!(h.settings(), want);
+    for f in ["hooks/alpha-hook.sh", "hooks/beta-hook.sh", "commands/alpha-cmd.md", "commands/beta-cmd.md"] {
+        assert!(claude.join(f).is_file(), "{f}");
+    }
+    let memory_mode = 0o640;
+    fs::set_permissions(h.path("CLAUDE.md"), fs::Permissions::from_mode(memory_mode)).unwrap();
+    std::os::unix::fs::chown(h.path("CLAUDE.md"), Some(1000), Some(1000)).unwrap();
+
+    let r = h.uninstall("alpha");
+    r.assert_ok("uninstalled");
+    assert_eq!(
+        r.result,
+        json!({"status": "uninstalled", "plugin": "alpha", "digest": "", "previous": a.archive.sha, "restarted": true})
+    );
+    assert_eq!(h.restarts(), 3);
+    assert!(fs::symlink_metadata(h.path("plugins/alpha")).is_err());
+    assert_eq!(h.listing(".plugin-delivery/store"), vec![format!("beta@{}", b.archive.sha)]);
+    h.assert_no_leftovers();
+    // Memory: alpha's blocks (blank lines inside, an empty rule) gone, the rest byte-identical.
+    assert_eq!(h.read("CLAUDE.md"), format!("{USER_MEMORY}\n{BETA_CHUNK}"));
+    let md = fs::metadata(h.path("CLAUDE.md")).unwrap();
+    assert_eq!((md.uid(), md.gid(), md.permissions().mode() & 0o7777), (1000, 1000, memory_mode));
+    assert_eq!(h.listing("skills"), vec!["beta-skill"]);
+    assert_eq!(h.listing(".claude/hooks"), vec!["beta-hook.sh"]);
+    assert_eq!(h.listing(".claude/commands"), vec!["beta-cmd.md"]);
+    // Settings: alpha's groups and own server gone; the shared server stays
+    // while beta declares it; the user's entries stay.
+    let mut want = user_settings();
+    want["hooks"]["PreToolUse"] = json!([user_pre, beta_pre]);
+    want["mcpServers"] = json!({"shared-srv": {"command": "shared"}});
+    assert_eq!(h.settings(), want);
+
+    h.uninstall("beta").assert_ok("uninstalled");
+    assert_eq!(h.read("CLAUDE.md"), USER_MEMORY);
+    assert_eq!(h.settings(), user_settings());
+    assert_eq!(h.listing("skills"), Vec::<String>::new());
+    assert_eq!(h.listing(".claude/hooks"), Vec::<String>::new());
+    assert_eq!(h.listing("plugins"), Vec::<String>::new());
+    assert_eq!(h.listing(".plugin-delivery/store"), Vec::<String>::new());
+    assert_eq!(h.inventory(), json!([]));
+}
+
+#[test]
+fn memory_blocks_are_removed_one_by_one_when_the_chunk_was_split() {
+    let h = Host::new();
+    let p = plugin(&[("rules/a.md", "Rule A.\n\nSecond paragraph.\n"), ("NOTES.md", "Notes.\n")]);
+    // No restart: this test writes CLAUDE.md itself, to see unwire alone.
+    h.install_raw("alpha", &p.archive.sha, &p.archive.bytes, "").assert_ok("installed");
+    let a1 = "# Plugin: alpha / rule: a.md\n\nRule A.\n\nSecond paragraph.";
+    let a2 = "# Plugin: alpha / fragment: NOTES.md\n\nNotes.";
+    let other = "# Plugin: beta / rule: b.md\n\nBeta.";
+    // Not exact blocks of alpha: not at a line start, or running on.
+    let near_misses = format!("quote: {a2}\n{a1} and more\n");
+    let uninstall = |memory: &str| {
+        fs::write(h.path("CLAUDE.md"), memory).unwrap();
+        run_script(&["uninstall", h.cfg(), "alpha", OWNER, "5", ""], None, None).assert_ok("uninstalled");
+        let left = h.read("CLAUDE.md");
+        h.install_raw("alpha", &p.archive.sha, &p.archive.bytes, "").assert_ok("installed");
+        left
+    };
+    assert_eq!(
+        uninstall(&format!("{USER_MEMORY}\n{a1}\n{other}\n{a2}\n{near_misses}")),
+        format!("{USER_MEMORY}\n{other}\n{near_misses}")
+    );
+    assert_eq!(uninstall(&format!("{a1}\n\n{a2}\n{USER_MEMORY}")), USER_MEMORY);
+    assert_eq!(uninstall(&format!("{USER_MEMORY}\n{a2}\n{other}")), format!("{USER_MEMORY}\n{other}"));
+    assert_eq!(uninstall(&near_misses), near_misses);
+}
+
+#[test]
+fn settings_removal_takes_one_group_and_only_unshared_servers() {
+    let h = Host::new();
+    let (a, b) = (alpha_v1(), beta());
+    // No restart: this test writes settings.json itself, to see unwire alone.
+    h.install_raw("alpha", &a.archive.sha, &a.archive.bytes, "").assert_ok("installed");
+    h.install_raw("beta", &b.archive.sha, &b.archive.bytes, "").assert_ok("installed");
+    let hooks_dir = h.path(".claude/hooks");
+    let alpha_pre = hook_group(Some("Bash"), format!("{}/alpha-hook.sh", hooks_dir.display()));
+    let alpha_start = hook_group(None, format!("{}/alpha-hook.sh start", hooks_dir.display()));
+    let beta_pre = hook_group(Some("Edit"), format!("{}/beta-hook.sh", hooks_dir.display()));
+    let user_pre = user_settings()["hooks"]["PreToolUse"][0].clone();
+    let srv = |c: &str| json!({"command": c});
+    let write = |v: &Value| {
+        fs::create_dir_all(h.path(".claude")).unwrap();
+        fs::write(h.path(".claude/settings.json"), v.to_string()).unwrap();
+    };
+    let uninstall = |name: &str| {
+        run_script(&["uninstall", h.cfg(), name, OWNER, "5", ""], None, None).assert_ok("uninstalled");
+    };
+    write(&json!({
+        "hooks": {"PreToolUse": [alpha_pre, user_pre, alpha_pre], "SessionStart": [alpha_start], "Stop": []},
+        "mcpServers": {"alpha-srv": srv("alpha"), "shared-srv": srv("shared"), "user-srv": srv("user")}
+    }));
+    uninstall("alpha");
+    // One equal group goes (the last: the runtime appends); an event list is
+    // dropped only when this removal emptied it; beta still declares shared-srv.
+    assert_eq!(
+        h.settings(),
+        json!({
+            "hooks": {"PreToolUse": [alpha_pre, user_pre], "Stop": []},
+            "mcpServers": {"shared-srv": srv("shared"), "user-srv": srv("user")}
+        })
+    );
+    assert!(h.read(".claude/settings.json").starts_with("{\n  \"hooks\": {\n    \"PreToolUse\": [\n"));
+
+    write(&json!({"hooks": {"PreToolUse": [beta_pre]}, "mcpServers": {"shared-srv": srv("shared")}, "env": {}}));
+    uninstall("beta");
+    assert_eq!(h.settings(), json!({"env": {}}));
+
+    // Nothing of the plugin in it: not rewritten, not even reformatted.
+    h.install_raw("beta", &b.archive.sha, &b.archive.bytes, "").assert_ok("installed");
+    let compact = r#"{"hooks":{"PreToolUse":[]},"mcpServers":{"other":{}}}"#;
+    fs::write(h.path(".claude/settings.json"), compact).unwrap();
+    uninstall("beta");
+    assert_eq!(h.read(".claude/settings.json"), compact);
+}
+
+#[test]
+fn files_shipped_or_listed_by_another_plugin_stay() {
+    let h = Host::new();
+    let a = plugin(&[
+        ("plugin.yaml", "name: alpha\nskills:\n  - 'yaml-only'  # wired by an older runtime\n  - common\n"),
+        ("skills/common/SKILL.md", "common from alpha\n"),
+        ("skills/listed/SKILL.md", "listed\n"),
+        ("hooks/common.sh", "#!/bin/sh\n"),
+    ]);
+    let b = plugin(&[("skills/common/SKILL.md", "common from beta\n"), ("hooks/common.sh", "#!/bin/sh\n")]);
+    let c = plugin(&[("plugin.yaml", "name: gamma\nskills: [\"listed\", other]\n")]);
+    h.install("alpha", &a).assert_ok("installed");
+    h.install("beta", &b).assert_ok("installed");
+    h.install("gamma", &c).assert_ok("installed");
+    fs::create_dir_all(h.path("skills/yaml-only")).unwrap();
+    fs::create_dir_all(h.path("skills/user-skill")).unwrap();
+    assert_eq!(h.listing("skills"), vec!["common", "listed", "user-skill", "yaml-only"]);
+
+    h.uninstall("alpha").assert_ok("uninstalled");
+    // beta ships common, gamma lists listed; yaml-only was alpha's alone.
+    assert_eq!(h.listing("skills"), vec!["common", "listed", "user-skill"]);
+    assert_eq!(h.read("skills/common/SKILL.md"), "common from alpha\n");
+    assert!(h.path(".claude/hooks/common.sh").is_file());
+
+    h.uninstall("beta").assert_ok("uninstalled");
+    assert_eq!(h.listing("skills"), vec!["listed", "user-skill"]);
+    assert!(!h.path(".claude/hooks/common.sh").exists());
+}
+
+#[test]
+fn uninstall_of_a_missing_plugin_is_absent_without_restart() {
+    let h = Host::new();
+    let r = h.uninstall("ghost");
+    r.assert_ok("absent");
+    assert_eq!(r.result["restarted"], false);
+    h.install("alpha", &alpha_v1()).assert_ok("installed");
+    let r = h.uninstall("ghost");
+    r.assert_ok("absent");
+    assert_eq!(r.result, json!({"status": "absent", "plugin": "ghost", "digest": "", "previous": "", "restarted": false}));
+    assert_eq!(h.restarts(), 1);
+}
+
+/// Everything a failed install must leave exactly as it was.
+fn assert_untouched(h: &Host, p: &Plugin, memory: &str) {
+    h.assert_installed("alpha", p);
+    assert_eq!(h.listing(".plugin-delivery/store"), vec![format!("alpha@{}", p.archive.sha)]);
+    h.assert_no_leftovers();
+    assert_eq!(h.read("CLAUDE.md"), memory);
+    assert!(h.path("skills/alpha-skill").is_dir());
+    assert_eq!(h.restarts(), 1);
+}
+
+#[test]
+fn wrong_digest_is_rejected_and_the_old_version_stays() {
+    let h = Host::new();
+    let v1 = alpha_v1();
+    h.install("alpha", &v1).assert_ok("installed");
+    let memory = h.read("CLAUDE.md");
+    let v2 = alpha_v2();
+    let wrong = sha256(b"some other archive");
+    h.install_raw("alpha", &wrong, &v2.archive.bytes, &h.restart_cmd())
+        .assert_error("digest_mismatch", 65);
+    assert_untouched(&h, &v1, &memory);
+}
+
+#[test]
+fn truncated_archive_fails_and_the_old_version_stays() {
+    let h = Host::new();
+    let v1 = alpha_v1();
+    h.install("alpha", &v1).assert_ok("installed");
+    let memory = h.read("CLAUDE.md");
+    let v2 = alpha_v2();
+    let cut = &v2.archive.bytes[..v2.archive.bytes.len() / 2];
+    let r = h.install_raw("alpha", &v2.archive.sha, cut, &h.restart_cmd());
+    r.assert_error("digest_mismatch", 65);
+    assert_eq!(r.result["plugin"], "alpha");
+    assert_untouched(&h, &v1, &memory);
+}
+
+#[test]
+fn corrupt_or_foreign_archives_are_bad_archives() {
+    let h = Host::new();
+    let garbage = b"\x1f\x8b\x08\x00 this is not a gzip stream".to_vec();
+    h.install_raw("alpha", &sha256(&garbage), &garbage, &h.restart_cmd()).assert_error("bad_archive", 66);
+    // A well-formed archive with a symlink is not a plugin tree either.
+    let mut b = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::default()));
+    let mut hd = tar::Header::new_gnu();
+    hd.set_entry_type(tar::EntryType::Symlink);
+    hd.set_size(0);
+    hd.set_mode(0o777);
+    b.append_link(&mut hd, "escape", "/etc").unwrap();
+    let linky = b.into_inner().unwrap().finish().unwrap();
+    h.install_raw("alpha", &sha256(&linky), &linky, &h.restart_cmd()).assert_error("bad_archive", 66);
+    assert!(fs::symlink_metadata(h.path("plugins/alpha")).is_err());
+    assert_eq!(h.listing(".plugin-delivery/store"), Vec::<String>::new());
+    h.assert_no_leftovers();
+    assert_eq!(h.restarts(), 0);
+}
+
+#[test]
+fn a_held_lock_makes_mutations_busy() {
+    let h = Host::new();
+    let lock = h.path(".plugin-delivery/lock");
+    fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    // The holder keeps the lock until its stdin closes.
+    let mut holder = Command::new("flock")
+        .arg(&lock)
+        .arg("-c")
+        .arg("echo locked; exec cat >/dev/null")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("flock (util-linux) is needed");
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line, "locked\n");
+
+    let p = alpha_v1();
+    let started = Instant::now();
+    let r = run_script(
+        &["install", h.cfg(), "alpha", &p.archive.sha, OWNER, "1", &h.restart_cmd()],
+        Some(&p.archive.bytes),
+        None,
+    );
+    r.assert_error("busy", 75);
+    assert!(started.elapsed() >= Duration::from_millis(900), "waited {:?}", started.elapsed());
+    run_script(&["uninstall", h.cfg(), "alpha", OWNER, "1", &h.restart_cmd()], None, None)
+        .assert_error("busy", 75);
+    assert!(fs::symlink_metadata(h.path("plugins/alpha")).is_err());
+    assert_eq!(h.restarts(), 0);
+
+    drop(holder.stdin.take());
+    assert!(holder.wait().unwrap().success());
+    h.install("alpha", &p).assert_ok("installed");
+}
+
+#[test]
+fn bad_arguments_are_usage_errors() {
+    let h = Host::new();
+    let cfg = h.cfg();
+    let sha = sha256(b"x");
+    let long = "a".repeat(129);
+    let upper = sha.to_uppercase();
+    let install = |cfg: &str, name: &str, sha: &str, owner: &str, wait: &str| {
+        vec!["install".to_string(), cfg.into(), name.into(), sha.into(), owner.into(), wait.into(), "true".into()]
+    };
+    let mut cases: Vec<Vec<String>> = vec![
+        vec![],
+        vec!["frobnicate".into(), cfg.into()],
+        vec!["inventory".into()],
+        vec!["inventory".into(), "relative/cfg".into()],
+        vec!["inventory".into(), cfg.into(), "extra".into()],
+        vec!["uninstall".into(), cfg.into(), "alpha".into(), OWNER.into(), "5".into()],
+        vec!["uninstall".into(), cfg.into(), "../alpha".into(), OWNER.into(), "5".into(), "true".into()],
+        install(cfg, "alpha", &sha, OWNER, "5")[..6].to_vec(),
+        install("relative/cfg", "alpha", &sha, OWNER, "5"),
+        install(cfg, "alpha", &upper, OWNER, "5"),
+        install(cfg, "alpha", &sha[1..], OWNER, "5"),
+        install(cfg, "alpha", &sha, OWNER, "-1"),
+        install(cfg, "alpha", &sha, OWNER, "1.5"),
+        install(cfg, "alpha", &sha, OWNER, ""),
+    ];
+    for name in ["", "Alpha", "../x", "a..b", ".hidden", "-dash", "a/b", "a b", "a\"b", long.as_str()] {
+        cases.push(install(cfg, name, &sha, OWNER, "5"));
+    }
+    for owner in ["root", "1000", "1000:", ":1000", "1000:1000:1", "user:group"] {
+        cases.push(install(cfg, "alpha", &sha, owner, "5"));
+    }
+    for args in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = run_script(&args, Some(b""), None);
+        r.assert_error("usage", 64);
+        // An unvalidated name is never echoed back.
+        if args.get(2).is_some_and(|n| *n != "alpha") {
+            assert_eq!(r.result["plugin"], "", "{args:?}");
+        }
+    }
+    assert_eq!(h.listing(""), Vec::<String>::new(), "nothing may be created");
+    // The longest valid name is accepted.
+    let name = "a".repeat(128);
+    let p = alpha_v2();
+    h.install(&name, &p).assert_ok("installed");
+}
+
+#[test]
+fn inventory_lists_names_and_digests() {
+    let h = Host::new();
+    assert_eq!(h.inventory(), json!([]));
+    let (a, b) = (alpha_v1(), beta());
+    h.install("alpha", &a).assert_ok("installed");
+    h.install("beta", &b).assert_ok("installed");
+    fs::create_dir_all(h.path("plugins/legacy-one/rules")).unwrap();
+    fs::create_dir_all(h.path("plugins/.hidden")).unwrap();
+    fs::write(h.path("plugins/notes.txt"), "not a plugin").unwrap();
+    symlink(format!("../.plugin-delivery/store/broken@{}", sha256(b"gone")), h.path("plugins/broken")).unwrap();
+    assert_eq!(
+        h.inventory(),
+        json!([
+            {"name": "alpha", "digest": a.archive.sha},
+            {"name": "beta", "digest": b.archive.sha},
+            {"name": "broken", "digest": ""},
+            {"name": "legacy-one", "digest": ""}
+        ])
+    );
+}
+
+#[test]
+fn a_failing_restart_is_reported_after_the_install() {
+    let h = Host::new();
+    let p = alpha_v2();
+    // The noise must not reach stdout (run_script checks the single line).
+    let r = h.install_raw("alpha", &p.archive.sha, &p.archive.bytes, "echo noise; exit 3");
+    r.assert_error("restart_failed", 70);
+    assert!(r.stderr.contains("noise"), "{r:#?}");
+    h.assert_installed("alpha", &p);
+    h.assert_no_leftovers();
+}
+
+#[test]
+fn a_daemon_started_by_the_restart_does_not_keep_the_lock() {
+    let h = Host::new();
+    let p = alpha_v2();
+    let daemon = "sleep 5 </dev/null >/dev/null 2>&1 &";
+    h.install_raw("alpha", &p.archive.sha, &p.archive.bytes, daemon).assert_ok("installed");
+    // LOCK_WAIT 0: the lock must be free the moment the install has returned.
+    run_script(&["uninstall", h.cfg(), "alpha", OWNER, "0", ""], None, None).assert_ok("uninstalled");
+}
+
+#[test]
+fn an_empty_restart_command_skips_the_restart() {
+    let h = Host::new();
+    let p = alpha_v2();
+    let r = h.install_raw("alpha", &p.archive.sha, &p.archive.bytes, "");
+    r.assert_ok("installed");
+    assert_eq!(r.result["restarted"], false);
+    h.assert_installed("alpha", &p);
+    assert_eq!(h.restarts(), 0);
+}
+
+#[test]
+fn unwire_without_python_fails_and_keeps_the_plugin() {
+    let h = Host::new();
+    let p = alpha_v1();
+    h.install("alpha", &p).assert_ok("installed");
+    // A PATH with every system tool except python.
+    let bin = tempfile::tempdir().unwrap();
+    for e in fs::read_dir("/usr/bin").unwrap() {
+        let name = e.unwrap().file_name();
+        if !name.to_string_lossy().starts_with("python") {
+            symlink(Path::new("/usr/bin").join(&name), bin.path().join(&name)).unwrap();
+        }
+    }
+    let r = run_script(&["uninstall", h.cfg(), "alpha", OWNER, "5", "true"], None, Some(bin.path()));
+    r.assert_error("unwire_failed", 71);
+    h.assert_installed("alpha", &p);
+    assert!(h.path("skills/alpha-skill").is_dir());
+    h.assert_no_leftovers();
+}
+
+#[test]
+fn the_script_passes_shellcheck() {
+    let out = match Command::new("shellcheck").args(["-s", "sh"]).arg(script()).output() {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("shellcheck is not installed: run `apt-get install -y shellcheck` (CI installs it)")
+        }
+        Err(e) => panic!("cannot run shellcheck: {e}"),
+    };
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
