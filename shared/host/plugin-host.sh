@@ -19,10 +19,15 @@
 # complete old tree or the complete new one. The installed digest is read back
 # from the link target; there is no other state to drift.
 
-# Plain byte semantics for patterns and tools, whatever the login locale is.
-LC_ALL=C
-export LC_ALL
+# Predictable modes for what we create; the restart command gets the
+# caller's umask back (restart_runtime).
+caller_umask=$(umask)
 umask 022
+
+# Character classes are spelled out, not ranges like a-z: ranges follow the
+# locale's collation in some shells, and the runtime must keep its locale.
+LOWER='abcdefghijklmnopqrstuvwxyz'
+DIGITS='0123456789'
 
 MARKER='@@plugin-delivery-result'
 STORE_REL='../.plugin-delivery/store'
@@ -73,21 +78,21 @@ trap 'exit 1' PIPE
 
 valid_name() {
     case $1 in
-        '' | *..* | [!a-z0-9]* | *[!a-z0-9._-]*) return 1 ;;
+        '' | *..* | [!"$LOWER$DIGITS"]* | *[!"$LOWER$DIGITS"._-]*) return 1 ;;
     esac
     [ "${#1}" -le 128 ]
 }
 
 valid_sha() {
     case $1 in
-        *[!0-9a-f]*) return 1 ;;
+        *[!"${DIGITS}abcdef"]*) return 1 ;;
     esac
     [ "${#1}" -eq 64 ]
 }
 
 valid_owner() {
     case $1 in
-        '' | *[!0-9:]* | :* | *: | *:*:*) return 1 ;;
+        '' | *[!"$DIGITS":]* | :* | *: | *:*:*) return 1 ;;
         *:*) [ "${#1}" -le 21 ] ;;
         *) return 1 ;;
     esac
@@ -95,7 +100,7 @@ valid_owner() {
 
 valid_wait() {
     case $1 in
-        '' | *[!0-9]*) return 1 ;;
+        '' | *[!"$DIGITS"]*) return 1 ;;
     esac
     [ "${#1}" -le 6 ]
 }
@@ -134,8 +139,9 @@ lock_host() {
     mkdir -p "$staging" "$store" || fail internal 'cannot create the state directory' 1
     chmod 0755 "$state" "$store" || fail internal 'cannot set state directory modes' 1
     chmod 0700 "$staging" || fail internal 'cannot set state directory modes' 1
-    # fd-based so the lock lives exactly as long as this shell.
-    exec 9>>"$state/lock" || fail internal 'cannot open the lock file' 1
+    # fd-based so the lock lives exactly as long as this shell. "command"
+    # keeps a failed redirection from killing the shell before it can report.
+    command exec 9>>"$state/lock" || fail internal 'cannot open the lock file' 1
     flock -w "$lock_wait" 9 || fail busy 'another plugin operation holds the host lock' 75
     # Holding the lock means no other operation is using staging: anything
     # there was left by a run that was killed outright (SIGKILL, power loss).
@@ -178,12 +184,14 @@ prune_store() {
     done
 }
 
-# Returns "true" or "false" for the result's "restarted" field.
+# Prints "true" or "false" for the result's "restarted" field. Called in a
+# command substitution, so the umask change stays in that subshell.
 restart_runtime() {
     if [ -z "$restart_cmd" ]; then
         printf false
         return 0
     fi
+    umask "$caller_umask"
     # fd 9 closed: a daemon started here must not inherit (and keep) the lock.
     # stdout to stderr: the result line must stay the only thing on stdout.
     sh -c "$restart_cmd" </dev/null >&2 9>&- || return 1

@@ -25,21 +25,31 @@ impl App {
 
     pub fn new(config: Config, sdk: &aws_config::SdkConfig) -> App {
         // Local S3 stand-ins serve buckets by path, not by virtual host.
-        let local_s3 = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
-            .iter()
-            .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty()));
+        let local_s3 = sdk.endpoint_url().is_some()
+            || ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
+                .iter()
+                .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty()));
         let s3 = aws_sdk_s3::Client::from_conf(
             aws_sdk_s3::config::Builder::from(sdk).force_path_style(local_s3).build(),
         );
-        let store = Arc::new(S3Store::new(s3, config.bucket.clone()));
-        let fleet = Arc::new(Ec2Fleet::new(
+        App::with_clients(
+            config,
+            s3,
             aws_sdk_ec2::Client::new(sdk),
-            config.ssh_port,
-            config.address_tag.clone(),
-        ));
-        let pusher = Arc::new(EicKeyPusher::new(aws_sdk_ec2instanceconnect::Client::new(sdk)));
+            aws_sdk_ec2instanceconnect::Client::new(sdk),
+        )
+    }
+
+    pub fn with_clients(
+        config: Config,
+        s3: aws_sdk_s3::Client,
+        ec2: aws_sdk_ec2::Client,
+        eic: aws_sdk_ec2instanceconnect::Client,
+    ) -> App {
+        let store = Arc::new(S3Store::new(s3, config.bucket.clone()));
+        let fleet = Arc::new(Ec2Fleet::new(ec2, config.ssh_port, config.address_tag.clone()));
         let transport = Arc::new(SshTransport::new(
-            pusher,
+            Arc::new(EicKeyPusher::new(eic)),
             fleet.clone(),
             config.ssh_user.clone(),
             config.command_prefix.clone(),

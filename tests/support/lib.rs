@@ -1,1 +1,373 @@
+//! Test support: the local stack (moto, the EC2 Instance Connect emulator,
+//! real sshd hosts on 127.0.0.x) and fixtures over it.
+//!
+//! The stack is brought up once per test binary with `tests/stack/stack.sh
+//! up` (idempotent: a healthy running stack is reused). Clients get their
+//! endpoints explicitly from the stack's env file, so a test can never reach
+//! real AWS even if the shell has no endpoint variables.
 
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+
+use aws_config::BehaviorVersion;
+use aws_sdk_ec2::types::{Tag, TagSpecification, ResourceType};
+use lambda_http::{Body, Request};
+use plugin_delivery::config::RuntimeProfile;
+use plugin_delivery::{App, Config};
+use serde_json::{json, Value};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn fake_runtime() -> PathBuf {
+    repo_root().join("tests/stack/fake-runtime.py")
+}
+
+/// What `stack.sh up` wrote to its env file.
+pub struct Stack {
+    pub vars: BTreeMap<String, String>,
+}
+
+impl Stack {
+    pub fn var(&self, k: &str) -> &str {
+        self.vars.get(k).map(String::as_str).unwrap_or_else(|| panic!("stack env lacks {k}"))
+    }
+}
+
+pub fn stack() -> &'static Stack {
+    static STACK: OnceLock<Stack> = OnceLock::new();
+    STACK.get_or_init(|| {
+        let root = repo_root();
+        let state = std::env::var("PLUGIN_STACK_STATE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root.join(".stack"));
+        let status = Command::new("bash")
+            .arg(root.join("tests/stack/stack.sh"))
+            .arg("up")
+            .arg(&state)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run tests/stack/stack.sh up");
+        assert!(status.success(), "tests/stack/stack.sh up failed (run tests/stack/stack.sh install first?)");
+        let text = std::fs::read_to_string(state.join("env")).expect("stack env file");
+        let mut vars = BTreeMap::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("export ") else { continue };
+            let Some((k, v)) = rest.split_once('=') else { continue };
+            let v = v.trim_matches('\'').to_string();
+            vars.insert(k.to_string(), v);
+        }
+        for k in ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_EC2_INSTANCE_CONNECT"] {
+            let url = vars.get(k).expect(k);
+            assert!(url.starts_with("http://127."), "{k}={url} is not loopback");
+        }
+        Stack { vars }
+    })
+}
+
+pub async fn sdk() -> aws_config::SdkConfig {
+    let s = stack();
+    aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(s.var("AWS_ENDPOINT_URL"))
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_s3::config::Credentials::new("test", "test", None, None, "stack"))
+        .load()
+        .await
+}
+
+pub async fn clients() -> (aws_sdk_s3::Client, aws_sdk_ec2::Client, aws_sdk_ec2instanceconnect::Client) {
+    let sdk = sdk().await;
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&sdk).force_path_style(true).build(),
+    );
+    let eic = aws_sdk_ec2instanceconnect::Client::from_conf(
+        aws_sdk_ec2instanceconnect::config::Builder::from(&sdk)
+            .endpoint_url(stack().var("AWS_ENDPOINT_URL_EC2_INSTANCE_CONNECT"))
+            .build(),
+    );
+    (s3, aws_sdk_ec2::Client::new(&sdk), eic)
+}
+
+/// Unique loopback addresses per test host within one test binary; the base
+/// differs per binary so binaries never share an address.
+pub fn next_ip() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    let base: u32 = std::env::var("PLUGIN_TEST_IP_BASE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            // Spread binaries over 127.20.0.0/14 by a hash of the binary name.
+            let exe = std::env::current_exe().unwrap();
+            let name = exe.file_name().unwrap().to_string_lossy().to_string();
+            let h = name.bytes().fold(0u32, |a, b| a.wrapping_mul(31).wrapping_add(b as u32));
+            (h % 64) * 256
+        });
+    let v = base + n;
+    format!("127.{}.{}.{}", 20 + (v >> 16) % 4, (v >> 8) & 255, (v & 255).max(1))
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", rand::random::<u32>())
+}
+
+/// A real sshd workspace host plus its EC2 instance in moto.
+pub struct Host {
+    pub instance_id: String,
+    pub ip: String,
+    pub port: u16,
+    pub host_key: String,
+    pub state_dir: PathBuf,
+}
+
+impl Host {
+    pub async fn start(ec2: &aws_sdk_ec2::Client, workspace: &str, runtime: &str) -> Host {
+        let ip = next_ip();
+        let port = 2222;
+        let out = ec2
+            .run_instances()
+            .image_id("ami-12345678")
+            .min_count(1)
+            .max_count(1)
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Instance)
+                    .tags(Tag::builder().key("molecule:workspace-id").value(workspace).build())
+                    .tags(Tag::builder().key("molecule:runtime").value(runtime).build())
+                    .tags(Tag::builder().key("molecule:local-address").value(format!("{ip}:{port}")).build())
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("run_instances");
+        let instance_id = out.instances()[0].instance_id().unwrap().to_string();
+        let state_dir = PathBuf::from(stack().var("PLUGIN_STACK_HOSTS_DIR")).join(&instance_id);
+        let started = Command::new("bash")
+            .arg(repo_root().join("tests/stack/sshd-host.sh"))
+            .args(["start", state_dir.to_str().unwrap(), &ip, &port.to_string(), &instance_id])
+            .arg(stack().var("PLUGIN_STACK_KEYS_DIR"))
+            .output()
+            .expect("sshd-host.sh start");
+        assert!(started.status.success(), "sshd-host.sh start: {}", String::from_utf8_lossy(&started.stderr));
+        let host_key = String::from_utf8(started.stdout).unwrap().trim().to_string();
+        set_tag(ec2, &instance_id, "molecule:ssh-host-key", &host_key).await;
+        Host { instance_id, ip, port, host_key, state_dir }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(repo_root().join("tests/stack/sshd-host.sh"))
+            .args(["stop", self.state_dir.to_str().unwrap()])
+            .output();
+    }
+}
+
+pub async fn set_tag(ec2: &aws_sdk_ec2::Client, instance: &str, key: &str, value: &str) {
+    ec2.create_tags()
+        .resources(instance)
+        .tags(Tag::builder().key(key).value(value).build())
+        .send()
+        .await
+        .expect("create_tags");
+}
+
+/// One workspace on one host, with its own bucket and config dir.
+pub struct Fixture {
+    pub s3: aws_sdk_s3::Client,
+    pub ec2: aws_sdk_ec2::Client,
+    pub eic: aws_sdk_ec2instanceconnect::Client,
+    pub bucket: String,
+    pub workspace: String,
+    pub host: Host,
+    pub dir: tempfile::TempDir,
+    pub config_dir: PathBuf,
+}
+
+impl Fixture {
+    pub async fn new() -> Fixture {
+        let (s3, ec2, eic) = clients().await;
+        let bucket = unique("pd-test");
+        s3.create_bucket().bucket(&bucket).send().await.expect("create bucket");
+        let workspace = unique("ws");
+        let host = Host::start(&ec2, &workspace, "claude-code").await;
+        let dir = tempfile::Builder::new().prefix("pd-host-").tempdir().unwrap();
+        // The runtime (uid 1000) must be able to traverse to its config dir.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let config_dir = dir.path().join("configs");
+        Fixture { s3, ec2, eic, bucket, workspace, host, dir, config_dir }
+    }
+
+    pub fn config(&self) -> Config {
+        let mut c = Config::new(&self.bucket);
+        c.ssh_user = "root".into();
+        c.command_prefix = String::new();
+        c.address_tag = Some("molecule:local-address".into());
+        c.profiles.insert(
+            "claude-code".into(),
+            RuntimeProfile {
+                config_dir: self.config_dir.to_string_lossy().into_owned(),
+                restart: format!(
+                    "python3 {} {}",
+                    fake_runtime().display(),
+                    self.config_dir.display()
+                ),
+            },
+        );
+        c
+    }
+
+    pub fn app(&self) -> App {
+        self.app_with(self.config())
+    }
+
+    pub fn app_with(&self, config: Config) -> App {
+        App::with_clients(config, self.s3.clone(), self.ec2.clone(), self.eic.clone())
+    }
+
+    pub fn plugin_dir(&self, name: &str) -> PathBuf {
+        self.config_dir.join("plugins").join(name)
+    }
+
+    pub fn restarts(&self) -> usize {
+        let p = format!("{}.restarts", self.config_dir.display());
+        std::fs::read_to_string(p).map(|s| s.lines().count()).unwrap_or(0)
+    }
+
+    /// Publishes a plugin tree to `registry/<name>/` (replacing what was there).
+    pub async fn publish(&self, name: &str, files: &[(&str, &[u8])]) {
+        let prefix = format!("registry/{name}/");
+        for key in self.keys(&prefix).await {
+            self.s3.delete_object().bucket(&self.bucket).key(key).send().await.unwrap();
+        }
+        for (path, data) in files {
+            self.s3
+                .put_object()
+                .bucket(&self.bucket)
+                .key(format!("{prefix}{path}"))
+                .body(data.to_vec().into())
+                .send()
+                .await
+                .unwrap();
+        }
+    }
+
+    pub async fn keys(&self, prefix: &str) -> Vec<String> {
+        let out = self
+            .s3
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .send()
+            .await
+            .unwrap();
+        out.contents().iter().filter_map(|o| o.key().map(str::to_string)).collect()
+    }
+
+    pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let out = self.s3.get_object().bucket(&self.bucket).key(key).send().await.ok()?;
+        Some(out.body.collect().await.unwrap().into_bytes().to_vec())
+    }
+
+    pub async fn desired(&self) -> Value {
+        match self.get(&format!("workspaces/{}/plugins.json", self.workspace)).await {
+            Some(b) => serde_json::from_slice(&b).unwrap(),
+            None => Value::Null,
+        }
+    }
+}
+
+/// An API Gateway HTTP API (v2) event, as API Gateway would send it.
+pub fn event(method: &str, route: &str, path: &str, params: Value, body: Option<&str>) -> Request {
+    let ev = json!({
+        "version": "2.0",
+        "routeKey": format!("{method} {route}"),
+        "rawPath": path,
+        "rawQueryString": "",
+        "headers": {"content-type": "application/json"},
+        "requestContext": {
+            "accountId": "123456789012", "apiId": "test", "domainName": "test.local",
+            "http": {"method": method, "path": path, "protocol": "HTTP/1.1", "sourceIp": "127.0.0.1", "userAgent": "test"},
+            "requestId": unique("req"), "routeKey": format!("{method} {route}"), "stage": "$default",
+            "time": "25/Nov/2026:16:00:00 +0000", "timeEpoch": 1_795_622_400_000u64
+        },
+        "pathParameters": params,
+        "body": body,
+        "isBase64Encoded": false
+    });
+    lambda_http::request::from_str(&ev.to_string()).expect("valid v2 event")
+}
+
+pub fn install_req(ws: &str, body: &str) -> Request {
+    event("POST", "/workspaces/{id}/plugins", &format!("/workspaces/{ws}/plugins"), json!({"id": ws}), Some(body))
+}
+
+pub fn uninstall_req(ws: &str, name: &str) -> Request {
+    event(
+        "DELETE",
+        "/workspaces/{id}/plugins/{name}",
+        &format!("/workspaces/{ws}/plugins/{name}"),
+        json!({"id": ws, "name": name}),
+        None,
+    )
+}
+
+pub fn list_req(ws: &str) -> Request {
+    event("GET", "/workspaces/{id}/plugins", &format!("/workspaces/{ws}/plugins"), json!({"id": ws}), None)
+}
+
+/// Status and JSON body of a response.
+pub fn parts(resp: lambda_http::Response<Body>) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let body = match resp.body() {
+        Body::Text(t) => serde_json::from_str(t).unwrap_or(Value::String(t.clone())),
+        Body::Binary(b) => serde_json::from_slice(b).unwrap_or(Value::Null),
+        _ => Value::Null,
+    };
+    (status, body)
+}
+
+pub async fn install(app: &App, ws: &str, body: &str) -> (u16, Value) {
+    parts(plugin_delivery::api::install(app, install_req(ws, body)).await)
+}
+
+pub async fn uninstall(app: &App, ws: &str, name: &str) -> (u16, Value) {
+    parts(plugin_delivery::api::uninstall(app, uninstall_req(ws, name)).await)
+}
+
+pub async fn list(app: &App, ws: &str) -> (u16, Value) {
+    parts(plugin_delivery::api::list(app, list_req(ws)).await)
+}
+
+/// Every regular file under `dir` (following the top-level symlink):
+/// relative path → (bytes, mode & 0o7777, uid, gid).
+pub fn tree(dir: &Path) -> BTreeMap<String, (Vec<u8>, u32, u32, u32)> {
+    let mut out = BTreeMap::new();
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (Vec<u8>, u32, u32, u32)>) {
+        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        for e in rd {
+            let e = e.unwrap();
+            let p = e.path();
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            if md.is_dir() {
+                walk(root, &p, out);
+            } else {
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                out.insert(rel, (std::fs::read(&p).unwrap(), md.mode() & 0o7777, md.uid(), md.gid()));
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out
+}
+
+pub fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}

@@ -46,7 +46,12 @@ fn snapshot(root: &Path) -> BTreeMap<String, Node> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Node>) {
         for entry in fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
-            let rel = path.strip_prefix(root).unwrap().to_str().unwrap().to_string();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
             let md = fs::symlink_metadata(&path).unwrap();
             let mode = md.permissions().mode() & 0o7777;
             if md.is_dir() {
@@ -71,7 +76,10 @@ struct Archive {
 
 impl Archive {
     fn new(bytes: Vec<u8>) -> Self {
-        Archive { sha: sha256(&bytes), bytes }
+        Archive {
+            sha: sha256(&bytes),
+            bytes,
+        }
     }
 }
 
@@ -88,7 +96,8 @@ fn pack(root: &Path) -> Archive {
                 h.set_entry_type(tar::EntryType::Directory);
                 h.set_mode(mode);
                 h.set_size(0);
-                b.append_data(&mut h, format!("{rel}/"), std::io::empty()).unwrap();
+                b.append_data(&mut h, format!("{rel}/"), std::io::empty())
+                    .unwrap();
             }
             Node::File(mode, data) => {
                 h.set_entry_type(tar::EntryType::Regular);
@@ -140,7 +149,11 @@ fn run_script(args: &[&str], stdin: Option<&[u8]>, path_env: Option<&Path>) -> R
     let mut cmd = Command::new("sh");
     cmd.arg(script())
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if let Some(p) = path_env {
@@ -162,17 +175,29 @@ fn run_script(args: &[&str], stdin: Option<&[u8]>, path_env: Option<&Path>) -> R
     let stdout = String::from_utf8(out.stdout).unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 1, "stdout must be one result line: {stdout:?}\nstderr: {stderr}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "stdout must be one result line: {stdout:?}\nstderr: {stderr}"
+    );
     let json = lines[0]
         .strip_prefix(MARKER)
         .unwrap_or_else(|| panic!("no result marker: {stdout:?}\nstderr: {stderr}"));
     let result: Value = serde_json::from_str(json).expect("result is JSON");
-    Run { code: out.status.code().expect("exit code"), result, stderr }
+    Run {
+        code: out.status.code().expect("exit code"),
+        result,
+        stderr,
+    }
 }
 
 impl Run {
     fn assert_ok(&self, status: &str) -> &Self {
-        assert_eq!((self.code, self.result["status"].as_str()), (0, Some(status)), "{self:#?}");
+        assert_eq!(
+            (self.code, self.result["status"].as_str()),
+            (0, Some(status)),
+            "{self:#?}"
+        );
         self
     }
 
@@ -223,7 +248,11 @@ impl Host {
 
     /// Runs the fake runtime the way the restart command does.
     fn restart(&self) {
-        let st = Command::new("sh").arg("-c").arg(self.restart_cmd()).status().unwrap();
+        let st = Command::new("sh")
+            .arg("-c")
+            .arg(self.restart_cmd())
+            .status()
+            .unwrap();
         assert!(st.success());
     }
 
@@ -232,7 +261,11 @@ impl Host {
     }
 
     fn install_raw(&self, name: &str, sha: &str, bytes: &[u8], restart: &str) -> Run {
-        run_script(&["install", self.cfg(), name, sha, OWNER, "5", restart], Some(bytes), None)
+        run_script(
+            &["install", self.cfg(), name, sha, OWNER, "5", restart],
+            Some(bytes),
+            None,
+        )
     }
 
     fn install(&self, name: &str, p: &Plugin) -> Run {
@@ -240,7 +273,18 @@ impl Host {
     }
 
     fn uninstall(&self, name: &str) -> Run {
-        run_script(&["uninstall", self.cfg(), name, OWNER, "5", &self.restart_cmd()], None, None)
+        run_script(
+            &[
+                "uninstall",
+                self.cfg(),
+                name,
+                OWNER,
+                "5",
+                &self.restart_cmd(),
+            ],
+            None,
+            None,
+        )
     }
 
     fn inventory(&self) -> Value {
@@ -268,11 +312,17 @@ impl Host {
             self.link_target(name),
             format!("../.plugin-delivery/store/{name}@{}", p.archive.sha)
         );
-        assert_eq!(snapshot(&self.path(&format!("plugins/{name}"))), snapshot(p.dir.path()));
+        assert_eq!(
+            snapshot(&self.path(&format!("plugins/{name}"))),
+            snapshot(p.dir.path())
+        );
     }
 
     fn assert_no_leftovers(&self) {
-        assert_eq!(self.listing(".plugin-delivery/staging"), Vec::<String>::new());
+        assert_eq!(
+            self.listing(".plugin-delivery/staging"),
+            Vec::<String>::new()
+        );
     }
 }
 
@@ -282,7 +332,10 @@ const USER_MEMORY: &str = "# My notes\n\nKeep this line.\n";
 
 fn alpha_v1() -> Plugin {
     plugin(&[
-        ("plugin.yaml", "name: alpha\nversion: 1\nskills:\n  - alpha-skill\n"),
+        (
+            "plugin.yaml",
+            "name: alpha\nversion: 1\nskills:\n  - alpha-skill\n",
+        ),
         ("README.md", "# Alpha\n\nNot wired.\n"),
         ("GUIDE.md", "\n  Use alpha wisely.\n\n"),
         ("rules/empty.md", ""),
@@ -353,8 +406,11 @@ fn user_settings() -> Value {
 fn write_user_files(h: &Host) {
     fs::write(h.path("CLAUDE.md"), USER_MEMORY).unwrap();
     fs::create_dir_all(h.path(".claude")).unwrap();
-    fs::write(h.path(".claude/settings.json"), serde_json::to_string_pretty(&user_settings()).unwrap())
-        .unwrap();
+    fs::write(
+        h.path(".claude/settings.json"),
+        serde_json::to_string_pretty(&user_settings()).unwrap(),
+    )
+    .unwrap();
 }
 
 fn hook_group(matcher: Option<&str>, command: String) -> Value {
@@ -380,7 +436,10 @@ fn fresh_install_places_the_exact_tree_owned_by_the_user() {
     // Same bytes, same modes (0644 files, 0755 dirs and scripts).
     h.assert_installed("alpha", &p);
     let snap = snapshot(&h.path("plugins/alpha"));
-    assert_eq!(snap["hooks/alpha-hook.sh"], Node::File(0o755, b"#!/bin/sh\necho alpha\n".to_vec()));
+    assert_eq!(
+        snap["hooks/alpha-hook.sh"],
+        Node::File(0o755, b"#!/bin/sh\necho alpha\n".to_vec())
+    );
     assert!(matches!(snap["rules/style.md"], Node::File(0o644, _)));
     assert_eq!(snap["skills"], Node::Dir(0o755));
     // Owned by the user: the link, the store dir and everything in it.
@@ -388,7 +447,8 @@ fn fresh_install_places_the_exact_tree_owned_by_the_user() {
     assert!(link.file_type().is_symlink());
     assert_eq!((link.uid(), link.gid()), (1000, 1000));
     let store = h.path(&format!(".plugin-delivery/store/alpha@{}", p.archive.sha));
-    for path in std::iter::once(store.clone()).chain(snapshot(&store).keys().map(|k| store.join(k))) {
+    for path in std::iter::once(store.clone()).chain(snapshot(&store).keys().map(|k| store.join(k)))
+    {
         let md = fs::symlink_metadata(&path).unwrap();
         assert_eq!((md.uid(), md.gid()), (1000, 1000), "{}", path.display());
     }
@@ -405,7 +465,10 @@ fn fresh_install_places_the_exact_tree_owned_by_the_user() {
     let claude = h.path(".claude");
     assert_eq!(
         h.settings()["hooks"]["PreToolUse"][0],
-        hook_group(Some("Bash"), format!("{}/hooks/alpha-hook.sh", claude.display()))
+        hook_group(
+            Some("Bash"),
+            format!("{}/hooks/alpha-hook.sh", claude.display())
+        )
     );
 }
 
@@ -416,7 +479,15 @@ fn same_install_again_is_unchanged_without_reading_stdin_or_restarting() {
     h.install("alpha", &p).assert_ok("installed");
     // No stdin at all: reading it would fail the digest check.
     let r = run_script(
-        &["install", h.cfg(), "alpha", &p.archive.sha, OWNER, "5", &h.restart_cmd()],
+        &[
+            "install",
+            h.cfg(),
+            "alpha",
+            &p.archive.sha,
+            OWNER,
+            "5",
+            &h.restart_cmd(),
+        ],
         None,
         None,
     );
@@ -437,31 +508,49 @@ fn upgrade_replaces_the_tree_and_rewires_the_new_version() {
     let (v1, v2, b) = (alpha_v1(), alpha_v2(), beta());
     h.install("alpha", &v1).assert_ok("installed");
     h.install("beta", &b).assert_ok("installed");
-    assert_eq!(h.read("CLAUDE.md"), format!("{USER_MEMORY}\n{ALPHA_V1_CHUNK}\n{BETA_CHUNK}"));
+    assert_eq!(
+        h.read("CLAUDE.md"),
+        format!("{USER_MEMORY}\n{ALPHA_V1_CHUNK}\n{BETA_CHUNK}")
+    );
     assert!(h.path("skills/alpha-skill").is_dir());
 
     let r = h.install("alpha", &v2);
     r.assert_ok("installed");
-    assert_eq!((&r.result["previous"], &r.result["digest"]), (&json!(v1.archive.sha), &json!(v2.archive.sha)));
+    assert_eq!(
+        (&r.result["previous"], &r.result["digest"]),
+        (&json!(v1.archive.sha), &json!(v2.archive.sha))
+    );
     // Only v2's files, and only v2's store dir.
     h.assert_installed("alpha", &v2);
-    let mut stores = vec![format!("alpha@{}", v2.archive.sha), format!("beta@{}", b.archive.sha)];
+    let mut stores = vec![
+        format!("alpha@{}", v2.archive.sha),
+        format!("beta@{}", b.archive.sha),
+    ];
     stores.sort();
     assert_eq!(h.listing(".plugin-delivery/store"), stores);
     h.assert_no_leftovers();
     // v1's wiring is gone, v2's is wired after beta's, beta's and the user's kept.
-    assert_eq!(h.read("CLAUDE.md"), format!("{USER_MEMORY}\n{BETA_CHUNK}\n{ALPHA_V2_CHUNK}"));
+    assert_eq!(
+        h.read("CLAUDE.md"),
+        format!("{USER_MEMORY}\n{BETA_CHUNK}\n{ALPHA_V2_CHUNK}")
+    );
     assert!(!h.path("skills/alpha-skill").exists());
     assert_eq!(h.read("skills/new-skill/SKILL.md"), "new skill\n");
     assert_eq!(h.read("skills/beta-skill/SKILL.md"), "beta skill\n");
-    assert_eq!(h.read(".claude/hooks/alpha-hook.sh"), "#!/bin/sh\necho alpha v2\n");
+    assert_eq!(
+        h.read(".claude/hooks/alpha-hook.sh"),
+        "#!/bin/sh\necho alpha v2\n"
+    );
     assert!(!h.path(".claude/commands/alpha-cmd.md").exists());
     let claude = h.path(".claude");
     let mut want = user_settings();
     want["hooks"]["PreToolUse"]
         .as_array_mut()
         .unwrap()
-        .push(hook_group(Some("Edit"), format!("{}/hooks/beta-hook.sh", claude.display())));
+        .push(hook_group(
+            Some("Edit"),
+            format!("{}/hooks/beta-hook.sh", claude.display()),
+        ));
     want["mcpServers"] = json!({"shared-srv": {"command": "shared"}});
     assert_eq!(h.settings(), want);
     assert_eq!(h.restarts(), 3);
@@ -477,7 +566,10 @@ fn upgrade_of_a_legacy_directory_replaces_it_with_a_link() {
     fs::write(legacy.join("rules/old.md"), "Old rule.\n").unwrap();
     fs::write(legacy.join("skills/legacy-skill/SKILL.md"), "legacy\n").unwrap();
     h.restart();
-    assert_eq!(h.read("CLAUDE.md"), format!("{USER_MEMORY}\n# Plugin: alpha / rule: old.md\n\nOld rule."));
+    assert_eq!(
+        h.read("CLAUDE.md"),
+        format!("{USER_MEMORY}\n# Plugin: alpha / rule: old.md\n\nOld rule.")
+    );
     assert_eq!(h.inventory(), json!([{"name": "alpha", "digest": ""}]));
 
     let v2 = alpha_v2();
@@ -485,7 +577,10 @@ fn upgrade_of_a_legacy_directory_replaces_it_with_a_link() {
     r.assert_ok("installed");
     assert_eq!(r.result["previous"], "");
     h.assert_installed("alpha", &v2);
-    assert_eq!(h.read("CLAUDE.md"), format!("{USER_MEMORY}\n{ALPHA_V2_CHUNK}"));
+    assert_eq!(
+        h.read("CLAUDE.md"),
+        format!("{USER_MEMORY}\n{ALPHA_V2_CHUNK}")
+    );
     assert!(!h.path("skills/legacy-skill").exists());
     assert!(h.path("skills/new-skill").is_dir());
     h.assert_no_leftovers();
@@ -500,18 +595,33 @@ fn uninstall_removes_exactly_what_the_plugin_wired() {
     h.install("beta", &b).assert_ok("installed");
     let claude = h.path(".claude");
     let hooks_dir = claude.join("hooks");
-    let alpha_pre = hook_group(Some("Bash"), format!("{}/alpha-hook.sh", hooks_dir.display()));
+    let alpha_pre = hook_group(
+        Some("Bash"),
+        format!("{}/alpha-hook.sh", hooks_dir.display()),
+    );
     let alpha_start = hook_group(None, format!("{}/alpha-hook.sh start", hooks_dir.display()));
-    let beta_pre = hook_group(Some("Edit"), format!("{}/beta-hook.sh", hooks_dir.display()));
+    let beta_pre = hook_group(
+        Some("Edit"),
+        format!("{}/beta-hook.sh", hooks_dir.display()),
+    );
     let user_pre = user_settings()["hooks"]["PreToolUse"][0].clone();
     // Both wired; the first plugin's mcpServers won the setdefault.
-    assert_eq!(h.read("CLAUDE.md"), format!("{USER_MEMORY}\n{ALPHA_V1_CHUNK}\n{BETA_CHUNK}"));
+    assert_eq!(
+        h.read("CLAUDE.md"),
+        format!("{USER_MEMORY}\n{ALPHA_V1_CHUNK}\n{BETA_CHUNK}")
+    );
     let mut want = user_settings();
     want["hooks"]["PreToolUse"] = json!([user_pre, alpha_pre, beta_pre]);
     want["hooks"]["SessionStart"] = json!([alpha_start]);
-    want["mcpServers"] = json!({"shared-srv": {"command": "shared"}, "alpha-srv": {"command": "alpha"}});
+    want["mcpServers"] =
+        json!({"shared-srv": {"command": "shared"}, "alpha-srv": {"command": "alpha"}});
     assert_eq!(h.settings(), want);
-    for f in ["hooks/alpha-hook.sh", "hooks/beta-hook.sh", "commands/alpha-cmd.md", "commands/beta-cmd.md"] {
+    for f in [
+        "hooks/alpha-hook.sh",
+        "hooks/beta-hook.sh",
+        "commands/alpha-cmd.md",
+        "commands/beta-cmd.md",
+    ] {
         assert!(claude.join(f).is_file(), "{f}");
     }
     let memory_mode = 0o640;
@@ -526,12 +636,18 @@ fn uninstall_removes_exactly_what_the_plugin_wired() {
     );
     assert_eq!(h.restarts(), 3);
     assert!(fs::symlink_metadata(h.path("plugins/alpha")).is_err());
-    assert_eq!(h.listing(".plugin-delivery/store"), vec![format!("beta@{}", b.archive.sha)]);
+    assert_eq!(
+        h.listing(".plugin-delivery/store"),
+        vec![format!("beta@{}", b.archive.sha)]
+    );
     h.assert_no_leftovers();
     // Memory: alpha's blocks (blank lines inside, an empty rule) gone, the rest byte-identical.
     assert_eq!(h.read("CLAUDE.md"), format!("{USER_MEMORY}\n{BETA_CHUNK}"));
     let md = fs::metadata(h.path("CLAUDE.md")).unwrap();
-    assert_eq!((md.uid(), md.gid(), md.permissions().mode() & 0o7777), (1000, 1000, memory_mode));
+    assert_eq!(
+        (md.uid(), md.gid(), md.permissions().mode() & 0o7777),
+        (1000, 1000, memory_mode)
+    );
     assert_eq!(h.listing("skills"), vec!["beta-skill"]);
     assert_eq!(h.listing(".claude/hooks"), vec!["beta-hook.sh"]);
     assert_eq!(h.listing(".claude/commands"), vec!["beta-cmd.md"]);
@@ -555,9 +671,13 @@ fn uninstall_removes_exactly_what_the_plugin_wired() {
 #[test]
 fn memory_blocks_are_removed_one_by_one_when_the_chunk_was_split() {
     let h = Host::new();
-    let p = plugin(&[("rules/a.md", "Rule A.\n\nSecond paragraph.\n"), ("NOTES.md", "Notes.\n")]);
+    let p = plugin(&[
+        ("rules/a.md", "Rule A.\n\nSecond paragraph.\n"),
+        ("NOTES.md", "Notes.\n"),
+    ]);
     // No restart: this test writes CLAUDE.md itself, to see unwire alone.
-    h.install_raw("alpha", &p.archive.sha, &p.archive.bytes, "").assert_ok("installed");
+    h.install_raw("alpha", &p.archive.sha, &p.archive.bytes, "")
+        .assert_ok("installed");
     let a1 = "# Plugin: alpha / rule: a.md\n\nRule A.\n\nSecond paragraph.";
     let a2 = "# Plugin: alpha / fragment: NOTES.md\n\nNotes.";
     let other = "# Plugin: beta / rule: b.md\n\nBeta.";
@@ -565,17 +685,27 @@ fn memory_blocks_are_removed_one_by_one_when_the_chunk_was_split() {
     let near_misses = format!("quote: {a2}\n{a1} and more\n");
     let uninstall = |memory: &str| {
         fs::write(h.path("CLAUDE.md"), memory).unwrap();
-        run_script(&["uninstall", h.cfg(), "alpha", OWNER, "5", ""], None, None).assert_ok("uninstalled");
+        run_script(&["uninstall", h.cfg(), "alpha", OWNER, "5", ""], None, None)
+            .assert_ok("uninstalled");
         let left = h.read("CLAUDE.md");
-        h.install_raw("alpha", &p.archive.sha, &p.archive.bytes, "").assert_ok("installed");
+        h.install_raw("alpha", &p.archive.sha, &p.archive.bytes, "")
+            .assert_ok("installed");
         left
     };
     assert_eq!(
-        uninstall(&format!("{USER_MEMORY}\n{a1}\n{other}\n{a2}\n{near_misses}")),
+        uninstall(&format!(
+            "{USER_MEMORY}\n{a1}\n{other}\n{a2}\n{near_misses}"
+        )),
         format!("{USER_MEMORY}\n{other}\n{near_misses}")
     );
-    assert_eq!(uninstall(&format!("{a1}\n\n{a2}\n{USER_MEMORY}")), USER_MEMORY);
-    assert_eq!(uninstall(&format!("{USER_MEMORY}\n{a2}\n{other}")), format!("{USER_MEMORY}\n{other}"));
+    assert_eq!(
+        uninstall(&format!("{a1}\n\n{a2}\n{USER_MEMORY}")),
+        USER_MEMORY
+    );
+    assert_eq!(
+        uninstall(&format!("{USER_MEMORY}\n{a2}\n{other}")),
+        format!("{USER_MEMORY}\n{other}")
+    );
     assert_eq!(uninstall(&near_misses), near_misses);
 }
 
@@ -584,12 +714,20 @@ fn settings_removal_takes_one_group_and_only_unshared_servers() {
     let h = Host::new();
     let (a, b) = (alpha_v1(), beta());
     // No restart: this test writes settings.json itself, to see unwire alone.
-    h.install_raw("alpha", &a.archive.sha, &a.archive.bytes, "").assert_ok("installed");
-    h.install_raw("beta", &b.archive.sha, &b.archive.bytes, "").assert_ok("installed");
+    h.install_raw("alpha", &a.archive.sha, &a.archive.bytes, "")
+        .assert_ok("installed");
+    h.install_raw("beta", &b.archive.sha, &b.archive.bytes, "")
+        .assert_ok("installed");
     let hooks_dir = h.path(".claude/hooks");
-    let alpha_pre = hook_group(Some("Bash"), format!("{}/alpha-hook.sh", hooks_dir.display()));
+    let alpha_pre = hook_group(
+        Some("Bash"),
+        format!("{}/alpha-hook.sh", hooks_dir.display()),
+    );
     let alpha_start = hook_group(None, format!("{}/alpha-hook.sh start", hooks_dir.display()));
-    let beta_pre = hook_group(Some("Edit"), format!("{}/beta-hook.sh", hooks_dir.display()));
+    let beta_pre = hook_group(
+        Some("Edit"),
+        format!("{}/beta-hook.sh", hooks_dir.display()),
+    );
     let user_pre = user_settings()["hooks"]["PreToolUse"][0].clone();
     let srv = |c: &str| json!({"command": c});
     let write = |v: &Value| {
@@ -597,7 +735,8 @@ fn settings_removal_takes_one_group_and_only_unshared_servers() {
         fs::write(h.path(".claude/settings.json"), v.to_string()).unwrap();
     };
     let uninstall = |name: &str| {
-        run_script(&["uninstall", h.cfg(), name, OWNER, "5", ""], None, None).assert_ok("uninstalled");
+        run_script(&["uninstall", h.cfg(), name, OWNER, "5", ""], None, None)
+            .assert_ok("uninstalled");
     };
     write(&json!({
         "hooks": {"PreToolUse": [alpha_pre, user_pre, alpha_pre], "SessionStart": [alpha_start], "Stop": []},
@@ -613,14 +752,19 @@ fn settings_removal_takes_one_group_and_only_unshared_servers() {
             "mcpServers": {"shared-srv": srv("shared"), "user-srv": srv("user")}
         })
     );
-    assert!(h.read(".claude/settings.json").starts_with("{\n  \"hooks\": {\n    \"PreToolUse\": [\n"));
+    assert!(h
+        .read(".claude/settings.json")
+        .starts_with("{\n  \"hooks\": {\n    \"PreToolUse\": [\n"));
 
-    write(&json!({"hooks": {"PreToolUse": [beta_pre]}, "mcpServers": {"shared-srv": srv("shared")}, "env": {}}));
+    write(
+        &json!({"hooks": {"PreToolUse": [beta_pre]}, "mcpServers": {"shared-srv": srv("shared")}, "env": {}}),
+    );
     uninstall("beta");
     assert_eq!(h.settings(), json!({"env": {}}));
 
     // Nothing of the plugin in it: not rewritten, not even reformatted.
-    h.install_raw("beta", &b.archive.sha, &b.archive.bytes, "").assert_ok("installed");
+    h.install_raw("beta", &b.archive.sha, &b.archive.bytes, "")
+        .assert_ok("installed");
     let compact = r#"{"hooks":{"PreToolUse":[]},"mcpServers":{"other":{}}}"#;
     fs::write(h.path(".claude/settings.json"), compact).unwrap();
     uninstall("beta");
@@ -631,19 +775,28 @@ fn settings_removal_takes_one_group_and_only_unshared_servers() {
 fn files_shipped_or_listed_by_another_plugin_stay() {
     let h = Host::new();
     let a = plugin(&[
-        ("plugin.yaml", "name: alpha\nskills:\n  - 'yaml-only'  # wired by an older runtime\n  - common\n"),
+        (
+            "plugin.yaml",
+            "name: alpha\nskills:\n  - 'yaml-only'  # wired by an older runtime\n  - common\n",
+        ),
         ("skills/common/SKILL.md", "common from alpha\n"),
         ("skills/listed/SKILL.md", "listed\n"),
         ("hooks/common.sh", "#!/bin/sh\n"),
     ]);
-    let b = plugin(&[("skills/common/SKILL.md", "common from beta\n"), ("hooks/common.sh", "#!/bin/sh\n")]);
+    let b = plugin(&[
+        ("skills/common/SKILL.md", "common from beta\n"),
+        ("hooks/common.sh", "#!/bin/sh\n"),
+    ]);
     let c = plugin(&[("plugin.yaml", "name: gamma\nskills: [\"listed\", other]\n")]);
     h.install("alpha", &a).assert_ok("installed");
     h.install("beta", &b).assert_ok("installed");
     h.install("gamma", &c).assert_ok("installed");
     fs::create_dir_all(h.path("skills/yaml-only")).unwrap();
     fs::create_dir_all(h.path("skills/user-skill")).unwrap();
-    assert_eq!(h.listing("skills"), vec!["common", "listed", "user-skill", "yaml-only"]);
+    assert_eq!(
+        h.listing("skills"),
+        vec!["common", "listed", "user-skill", "yaml-only"]
+    );
 
     h.uninstall("alpha").assert_ok("uninstalled");
     // beta ships common, gamma lists listed; yaml-only was alpha's alone.
@@ -665,14 +818,20 @@ fn uninstall_of_a_missing_plugin_is_absent_without_restart() {
     h.install("alpha", &alpha_v1()).assert_ok("installed");
     let r = h.uninstall("ghost");
     r.assert_ok("absent");
-    assert_eq!(r.result, json!({"status": "absent", "plugin": "ghost", "digest": "", "previous": "", "restarted": false}));
+    assert_eq!(
+        r.result,
+        json!({"status": "absent", "plugin": "ghost", "digest": "", "previous": "", "restarted": false})
+    );
     assert_eq!(h.restarts(), 1);
 }
 
 /// Everything a failed install must leave exactly as it was.
 fn assert_untouched(h: &Host, p: &Plugin, memory: &str) {
     h.assert_installed("alpha", p);
-    assert_eq!(h.listing(".plugin-delivery/store"), vec![format!("alpha@{}", p.archive.sha)]);
+    assert_eq!(
+        h.listing(".plugin-delivery/store"),
+        vec![format!("alpha@{}", p.archive.sha)]
+    );
     h.assert_no_leftovers();
     assert_eq!(h.read("CLAUDE.md"), memory);
     assert!(h.path("skills/alpha-skill").is_dir());
@@ -710,7 +869,8 @@ fn truncated_archive_fails_and_the_old_version_stays() {
 fn corrupt_or_foreign_archives_are_bad_archives() {
     let h = Host::new();
     let garbage = b"\x1f\x8b\x08\x00 this is not a gzip stream".to_vec();
-    h.install_raw("alpha", &sha256(&garbage), &garbage, &h.restart_cmd()).assert_error("bad_archive", 66);
+    h.install_raw("alpha", &sha256(&garbage), &garbage, &h.restart_cmd())
+        .assert_error("bad_archive", 66);
     // A well-formed archive with a symlink is not a plugin tree either.
     let mut b = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::default()));
     let mut hd = tar::Header::new_gnu();
@@ -719,7 +879,8 @@ fn corrupt_or_foreign_archives_are_bad_archives() {
     hd.set_mode(0o777);
     b.append_link(&mut hd, "escape", "/etc").unwrap();
     let linky = b.into_inner().unwrap().finish().unwrap();
-    h.install_raw("alpha", &sha256(&linky), &linky, &h.restart_cmd()).assert_error("bad_archive", 66);
+    h.install_raw("alpha", &sha256(&linky), &linky, &h.restart_cmd())
+        .assert_error("bad_archive", 66);
     assert!(fs::symlink_metadata(h.path("plugins/alpha")).is_err());
     assert_eq!(h.listing(".plugin-delivery/store"), Vec::<String>::new());
     h.assert_no_leftovers();
@@ -741,20 +902,38 @@ fn a_held_lock_makes_mutations_busy() {
         .spawn()
         .expect("flock (util-linux) is needed");
     let mut line = String::new();
-    BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     assert_eq!(line, "locked\n");
 
     let p = alpha_v1();
     let started = Instant::now();
     let r = run_script(
-        &["install", h.cfg(), "alpha", &p.archive.sha, OWNER, "1", &h.restart_cmd()],
+        &[
+            "install",
+            h.cfg(),
+            "alpha",
+            &p.archive.sha,
+            OWNER,
+            "1",
+            &h.restart_cmd(),
+        ],
         Some(&p.archive.bytes),
         None,
     );
     r.assert_error("busy", 75);
-    assert!(started.elapsed() >= Duration::from_millis(900), "waited {:?}", started.elapsed());
-    run_script(&["uninstall", h.cfg(), "alpha", OWNER, "1", &h.restart_cmd()], None, None)
-        .assert_error("busy", 75);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "waited {:?}",
+        started.elapsed()
+    );
+    run_script(
+        &["uninstall", h.cfg(), "alpha", OWNER, "1", &h.restart_cmd()],
+        None,
+        None,
+    )
+    .assert_error("busy", 75);
     assert!(fs::symlink_metadata(h.path("plugins/alpha")).is_err());
     assert_eq!(h.restarts(), 0);
 
@@ -771,7 +950,15 @@ fn bad_arguments_are_usage_errors() {
     let long = "a".repeat(129);
     let upper = sha.to_uppercase();
     let install = |cfg: &str, name: &str, sha: &str, owner: &str, wait: &str| {
-        vec!["install".to_string(), cfg.into(), name.into(), sha.into(), owner.into(), wait.into(), "true".into()]
+        vec![
+            "install".to_string(),
+            cfg.into(),
+            name.into(),
+            sha.into(),
+            owner.into(),
+            wait.into(),
+            "true".into(),
+        ]
     };
     let mut cases: Vec<Vec<String>> = vec![
         vec![],
@@ -779,8 +966,21 @@ fn bad_arguments_are_usage_errors() {
         vec!["inventory".into()],
         vec!["inventory".into(), "relative/cfg".into()],
         vec!["inventory".into(), cfg.into(), "extra".into()],
-        vec!["uninstall".into(), cfg.into(), "alpha".into(), OWNER.into(), "5".into()],
-        vec!["uninstall".into(), cfg.into(), "../alpha".into(), OWNER.into(), "5".into(), "true".into()],
+        vec![
+            "uninstall".into(),
+            cfg.into(),
+            "alpha".into(),
+            OWNER.into(),
+            "5".into(),
+        ],
+        vec![
+            "uninstall".into(),
+            cfg.into(),
+            "../alpha".into(),
+            OWNER.into(),
+            "5".into(),
+            "true".into(),
+        ],
         install(cfg, "alpha", &sha, OWNER, "5")[..6].to_vec(),
         install("relative/cfg", "alpha", &sha, OWNER, "5"),
         install(cfg, "alpha", &upper, OWNER, "5"),
@@ -789,10 +989,28 @@ fn bad_arguments_are_usage_errors() {
         install(cfg, "alpha", &sha, OWNER, "1.5"),
         install(cfg, "alpha", &sha, OWNER, ""),
     ];
-    for name in ["", "Alpha", "../x", "a..b", ".hidden", "-dash", "a/b", "a b", "a\"b", long.as_str()] {
+    for name in [
+        "",
+        "Alpha",
+        "../x",
+        "a..b",
+        ".hidden",
+        "-dash",
+        "a/b",
+        "a b",
+        "a\"b",
+        long.as_str(),
+    ] {
         cases.push(install(cfg, name, &sha, OWNER, "5"));
     }
-    for owner in ["root", "1000", "1000:", ":1000", "1000:1000:1", "user:group"] {
+    for owner in [
+        "root",
+        "1000",
+        "1000:",
+        ":1000",
+        "1000:1000:1",
+        "user:group",
+    ] {
         cases.push(install(cfg, "alpha", &sha, owner, "5"));
     }
     for args in &cases {
@@ -804,7 +1022,11 @@ fn bad_arguments_are_usage_errors() {
             assert_eq!(r.result["plugin"], "", "{args:?}");
         }
     }
-    assert_eq!(h.listing(""), Vec::<String>::new(), "nothing may be created");
+    assert_eq!(
+        h.listing(""),
+        Vec::<String>::new(),
+        "nothing may be created"
+    );
     // The longest valid name is accepted.
     let name = "a".repeat(128);
     let p = alpha_v2();
@@ -821,7 +1043,11 @@ fn inventory_lists_names_and_digests() {
     fs::create_dir_all(h.path("plugins/legacy-one/rules")).unwrap();
     fs::create_dir_all(h.path("plugins/.hidden")).unwrap();
     fs::write(h.path("plugins/notes.txt"), "not a plugin").unwrap();
-    symlink(format!("../.plugin-delivery/store/broken@{}", sha256(b"gone")), h.path("plugins/broken")).unwrap();
+    symlink(
+        format!("../.plugin-delivery/store/broken@{}", sha256(b"gone")),
+        h.path("plugins/broken"),
+    )
+    .unwrap();
     assert_eq!(
         h.inventory(),
         json!([
@@ -838,7 +1064,12 @@ fn a_failing_restart_is_reported_after_the_install() {
     let h = Host::new();
     let p = alpha_v2();
     // The noise must not reach stdout (run_script checks the single line).
-    let r = h.install_raw("alpha", &p.archive.sha, &p.archive.bytes, "echo noise; exit 3");
+    let r = h.install_raw(
+        "alpha",
+        &p.archive.sha,
+        &p.archive.bytes,
+        "echo noise; exit 3",
+    );
     r.assert_error("restart_failed", 70);
     assert!(r.stderr.contains("noise"), "{r:#?}");
     h.assert_installed("alpha", &p);
@@ -850,9 +1081,11 @@ fn a_daemon_started_by_the_restart_does_not_keep_the_lock() {
     let h = Host::new();
     let p = alpha_v2();
     let daemon = "sleep 5 </dev/null >/dev/null 2>&1 &";
-    h.install_raw("alpha", &p.archive.sha, &p.archive.bytes, daemon).assert_ok("installed");
+    h.install_raw("alpha", &p.archive.sha, &p.archive.bytes, daemon)
+        .assert_ok("installed");
     // LOCK_WAIT 0: the lock must be free the moment the install has returned.
-    run_script(&["uninstall", h.cfg(), "alpha", OWNER, "0", ""], None, None).assert_ok("uninstalled");
+    run_script(&["uninstall", h.cfg(), "alpha", OWNER, "0", ""], None, None)
+        .assert_ok("uninstalled");
 }
 
 #[test]
@@ -879,7 +1112,11 @@ fn unwire_without_python_fails_and_keeps_the_plugin() {
             symlink(Path::new("/usr/bin").join(&name), bin.path().join(&name)).unwrap();
         }
     }
-    let r = run_script(&["uninstall", h.cfg(), "alpha", OWNER, "5", "true"], None, Some(bin.path()));
+    let r = run_script(
+        &["uninstall", h.cfg(), "alpha", OWNER, "5", "true"],
+        None,
+        Some(bin.path()),
+    );
     r.assert_error("unwire_failed", 71);
     h.assert_installed("alpha", &p);
     assert!(h.path("skills/alpha-skill").is_dir());
@@ -888,12 +1125,22 @@ fn unwire_without_python_fails_and_keeps_the_plugin() {
 
 #[test]
 fn the_script_passes_shellcheck() {
-    let out = match Command::new("shellcheck").args(["-s", "sh"]).arg(script()).output() {
+    let out = match Command::new("shellcheck")
+        .args(["-s", "sh"])
+        .arg(script())
+        .output()
+    {
         Ok(out) => out,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            panic!("shellcheck is not installed: run `apt-get install -y shellcheck` (CI installs it)")
+            panic!(
+                "shellcheck is not installed: run `apt-get install -y shellcheck` (CI installs it)"
+            )
         }
         Err(e) => panic!("cannot run shellcheck: {e}"),
     };
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

@@ -1,0 +1,177 @@
+//! The whole path on the local stack: API event → function code → S3 (moto)
+//! → EC2 lookup (moto) → key push (EIC emulator) → SSH → host script on a
+//! real sshd host → the runtime's wiring (fake-runtime.py) → desired state.
+
+use acceptance::*;
+use serde_json::Value;
+
+const SKILL_V1: &[u8] = b"# Greeter\nSay hello.\n";
+const RULE_BLANKS: &[u8] = b"\n\nRule one.\n\nStill rule one, after a blank line.\n\n\nEnd.\n\n";
+
+fn v1() -> Vec<(&'static str, &'static [u8])> {
+    vec![
+        ("plugin.yaml", b"name: hello\nversion: 1.0.0\ndescription: Says hello\nauthor: Molecule\ntags: [demo]\nskills: [greeter]\nruntimes: [claude-code]\n"),
+        ("skills/greeter/SKILL.md", SKILL_V1),
+        ("rules/style.md", RULE_BLANKS),
+        ("GUIDE.md", b"Fragment text.\n"),
+        ("README.md", b"Not wired.\n"),
+        ("hooks/pre.sh", b"#!/bin/sh\necho pre\n"),
+        ("commands/hi.md", b"Say hi\n"),
+        ("settings-fragment.json", br#"{"hooks": {"PreToolUse": [{"matcher": "Bash", "hooks": [{"type": "command", "command": "${CLAUDE_DIR}/hooks/pre.sh"}]}]}, "mcpServers": {"hello-mcp": {"command": "hello"}}}"#),
+        ("adapters/claude_code.py", b"from x import Y as Adaptor\n"),
+    ]
+}
+
+fn v2() -> Vec<(&'static str, &'static [u8])> {
+    vec![
+        ("plugin.yaml", b"name: hello\nversion: 2.0.0\ndescription: Says hello louder\nauthor: Molecule\ntags: [demo]\nskills: [shouter]\nruntimes: [claude-code]\n"),
+        ("skills/shouter/SKILL.md", b"# Shouter\nSAY HELLO.\n"),
+        ("rules/style.md", b"Rule two.\n"),
+    ]
+}
+
+fn other() -> Vec<(&'static str, &'static [u8])> {
+    vec![
+        ("plugin.yaml", b"name: other\nversion: 0.1.0\nskills: [greeter]\n"),
+        ("skills/greeter/SKILL.md", b"# Greeter (other)\n"),
+        ("rules/other.md", b"Other rule.\n"),
+        ("settings-fragment.json", br#"{"hooks": {"PreToolUse": [{"matcher": "Edit", "hooks": [{"type": "command", "command": "other"}]}]}}"#),
+    ]
+}
+
+fn expected_tree(files: &[(&str, &[u8])]) -> Vec<(String, Vec<u8>, u32)> {
+    let mut v: Vec<_> = files
+        .iter()
+        .map(|(p, d)| (p.to_string(), d.to_vec(), if d.starts_with(b"#!") { 0o755 } else { 0o644 }))
+        .collect();
+    v.sort();
+    v
+}
+
+fn host_tree(f: &Fixture, name: &str) -> Vec<(String, Vec<u8>, u32)> {
+    tree(&f.plugin_dir(name))
+        .into_iter()
+        .map(|(p, (d, mode, uid, gid))| {
+            assert_eq!((uid, gid), (1000, 1000), "{p} owner");
+            (p, d, mode)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_unchanged_upgrade_list_uninstall() {
+    let f = Fixture::new().await;
+    let app = f.app();
+    f.publish("hello", &v1()).await;
+    f.publish("other", &other()).await;
+
+    // A user's own memory text and settings that must survive everything.
+    std::fs::create_dir_all(f.config_dir.join(".claude")).unwrap();
+    let user_md = "# My notes\n\nKeep this.\n";
+    std::fs::write(f.config_dir.join("CLAUDE.md"), user_md).unwrap();
+    std::fs::write(
+        f.config_dir.join(".claude/settings.json"),
+        "{\n  \"permissions\": {\"allow\": [\"Bash\"]}\n}\n",
+    )
+    .unwrap();
+
+    // Install.
+    let (s, b) = install(&app, &f.workspace, r#"{"source": "local://hello"}"#).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["status"], "installed");
+    assert_eq!(b["plugin"], "hello");
+    assert_eq!(b["source"], "local://hello");
+    assert_eq!(b["version"], "1.0.0");
+    let d1 = b["digest"].as_str().unwrap().to_string();
+    assert_eq!(host_tree(&f, "hello"), expected_tree(&v1()));
+    let staged = f.get(&format!("staged/{d1}.tar.gz")).await.expect("staged archive");
+    assert_eq!(sha256_hex(&staged), d1);
+    assert_eq!(f.restarts(), 1);
+    assert!(f.config_dir.join("skills/greeter/SKILL.md").exists(), "runtime wired the skill");
+
+    // Same again: unchanged, no restart, no new state write.
+    let before = f.desired().await;
+    let (s, b) = install(&app, &f.workspace, r#"{"source": "hello"}"#).await;
+    assert_eq!((s, b["status"].as_str()), (200, Some("unchanged")), "{b}");
+    assert_eq!(b["digest"], d1.as_str());
+    assert_eq!(f.restarts(), 1);
+    assert_eq!(f.desired().await, before);
+
+    // A second plugin that shares the skill name, with its own blocks.
+    let (s, b) = install(&app, &f.workspace, r#"{"source": "other"}"#).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(f.restarts(), 2);
+    let md_with_both = std::fs::read_to_string(f.config_dir.join("CLAUDE.md")).unwrap();
+    assert!(md_with_both.contains("# Plugin: hello / rule: style.md"));
+    assert!(md_with_both.contains("# Plugin: other / rule: other.md"));
+
+    // Upgrade: new content, nothing of v1 left, v1's wiring gone.
+    f.publish("hello", &v2()).await;
+    let (s, b) = install(&app, &f.workspace, r#"{"source": "local://hello"}"#).await;
+    assert_eq!((s, b["status"].as_str()), (200, Some("installed")), "{b}");
+    let d2 = b["digest"].as_str().unwrap().to_string();
+    assert_ne!(d1, d2);
+    assert_eq!(b["version"], "2.0.0");
+    assert_eq!(host_tree(&f, "hello"), expected_tree(&v2()));
+    assert_eq!(f.restarts(), 3);
+    let md = std::fs::read_to_string(f.config_dir.join("CLAUDE.md")).unwrap();
+    assert!(!md.contains("Still rule one"), "old rule block removed:\n{md}");
+    assert!(!md.contains("fragment: GUIDE.md"), "old fragment removed:\n{md}");
+    assert!(md.contains("Rule two."), "new rule wired:\n{md}");
+    assert!(md.starts_with(user_md));
+    assert!(!f.config_dir.join(".claude/hooks/pre.sh").exists());
+    assert!(!f.config_dir.join(".claude/commands/hi.md").exists());
+    assert!(f.config_dir.join("skills/shouter").exists());
+    // `other` still ships greeter, so it stays.
+    assert!(f.config_dir.join("skills/greeter").exists());
+    // Only one version of the tree is kept on the host.
+    let store: Vec<_> = std::fs::read_dir(f.config_dir.join(".plugin-delivery/store"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(store.len(), 2, "{store:?}");
+
+    // List reads the desired state.
+    let (s, b) = list(&app, &f.workspace).await;
+    assert_eq!(s, 200, "{b}");
+    let names: Vec<&str> = b.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["hello", "other"]);
+    let hello = &b[0];
+    for k in ["name", "version", "description", "author", "tags", "skills", "runtimes", "digest", "installed_at"] {
+        assert!(hello.get(k).is_some(), "missing {k} in {hello}");
+    }
+    assert_eq!(hello["digest"], d2.as_str());
+    assert_eq!(hello["skills"], serde_json::json!(["shouter"]));
+
+    // Uninstall hello: everything it wired goes, other's and the user's stay.
+    let settings_before = std::fs::read_to_string(f.config_dir.join(".claude/settings.json")).unwrap();
+    assert!(settings_before.contains("\"Edit\""));
+    let (s, b) = uninstall(&app, &f.workspace, "hello").await;
+    assert_eq!((s, b["status"].as_str()), (200, Some("uninstalled")), "{b}");
+    assert_eq!(b["plugin"], "hello");
+    assert!(!f.plugin_dir("hello").exists() && std::fs::symlink_metadata(f.plugin_dir("hello")).is_err());
+    assert!(!f.config_dir.join("skills/shouter").exists());
+    assert!(f.config_dir.join("skills/greeter").exists(), "other's skill kept");
+    let md = std::fs::read_to_string(f.config_dir.join("CLAUDE.md")).unwrap();
+    assert_eq!(md, format!("{user_md}\n# Plugin: other / rule: other.md\n\nOther rule."));
+    let settings: Value =
+        serde_json::from_str(&std::fs::read_to_string(f.config_dir.join(".claude/settings.json")).unwrap()).unwrap();
+    assert_eq!(settings["permissions"], serde_json::json!({"allow": ["Bash"]}));
+    assert_eq!(settings["hooks"]["PreToolUse"].as_array().unwrap().len(), 1);
+    assert_eq!(settings["hooks"]["PreToolUse"][0]["matcher"], "Edit");
+    assert_eq!(f.restarts(), 4);
+    let state = f.desired().await;
+    assert!(state["plugins"].get("hello").is_none());
+    assert!(state["plugins"].get("other").is_some());
+
+    // Again: absent, no restart.
+    let (s, b) = uninstall(&app, &f.workspace, "hello").await;
+    assert_eq!((s, b["status"].as_str()), (200, Some("absent")), "{b}");
+    assert_eq!(f.restarts(), 4);
+
+    // Last plugin out: CLAUDE.md is the user's text again, byte for byte.
+    let (s, _) = uninstall(&app, &f.workspace, "other").await;
+    assert_eq!(s, 200);
+    assert_eq!(std::fs::read_to_string(f.config_dir.join("CLAUDE.md")).unwrap(), user_md);
+    assert!(!f.config_dir.join("skills/greeter").exists());
+}
