@@ -8,7 +8,7 @@
 # Diagnostics go to stderr. stdout carries exactly one line, the result:
 #   @@plugin-delivery-result {"status":...}
 # Exit codes: 0 ok, 64 usage, 65 digest_mismatch, 66 bad_archive,
-# 70 restart_failed, 71 unwire_failed, 75 busy, 1 internal.
+# 69 no_config_dir, 70 restart_failed, 71 unwire_failed, 75 busy, 1 internal.
 #
 # Layout under CONFIG_DIR (one filesystem, so every mv below is a rename(2)):
 #   plugins/NAME -> ../.plugin-delivery/store/NAME@SHA   (relative symlink)
@@ -490,7 +490,7 @@ op_install() {
     sha=$3
     check_owner_wait "$4" "$5"
     restart_cmd=$6
-    [ -d "$cfg" ] || fail internal 'the config directory does not exist' 1
+    [ -d "$cfg" ] || fail no_config_dir 'the runtime config directory does not exist' 69
     paths
     lock_host
     inspect_current

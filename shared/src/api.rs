@@ -98,7 +98,11 @@ fn path_param(req: &Request, key: &str) -> Result<String> {
         return Ok(v.to_string());
     }
     let path = req.raw_http_path();
-    let path = if path.is_empty() { req.uri().path() } else { path };
+    let path = if path.is_empty() {
+        req.uri().path()
+    } else {
+        path
+    };
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let at = segs.iter().position(|s| *s == "workspaces");
     let found = at.and_then(|i| match key {
@@ -186,11 +190,30 @@ mod tests {
     fn body_rules() {
         let big = Body::Text(format!("{{\"source\":\"{}\"}}", "a".repeat(MAX_BODY_BYTES)));
         assert_eq!(parse_install_body(&big).unwrap_err().status(), 400);
-        assert_eq!(parse_install_body(&Body::Text("nope".into())).unwrap_err().status(), 400);
-        assert_eq!(parse_install_body(&Body::Text("[]".into())).unwrap_err().status(), 400);
-        assert_eq!(parse_install_body(&Body::Text("{}".into())).unwrap_err().status(), 400);
-        let ok = parse_install_body(&Body::Text("{\"source\":\"x\",\"sha256\":\"ab\"}".into())).unwrap();
-        assert_eq!((ok.source.as_str(), ok.sha256.as_deref()), ("x", Some("ab")));
+        assert_eq!(
+            parse_install_body(&Body::Text("nope".into()))
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert_eq!(
+            parse_install_body(&Body::Text("[]".into()))
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert_eq!(
+            parse_install_body(&Body::Text("{}".into()))
+                .unwrap_err()
+                .status(),
+            400
+        );
+        let ok =
+            parse_install_body(&Body::Text("{\"source\":\"x\",\"sha256\":\"ab\"}".into())).unwrap();
+        assert_eq!(
+            (ok.source.as_str(), ok.sha256.as_deref()),
+            ("x", Some("ab"))
+        );
         assert_eq!(percent_decode("a%2Fb"), "a/b");
         assert_eq!(percent_decode("a%2"), "a%2");
     }

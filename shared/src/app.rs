@@ -30,7 +30,9 @@ impl App {
                 .iter()
                 .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty()));
         let s3 = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(sdk).force_path_style(local_s3).build(),
+            aws_sdk_s3::config::Builder::from(sdk)
+                .force_path_style(local_s3)
+                .build(),
         );
         App::with_clients(
             config,
@@ -47,7 +49,11 @@ impl App {
         eic: aws_sdk_ec2instanceconnect::Client,
     ) -> App {
         let store = Arc::new(S3Store::new(s3, config.bucket.clone()));
-        let fleet = Arc::new(Ec2Fleet::new(ec2, config.ssh_port, config.address_tag.clone()));
+        let fleet = Arc::new(Ec2Fleet::new(
+            ec2,
+            config.ssh_port,
+            config.address_tag.clone(),
+        ));
         let transport = Arc::new(SshTransport::new(
             Arc::new(EicKeyPusher::new(eic)),
             fleet.clone(),

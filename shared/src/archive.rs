@@ -34,7 +34,9 @@ pub fn validate_relative_path(path: &str) -> Result<()> {
     let bad = path.is_empty()
         || path.starts_with('/')
         || path.len() > 1024
-        || path.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+        || path
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
         || path.chars().any(|c| c.is_control() || c == '\\');
     if bad {
         return Err(Error::unprocessable(format!(
@@ -108,7 +110,9 @@ impl CanonicalArchive {
         };
         // Level 1: plugins are mostly text, and on a 128-256 MB Lambda the
         // CPU spent on better ratios costs more time than the bytes saved.
-        let gz = GzBuilder::new().mtime(0).write(hashing, Compression::fast());
+        let gz = GzBuilder::new()
+            .mtime(0)
+            .write(hashing, Compression::fast());
         let mut builder = tar::Builder::new(gz);
         builder.mode(tar::HeaderMode::Deterministic);
         Ok(CanonicalArchive {
@@ -158,7 +162,9 @@ impl CanonicalArchive {
         validate_relative_path(path)?;
         if let Some(last) = &self.last_path {
             if path.as_bytes() <= last.as_bytes() {
-                return Err(Error::internal(format!("archive entries out of order at {path}")));
+                return Err(Error::internal(format!(
+                    "archive entries out of order at {path}"
+                )));
             }
         }
         self.tree_bytes += size;
@@ -168,7 +174,11 @@ impl CanonicalArchive {
         self.add_parents(path)?;
         let mut h = Self::header(tar::EntryType::Regular, canonical_mode(mode), size);
         let keep_manifest = path == "plugin.yaml" && size as usize <= MAX_MANIFEST_BYTES;
-        let mut counted = CountingReader { inner: data, count: 0, copy: keep_manifest.then(Vec::new) };
+        let mut counted = CountingReader {
+            inner: data,
+            count: 0,
+            copy: keep_manifest.then(Vec::new),
+        };
         // `take(size)` plus the count check below: a source that changes
         // length under us is an error, never a silently truncated archive.
         self.builder

@@ -63,8 +63,8 @@ impl Config {
 
     pub fn from_env() -> Result<Self> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-        let bucket = var("PLUGIN_BUCKET")
-            .ok_or_else(|| Error::internal("PLUGIN_BUCKET is not set"))?;
+        let bucket =
+            var("PLUGIN_BUCKET").ok_or_else(|| Error::internal("PLUGIN_BUCKET is not set"))?;
         let mut c = Config::new(bucket);
         if let Some(v) = var("PLUGIN_SSH_USER") {
             c.ssh_user = v;
@@ -152,7 +152,10 @@ mod tests {
         assert_eq!(c.profile("langgraph").config_dir, "/opt/configs");
         c.profiles.insert(
             "default".into(),
-            RuntimeProfile { config_dir: "/srv/cfg".into(), restart: "true".into() },
+            RuntimeProfile {
+                config_dir: "/srv/cfg".into(),
+                restart: "true".into(),
+            },
         );
         assert_eq!(c.profile("langgraph").config_dir, "/srv/cfg");
         assert_eq!(c.profile("claude-code").config_dir, "/configs");

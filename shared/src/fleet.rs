@@ -45,12 +45,17 @@ pub struct Ec2Fleet {
 
 impl Ec2Fleet {
     pub fn new(client: Client, port: u16, address_tag: Option<String>) -> Self {
-        Ec2Fleet { client, port, address_tag }
+        Ec2Fleet {
+            client,
+            port,
+            address_tag,
+        }
     }
 }
 
 fn ec2_error<E: std::fmt::Debug>(what: &str, e: E) -> Error {
-    Error::unavailable("the EC2 API is not available right now").with_detail(format!("{what}: {e:?}"))
+    Error::unavailable("the EC2 API is not available right now")
+        .with_detail(format!("{what}: {e:?}"))
 }
 
 /// `host`, `host:port` or `[v6]:port`.
@@ -78,8 +83,18 @@ impl Fleet for Ec2Fleet {
         let mut pages = self
             .client
             .describe_instances()
-            .filters(Filter::builder().name(format!("tag:{TAG_WORKSPACE}")).values(workspace).build())
-            .filters(Filter::builder().name("instance-state-name").values("running").build())
+            .filters(
+                Filter::builder()
+                    .name(format!("tag:{TAG_WORKSPACE}"))
+                    .values(workspace)
+                    .build(),
+            )
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .values("running")
+                    .build(),
+            )
             .into_paginator()
             .send();
         let mut found = Vec::new();
@@ -117,8 +132,12 @@ impl Fleet for Ec2Fleet {
             None => inst.private_ip_address().map(str::to_string),
         }
         .ok_or_else(|| {
-            Error::unavailable(format!("workspace {workspace:?}'s instance has no reachable address"))
-                .with_detail(format!("instance {instance_id} has no private IP / address tag"))
+            Error::unavailable(format!(
+                "workspace {workspace:?}'s instance has no reachable address"
+            ))
+            .with_detail(format!(
+                "instance {instance_id} has no private IP / address tag"
+            ))
         })?;
         let (address, port) = split_address(&raw_address, self.port);
         Ok(Host {
@@ -148,7 +167,11 @@ impl Fleet for Ec2Fleet {
             .map_err(|e| ec2_error("get console output", e))?;
         let text = out
             .output()
-            .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok())
+            .and_then(|b64| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64.trim())
+                    .ok()
+            })
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();
         Ok(console_host_keys(&text))
@@ -192,7 +215,10 @@ mod tests {
         let text = "boot\r\n-----BEGIN SSH HOST KEY KEYS-----\n[   12.3] ecdsa-sha2-nistp256 AAAAE2 root@h\nssh-ed25519 AAAAC3Nz root@h\r\n-----END SSH HOST KEY KEYS-----\nssh-rsa AAAAB3 later\n";
         assert_eq!(
             console_host_keys(text),
-            ["ecdsa-sha2-nistp256 AAAAE2 root@h", "ssh-ed25519 AAAAC3Nz root@h"]
+            [
+                "ecdsa-sha2-nistp256 AAAAE2 root@h",
+                "ssh-ed25519 AAAAC3Nz root@h"
+            ]
         );
         assert!(console_host_keys("nothing").is_empty());
     }
@@ -200,7 +226,10 @@ mod tests {
     #[test]
     fn addresses() {
         assert_eq!(split_address("10.0.0.5", 22), ("10.0.0.5".into(), 22));
-        assert_eq!(split_address("127.0.0.9:2222", 22), ("127.0.0.9".into(), 2222));
+        assert_eq!(
+            split_address("127.0.0.9:2222", 22),
+            ("127.0.0.9".into(), 2222)
+        );
         assert_eq!(split_address("[::1]:2200", 22), ("::1".into(), 2200));
     }
 }

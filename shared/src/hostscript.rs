@@ -20,7 +20,13 @@ pub struct HostCommand {
 
 impl HostCommand {
     /// Archive on stdin; the script verifies `digest` before touching anything.
-    pub fn install(p: &RuntimeProfile, name: &str, digest: &str, owner: &str, lock_wait: u64) -> Self {
+    pub fn install(
+        p: &RuntimeProfile,
+        name: &str,
+        digest: &str,
+        owner: &str,
+        lock_wait: u64,
+    ) -> Self {
         HostCommand {
             args: vec![
                 "install".into(),
@@ -48,7 +54,9 @@ impl HostCommand {
     }
 
     pub fn inventory(p: &RuntimeProfile) -> Self {
-        HostCommand { args: vec!["inventory".into(), p.config_dir.clone()] }
+        HostCommand {
+            args: vec!["inventory".into(), p.config_dir.clone()],
+        }
     }
 
     /// The remote command line, for a login shell to parse.
@@ -147,16 +155,17 @@ pub fn interpret(out: &HostOutput) -> Result<HostResult> {
         }
         "bad_archive" => Error::host_failed("the host could not unpack the plugin; nothing was changed"),
         "restart_failed" => Error::host_failed("the plugin was changed but the runtime restart failed"),
+        "no_config_dir" => Error::host_failed(
+            "the runtime's config directory does not exist on the host; check the instance's molecule:runtime tag",
+        ),
         "unwire_failed" => {
             Error::host_failed("the host could not remove what the previous version had wired")
         }
         _ => Error::host_failed(format!("the host script failed ({code})")),
     };
-    Err(err.with_field("host_error", serde_json::json!(code)).with_detail(format!(
-        "{} message={:?}",
-        detail(),
-        res.message
-    )))
+    Err(err
+        .with_field("host_error", serde_json::json!(code))
+        .with_detail(format!("{} message={:?}", detail(), res.message)))
 }
 
 fn tail(s: &str, n: usize) -> &str {
@@ -199,9 +208,16 @@ mod tests {
         let e = interpret(&busy).unwrap_err();
         assert_eq!(e.status(), 409);
         assert!(!e.message.contains("/configs"));
-        let lost = HostOutput { exit_status: None, ..Default::default() };
+        let lost = HostOutput {
+            exit_status: None,
+            ..Default::default()
+        };
         assert_eq!(interpret(&lost).unwrap_err().status(), 503);
-        let sudo = HostOutput { exit_status: Some(1), stderr: "sudo: a password is required".into(), ..Default::default() };
+        let sudo = HostOutput {
+            exit_status: Some(1),
+            stderr: "sudo: a password is required".into(),
+            ..Default::default()
+        };
         assert_eq!(interpret(&sudo).unwrap_err().status(), 502);
     }
 }

@@ -9,7 +9,9 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fleet::Fleet;
 use crate::hostscript::{interpret, HostCommand};
-use crate::plugin::{validate_name, validate_workspace_id, DesiredState, InstalledPlugin, Manifest};
+use crate::plugin::{
+    validate_name, validate_workspace_id, DesiredState, InstalledPlugin, Manifest,
+};
 use crate::source::{fetch_local, Source};
 use crate::store::{ArchiveStore, Registry, StateStore};
 use crate::transport::HostTransport;
@@ -62,14 +64,19 @@ where
         if !change(&mut current.state) {
             return Ok(());
         }
-        if state.save(workspace, &current.state, current.etag.as_deref()).await? {
+        if state
+            .save(workspace, &current.state, current.etag.as_deref())
+            .await?
+        {
             return Ok(());
         }
         // Small randomized pause so racing writers spread out.
         let ms = 5 + rand::random::<u64>() % (10 * (attempt as u64 + 1)).min(200);
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
-    Err(Error::conflict("the workspace's plugin list is changing too fast; try again"))
+    Err(Error::conflict(
+        "the workspace's plugin list is changing too fast; try again",
+    ))
 }
 
 fn now_rfc3339() -> String {
@@ -88,7 +95,11 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
     let pin = match req.sha256.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(s) if valid_sha256(s) => Some(s.to_ascii_lowercase()),
-        Some(_) => return Err(Error::bad_request("sha256 must be 64 hexadecimal characters")),
+        Some(_) => {
+            return Err(Error::bad_request(
+                "sha256 must be 64 hexadecimal characters",
+            ))
+        }
     };
     let name = source.name().to_string();
     let cfg = &deps.config;
@@ -104,13 +115,17 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
     let manifest_bytes = archive.manifest.as_deref();
     if let Some(pin) = &pin {
         let Some(bytes) = manifest_bytes else {
-            return Err(Error::unprocessable("the plugin has no plugin.yaml to check sha256 against"));
+            return Err(Error::unprocessable(
+                "the plugin has no plugin.yaml to check sha256 against",
+            ));
         };
         let actual = sha256_hex(bytes);
         if &actual != pin {
-            return Err(Error::unprocessable("sha256 does not match the plugin's plugin.yaml")
-                .with_field("expected", serde_json::json!(pin))
-                .with_field("actual", serde_json::json!(actual)));
+            return Err(
+                Error::unprocessable("sha256 does not match the plugin's plugin.yaml")
+                    .with_field("expected", serde_json::json!(pin))
+                    .with_field("actual", serde_json::json!(actual)),
+            );
         }
     }
     let manifest = match manifest_bytes {
@@ -121,11 +136,26 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
     deps.archives.stage(&archive.sha256, archive.path()).await?;
 
     let profile = cfg.profile(&host.runtime);
-    let cmd = HostCommand::install(&profile, &name, &archive.sha256, &cfg.owner, cfg.lock_wait_secs);
-    let out = deps.transport.run(&host, &cmd, Some(archive.path())).await?;
+    let cmd = HostCommand::install(
+        &profile,
+        &name,
+        &archive.sha256,
+        &cfg.owner,
+        cfg.lock_wait_secs,
+    );
+    let out = deps
+        .transport
+        .run(&host, &cmd, Some(archive.path()))
+        .await?;
     let result = interpret(&out)?;
 
-    let entry = InstalledPlugin::new(&name, &manifest, &archive.sha256, &source.canonical(), &now_rfc3339());
+    let entry = InstalledPlugin::new(
+        &name,
+        &manifest,
+        &archive.sha256,
+        &source.canonical(),
+        &now_rfc3339(),
+    );
     update_state(deps.state.as_ref(), workspace, |s| {
         match s.plugins.get(&name) {
             // Keep the original install time when nothing changed.
@@ -139,7 +169,12 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
     .await?;
 
     Ok(InstallOutcome {
-        status: if result.status == "unchanged" { "unchanged" } else { "installed" }.into(),
+        status: if result.status == "unchanged" {
+            "unchanged"
+        } else {
+            "installed"
+        }
+        .into(),
         plugin: name,
         source: source.canonical(),
         version: manifest.version,

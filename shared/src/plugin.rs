@@ -8,9 +8,7 @@ use crate::error::{Error, Result};
 /// `^[a-z0-9][a-z0-9._-]{0,127}$` and no `..`: the name becomes a directory
 /// on the host and an S3 key segment, so nothing that could traverse passes.
 pub fn validate_name(name: &str) -> Result<()> {
-    let invalid = |why: &str| {
-        Error::bad_request(format!("invalid plugin name {name:?}: {why}"))
-    };
+    let invalid = |why: &str| Error::bad_request(format!("invalid plugin name {name:?}: {why}"));
     if name.is_empty() {
         return Err(invalid("it is empty"));
     }
@@ -26,9 +24,7 @@ pub fn validate_name(name: &str) -> Result<()> {
         .iter()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'));
     if !ok_first || !ok_rest || name.len() > 128 {
-        return Err(invalid(
-            "it must match ^[a-z0-9][a-z0-9._-]{0,127}$",
-        ));
+        return Err(invalid("it must match ^[a-z0-9][a-z0-9._-]{0,127}$"));
     }
     Ok(())
 }
@@ -63,9 +59,8 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn parse(yaml: &[u8]) -> Result<Manifest> {
-        let doc: serde_yaml::Value = serde_yaml::from_slice(yaml).map_err(|e| {
-            Error::unprocessable("plugin.yaml is not valid YAML").with_detail(e)
-        })?;
+        let doc: serde_yaml::Value = serde_yaml::from_slice(yaml)
+            .map_err(|e| Error::unprocessable("plugin.yaml is not valid YAML").with_detail(e))?;
         if !(doc.is_mapping() || doc.is_null()) {
             return Err(Error::unprocessable("plugin.yaml must be a mapping"));
         }
@@ -153,7 +148,19 @@ mod tests {
         for ok in ["a", "hello-world", "x.y_z-1", "0abc", &"a".repeat(128)] {
             validate_name(ok).unwrap();
         }
-        for bad in ["", "A", "-x", ".x", "a/b", "a\\b", "a..b", "..", "é", "a b", &"a".repeat(129)] {
+        for bad in [
+            "",
+            "A",
+            "-x",
+            ".x",
+            "a/b",
+            "a\\b",
+            "a..b",
+            "..",
+            "é",
+            "a b",
+            &"a".repeat(129),
+        ] {
             let e = validate_name(bad).unwrap_err();
             assert_eq!(e.status(), 400, "{bad:?}");
         }

@@ -34,12 +34,14 @@ impl Source {
         match scheme {
             "local" => {
                 validate_name(spec)?;
-                Ok(Source::Local { name: spec.to_string() })
+                Ok(Source::Local {
+                    name: spec.to_string(),
+                })
             }
-            other => Err(Error::bad_request(format!(
-                "unsupported plugin source scheme {other:?}"
-            ))
-            .with_field("available_schemes", serde_json::json!(SCHEMES))),
+            other => Err(
+                Error::bad_request(format!("unsupported plugin source scheme {other:?}"))
+                    .with_field("available_schemes", serde_json::json!(SCHEMES)),
+            ),
         }
     }
 
@@ -66,7 +68,9 @@ pub async fn fetch_local(
 ) -> Result<ArchiveFile> {
     let mut files = registry.list(name).await?;
     if files.is_empty() {
-        return Err(Error::not_found(format!("plugin {name:?} is not in the registry")));
+        return Err(Error::not_found(format!(
+            "plugin {name:?} is not in the registry"
+        )));
     }
     // Refuse oversize plugins from the listing, before reading a byte.
     let total: u64 = files.iter().map(|f| f.size).sum();
@@ -117,8 +121,16 @@ mod tests {
 
     #[test]
     fn parses_sources() {
-        assert_eq!(Source::parse(" hello ").unwrap(), Source::Local { name: "hello".into() });
-        assert_eq!(Source::parse("local://x-1").unwrap().canonical(), "local://x-1");
+        assert_eq!(
+            Source::parse(" hello ").unwrap(),
+            Source::Local {
+                name: "hello".into()
+            }
+        );
+        assert_eq!(
+            Source::parse("local://x-1").unwrap().canonical(),
+            "local://x-1"
+        );
         assert_eq!(Source::parse("").unwrap_err().status(), 400);
         assert_eq!(Source::parse("local://../etc").unwrap_err().status(), 400);
         let e = Source::parse("ftp://x").unwrap_err();

@@ -53,7 +53,8 @@ pub trait StateStore: Send + Sync {
     async fn load(&self, workspace: &str) -> Result<Versioned>;
     /// Conditional write: `Ok(false)` when someone else wrote first (412),
     /// so the caller re-reads and re-applies its change.
-    async fn save(&self, workspace: &str, state: &DesiredState, etag: Option<&str>) -> Result<bool>;
+    async fn save(&self, workspace: &str, state: &DesiredState, etag: Option<&str>)
+        -> Result<bool>;
 }
 
 pub fn registry_prefix(name: &str) -> String {
@@ -74,7 +75,10 @@ pub struct S3Store {
 
 impl S3Store {
     pub fn new(client: Client, bucket: impl Into<String>) -> Self {
-        S3Store { client, bucket: bucket.into() }
+        S3Store {
+            client,
+            bucket: bucket.into(),
+        }
     }
 
     pub fn client(&self) -> &Client {
@@ -147,7 +151,10 @@ impl Registry for S3Store {
             .metadata()
             .and_then(|m| m.get("mode"))
             .and_then(|m| parse_mode(m));
-        Ok(RegistryObject { body: Box::new(out.body.into_async_read()), mode })
+        Ok(RegistryObject {
+            body: Box::new(out.body.into_async_read()),
+            mode,
+        })
     }
 }
 
@@ -166,7 +173,14 @@ impl ArchiveStore for S3Store {
     async fn stage(&self, digest: &str, path: &Path) -> Result<()> {
         let key = staged_key(digest);
         // Content-addressed: an existing object has exactly these bytes.
-        match self.client.head_object().bucket(&self.bucket).key(&key).send().await {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+        {
             Ok(_) => return Ok(()),
             Err(e) if http_status(&e) == Some(404) => {}
             Err(e) => return Err(s3_error("head staged archive", e)),
@@ -191,10 +205,20 @@ impl ArchiveStore for S3Store {
 impl StateStore for S3Store {
     async fn load(&self, workspace: &str) -> Result<Versioned> {
         let key = state_key(workspace);
-        let out = match self.client.get_object().bucket(&self.bucket).key(&key).send().await {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+        {
             Ok(out) => out,
             Err(e) if http_status(&e) == Some(404) => {
-                return Ok(Versioned { state: DesiredState::default(), etag: None })
+                return Ok(Versioned {
+                    state: DesiredState::default(),
+                    etag: None,
+                })
             }
             Err(e) => return Err(s3_error("get desired state", e)),
         };
@@ -210,7 +234,12 @@ impl StateStore for S3Store {
         Ok(Versioned { state, etag })
     }
 
-    async fn save(&self, workspace: &str, state: &DesiredState, etag: Option<&str>) -> Result<bool> {
+    async fn save(
+        &self,
+        workspace: &str,
+        state: &DesiredState,
+        etag: Option<&str>,
+    ) -> Result<bool> {
         let body = serde_json::to_vec_pretty(state).map_err(Error::internal)?;
         let mut req = self
             .client

@@ -24,7 +24,8 @@ use crate::hostscript::{HostCommand, HostOutput};
 pub trait HostTransport: Send + Sync {
     /// Runs the host script with `cmd`, streaming the file at `stdin` (if
     /// any) to it, and returns its output; the caller interprets it.
-    async fn run(&self, host: &Host, cmd: &HostCommand, stdin: Option<&Path>) -> Result<HostOutput>;
+    async fn run(&self, host: &Host, cmd: &HostCommand, stdin: Option<&Path>)
+        -> Result<HostOutput>;
 }
 
 /// Delivers a public key that the host's sshd will accept for a short time.
@@ -41,7 +42,10 @@ pub struct EicKeyPusher {
 
 impl EicKeyPusher {
     pub fn new(client: aws_sdk_ec2instanceconnect::Client) -> Self {
-        EicKeyPusher { client, max_attempts: 6 }
+        EicKeyPusher {
+            client,
+            max_attempts: 6,
+        }
     }
 }
 
@@ -75,13 +79,14 @@ impl KeyPusher for EicKeyPusher {
             }
             let detail = format!("SendSSHPublicKey {code}: {err:?}");
             return Err(match code.as_str() {
-                "EC2InstanceNotFoundException" | "EC2InstanceStateInvalidException"
-                | "EC2InstanceUnavailableException" => {
-                    Error::unavailable("the workspace's instance is not reachable through EC2 Instance Connect")
-                }
-                "ThrottlingException" => {
-                    Error::unavailable("EC2 Instance Connect is throttling key pushes; try again shortly")
-                }
+                "EC2InstanceNotFoundException"
+                | "EC2InstanceStateInvalidException"
+                | "EC2InstanceUnavailableException" => Error::unavailable(
+                    "the workspace's instance is not reachable through EC2 Instance Connect",
+                ),
+                "ThrottlingException" => Error::unavailable(
+                    "EC2 Instance Connect is throttling key pushes; try again shortly",
+                ),
                 "InvalidArgsException" => Error::host_failed(
                     "EC2 Instance Connect refused the key push (check the configured OS user)",
                 ),
@@ -173,7 +178,12 @@ fn keep_tail(buf: &mut Vec<u8>, data: &[u8], cap: usize) {
 
 #[async_trait]
 impl HostTransport for SshTransport {
-    async fn run(&self, host: &Host, cmd: &HostCommand, stdin: Option<&Path>) -> Result<HostOutput> {
+    async fn run(
+        &self,
+        host: &Host,
+        cmd: &HostCommand,
+        stdin: Option<&Path>,
+    ) -> Result<HostOutput> {
         let key = ephemeral_key()?;
         let public_line = key
             .public_key()
@@ -200,7 +210,11 @@ impl HostTransport for SshTransport {
             return Err(Error::host_failed(
                 "the instance has no published SSH host key, so its identity cannot be verified",
             )
-            .with_detail(format!("instance {} published {} unusable key lines", host.instance_id, keys.len())));
+            .with_detail(format!(
+                "instance {} published {} unusable key lines",
+                host.instance_id,
+                keys.len()
+            )));
         }
 
         let rejected = Arc::new(Mutex::new(None));
@@ -218,11 +232,17 @@ impl HostTransport for SshTransport {
             ..Default::default()
         });
         let addr = (host.address.as_str(), host.port);
-        let connected = tokio::time::timeout(self.connect_timeout, client::connect(config, addr, verifier)).await;
+        let connected = tokio::time::timeout(
+            self.connect_timeout,
+            client::connect(config, addr, verifier),
+        )
+        .await;
         let mut session = match connected {
             Err(_) => {
-                return Err(Error::unavailable("the workspace's host did not answer on SSH in time")
-                    .with_detail(format!("connect {}:{} timed out", host.address, host.port)))
+                return Err(Error::unavailable(
+                    "the workspace's host did not answer on SSH in time",
+                )
+                .with_detail(format!("connect {}:{} timed out", host.address, host.port)))
             }
             Ok(Err(e)) => {
                 if let Some(fp) = rejected.lock().unwrap().take() {
@@ -231,8 +251,10 @@ impl HostTransport for SshTransport {
                     )
                     .with_detail(format!("instance {} presented {fp}", host.instance_id)));
                 }
-                return Err(Error::unavailable("the workspace's host is unreachable over SSH")
-                    .with_detail(format!("connect {}:{}: {e:?}", host.address, host.port)));
+                return Err(
+                    Error::unavailable("the workspace's host is unreachable over SSH")
+                        .with_detail(format!("connect {}:{}: {e:?}", host.address, host.port)),
+                );
             }
             Ok(Ok(s)) => s,
         };
@@ -240,21 +262,31 @@ impl HostTransport for SshTransport {
         let auth = session
             .authenticate_publickey(&self.user, PrivateKeyWithHashAlg::new(Arc::new(key), None))
             .await
-            .map_err(|e| Error::unavailable("the SSH session to the host failed").with_detail(format!("auth: {e:?}")))?;
+            .map_err(|e| {
+                Error::unavailable("the SSH session to the host failed")
+                    .with_detail(format!("auth: {e:?}"))
+            })?;
         if !auth.success() {
             return Err(Error::host_failed(format!(
                 "the host refused the key pushed through EC2 Instance Connect for OS user {:?}; \
                  a wrong OS user is the usual cause",
                 self.user
             ))
-            .with_detail(format!("instance {}: publickey auth failed", host.instance_id)));
+            .with_detail(format!(
+                "instance {}: publickey auth failed",
+                host.instance_id
+            )));
         }
 
         let lost = |e: russh::Error| {
-            Error::unavailable("the connection to the host was lost during the operation").with_detail(format!("{e:?}"))
+            Error::unavailable("the connection to the host was lost during the operation")
+                .with_detail(format!("{e:?}"))
         };
         let channel = session.channel_open_session().await.map_err(lost)?;
-        channel.exec(true, cmd.render(&self.prefix)).await.map_err(lost)?;
+        channel
+            .exec(true, cmd.render(&self.prefix))
+            .await
+            .map_err(lost)?;
         let (mut rx, tx) = channel.split();
 
         let writer = match stdin {
@@ -265,7 +297,9 @@ impl HostTransport for SshTransport {
                 tokio::spawn(async move {
                     // The script may finish without reading (`unchanged`);
                     // a failed write then is expected and harmless.
-                    let r = tx.data(tokio::io::BufReader::with_capacity(256 * 1024, file)).await;
+                    let r = tx
+                        .data(tokio::io::BufReader::with_capacity(256 * 1024, file))
+                        .await;
                     if r.is_ok() {
                         let _ = tx.eof().await;
                     }
@@ -281,7 +315,9 @@ impl HostTransport for SshTransport {
         while let Some(msg) = rx.wait().await {
             match msg {
                 ChannelMsg::Data { data } => keep_tail(&mut stdout, &data, STDOUT_KEEP),
-                ChannelMsg::ExtendedData { data, ext: 1 } => keep_tail(&mut stderr, &data, STDERR_KEEP),
+                ChannelMsg::ExtendedData { data, ext: 1 } => {
+                    keep_tail(&mut stderr, &data, STDERR_KEEP)
+                }
                 ChannelMsg::ExitStatus { exit_status } => out.exit_status = Some(exit_status),
                 ChannelMsg::Close => break,
                 _ => {}

@@ -14,14 +14,17 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 use aws_config::BehaviorVersion;
-use aws_sdk_ec2::types::{Tag, TagSpecification, ResourceType};
+use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 use lambda_http::{Body, Request};
 use plugin_delivery::config::RuntimeProfile;
 use plugin_delivery::{App, Config};
 use serde_json::{json, Value};
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 pub fn fake_runtime() -> PathBuf {
@@ -35,7 +38,10 @@ pub struct Stack {
 
 impl Stack {
     pub fn var(&self, k: &str) -> &str {
-        self.vars.get(k).map(String::as_str).unwrap_or_else(|| panic!("stack env lacks {k}"))
+        self.vars
+            .get(k)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("stack env lacks {k}"))
     }
 }
 
@@ -53,12 +59,19 @@ pub fn stack() -> &'static Stack {
             .stdout(std::process::Stdio::null())
             .status()
             .expect("run tests/stack/stack.sh up");
-        assert!(status.success(), "tests/stack/stack.sh up failed (run tests/stack/stack.sh install first?)");
+        assert!(
+            status.success(),
+            "tests/stack/stack.sh up failed (run tests/stack/stack.sh install first?)"
+        );
         let text = std::fs::read_to_string(state.join("env")).expect("stack env file");
         let mut vars = BTreeMap::new();
         for line in text.lines() {
-            let Some(rest) = line.strip_prefix("export ") else { continue };
-            let Some((k, v)) = rest.split_once('=') else { continue };
+            let Some(rest) = line.strip_prefix("export ") else {
+                continue;
+            };
+            let Some((k, v)) = rest.split_once('=') else {
+                continue;
+            };
             let v = v.trim_matches('\'').to_string();
             vars.insert(k.to_string(), v);
         }
@@ -75,15 +88,23 @@ pub async fn sdk() -> aws_config::SdkConfig {
     aws_config::defaults(BehaviorVersion::latest())
         .endpoint_url(s.var("AWS_ENDPOINT_URL"))
         .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_s3::config::Credentials::new("test", "test", None, None, "stack"))
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            "test", "test", None, None, "stack",
+        ))
         .load()
         .await
 }
 
-pub async fn clients() -> (aws_sdk_s3::Client, aws_sdk_ec2::Client, aws_sdk_ec2instanceconnect::Client) {
+pub async fn clients() -> (
+    aws_sdk_s3::Client,
+    aws_sdk_ec2::Client,
+    aws_sdk_ec2instanceconnect::Client,
+) {
     let sdk = sdk().await;
     let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&sdk).force_path_style(true).build(),
+        aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(true)
+            .build(),
     );
     let eic = aws_sdk_ec2instanceconnect::Client::from_conf(
         aws_sdk_ec2instanceconnect::config::Builder::from(&sdk)
@@ -105,11 +126,19 @@ pub fn next_ip() -> String {
             // Spread binaries over 127.20.0.0/14 by a hash of the binary name.
             let exe = std::env::current_exe().unwrap();
             let name = exe.file_name().unwrap().to_string_lossy().to_string();
-            let h = name.bytes().fold(0u32, |a, b| a.wrapping_mul(31).wrapping_add(b as u32));
+            let h = name
+                .bytes()
+                .fold(0u32, |a, b| a.wrapping_mul(31).wrapping_add(b as u32));
             (h % 64) * 256
         });
+    // 250 usable last octets per third octet; never .0 or .255.
     let v = base + n;
-    format!("127.{}.{}.{}", 20 + (v >> 16) % 4, (v >> 8) & 255, (v & 255).max(1))
+    format!(
+        "127.{}.{}.{}",
+        20 + (v / 250 / 256) % 4,
+        (v / 250) % 256,
+        v % 250 + 1
+    )
 }
 
 pub fn unique(prefix: &str) -> String {
@@ -137,9 +166,24 @@ impl Host {
             .tag_specifications(
                 TagSpecification::builder()
                     .resource_type(ResourceType::Instance)
-                    .tags(Tag::builder().key("molecule:workspace-id").value(workspace).build())
-                    .tags(Tag::builder().key("molecule:runtime").value(runtime).build())
-                    .tags(Tag::builder().key("molecule:local-address").value(format!("{ip}:{port}")).build())
+                    .tags(
+                        Tag::builder()
+                            .key("molecule:workspace-id")
+                            .value(workspace)
+                            .build(),
+                    )
+                    .tags(
+                        Tag::builder()
+                            .key("molecule:runtime")
+                            .value(runtime)
+                            .build(),
+                    )
+                    .tags(
+                        Tag::builder()
+                            .key("molecule:local-address")
+                            .value(format!("{ip}:{port}"))
+                            .build(),
+                    )
                     .build(),
             )
             .send()
@@ -149,14 +193,33 @@ impl Host {
         let state_dir = PathBuf::from(stack().var("PLUGIN_STACK_HOSTS_DIR")).join(&instance_id);
         let started = Command::new("bash")
             .arg(repo_root().join("tests/stack/sshd-host.sh"))
-            .args(["start", state_dir.to_str().unwrap(), &ip, &port.to_string(), &instance_id])
+            .args([
+                "start",
+                state_dir.to_str().unwrap(),
+                &ip,
+                &port.to_string(),
+                &instance_id,
+            ])
             .arg(stack().var("PLUGIN_STACK_KEYS_DIR"))
             .output()
             .expect("sshd-host.sh start");
-        assert!(started.status.success(), "sshd-host.sh start: {}", String::from_utf8_lossy(&started.stderr));
-        let host_key = String::from_utf8(started.stdout).unwrap().trim().to_string();
+        assert!(
+            started.status.success(),
+            "sshd-host.sh start: {}",
+            String::from_utf8_lossy(&started.stderr)
+        );
+        let host_key = String::from_utf8(started.stdout)
+            .unwrap()
+            .trim()
+            .to_string();
         set_tag(ec2, &instance_id, "molecule:ssh-host-key", &host_key).await;
-        Host { instance_id, ip, port, host_key, state_dir }
+        Host {
+            instance_id,
+            ip,
+            port,
+            host_key,
+            state_dir,
+        }
     }
 }
 
@@ -194,14 +257,32 @@ impl Fixture {
     pub async fn new() -> Fixture {
         let (s3, ec2, eic) = clients().await;
         let bucket = unique("pd-test");
-        s3.create_bucket().bucket(&bucket).send().await.expect("create bucket");
+        s3.create_bucket()
+            .bucket(&bucket)
+            .send()
+            .await
+            .expect("create bucket");
         let workspace = unique("ws");
         let host = Host::start(&ec2, &workspace, "claude-code").await;
-        let dir = tempfile::Builder::new().prefix("pd-host-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("pd-host-")
+            .tempdir()
+            .unwrap();
         // The runtime (uid 1000) must be able to traverse to its config dir.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        // The runtime's config dir exists on a real host before we arrive.
         let config_dir = dir.path().join("configs");
-        Fixture { s3, ec2, eic, bucket, workspace, host, dir, config_dir }
+        std::fs::create_dir(&config_dir).unwrap();
+        Fixture {
+            s3,
+            ec2,
+            eic,
+            bucket,
+            workspace,
+            host,
+            dir,
+            config_dir,
+        }
     }
 
     pub fn config(&self) -> Config {
@@ -235,16 +316,31 @@ impl Fixture {
         self.config_dir.join("plugins").join(name)
     }
 
+    /// Whether any operation reached the host's config dir.
+    pub fn touched(&self) -> bool {
+        std::fs::read_dir(&self.config_dir)
+            .map(|d| d.count() > 0)
+            .unwrap_or(true)
+    }
+
     pub fn restarts(&self) -> usize {
         let p = format!("{}.restarts", self.config_dir.display());
-        std::fs::read_to_string(p).map(|s| s.lines().count()).unwrap_or(0)
+        std::fs::read_to_string(p)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
     }
 
     /// Publishes a plugin tree to `registry/<name>/` (replacing what was there).
     pub async fn publish(&self, name: &str, files: &[(&str, &[u8])]) {
         let prefix = format!("registry/{name}/");
         for key in self.keys(&prefix).await {
-            self.s3.delete_object().bucket(&self.bucket).key(key).send().await.unwrap();
+            self.s3
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+                .unwrap();
         }
         for (path, data) in files {
             self.s3
@@ -267,16 +363,29 @@ impl Fixture {
             .send()
             .await
             .unwrap();
-        out.contents().iter().filter_map(|o| o.key().map(str::to_string)).collect()
+        out.contents()
+            .iter()
+            .filter_map(|o| o.key().map(str::to_string))
+            .collect()
     }
 
     pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
-        let out = self.s3.get_object().bucket(&self.bucket).key(key).send().await.ok()?;
+        let out = self
+            .s3
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .ok()?;
         Some(out.body.collect().await.unwrap().into_bytes().to_vec())
     }
 
     pub async fn desired(&self) -> Value {
-        match self.get(&format!("workspaces/{}/plugins.json", self.workspace)).await {
+        match self
+            .get(&format!("workspaces/{}/plugins.json", self.workspace))
+            .await
+        {
             Some(b) => serde_json::from_slice(&b).unwrap(),
             None => Value::Null,
         }
@@ -305,7 +414,13 @@ pub fn event(method: &str, route: &str, path: &str, params: Value, body: Option<
 }
 
 pub fn install_req(ws: &str, body: &str) -> Request {
-    event("POST", "/workspaces/{id}/plugins", &format!("/workspaces/{ws}/plugins"), json!({"id": ws}), Some(body))
+    event(
+        "POST",
+        "/workspaces/{id}/plugins",
+        &format!("/workspaces/{ws}/plugins"),
+        json!({"id": ws}),
+        Some(body),
+    )
 }
 
 pub fn uninstall_req(ws: &str, name: &str) -> Request {
@@ -319,7 +434,13 @@ pub fn uninstall_req(ws: &str, name: &str) -> Request {
 }
 
 pub fn list_req(ws: &str) -> Request {
-    event("GET", "/workspaces/{id}/plugins", &format!("/workspaces/{ws}/plugins"), json!({"id": ws}), None)
+    event(
+        "GET",
+        "/workspaces/{id}/plugins",
+        &format!("/workspaces/{ws}/plugins"),
+        json!({"id": ws}),
+        None,
+    )
 }
 
 /// Status and JSON body of a response.
@@ -350,7 +471,9 @@ pub async fn list(app: &App, ws: &str) -> (u16, Value) {
 pub fn tree(dir: &Path) -> BTreeMap<String, (Vec<u8>, u32, u32, u32)> {
     let mut out = BTreeMap::new();
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (Vec<u8>, u32, u32, u32)>) {
-        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
         for e in rd {
             let e = e.unwrap();
             let p = e.path();
@@ -359,7 +482,15 @@ pub fn tree(dir: &Path) -> BTreeMap<String, (Vec<u8>, u32, u32, u32)> {
                 walk(root, &p, out);
             } else {
                 let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-                out.insert(rel, (std::fs::read(&p).unwrap(), md.mode() & 0o7777, md.uid(), md.gid()));
+                out.insert(
+                    rel,
+                    (
+                        std::fs::read(&p).unwrap(),
+                        md.mode() & 0o7777,
+                        md.uid(),
+                        md.gid(),
+                    ),
+                );
             }
         }
     }

@@ -42,7 +42,13 @@ fn other() -> Vec<(&'static str, &'static [u8])> {
 fn expected_tree(files: &[(&str, &[u8])]) -> Vec<(String, Vec<u8>, u32)> {
     let mut v: Vec<_> = files
         .iter()
-        .map(|(p, d)| (p.to_string(), d.to_vec(), if d.starts_with(b"#!") { 0o755 } else { 0o644 }))
+        .map(|(p, d)| {
+            (
+                p.to_string(),
+                d.to_vec(),
+                if d.starts_with(b"#!") { 0o755 } else { 0o644 },
+            )
+        })
         .collect();
     v.sort();
     v
@@ -84,10 +90,16 @@ async fn install_unchanged_upgrade_list_uninstall() {
     assert_eq!(b["version"], "1.0.0");
     let d1 = b["digest"].as_str().unwrap().to_string();
     assert_eq!(host_tree(&f, "hello"), expected_tree(&v1()));
-    let staged = f.get(&format!("staged/{d1}.tar.gz")).await.expect("staged archive");
+    let staged = f
+        .get(&format!("staged/{d1}.tar.gz"))
+        .await
+        .expect("staged archive");
     assert_eq!(sha256_hex(&staged), d1);
     assert_eq!(f.restarts(), 1);
-    assert!(f.config_dir.join("skills/greeter/SKILL.md").exists(), "runtime wired the skill");
+    assert!(
+        f.config_dir.join("skills/greeter/SKILL.md").exists(),
+        "runtime wired the skill"
+    );
 
     // Same again: unchanged, no restart, no new state write.
     let before = f.desired().await;
@@ -115,8 +127,14 @@ async fn install_unchanged_upgrade_list_uninstall() {
     assert_eq!(host_tree(&f, "hello"), expected_tree(&v2()));
     assert_eq!(f.restarts(), 3);
     let md = std::fs::read_to_string(f.config_dir.join("CLAUDE.md")).unwrap();
-    assert!(!md.contains("Still rule one"), "old rule block removed:\n{md}");
-    assert!(!md.contains("fragment: GUIDE.md"), "old fragment removed:\n{md}");
+    assert!(
+        !md.contains("Still rule one"),
+        "old rule block removed:\n{md}"
+    );
+    assert!(
+        !md.contains("fragment: GUIDE.md"),
+        "old fragment removed:\n{md}"
+    );
     assert!(md.contains("Rule two."), "new rule wired:\n{md}");
     assert!(md.starts_with(user_md));
     assert!(!f.config_dir.join(".claude/hooks/pre.sh").exists());
@@ -134,29 +152,59 @@ async fn install_unchanged_upgrade_list_uninstall() {
     // List reads the desired state.
     let (s, b) = list(&app, &f.workspace).await;
     assert_eq!(s, 200, "{b}");
-    let names: Vec<&str> = b.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = b
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["hello", "other"]);
     let hello = &b[0];
-    for k in ["name", "version", "description", "author", "tags", "skills", "runtimes", "digest", "installed_at"] {
+    for k in [
+        "name",
+        "version",
+        "description",
+        "author",
+        "tags",
+        "skills",
+        "runtimes",
+        "digest",
+        "installed_at",
+    ] {
         assert!(hello.get(k).is_some(), "missing {k} in {hello}");
     }
     assert_eq!(hello["digest"], d2.as_str());
     assert_eq!(hello["skills"], serde_json::json!(["shouter"]));
 
     // Uninstall hello: everything it wired goes, other's and the user's stay.
-    let settings_before = std::fs::read_to_string(f.config_dir.join(".claude/settings.json")).unwrap();
+    let settings_before =
+        std::fs::read_to_string(f.config_dir.join(".claude/settings.json")).unwrap();
     assert!(settings_before.contains("\"Edit\""));
     let (s, b) = uninstall(&app, &f.workspace, "hello").await;
     assert_eq!((s, b["status"].as_str()), (200, Some("uninstalled")), "{b}");
     assert_eq!(b["plugin"], "hello");
-    assert!(!f.plugin_dir("hello").exists() && std::fs::symlink_metadata(f.plugin_dir("hello")).is_err());
+    assert!(
+        !f.plugin_dir("hello").exists()
+            && std::fs::symlink_metadata(f.plugin_dir("hello")).is_err()
+    );
     assert!(!f.config_dir.join("skills/shouter").exists());
-    assert!(f.config_dir.join("skills/greeter").exists(), "other's skill kept");
+    assert!(
+        f.config_dir.join("skills/greeter").exists(),
+        "other's skill kept"
+    );
     let md = std::fs::read_to_string(f.config_dir.join("CLAUDE.md")).unwrap();
-    assert_eq!(md, format!("{user_md}\n# Plugin: other / rule: other.md\n\nOther rule."));
-    let settings: Value =
-        serde_json::from_str(&std::fs::read_to_string(f.config_dir.join(".claude/settings.json")).unwrap()).unwrap();
-    assert_eq!(settings["permissions"], serde_json::json!({"allow": ["Bash"]}));
+    assert_eq!(
+        md,
+        format!("{user_md}\n# Plugin: other / rule: other.md\n\nOther rule.")
+    );
+    let settings: Value = serde_json::from_str(
+        &std::fs::read_to_string(f.config_dir.join(".claude/settings.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        settings["permissions"],
+        serde_json::json!({"allow": ["Bash"]})
+    );
     assert_eq!(settings["hooks"]["PreToolUse"].as_array().unwrap().len(), 1);
     assert_eq!(settings["hooks"]["PreToolUse"][0]["matcher"], "Edit");
     assert_eq!(f.restarts(), 4);
@@ -172,6 +220,9 @@ async fn install_unchanged_upgrade_list_uninstall() {
     // Last plugin out: CLAUDE.md is the user's text again, byte for byte.
     let (s, _) = uninstall(&app, &f.workspace, "other").await;
     assert_eq!(s, 200);
-    assert_eq!(std::fs::read_to_string(f.config_dir.join("CLAUDE.md")).unwrap(), user_md);
+    assert_eq!(
+        std::fs::read_to_string(f.config_dir.join("CLAUDE.md")).unwrap(),
+        user_md
+    );
     assert!(!f.config_dir.join("skills/greeter").exists());
 }
