@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# The whole path on one machine: local stack up, the three functions served by
+# `cargo lambda watch`, then install -> list -> uninstall on a seeded workspace
+# over HTTP, printing every request and response.
+#
+#   tests/stack/demo.sh           walk through, then stop everything
+#   tests/stack/demo.sh --keep    leave the stack and the functions running
+#   tests/stack/demo.sh --check   also invoke every events/*.json with
+#                                 `cargo lambda invoke`; exit 1 on any
+#                                 unexpected status (CI runs this)
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+stack_sh="$repo/tests/stack/stack.sh"
+state="${PLUGIN_STACK_STATE_DIR:-$repo/.stack}"
+demo="$state/demo"
+port="${PLUGIN_DEMO_PORT:-9000}"
+bucket=plugin-delivery-demo
+workspace=ws-demo
+host_ip=127.0.0.5
+host_port=2222
+
+keep=0
+check=0
+for arg in "$@"; do
+    case $arg in
+        --keep) keep=1 ;;
+        --check) check=1 ;;
+        *) echo "usage: demo.sh [--keep] [--check]" >&2; exit 64 ;;
+    esac
+done
+
+bold() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+die() { echo "demo.sh: $*" >&2; exit 1; }
+failures=0
+
+watch_pid=''
+stop_all() {
+    if [ -n "$watch_pid" ]; then
+        # cargo lambda watch runs the functions as children; end the group.
+        kill -- "-$watch_pid" 2>/dev/null || kill "$watch_pid" 2>/dev/null || true
+        wait "$watch_pid" 2>/dev/null || true
+    fi
+    "$stack_sh" down "$state" >/dev/null 2>&1 || true
+}
+
+bold "Installing what is missing (apt: openssh-server; .venv: moto, cargo-lambda, awscli)"
+"$stack_sh" install
+bold "Bringing up the local stack (moto for S3/EC2, the EC2 Instance Connect emulator)"
+"$stack_sh" up "$state" >/dev/null
+# shellcheck disable=SC1091
+. "$state/env"
+[ "$keep" = 1 ] || trap stop_all EXIT
+aws() { "$PLUGIN_STACK_VENV/bin/aws" "$@"; }
+
+bold "Seeding: bucket $bucket, registry from tests/fixtures/plugins/"
+aws s3 mb "s3://$bucket" >/dev/null 2>&1 || true
+aws s3 sync --only-show-errors --delete "$repo/tests/fixtures/plugins/" "s3://$bucket/registry/"
+
+bold "Seeding: workspace $workspace on a real sshd host at $host_ip:$host_port"
+instance=$(aws ec2 describe-instances \
+    --filters "Name=tag:molecule:workspace-id,Values=$workspace" "Name=instance-state-name,Values=running" \
+    --query 'Reservations[0].Instances[0].InstanceId' --output text)
+if [ -z "$instance" ] || [ "$instance" = None ]; then
+    instance=$(aws ec2 run-instances --image-id ami-12345678 --count 1 \
+        --tag-specifications "ResourceType=instance,Tags=[{Key=molecule:workspace-id,Value=$workspace},{Key=molecule:runtime,Value=claude-code},{Key=molecule:local-address,Value=$host_ip:$host_port}]" \
+        --query 'Instances[0].InstanceId' --output text)
+fi
+host_key=$("$PLUGIN_STACK_SSHD_HOST" start "$PLUGIN_STACK_HOSTS_DIR/demo" "$host_ip" "$host_port" "$instance" "$PLUGIN_STACK_KEYS_DIR")
+aws ec2 create-tags --resources "$instance" --tags "Key=molecule:ssh-host-key,Value=$host_key"
+echo "instance $instance, host key ${host_key%% *} ..."
+
+# The runtime's config dir on this "host", and the runtime restart: the
+# emulated runtime re-wires plugins from <config>/plugins/ as the real one does.
+configs="$demo/configs"
+mkdir -p "$configs"
+chmod 0755 "$demo" "$configs"
+profiles=$(jq -cn --arg dir "$configs" --arg restart "python3 $repo/tests/stack/fake-runtime.py $configs" \
+    '{"claude-code": {config_dir: $dir, restart: $restart}}')
+
+envfile="$demo/functions.env"
+{
+    for v in AWS_ENDPOINT_URL AWS_ENDPOINT_URL_EC2_INSTANCE_CONNECT AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_REGION AWS_EC2_METADATA_DISABLED; do
+        printf "%s='%s'\n" "$v" "${!v}"
+    done
+    # Single quotes: dotenv takes the value literally (the JSON below).
+    printf "PLUGIN_BUCKET='%s'\n" "$bucket"
+    printf "PLUGIN_SSH_USER='root'\n"
+    printf "PLUGIN_HOST_COMMAND_PREFIX=''\n"
+    printf "PLUGIN_SSH_ADDRESS_TAG='molecule:local-address'\n"
+    printf "PLUGIN_RUNTIME_PROFILES='%s'\n" "$profiles"
+    printf "RUST_LOG='info'\n"
+} >"$envfile"
+
+bold "Serving the functions with cargo lambda watch on 127.0.0.1:$port (log: $demo/watch.log)"
+cd "$repo"
+setsid "$PLUGIN_STACK_VENV/bin/cargo-lambda" lambda watch -A 127.0.0.1 -P "$port" \
+    --ignore-changes --env-file "$envfile" >"$demo/watch.log" 2>&1 &
+watch_pid=$!
+for _ in $(seq 1 600); do
+    curl -s -o /dev/null "http://127.0.0.1:$port/" && break
+    kill -0 "$watch_pid" 2>/dev/null || die "cargo lambda watch exited; see $demo/watch.log"
+    sleep 0.5
+done
+
+base="http://127.0.0.1:$port/lambda-url"
+# request METHOD FUNCTION PATH [BODY] EXPECTED_STATUS
+request() {
+    local method=$1 fn=$2 path=$3 body=$4 want=$5 out code
+    printf '\n\033[36m> %s %s\033[0m  (function: %s)\n' "$method" "$path" "$fn"
+    [ -n "$body" ] && printf '\033[36m> %s\033[0m\n' "$body"
+    out=$(curl -sS -X "$method" -H 'content-type: application/json' \
+        ${body:+--data "$body"} -w '\n%{http_code}' "$base/$fn$path")
+    code=${out##*$'\n'}
+    printf '< %s\n< %s\n' "$code" "$(printf '%s' "${out%$'\n'*}" | jq -c . 2>/dev/null || printf '%s' "${out%$'\n'*}")"
+    if [ "$code" != "$want" ]; then
+        echo "!! expected $want" >&2
+        failures=$((failures + 1))
+    fi
+}
+
+bold "Install"
+request POST install "/workspaces/$workspace/plugins" '{"source": "local://hello-world"}' 200
+bold "On the host: $configs/plugins/hello-world/"
+(cd "$configs/plugins/hello-world/" && find . -type f -exec stat -c '%U:%G %a %n' {} + | sort)
+echo "wired by the runtime: $(ls "$configs/skills") skill, $(grep -c '^# Plugin: hello-world' "$configs/CLAUDE.md") CLAUDE.md block(s), hooks: $(ls "$configs/.claude/hooks")"
+bold "List (from the desired state in S3)"
+request GET list "/workspaces/$workspace/plugins" '' 200
+bold "Install again: unchanged, no restart"
+request POST install "/workspaces/$workspace/plugins" '{"source": "hello-world"}' 200
+bold "Errors are JSON with a request id"
+request POST install "/workspaces/$workspace/plugins" '{"source": "local://../etc"}' 400
+request POST install "/workspaces/ws-unknown/plugins" '{"source": "hello-world"}' 404
+bold "Uninstall"
+request DELETE uninstall "/workspaces/$workspace/plugins/hello-world" '' 200
+echo "left on the host: plugins=[$(ls "$configs/plugins")] skills=[$(ls "$configs/skills")] hooks=[$(ls "$configs/.claude/hooks")]"
+request GET list "/workspaces/$workspace/plugins" '' 200
+echo "runtime restarts: $(wc -l <"$configs.restarts")"
+
+if [ "$check" = 1 ]; then
+    bold "events/*.json through cargo lambda invoke"
+    invoke() {
+        local fn=$1 file=$2 want=$3 got
+        got=$("$PLUGIN_STACK_VENV/bin/cargo-lambda" lambda invoke -A 127.0.0.1 -P "$port" "$fn" --data-file "$file" | jq -r .statusCode)
+        printf '%-28s %-10s -> %s\n' "$file" "$fn" "$got"
+        if [ "$got" != "$want" ]; then
+            echo "!! expected $want" >&2
+            failures=$((failures + 1))
+        fi
+    }
+    invoke install events/install.json 200
+    invoke list events/list.json 200
+    invoke install events/install-bad-name.json 400
+    invoke uninstall events/uninstall.json 200
+fi
+
+if [ "$keep" = 1 ]; then
+    bold "Left running"
+    cat <<EOF
+functions: $base/{install,uninstall,list}/workspaces/$workspace/plugins...
+  curl -sS -X POST -d '{"source":"hello-world"}' $base/install/workspaces/$workspace/plugins
+  cargo lambda invoke -A 127.0.0.1 -P $port install --data-file events/install.json
+host config dir: $configs    stack env: . $state/env
+stop: kill -- -$watch_pid; tests/stack/stack.sh down
+EOF
+fi
+[ "$failures" = 0 ] || die "$failures unexpected response(s)"
+bold "Done"
