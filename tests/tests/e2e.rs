@@ -234,8 +234,14 @@ async fn ten_concurrent_installs_into_one_workspace() {
     for n in &names {
         let yaml = format!("name: {n}\nversion: 1.0.{}\nskills: [{n}-skill]\n", n.len());
         let skill = format!("# {n}\n");
-        f.publish(n, &[("plugin.yaml", yaml.as_bytes()), (&format!("skills/{n}-skill/SKILL.md"), skill.as_bytes())])
-            .await;
+        f.publish(
+            n,
+            &[
+                ("plugin.yaml", yaml.as_bytes()),
+                (&format!("skills/{n}-skill/SKILL.md"), skill.as_bytes()),
+            ],
+        )
+        .await;
     }
     let app = std::sync::Arc::new(f.app());
     let mut set = tokio::task::JoinSet::new();
@@ -248,16 +254,30 @@ async fn ten_concurrent_installs_into_one_workspace() {
     }
     while let Some(r) = set.join_next().await {
         let (n, (s, b)) = r.unwrap();
-        assert_eq!((s, b["status"].as_str()), (200, Some("installed")), "{n}: {b}");
+        assert_eq!(
+            (s, b["status"].as_str()),
+            (200, Some("installed")),
+            "{n}: {b}"
+        );
     }
     let state = f.desired().await;
-    let mut in_state: Vec<String> = state["plugins"].as_object().unwrap().keys().cloned().collect();
+    let mut in_state: Vec<String> = state["plugins"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
     in_state.sort();
     assert_eq!(in_state, names, "no lost update in the desired state");
     for n in &names {
         let t = tree(&f.plugin_dir(n));
         assert_eq!(t.len(), 2, "{n} on the host: {t:?}");
-        assert!(f.config_dir.join(format!("skills/{n}-skill/SKILL.md")).exists(), "{n} wired");
+        assert!(
+            f.config_dir
+                .join(format!("skills/{n}-skill/SKILL.md"))
+                .exists(),
+            "{n} wired"
+        );
     }
     assert_eq!(f.restarts(), 10, "one restart per change");
 }

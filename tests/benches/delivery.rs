@@ -1,0 +1,381 @@
+//! Benchmarks on the local stack (figures for README, not assertions).
+//!
+//! 1. Install latency of a ~100 KB plugin through the whole path (registry
+//!    → canonical archive → staged in S3 → EC2 lookup → EIC key push → SSH →
+//!    host script), against the CLI design on the same host: `ssh-keygen`,
+//!    `aws ec2-instance-connect send-ssh-public-key`, `ssh ... tar -xzf -`.
+//! 2. A 100 MiB plugin of incompressible files installed by the real
+//!    `install` binary (release, served by `cargo lambda watch`): its peak
+//!    RSS (VmHWM) and throughput, against `tar -xzf` of the same archive.
+//!
+//! Run: `cargo bench -p acceptance --bench delivery` (add `-- latency` or
+//! `-- large` to run one part).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use acceptance::*;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Deterministic incompressible bytes (xorshift), no RNG state shared.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    let mut x = seed | 1;
+    for c in out.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+    }
+    out
+}
+
+fn venv_bin(name: &str) -> String {
+    format!("{}/bin/{name}", stack().var("PLUGIN_STACK_VENV"))
+}
+
+fn aws_cmd() -> Command {
+    let mut c = Command::new(venv_bin("aws"));
+    for (k, v) in &stack().vars {
+        c.env(k, v);
+    }
+    c
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn latency() {
+    let f = Fixture::new().await;
+    let mut cfg = f.config();
+    // Both designs skip the runtime restart: it is the same on both sides
+    // and not what is being compared.
+    cfg.profiles.get_mut("claude-code").unwrap().restart = "true".into();
+    let app = f.app_with(cfg);
+
+    // ~100 KB: a manifest, a skill and 24 files of 4 KiB of hex text.
+    let mut files: Vec<(String, Vec<u8>)> = vec![
+        (
+            "plugin.yaml".into(),
+            b"name: bench\nversion: 1.0.0\nskills: [bench]\n".to_vec(),
+        ),
+        ("skills/bench/SKILL.md".into(), b"# Bench\n".to_vec()),
+    ];
+    for i in 0..24 {
+        let text = hex::encode(noise(2048, i + 1)).into_bytes();
+        files.push((format!("rules/r{i:02}.md"), text));
+    }
+    let size: usize = files.iter().map(|(_, d)| d.len()).sum();
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(p, d)| (p.as_str(), d.as_slice()))
+        .collect();
+    f.publish("bench", &refs).await;
+
+    let n = 30;
+    let mut ours = Vec::new();
+    for i in 0..(n + 3) {
+        let t = Instant::now();
+        let (s, b) = install(&app, &f.workspace, r#"{"source":"bench"}"#).await;
+        let d = t.elapsed();
+        assert_eq!((s, b["status"].as_str()), (200, Some("installed")), "{b}");
+        if i >= 3 {
+            ours.push(d);
+        }
+        let (s, _) = uninstall(&app, &f.workspace, "bench").await;
+        assert_eq!(s, 200);
+    }
+
+    // The CLI design, same host, same archive bytes.
+    let work = tempfile::tempdir().unwrap();
+    let archive = work.path().join("plugin.tar.gz");
+    {
+        let gz = flate2::write::GzEncoder::new(
+            std::fs::File::create(&archive).unwrap(),
+            flate2::Compression::fast(),
+        );
+        let mut t = tar::Builder::new(gz);
+        for (p, d) in &files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(d.len() as u64);
+            h.set_mode(0o644);
+            t.append_data(&mut h, p, d.as_slice()).unwrap();
+        }
+        t.into_inner().unwrap().finish().unwrap();
+    }
+    let dest = work.path().join("dest");
+    let known_hosts = work.path().join("known_hosts");
+    std::fs::write(
+        &known_hosts,
+        format!("[{}]:{} {}\n", f.host.ip, f.host.port, f.host.host_key),
+    )
+    .unwrap();
+    let mut cli = Vec::new();
+    for i in 0..(10 + 1) {
+        let key = work.path().join(format!("k{i}"));
+        let t = Instant::now();
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key));
+        run(aws_cmd().args([
+            "ec2-instance-connect",
+            "send-ssh-public-key",
+            "--endpoint-url",
+            stack().var("AWS_ENDPOINT_URL_EC2_INSTANCE_CONNECT"),
+            "--instance-id",
+            &f.host.instance_id,
+            "--instance-os-user",
+            "root",
+            "--ssh-public-key",
+            &format!("file://{}.pub", key.display()),
+        ]));
+        let remote = format!("mkdir -p {0} && tar -xzf - -C {0}", dest.display());
+        run(Command::new("ssh")
+            .arg("-i")
+            .arg(&key)
+            .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+            .args([
+                "-p",
+                &f.host.port.to_string(),
+                &format!("root@{}", f.host.ip),
+                &remote,
+            ])
+            .stdin(Stdio::from(std::fs::File::open(&archive).unwrap())));
+        if i >= 1 {
+            cli.push(t.elapsed());
+        }
+    }
+    let (mo, mc) = (median(ours.clone()), median(cli.clone()));
+    println!(
+        "latency: plugin of {} files, {:.1} KB",
+        files.len(),
+        size as f64 / 1000.0
+    );
+    println!(
+        "  plugin-delivery install: median {:.1} ms (min {:.1}, max {:.1}, n={})",
+        ms(mo),
+        ms(*ours.iter().min().unwrap()),
+        ms(*ours.iter().max().unwrap()),
+        ours.len()
+    );
+    println!(
+        "  CLI design (ssh-keygen + aws eic + ssh tar): median {:.1} ms (min {:.1}, max {:.1}, n={})",
+        ms(mc),
+        ms(*cli.iter().min().unwrap()),
+        ms(*cli.iter().max().unwrap()),
+        cli.len()
+    );
+    println!(
+        "  ratio CLI / ours: {:.1}x",
+        mc.as_secs_f64() / mo.as_secs_f64()
+    );
+}
+
+/// VmHWM (peak RSS) of the first process whose executable path ends with
+/// `suffix`, in KiB.
+fn peak_rss_kib(suffix: &str) -> Option<(u32, u64)> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else {
+            continue;
+        };
+        if !exe.to_string_lossy().ends_with(suffix) {
+            continue;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let hwm = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib = hwm.split_whitespace().nth(1)?.parse().ok()?;
+        return Some((pid, kib));
+    }
+    None
+}
+
+async fn large() {
+    let f = Fixture::new().await;
+    // Ten files of incompressible bytes, just under the 100 MiB cap.
+    let src = tempfile::tempdir().unwrap();
+    let plugin = src.path().join("bench-large");
+    std::fs::create_dir_all(plugin.join("data")).unwrap();
+    std::fs::write(
+        plugin.join("plugin.yaml"),
+        "name: bench-large\nversion: 1.0.0\n",
+    )
+    .unwrap();
+    for i in 0..10u64 {
+        std::fs::write(
+            plugin.join(format!("data/blob{i}.bin")),
+            noise(10 * 1024 * 1024 - 1024, i + 7),
+        )
+        .unwrap();
+    }
+    run(aws_cmd()
+        .args(["s3", "sync", "--only-show-errors"])
+        .arg(&plugin)
+        .arg(format!("s3://{}/registry/bench-large/", f.bucket)));
+
+    // Serve the real release binaries, configured like the demo.
+    let cfg = f.config();
+    let profile = &cfg.profiles["claude-code"];
+    let profiles =
+        serde_json::json!({"claude-code": {"config_dir": profile.config_dir, "restart": "true"}});
+    let envfile = src.path().join("functions.env");
+    let mut env = String::new();
+    for k in [
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_EC2_INSTANCE_CONNECT",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_REGION",
+    ] {
+        env.push_str(&format!("{k}='{}'\n", stack().var(k)));
+    }
+    env.push_str(&format!(
+        "PLUGIN_BUCKET='{}'\nPLUGIN_SSH_USER='root'\nPLUGIN_HOST_COMMAND_PREFIX=''\nPLUGIN_SSH_ADDRESS_TAG='molecule:local-address'\nPLUGIN_RUNTIME_PROFILES='{}'\nPLUGIN_OPERATION_TIMEOUT_SECS='300'\nRUST_LOG='warn'\n",
+        f.bucket, profiles
+    ));
+    std::fs::write(&envfile, env).unwrap();
+    let port = "9123";
+    let mut watch = Command::new(venv_bin("cargo-lambda"))
+        .args([
+            "lambda",
+            "watch",
+            "--release",
+            "--ignore-changes",
+            "-A",
+            "127.0.0.1",
+            "-P",
+            port,
+            "--env-file",
+        ])
+        .arg(&envfile)
+        .current_dir(repo_root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cargo lambda watch");
+    let url = format!(
+        "http://127.0.0.1:{port}/lambda-url/install/workspaces/{}/plugins",
+        f.workspace
+    );
+    let post = || {
+        Command::new("curl")
+            .args([
+                "-sS",
+                "-o",
+                "/dev/stderr",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+            ])
+            .args(["--data", r#"{"source":"bench-large"}"#, &url])
+            .stderr(Stdio::null())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default()
+    };
+    // Wait for the server (it may build the release binaries first).
+    let start = Instant::now();
+    while Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            &format!("http://127.0.0.1:{port}/"),
+        ])
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(true)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(1200),
+            "cargo lambda watch did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let t = Instant::now();
+    let code = post();
+    let took = t.elapsed();
+    let rss = peak_rss_kib("/release/install");
+    let _ = Command::new("kill").arg(watch.id().to_string()).status();
+    let _ = watch.wait();
+    assert_eq!(code, "200", "install of the large plugin");
+    let tree_bytes: u64 = tree(&f.plugin_dir("bench-large"))
+        .values()
+        .map(|v| v.0.len() as u64)
+        .sum();
+
+    // The same archive, extracted by tar locally.
+    let digest = f.desired().await["plugins"]["bench-large"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let archive = src.path().join("a.tar.gz");
+    run(aws_cmd()
+        .args([
+            "s3",
+            "cp",
+            "--only-show-errors",
+            &format!("s3://{}/staged/{digest}.tar.gz", f.bucket),
+        ])
+        .arg(&archive));
+    let dest = src.path().join("x");
+    std::fs::create_dir(&dest).unwrap();
+    let t = Instant::now();
+    run(Command::new("tar")
+        .arg("-xzf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&dest));
+    let tar_took = t.elapsed();
+    let mib = tree_bytes as f64 / (1024.0 * 1024.0);
+    println!(
+        "large: {mib:.1} MiB of incompressible files, archive {:.1} MiB",
+        std::fs::metadata(&archive).unwrap().len() as f64 / 1048576.0
+    );
+    println!(
+        "  install through the release function: {:.2} s ({:.1} MiB/s); peak RSS of the function process: {}",
+        took.as_secs_f64(),
+        mib / took.as_secs_f64(),
+        rss.map(|(pid, k)| format!("{:.1} MiB (pid {pid})", k as f64 / 1024.0)).unwrap_or("not found".into())
+    );
+    println!(
+        "  tar -xzf of the same archive: {:.2} s ({:.1} MiB/s)",
+        tar_took.as_secs_f64(),
+        mib / tar_took.as_secs_f64()
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let want = |part: &str| {
+        !args.iter().any(|a| a == "latency" || a == "large") || args.iter().any(|a| a == part)
+    };
+    if want("latency") {
+        latency().await;
+    }
+    if want("large") {
+        large().await;
+    }
+}
