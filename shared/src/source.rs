@@ -82,15 +82,35 @@ pub async fn fetch_local(
     }
     files.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
 
+    // Open up to PREFETCH objects ahead of the archiver: plugins are many
+    // small files, and one S3 round trip per file in sequence would dominate
+    // install latency. Bounded, so a large plugin is still streamed.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(PREFETCH);
+    let opener = {
+        let registry = Arc::clone(registry);
+        let files = files.clone();
+        tokio::spawn(async move {
+            for file in files {
+                let registry = Arc::clone(&registry);
+                let opened = tokio::spawn(async move { registry.open(&file).await });
+                if tx.send(opened).await.is_err() {
+                    break; // the archiver stopped early (an error)
+                }
+            }
+        })
+    };
+
     // tar and gzip are synchronous: run the whole build on a blocking thread
     // and bridge each S3 body into it, so only a buffer's worth of any file
     // is ever in memory.
-    let registry = Arc::clone(registry);
     let handle = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || {
+    let built = tokio::task::spawn_blocking(move || {
         let mut out = CanonicalArchive::create(max_tree_bytes)?;
         for file in &files {
-            let mut obj = handle.block_on(registry.open(file))?;
+            let opened = handle
+                .block_on(rx.recv())
+                .ok_or_else(|| Error::internal("registry prefetch ended early"))?;
+            let mut obj = handle.block_on(opened).map_err(Error::internal)??;
             let mode = match obj.mode {
                 Some(m) => m,
                 // `aws s3 sync` drops modes; a shebang is the evidence of an
@@ -112,8 +132,13 @@ pub async fn fetch_local(
         out.finish()
     })
     .await
-    .map_err(Error::internal)?
+    .map_err(Error::internal)?;
+    opener.abort();
+    built
 }
+
+/// Registry objects opened ahead of the one being archived.
+const PREFETCH: usize = 8;
 
 #[cfg(test)]
 mod tests {
