@@ -139,11 +139,14 @@ async fn latency() {
             "--instance-id",
             &f.host.instance_id,
             "--instance-os-user",
-            "root",
+            LOGIN_USER,
             "--ssh-public-key",
             &format!("file://{}.pub", key.display()),
         ]));
-        let remote = format!("mkdir -p {0} && tar -xzf - -C {0}", dest.display());
+        let remote = format!(
+            "sudo -n sh -c 'mkdir -p {0} && tar -xzf - -C {0}'",
+            dest.display()
+        );
         run(Command::new("ssh")
             .arg("-i")
             .arg(&key)
@@ -153,7 +156,7 @@ async fn latency() {
             .args([
                 "-p",
                 &f.host.port.to_string(),
-                &format!("root@{}", f.host.ip),
+                &format!("{LOGIN_USER}@{}", f.host.ip),
                 &remote,
             ])
             .stdin(Stdio::from(std::fs::File::open(&archive).unwrap())));
@@ -248,8 +251,10 @@ async fn large() {
         env.push_str(&format!("{k}='{}'\n", stack().var(k)));
     }
     env.push_str(&format!(
-        "PLUGIN_BUCKET='{}'\nPLUGIN_SSH_USER='root'\nPLUGIN_HOST_COMMAND_PREFIX=''\nPLUGIN_SSH_ADDRESS_TAG='molecule:local-address'\nPLUGIN_RUNTIME_PROFILES='{}'\nPLUGIN_OPERATION_TIMEOUT_SECS='300'\nRUST_LOG='warn'\n",
-        f.bucket, profiles
+        "PLUGIN_BUCKET='{}'\nPLUGIN_SSH_USER='{login}'\nPLUGIN_SSH_ADDRESS_TAG='molecule:local-address'\nPLUGIN_RUNTIME_PROFILES='{}'\nPLUGIN_OPERATION_TIMEOUT_SECS='300'\nRUST_LOG='warn'\n",
+        f.bucket,
+        profiles,
+        login = LOGIN_USER
     ));
     std::fs::write(&envfile, env).unwrap();
     let port = "9123";

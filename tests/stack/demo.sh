@@ -85,8 +85,8 @@ envfile="$demo/functions.env"
     done
     # Single quotes: dotenv takes the value literally (the JSON below).
     printf "PLUGIN_BUCKET='%s'\n" "$bucket"
-    printf "PLUGIN_SSH_USER='root'\n"
-    printf "PLUGIN_HOST_COMMAND_PREFIX=''\n"
+    # The login user stack.sh install created; the script runs via sudo -n.
+    printf "PLUGIN_SSH_USER='pd-login'\n"
     printf "PLUGIN_SSH_ADDRESS_TAG='molecule:local-address'\n"
     printf "PLUGIN_RUNTIME_PROFILES='%s'\n" "$profiles"
     printf "RUST_LOG='info'\n"

@@ -28,7 +28,7 @@ readonly EIC_PORT=${PLUGIN_STACK_EIC_PORT:-5001}
 readonly REGION=${PLUGIN_STACK_REGION:-us-east-1}
 readonly VENV=${PLUGIN_STACK_VENV:-$REPO_ROOT/.venv}
 readonly APT_PACKAGES=(openssh-server sudo shellcheck)
-readonly PIP_PACKAGES=('moto[server]' cargo-lambda awscli boto3)
+readonly PIP_PACKAGES=('moto[server]' cargo-lambda awscli boto3 cfn-lint aws-sam-cli)
 readonly START_TIMEOUT=${PLUGIN_STACK_START_TIMEOUT:-60}
 # Nothing the stack talks to may go through a proxy.
 readonly NO_PROXY_LIST=127.0.0.1,localhost,::1
@@ -87,14 +87,36 @@ cmd_install() {
         log "creating $VENV"
         python3 -m venv "$VENV"
     fi
-    if [[ -x $VENV/bin/moto_server && -x $VENV/bin/cargo-lambda && -x $VENV/bin/aws ]] &&
+    if [[ -x $VENV/bin/moto_server && -x $VENV/bin/cargo-lambda && -x $VENV/bin/aws &&
+        -x $VENV/bin/cfn-lint && -x $VENV/bin/sam ]] &&
         "$VENV/bin/python" -c 'import boto3, moto, flask' 2>/dev/null; then
         :
     else
         log "installing ${PIP_PACKAGES[*]} into $VENV"
         "$VENV/bin/python" -m pip install --disable-pip-version-check -q "${PIP_PACKAGES[@]}"
     fi
+    ensure_login_user
     log "install: done"
+}
+
+# The workspace hosts' login user, as on a real instance: a normal account
+# that runs the host script through passwordless `sudo -n`.
+readonly LOGIN_USER=pd-login
+ensure_login_user() {
+    ((EUID == 0)) || return 0
+    if ! id "$LOGIN_USER" >/dev/null 2>&1; then
+        log "creating login user $LOGIN_USER"
+        useradd --create-home --shell /bin/sh "$LOGIN_USER"
+    fi
+    # With UsePAM no, sshd treats a '!' password as a locked account.
+    usermod -p '*' "$LOGIN_USER"
+    local rule="/etc/sudoers.d/plugin-delivery-stack"
+    if [[ ! -f $rule ]]; then
+        printf '%s ALL=(root) NOPASSWD: ALL\n' "$LOGIN_USER" >"$rule.tmp"
+        chmod 0440 "$rule.tmp"
+        visudo -cf "$rule.tmp" >/dev/null
+        mv "$rule.tmp" "$rule"
+    fi
 }
 
 # ---------------------------------------------------------------------------

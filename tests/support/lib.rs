@@ -20,6 +20,9 @@ use plugin_delivery::config::RuntimeProfile;
 use plugin_delivery::{App, Config};
 use serde_json::{json, Value};
 
+/// The hosts' login user, created by `tests/stack/stack.sh install`.
+pub const LOGIN_USER: &str = "pd-login";
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -287,8 +290,10 @@ impl Fixture {
 
     pub fn config(&self) -> Config {
         let mut c = Config::new(&self.bucket);
-        c.ssh_user = "root".into();
-        c.command_prefix = String::new();
+        // The production shape: a normal login user (created by
+        // `stack.sh install`) and the script run through `sudo -n`.
+        c.ssh_user = LOGIN_USER.into();
+        c.command_prefix = "sudo -n".into();
         c.address_tag = Some("molecule:local-address".into());
         c.profiles.insert(
             "claude-code".into(),

@@ -205,7 +205,14 @@ fn transport(f: &Fixture, pusher: Arc<dyn KeyPusher>, user: &str) -> SshTranspor
         22,
         Some("molecule:local-address".into()),
     ));
-    SshTransport::new(pusher, fleet, user, "", false, Duration::from_secs(5))
+    SshTransport::new(
+        pusher,
+        fleet,
+        user,
+        "sudo -n",
+        false,
+        Duration::from_secs(5),
+    )
 }
 
 async fn run_probe(
@@ -223,20 +230,20 @@ async fn key_not_pushed_or_expired_is_refused() {
     let f = Fixture::new().await;
     let ok = run_probe(
         &f,
-        &transport(&f, Arc::new(EicKeyPusher::new(f.eic.clone())), "root"),
+        &transport(&f, Arc::new(EicKeyPusher::new(f.eic.clone())), LOGIN_USER),
     )
     .await
     .unwrap();
     assert_eq!(ok.exit_status, Some(0), "a pushed key works: {ok:?}");
 
-    let e = run_probe(&f, &transport(&f, Arc::new(NoPush), "root"))
+    let e = run_probe(&f, &transport(&f, Arc::new(NoPush), LOGIN_USER))
         .await
         .unwrap_err();
     assert_eq!(e.status(), 502, "{e}");
     assert!(e.message.contains("refused the key"), "{}", e.message);
 
     let stale = StalePush(EicKeyPusher::new(f.eic.clone()));
-    let e = run_probe(&f, &transport(&f, Arc::new(stale), "root"))
+    let e = run_probe(&f, &transport(&f, Arc::new(stale), LOGIN_USER))
         .await
         .unwrap_err();
     assert_eq!(e.status(), 502, "{e}");
@@ -446,4 +453,30 @@ async fn connection_killed_mid_transfer_keeps_old_version() {
         .unwrap()
         .count();
     assert_eq!(store, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_restart_is_502_and_slow_host_is_504() {
+    let f = Fixture::new().await;
+    publish_owned(&f, "r", &small_plugin("r")).await;
+    let mut cfg = f.config();
+    cfg.profiles.get_mut("claude-code").unwrap().restart = "exit 3".into();
+    let (s, b) = install(&f.app_with(cfg), &f.workspace, r#"{"source":"r"}"#).await;
+    assert_eq!(s, 502, "{b}");
+    assert_eq!(b["host_error"], "restart_failed");
+    assert!(b["error"].as_str().unwrap().contains("restart failed"));
+
+    // A runtime restart that takes longer than the operation deadline.
+    publish_owned(&f, "slow", &small_plugin("slow")).await;
+    let mut cfg = f.config();
+    cfg.operation_timeout = Duration::from_secs(2);
+    cfg.profiles.get_mut("claude-code").unwrap().restart = "sleep 5".into();
+    let t = std::time::Instant::now();
+    let (s, b) = install(&f.app_with(cfg), &f.workspace, r#"{"source":"slow"}"#).await;
+    assert_eq!(s, 504, "{b}");
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "answered at the deadline"
+    );
+    assert!(b["error"].as_str().unwrap().contains("2 s"));
 }
