@@ -74,3 +74,19 @@ impl App {
         }
     }
 }
+
+/// The whole `main` of a function: logging, the app built once per cold
+/// start (clients and config are reused across invocations), the runtime loop.
+pub async fn serve<F, Fut>(handler: F) -> Result<(), lambda_http::Error>
+where
+    F: Fn(&'static App, lambda_http::Request) -> Fut,
+    Fut: std::future::Future<Output = lambda_http::Response<lambda_http::Body>> + Send,
+{
+    crate::telemetry::init();
+    let app: &'static App = Box::leak(Box::new(App::from_env().await?));
+    lambda_http::run(lambda_http::service_fn(move |req| {
+        let resp = handler(app, req);
+        async move { Ok::<_, lambda_http::Error>(resp.await) }
+    }))
+    .await
+}

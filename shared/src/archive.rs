@@ -54,8 +54,6 @@ pub struct ArchiveFile {
     pub size: u64,
     /// Bytes of the top-level `plugin.yaml`, when the tree has one.
     pub manifest: Option<Vec<u8>>,
-    /// Sum of the regular files' sizes.
-    pub tree_bytes: u64,
 }
 
 impl ArchiveFile {
@@ -171,9 +169,12 @@ impl CanonicalArchive {
         if self.tree_bytes > self.max_tree_bytes {
             return Err(too_large(self.max_tree_bytes));
         }
+        let keep_manifest = path == "plugin.yaml";
+        if keep_manifest && size as usize > MAX_MANIFEST_BYTES {
+            return Err(Error::unprocessable("plugin.yaml is larger than 1 MiB"));
+        }
         self.add_parents(path)?;
         let mut h = Self::header(tar::EntryType::Regular, canonical_mode(mode), size);
-        let keep_manifest = path == "plugin.yaml" && size as usize <= MAX_MANIFEST_BYTES;
         let mut counted = CountingReader {
             inner: data,
             count: 0,
@@ -207,7 +208,6 @@ impl CanonicalArchive {
             sha256,
             size: hashing.count,
             manifest: self.manifest,
-            tree_bytes: self.tree_bytes,
         })
     }
 }

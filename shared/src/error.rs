@@ -7,7 +7,6 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     BadRequest,
-    Forbidden,
     NotFound,
     Conflict,
     TooLarge,
@@ -25,7 +24,6 @@ impl ErrorKind {
     pub fn status(self) -> u16 {
         match self {
             ErrorKind::BadRequest => 400,
-            ErrorKind::Forbidden => 403,
             ErrorKind::NotFound => 404,
             ErrorKind::Conflict => 409,
             ErrorKind::TooLarge => 413,
@@ -103,16 +101,40 @@ impl Error {
     }
 }
 
+/// Only the public message: `detail` reaches the log explicitly, never
+/// through formatting an error into a response by accident.
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({})", self.message, self.kind.status())?;
-        if let Some(d) = &self.detail {
-            write!(f, ": {d}")?;
-        }
-        Ok(())
+        write!(f, "{} ({})", self.message, self.kind.status())
     }
 }
 
 impl std::error::Error for Error {}
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Maps an AWS SDK failure: throttling, timeouts, connection failures and
+/// 5xx are the service being unavailable (503, worth retrying); any other
+/// 4xx is our configuration or permissions (500, and the log says which).
+pub fn aws_error<E: fmt::Debug>(
+    service: &str,
+    what: &str,
+    e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> Error {
+    use aws_sdk_s3::error::SdkError;
+    let transient = match e {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => true,
+        SdkError::ResponseError(_) => true,
+        SdkError::ServiceError(se) => {
+            let status = se.raw().status().as_u16();
+            status >= 500 || status == 429 || format!("{:?}", se.err()).contains("Throttl")
+        }
+        _ => false,
+    };
+    let detail = format!("{service} {what}: {e:?}");
+    if transient {
+        Error::unavailable(format!("{service} is not available right now")).with_detail(detail)
+    } else {
+        Error::internal(detail)
+    }
+}

@@ -87,6 +87,10 @@ pub fn shell_quote(s: &str) -> String {
 pub struct HostOutput {
     /// `None` when the session ended without an exit status (connection lost).
     pub exit_status: Option<u32>,
+    /// Set when the script was killed by a signal (for example OOM).
+    pub exit_signal: Option<String>,
+    /// sshd refused to run the command.
+    pub exec_refused: bool,
     pub stdout: String,
     pub stderr: String,
 }
@@ -134,11 +138,19 @@ pub fn interpret(out: &HostOutput) -> Result<HostResult> {
         )
     };
     let Some(line) = line else {
-        return Err(match out.exit_status {
-            None => Error::unavailable("the connection to the host was lost during the operation"),
-            Some(code) => Error::host_failed(format!("the host command failed (exit {code})")),
-        }
-        .with_detail(detail()));
+        let err = if out.exec_refused {
+            Error::host_failed("the host refused to run the plugin command")
+        } else if out.exit_signal.is_some() {
+            Error::host_failed("the host command was killed before it finished")
+        } else {
+            match out.exit_status {
+                None => {
+                    Error::unavailable("the connection to the host was lost during the operation")
+                }
+                Some(code) => Error::host_failed(format!("the host command failed (exit {code})")),
+            }
+        };
+        return Err(err.with_detail(format!("{} signal={:?}", detail(), out.exit_signal)));
     };
     let res: HostResult = serde_json::from_str(line)
         .map_err(|e| Error::host_failed("the host returned an unreadable result").with_detail(e))?;
@@ -196,7 +208,7 @@ mod tests {
         let ok = HostOutput {
             exit_status: Some(0),
             stdout: "noise\n@@plugin-delivery-result {\"status\":\"installed\",\"plugin\":\"a\",\"digest\":\"d\",\"restarted\":true}\n".into(),
-            stderr: String::new(),
+            ..Default::default()
         };
         let r = interpret(&ok).unwrap();
         assert_eq!((r.status.as_str(), r.restarted), ("installed", Some(true)));
@@ -204,6 +216,7 @@ mod tests {
             exit_status: Some(75),
             stdout: "@@plugin-delivery-result {\"status\":\"error\",\"code\":\"busy\"}".into(),
             stderr: "/configs/x".into(),
+            ..Default::default()
         };
         let e = interpret(&busy).unwrap_err();
         assert_eq!(e.status(), 409);
@@ -219,5 +232,17 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(interpret(&sudo).unwrap_err().status(), 502);
+        let odd = HostOutput {
+            exit_status: Some(1),
+            stdout: "@@plugin-delivery-result {\"status\":\"error\",\"code\":\"/etc/x\"}".into(),
+            ..Default::default()
+        };
+        let e = interpret(&odd).unwrap_err();
+        assert!(!e.message.contains("/etc") && !e.fields.contains_key("host_error"));
+        let killed = HostOutput {
+            exit_signal: Some("KILL".into()),
+            ..Default::default()
+        };
+        assert_eq!(interpret(&killed).unwrap_err().status(), 502);
     }
 }

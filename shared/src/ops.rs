@@ -12,7 +12,7 @@ use crate::hostscript::{interpret, HostCommand};
 use crate::plugin::{
     validate_name, validate_workspace_id, DesiredState, InstalledPlugin, Manifest,
 };
-use crate::source::{fetch_local, Source};
+use crate::source::Source;
 use crate::store::{ArchiveStore, Registry, StateStore};
 use crate::transport::HostTransport;
 
@@ -105,12 +105,12 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
     let cfg = &deps.config;
 
     // Finding the host and building the archive are independent; neither
-    // writes anything, so a bad workspace or plugin leaves no trace.
-    let (host, archive) = tokio::join!(
+    // writes anything, so a bad workspace or plugin leaves no trace. The
+    // first failure cancels the other.
+    let (host, archive) = tokio::try_join!(
         deps.fleet.locate(workspace),
-        fetch_local(&deps.registry, &name, cfg.max_tree_bytes)
-    );
-    let (host, archive) = (host?, archive?);
+        source.fetch(&deps.registry, cfg.max_tree_bytes)
+    )?;
 
     let manifest_bytes = archive.manifest.as_deref();
     if let Some(pin) = &pin {
@@ -191,6 +191,12 @@ pub async fn uninstall(deps: &Deps, workspace: &str, name: &str) -> Result<Unins
     let cmd = HostCommand::uninstall(&profile, name, &cfg.owner, cfg.lock_wait_secs);
     let out = deps.transport.run(&host, &cmd, None).await?;
     let result = interpret(&out)?;
+    if !matches!(result.status.as_str(), "uninstalled" | "absent") {
+        return Err(
+            Error::host_failed("the host reported an unexpected uninstall result")
+                .with_detail(format!("{result:?}")),
+        );
+    }
 
     let mut was_desired = false;
     update_state(deps.state.as_ref(), workspace, |s| {

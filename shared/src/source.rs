@@ -2,6 +2,7 @@
 //! canonical archive on local disk. Only `local://` (the S3 registry) exists
 //! today; other schemes plug in as further `Source` variants and resolvers.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::io::AsyncBufReadExt;
@@ -52,6 +53,18 @@ impl Source {
         }
     }
 
+    /// The canonical archive of the plugin this source names. Each scheme
+    /// brings its own fetcher; all of them end in the same checks.
+    pub async fn fetch(
+        &self,
+        registry: &Arc<dyn Registry>,
+        max_tree_bytes: u64,
+    ) -> Result<ArchiveFile> {
+        match self {
+            Source::Local { name } => fetch_local(registry, name, max_tree_bytes).await,
+        }
+    }
+
     pub fn canonical(&self) -> String {
         match self {
             Source::Local { name } => format!("local://{name}"),
@@ -81,11 +94,24 @@ pub async fn fetch_local(
         archive::validate_relative_path(&f.path)?;
     }
     files.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
+    // S3 can hold both `a` and `a/b`; no file system can.
+    let paths: std::collections::HashSet<&str> = files.iter().map(|f| f.path.as_str()).collect();
+    for f in &files {
+        let mut parent = f.path.as_str();
+        while let Some((p, _)) = parent.rsplit_once('/') {
+            if paths.contains(p) {
+                return Err(Error::unprocessable(format!(
+                    "plugin has both a file and a directory named {p:?}"
+                )));
+            }
+            parent = p;
+        }
+    }
 
     // Open up to PREFETCH objects ahead of the archiver: plugins are many
     // small files, and one S3 round trip per file in sequence would dominate
     // install latency. Bounded, so a large plugin is still streamed.
-    let (tx, mut rx) = tokio::sync::mpsc::channel(PREFETCH);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(PREFETCH - 1);
     let opener = {
         let registry = Arc::clone(registry);
         let files = files.clone();
@@ -104,9 +130,16 @@ pub async fn fetch_local(
     // and bridge each S3 body into it, so only a buffer's worth of any file
     // is ever in memory.
     let handle = tokio::runtime::Handle::current();
+    // If the caller goes away (deadline, or the host lookup failed first),
+    // the guard stops the prefetch and the blocking build at the next file.
+    let cancel = Cancel(Arc::new(AtomicBool::new(false)), opener.abort_handle());
+    let cancelled = Arc::clone(&cancel.0);
     let built = tokio::task::spawn_blocking(move || {
         let mut out = CanonicalArchive::create(max_tree_bytes)?;
         for file in &files {
+            if cancelled.load(Ordering::Relaxed) {
+                return Err(Error::internal("archive build cancelled"));
+            }
             let opened = handle
                 .block_on(rx.recv())
                 .ok_or_else(|| Error::internal("registry prefetch ended early"))?;
@@ -133,11 +166,20 @@ pub async fn fetch_local(
     })
     .await
     .map_err(Error::internal)?;
-    opener.abort();
+    drop(cancel);
     built
 }
 
-/// Registry objects opened ahead of the one being archived.
+struct Cancel(Arc<AtomicBool>, tokio::task::AbortHandle);
+
+impl Drop for Cancel {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+        self.1.abort();
+    }
+}
+
+/// Registry objects open at once: the one being archived and those ahead.
 const PREFETCH: usize = 8;
 
 #[cfg(test)]

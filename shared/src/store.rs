@@ -9,7 +9,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
 use tokio::io::AsyncBufRead;
 
-use crate::error::{Error, Result};
+use crate::error::{aws_error, Error, Result};
 use crate::plugin::DesiredState;
 
 /// One file of a plugin in the registry.
@@ -80,31 +80,16 @@ impl S3Store {
             bucket: bucket.into(),
         }
     }
-
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
-    pub fn bucket(&self) -> &str {
-        &self.bucket
-    }
 }
 
-fn s3_error<E: std::fmt::Debug>(what: &str, e: E) -> Error {
-    Error::unavailable("the plugin store is not available right now")
-        .with_detail(format!("{what}: {e:?}"))
+type SdkError<E> = aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>;
+
+fn s3_error<E: std::fmt::Debug>(what: &str, e: SdkError<E>) -> Error {
+    aws_error("S3", what, &e)
 }
 
-fn http_status<E, R: HasStatus>(e: &aws_sdk_s3::error::SdkError<E, R>) -> Option<u16> {
-    e.raw_response().map(|r| r.status_code())
-}
-
-trait HasStatus {
-    fn status_code(&self) -> u16;
-}
-impl HasStatus for aws_sdk_s3::config::http::HttpResponse {
-    fn status_code(&self) -> u16 {
-        self.status().as_u16()
-    }
+fn http_status<E>(e: &SdkError<E>) -> Option<u16> {
+    e.raw_response().map(|r| r.status().as_u16())
 }
 
 #[async_trait]
@@ -227,7 +212,10 @@ impl StateStore for S3Store {
             .body
             .collect()
             .await
-            .map_err(|e| s3_error("read desired state", e))?
+            .map_err(|e| {
+                Error::unavailable("S3 is not available right now")
+                    .with_detail(format!("read desired state: {e:?}"))
+            })?
             .into_bytes();
         let state = serde_json::from_slice(&bytes)
             .map_err(|e| Error::internal(format!("corrupt desired state {key}: {e}")))?;

@@ -15,6 +15,7 @@ use russh::client;
 use russh::keys::ssh_key::private::Ed25519Keypair;
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey};
 use russh::ChannelMsg;
+use tokio::io::AsyncWriteExt;
 
 use crate::error::{Error, Result};
 use crate::fleet::{Fleet, Host};
@@ -37,14 +38,22 @@ pub trait KeyPusher: Send + Sync {
 /// EC2 Instance Connect `SendSSHPublicKey`.
 pub struct EicKeyPusher {
     client: aws_sdk_ec2instanceconnect::Client,
-    max_attempts: u32,
 }
 
 impl EicKeyPusher {
+    /// Key pushes are rate limited per account: a burst (a fleet rollout)
+    /// gets `ThrottlingException`. The SDK's standard retry (exponential
+    /// backoff with jitter) is the one retry mechanism; it gets more
+    /// attempts and a shorter first delay than the default, so a throttled
+    /// push still fits the operation's deadline.
     pub fn new(client: aws_sdk_ec2instanceconnect::Client) -> Self {
+        let retry = aws_config::retry::RetryConfig::standard()
+            .with_max_attempts(6)
+            .with_initial_backoff(Duration::from_millis(100))
+            .with_max_backoff(Duration::from_secs(2));
+        let conf = client.config().to_builder().retry_config(retry).build();
         EicKeyPusher {
-            client,
-            max_attempts: 6,
+            client: aws_sdk_ec2instanceconnect::Client::from_conf(conf),
         }
     }
 }
@@ -52,49 +61,36 @@ impl EicKeyPusher {
 #[async_trait]
 impl KeyPusher for EicKeyPusher {
     async fn push(&self, host: &Host, os_user: &str, public_key: &str) -> Result<()> {
-        let mut delay = Duration::from_millis(100);
-        for attempt in 1..=self.max_attempts {
-            let mut req = self
-                .client
-                .send_ssh_public_key()
-                .instance_id(&host.instance_id)
-                .instance_os_user(os_user)
-                .ssh_public_key(public_key);
-            if let Some(az) = &host.availability_zone {
-                req = req.availability_zone(az);
-            }
-            let err = match req.send().await {
-                Ok(_) => return Ok(()),
-                Err(e) => e,
-            };
-            let code = err.code().unwrap_or_default().to_string();
-            // Key pushes are rate limited per account; back off with jitter
-            // instead of failing a whole rollout on a burst.
-            if code == "ThrottlingException" && attempt < self.max_attempts {
-                let jitter = Duration::from_millis(rand::random::<u64>() % 50);
-                tracing::warn!(instance = %host.instance_id, attempt, "SendSSHPublicKey throttled; backing off");
-                tokio::time::sleep(delay + jitter).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-                continue;
-            }
-            let detail = format!("SendSSHPublicKey {code}: {err:?}");
-            return Err(match code.as_str() {
-                "EC2InstanceNotFoundException"
-                | "EC2InstanceStateInvalidException"
-                | "EC2InstanceUnavailableException" => Error::unavailable(
-                    "the workspace's instance is not reachable through EC2 Instance Connect",
-                ),
-                "ThrottlingException" => Error::unavailable(
-                    "EC2 Instance Connect is throttling key pushes; try again shortly",
-                ),
-                "InvalidArgsException" => Error::host_failed(
-                    "EC2 Instance Connect refused the key push (check the configured OS user)",
-                ),
-                _ => Error::unavailable("EC2 Instance Connect is not available right now"),
-            }
-            .with_detail(detail));
+        let mut req = self
+            .client
+            .send_ssh_public_key()
+            .instance_id(&host.instance_id)
+            .instance_os_user(os_user)
+            .ssh_public_key(public_key);
+        if let Some(az) = &host.availability_zone {
+            req = req.availability_zone(az);
         }
-        unreachable!("the loop returns on its last attempt")
+        let err = match req.send().await {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        let code = err.code().unwrap_or_default().to_string();
+        let detail = format!("SendSSHPublicKey {code}: {err:?}");
+        Err(match code.as_str() {
+            "EC2InstanceNotFoundException"
+            | "EC2InstanceStateInvalidException"
+            | "EC2InstanceUnavailableException" => Error::unavailable(
+                "the workspace's instance is not reachable through EC2 Instance Connect",
+            ),
+            "ThrottlingException" => Error::unavailable(
+                "EC2 Instance Connect is throttling key pushes; try again shortly",
+            ),
+            "InvalidArgsException" => Error::host_failed(
+                "EC2 Instance Connect refused the key push (check the configured OS user)",
+            ),
+            _ => crate::error::aws_error("EC2 Instance Connect", "SendSSHPublicKey", &err),
+        }
+        .with_detail(detail))
     }
 }
 
@@ -128,9 +124,9 @@ impl SshTransport {
 }
 
 /// A key that exists only in this process's memory for one operation.
-fn ephemeral_key() -> Result<PrivateKey> {
+fn ephemeral_key() -> PrivateKey {
     let seed: [u8; 32] = rand::random();
-    Ok(PrivateKey::from(Ed25519Keypair::from_seed(&seed)))
+    PrivateKey::from(Ed25519Keypair::from_seed(&seed))
 }
 
 /// Accepts the server only if its key is one the instance published.
@@ -184,7 +180,7 @@ impl HostTransport for SshTransport {
         cmd: &HostCommand,
         stdin: Option<&Path>,
     ) -> Result<HostOutput> {
-        let key = ephemeral_key()?;
+        let key = ephemeral_key();
         let public_line = key
             .public_key()
             .to_openssh()
@@ -223,14 +219,33 @@ impl HostTransport for SshTransport {
             insecure: self.insecure_ignore_host_key,
             rejected: Arc::clone(&rejected),
         };
-        let config = Arc::new(client::Config {
+        if self.insecure_ignore_host_key {
+            tracing::warn!(instance = %host.instance_id, "host key NOT verified (insecure switch on; local experiments only)");
+        }
+        let mut config = client::Config {
             inactivity_timeout: Some(Duration::from_secs(120)),
+            // A host that vanishes silently is noticed within seconds, not
+            // at the operation deadline.
+            keepalive_interval: Some(Duration::from_secs(3)),
+            keepalive_max: 2,
             nodelay: true,
-            // A bigger window keeps a 100 MiB transfer from stalling on
-            // window adjustments over a VPC round trip.
-            window_size: 8 * 1024 * 1024,
             ..Default::default()
-        });
+        };
+        // Ask only for the host key types the instance published: a host
+        // with both ed25519 and ECDSA keys must present the one we can check.
+        if !verifier.trusted.is_empty() {
+            let published: Vec<_> = config
+                .preferred
+                .key
+                .iter()
+                .filter(|a| verifier.trusted.iter().any(|k| &k.algorithm() == *a))
+                .cloned()
+                .collect();
+            if !published.is_empty() {
+                config.preferred.key = published.into();
+            }
+        }
+        let config = Arc::new(config);
         let addr = (host.address.as_str(), host.port);
         let connected = tokio::time::timeout(
             self.connect_timeout,
@@ -283,52 +298,82 @@ impl HostTransport for SshTransport {
                 .with_detail(format!("{e:?}"))
         };
         let channel = session.channel_open_session().await.map_err(lost)?;
+        // want_reply: if sshd refuses to run the command, a Failure says so.
         channel
             .exec(true, cmd.render(&self.prefix))
             .await
             .map_err(lost)?;
         let (mut rx, tx) = channel.split();
 
-        let writer = match stdin {
-            Some(path) => {
-                let file = tokio::fs::File::open(path)
+        // Stream stdin and collect output in one future: if the operation is
+        // cancelled (its deadline) both stop with the session, and nothing
+        // keeps feeding the host behind the caller's back.
+        let file = match stdin {
+            Some(path) => Some(
+                tokio::fs::File::open(path)
                     .await
-                    .map_err(|e| Error::internal(format!("open archive: {e}")))?;
-                tokio::spawn(async move {
-                    // The script may finish without reading (`unchanged`);
-                    // a failed write then is expected and harmless.
-                    let r = tx
-                        .data(tokio::io::BufReader::with_capacity(256 * 1024, file))
-                        .await;
-                    if r.is_ok() {
-                        let _ = tx.eof().await;
-                    }
-                })
-            }
-            None => tokio::spawn(async move {
-                let _ = tx.eof().await;
-            }),
+                    .map_err(|e| Error::internal(format!("open archive: {e}")))?,
+            ),
+            None => None,
         };
-
-        let mut out = HostOutput::default();
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-        while let Some(msg) = rx.wait().await {
-            match msg {
-                ChannelMsg::Data { data } => keep_tail(&mut stdout, &data, STDOUT_KEEP),
-                ChannelMsg::ExtendedData { data, ext: 1 } => {
-                    keep_tail(&mut stderr, &data, STDERR_KEEP)
+        let write = async move {
+            let mut w = tx.make_writer();
+            // 256 KiB reads so each SSH packet is full-size (32 KiB).
+            let copied = match file {
+                Some(f) => tokio::io::copy_buf(
+                    &mut tokio::io::BufReader::with_capacity(256 * 1024, f),
+                    &mut w,
+                )
+                .await
+                .map(|_| ()),
+                None => Ok(()),
+            };
+            // EOF even after a failed copy: the host's digest check then
+            // refuses the truncated archive instead of waiting for more.
+            let _ = w.shutdown().await;
+            copied
+        };
+        let read = async {
+            let mut out = HostOutput::default();
+            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+            while let Some(msg) = rx.wait().await {
+                match msg {
+                    ChannelMsg::Data { data } => keep_tail(&mut stdout, &data, STDOUT_KEEP),
+                    ChannelMsg::ExtendedData { data, ext: 1 } => {
+                        keep_tail(&mut stderr, &data, STDERR_KEEP)
+                    }
+                    ChannelMsg::ExitStatus { exit_status } => out.exit_status = Some(exit_status),
+                    ChannelMsg::ExitSignal { signal_name, .. } => {
+                        out.exit_signal = Some(format!("{signal_name:?}"))
+                    }
+                    // sshd refused to run the command at all.
+                    ChannelMsg::Failure => out.exec_refused = true,
+                    ChannelMsg::Close => break,
+                    _ => {}
                 }
-                ChannelMsg::ExitStatus { exit_status } => out.exit_status = Some(exit_status),
-                ChannelMsg::Close => break,
-                _ => {}
             }
-        }
-        writer.abort();
+            out.stdout = String::from_utf8_lossy(&stdout).into_owned();
+            out.stderr = String::from_utf8_lossy(&stderr).into_owned();
+            out
+        };
+        tokio::pin!(write, read);
+        let mut writing = true;
+        let out = loop {
+            tokio::select! {
+                // The script may finish without reading (`unchanged`): a
+                // failed write is then expected, and the output decides.
+                r = &mut write, if writing => {
+                    writing = false;
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "stdin stream ended early");
+                    }
+                }
+                out = &mut read => break out,
+            }
+        };
         let _ = session
             .disconnect(russh::Disconnect::ByApplication, "", "en")
             .await;
-        out.stdout = String::from_utf8_lossy(&stdout).into_owned();
-        out.stderr = String::from_utf8_lossy(&stderr).into_owned();
         Ok(out)
     }
 }
