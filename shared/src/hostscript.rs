@@ -173,7 +173,15 @@ pub fn interpret(out: &HostOutput) -> Result<HostResult> {
         "unwire_failed" => {
             Error::host_failed("the host could not remove what the previous version had wired")
         }
-        _ => Error::host_failed(format!("the host script failed ({code})")),
+        "usage" | "internal" => Error::host_failed(format!("the host script failed ({code})")),
+        // Host output never reaches a response: unknown codes stay in the log.
+        _ => {
+            return Err(Error::host_failed("the host script failed").with_detail(format!(
+                "{} code={code:?} message={:?}",
+                detail(),
+                res.message
+            )))
+        }
     };
     Err(err
         .with_field("host_error", serde_json::json!(code))
