@@ -107,10 +107,18 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
     // Finding the host and building the archive are independent; neither
     // writes anything, so a bad workspace or plugin leaves no trace. The
     // first failure cancels the other.
-    let (host, archive) = tokio::try_join!(
+    let started = std::time::Instant::now();
+    let lap = |t: &mut std::time::Instant| {
+        let ms = t.elapsed().as_millis() as u64;
+        *t = std::time::Instant::now();
+        ms
+    };
+    let mut t = started;
+    let (host, resolved) = tokio::try_join!(
         deps.fleet.locate(workspace),
-        source.fetch(&deps.registry, cfg.max_tree_bytes)
+        source.fetch(&deps.registry, &deps.archives, cfg.max_tree_bytes)
     )?;
+    let archive = resolved.archive;
 
     let manifest_bytes = archive.manifest.as_deref();
     if let Some(pin) = &pin {
@@ -133,7 +141,12 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
         None => Manifest::default(),
     };
 
-    deps.archives.stage(&archive.sha256, archive.path()).await?;
+    let resolve_ms = lap(&mut t);
+    if let Some(print) = &resolved.fingerprint {
+        deps.archives.stage(&archive.sha256, archive.path()).await?;
+        deps.archives.remember(print, &archive).await?;
+    }
+    let stage_ms = lap(&mut t);
 
     let profile = cfg.profile(&host.runtime);
     let cmd = HostCommand::install(
@@ -147,6 +160,7 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
         .transport
         .run(&host, &cmd, Some(archive.path()))
         .await?;
+    let host_ms = lap(&mut t);
     let result = interpret(&out)?;
 
     let entry = InstalledPlugin::new(
@@ -168,6 +182,16 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
     })
     .await?;
 
+    // Where the time goes, per install, in the log.
+    tracing::info!(
+        plugin = %name,
+        resolve_ms,
+        stage_ms,
+        host_ms,
+        state_ms = lap(&mut t),
+        total_ms = started.elapsed().as_millis() as u64,
+        "install timings"
+    );
     Ok(InstallOutcome {
         status: if result.status == "unchanged" {
             "unchanged"

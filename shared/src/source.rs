@@ -11,7 +11,8 @@ use tokio_util::io::SyncIoBridge;
 use crate::archive::{self, ArchiveFile, CanonicalArchive};
 use crate::error::{Error, Result};
 use crate::plugin::validate_name;
-use crate::store::Registry;
+use crate::store::{ArchiveStore, Registry, RegistryFile};
+use sha2::{Digest, Sha256};
 
 pub const SCHEMES: &[&str] = &["local"];
 
@@ -58,10 +59,11 @@ impl Source {
     pub async fn fetch(
         &self,
         registry: &Arc<dyn Registry>,
+        archives: &Arc<dyn ArchiveStore>,
         max_tree_bytes: u64,
-    ) -> Result<ArchiveFile> {
+    ) -> Result<Resolved> {
         match self {
-            Source::Local { name } => fetch_local(registry, name, max_tree_bytes).await,
+            Source::Local { name } => fetch_local(registry, archives, name, max_tree_bytes).await,
         }
     }
 
@@ -72,13 +74,38 @@ impl Source {
     }
 }
 
-/// Builds the canonical archive of a registry plugin, streaming each object
-/// from S3 through the gzip encoder into a temporary file.
+/// A plugin's canonical archive on local disk.
+#[derive(Debug)]
+pub struct Resolved {
+    pub archive: ArchiveFile,
+    /// Set when the archive was built rather than recalled: record it under
+    /// this fingerprint once it is staged.
+    pub fingerprint: Option<String>,
+}
+
+/// Identifies a registry listing: paths, sizes and object versions, plus
+/// the archive format, so any change to the source or to the way archives
+/// are built yields a new fingerprint.
+pub fn fingerprint(files: &[RegistryFile]) -> String {
+    let mut h = Sha256::new();
+    h.update(b"plugin-delivery canonical archive v1\n");
+    for f in files {
+        h.update(f.path.as_bytes());
+        h.update(format!("\0{}\0{}\n", f.size, f.version).as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// The canonical archive of a registry plugin. The same listing always
+/// yields the same archive, so one built before is recalled from S3
+/// (two small requests) instead of re-reading every file; otherwise each
+/// object is streamed from S3 through the gzip encoder into a temporary file.
 pub async fn fetch_local(
     registry: &Arc<dyn Registry>,
+    archives: &Arc<dyn ArchiveStore>,
     name: &str,
     max_tree_bytes: u64,
-) -> Result<ArchiveFile> {
+) -> Result<Resolved> {
     let mut files = registry.list(name).await?;
     if files.is_empty() {
         return Err(Error::not_found(format!(
@@ -106,6 +133,14 @@ pub async fn fetch_local(
             }
             parent = p;
         }
+    }
+
+    let print = fingerprint(&files);
+    if let Some(archive) = archives.recall(&print).await? {
+        return Ok(Resolved {
+            archive,
+            fingerprint: None,
+        });
     }
 
     // Open up to PREFETCH objects ahead of the archiver: plugins are many
@@ -167,7 +202,10 @@ pub async fn fetch_local(
     .await
     .map_err(Error::internal)?;
     drop(cancel);
-    built
+    Ok(Resolved {
+        archive: built?,
+        fingerprint: Some(print),
+    })
 }
 
 struct Cancel(Arc<AtomicBool>, tokio::task::AbortHandle);

@@ -9,6 +9,13 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
 use tokio::io::AsyncBufRead;
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::archive::ArchiveFile;
 use crate::error::{aws_error, Error, Result};
 use crate::plugin::DesiredState;
 
@@ -19,6 +26,9 @@ pub struct RegistryFile {
     pub path: String,
     pub key: String,
     pub size: u64,
+    /// ETag and last-modified time: together they change whenever the
+    /// object's bytes or metadata do.
+    pub version: String,
 }
 
 /// A file being read from the registry.
@@ -39,6 +49,19 @@ pub trait Registry: Send + Sync {
 pub trait ArchiveStore: Send + Sync {
     /// Uploads the archive under its digest unless it is already there.
     async fn stage(&self, digest: &str, path: &Path) -> Result<()>;
+    /// The staged archive recorded for a source fingerprint, downloaded to a
+    /// local file and verified against its digest; `None` on any miss.
+    async fn recall(&self, fingerprint: &str) -> Result<Option<ArchiveFile>>;
+    /// Records that `fingerprint` produced `archive` (already staged).
+    async fn remember(&self, fingerprint: &str, archive: &ArchiveFile) -> Result<()>;
+}
+
+/// `staged/index/<fingerprint>.json`: what a registry listing built.
+#[derive(Debug, Serialize, Deserialize)]
+struct IndexEntry {
+    digest: String,
+    /// `plugin.yaml` bytes, base64 (pins and manifests need them exact).
+    manifest: Option<String>,
 }
 
 /// The stored desired state and the version token to write against.
@@ -62,6 +85,9 @@ pub fn registry_prefix(name: &str) -> String {
 }
 pub fn staged_key(digest: &str) -> String {
     format!("staged/{digest}.tar.gz")
+}
+pub fn index_key(fingerprint: &str) -> String {
+    format!("staged/index/{fingerprint}.json")
 }
 pub fn state_key(workspace: &str) -> String {
     format!("workspaces/{workspace}/plugins.json")
@@ -117,6 +143,13 @@ impl Registry for S3Store {
                     path: path.to_string(),
                     key: key.to_string(),
                     size: obj.size().unwrap_or(0).max(0) as u64,
+                    version: format!(
+                        "{}@{}",
+                        obj.e_tag().unwrap_or_default(),
+                        obj.last_modified()
+                            .map(|t| t.to_string())
+                            .unwrap_or_default()
+                    ),
                 });
             }
         }
@@ -183,6 +216,104 @@ impl ArchiveStore for S3Store {
             .await
             .map_err(|e| s3_error("put staged archive", e))?;
         Ok(())
+    }
+
+    async fn recall(&self, fingerprint: &str) -> Result<Option<ArchiveFile>> {
+        let Some(bytes) = self.get_optional(&index_key(fingerprint)).await? else {
+            return Ok(None);
+        };
+        let Ok(entry) = serde_json::from_slice::<IndexEntry>(&bytes) else {
+            return Ok(None);
+        };
+        let manifest = match entry.manifest.as_deref().map(|m| B64.decode(m)) {
+            Some(Ok(m)) => Some(m),
+            Some(Err(_)) => return Ok(None),
+            None => None,
+        };
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(staged_key(&entry.digest))
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if http_status(&e) == Some(404) => return Ok(None),
+            Err(e) => return Err(s3_error("get staged archive", e)),
+        };
+        // Streamed to disk while hashing; a mismatch is a miss, not an error.
+        let file = tempfile::Builder::new()
+            .prefix("plugin-")
+            .suffix(".tar.gz")
+            .tempfile()
+            .map_err(Error::internal)?;
+        let mut dst = tokio::fs::File::from_std(file.reopen().map_err(Error::internal)?);
+        let mut body = out.body;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = body.try_next().await.map_err(|e| {
+            Error::unavailable("S3 is not available right now").with_detail(format!("{e:?}"))
+        })? {
+            hasher.update(&chunk);
+            size += chunk.len() as u64;
+            dst.write_all(&chunk).await.map_err(Error::internal)?;
+        }
+        dst.flush().await.map_err(Error::internal)?;
+        let sha256 = hex::encode(hasher.finalize());
+        if sha256 != entry.digest {
+            tracing::warn!(
+                fingerprint,
+                "staged archive does not match its index entry; rebuilding"
+            );
+            return Ok(None);
+        }
+        Ok(Some(ArchiveFile {
+            file,
+            sha256,
+            size,
+            manifest,
+        }))
+    }
+
+    async fn remember(&self, fingerprint: &str, archive: &ArchiveFile) -> Result<()> {
+        let entry = IndexEntry {
+            digest: archive.sha256.clone(),
+            manifest: archive.manifest.as_deref().map(|m| B64.encode(m)),
+        };
+        let body = serde_json::to_vec(&entry).map_err(Error::internal)?;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(index_key(fingerprint))
+            .content_type("application/json")
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| s3_error("put source index", e))?;
+        Ok(())
+    }
+}
+
+impl S3Store {
+    async fn get_optional(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if http_status(&e) == Some(404) => return Ok(None),
+            Err(e) => return Err(s3_error("get object", e)),
+        };
+        let bytes = out.body.collect().await.map_err(|e| {
+            Error::unavailable("S3 is not available right now")
+                .with_detail(format!("read {key}: {e:?}"))
+        })?;
+        Ok(Some(bytes.into_bytes().to_vec()))
     }
 }
 

@@ -172,32 +172,15 @@ fn keep_tail(buf: &mut Vec<u8>, data: &[u8], cap: usize) {
     }
 }
 
-#[async_trait]
-impl HostTransport for SshTransport {
-    async fn run(
-        &self,
-        host: &Host,
-        cmd: &HostCommand,
-        stdin: Option<&Path>,
-    ) -> Result<HostOutput> {
-        let key = ephemeral_key();
-        let public_line = key
-            .public_key()
-            .to_openssh()
-            .map_err(|e| Error::internal(format!("encode public key: {e}")))?;
-
-        // The key push and the host-key lookup are independent: overlap them.
-        let keys_fut = async {
-            if self.insecure_ignore_host_key {
-                Ok(Vec::new())
-            } else {
-                self.fleet.host_keys(host).await
-            }
+impl SshTransport {
+    /// Opens an SSH connection whose host key is one the instance published
+    /// (fail closed), ready for authentication.
+    async fn connect(&self, host: &Host) -> Result<client::Handle<Verifier>> {
+        let keys = if self.insecure_ignore_host_key {
+            Vec::new()
+        } else {
+            self.fleet.host_keys(host).await?
         };
-        let (keys, pushed) =
-            tokio::join!(keys_fut, self.pusher.push(host, &self.user, &public_line));
-        pushed?;
-        let keys = keys?;
         let trusted: Vec<PublicKey> = keys
             .iter()
             .filter_map(|line| PublicKey::from_openssh(line.trim()).ok())
@@ -252,7 +235,7 @@ impl HostTransport for SshTransport {
             client::connect(config, addr, verifier),
         )
         .await;
-        let mut session = match connected {
+        match connected {
             Err(_) => {
                 return Err(Error::unavailable(
                     "the workspace's host did not answer on SSH in time",
@@ -271,8 +254,36 @@ impl HostTransport for SshTransport {
                         .with_detail(format!("connect {}:{}: {e:?}", host.address, host.port)),
                 );
             }
-            Ok(Ok(s)) => s,
-        };
+            Ok(Ok(s)) => Ok(s),
+        }
+    }
+}
+
+#[async_trait]
+impl HostTransport for SshTransport {
+    async fn run(
+        &self,
+        host: &Host,
+        cmd: &HostCommand,
+        stdin: Option<&Path>,
+    ) -> Result<HostOutput> {
+        let t0 = std::time::Instant::now();
+        let key = ephemeral_key();
+        let public_line = key
+            .public_key()
+            .to_openssh()
+            .map_err(|e| Error::internal(format!("encode public key: {e}")))?;
+
+        // The key push and the connection (host-key lookup, TCP, key
+        // exchange, host-key check) are independent until authentication:
+        // overlap them.
+        let (pushed, session) = tokio::join!(
+            self.pusher.push(host, &self.user, &public_line),
+            self.connect(host)
+        );
+        pushed?;
+        let mut session = session?;
+        let connect_ms = t0.elapsed().as_millis() as u64;
 
         let auth = session
             .authenticate_publickey(&self.user, PrivateKeyWithHashAlg::new(Arc::new(key), None))
@@ -293,6 +304,7 @@ impl HostTransport for SshTransport {
             )));
         }
 
+        let auth_ms = t0.elapsed().as_millis() as u64;
         let lost = |e: russh::Error| {
             Error::unavailable("the connection to the host was lost during the operation")
                 .with_detail(format!("{e:?}"))
@@ -374,6 +386,13 @@ impl HostTransport for SshTransport {
         let _ = session
             .disconnect(russh::Disconnect::ByApplication, "", "en")
             .await;
+        tracing::debug!(
+            instance = %host.instance_id,
+            connect_ms,
+            auth_ms,
+            total_ms = t0.elapsed().as_millis() as u64,
+            "ssh timings"
+        );
         Ok(out)
     }
 }

@@ -373,6 +373,11 @@ async fn large() {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // PLUGIN_BENCH_LOG=debug shows the per-stage timings of each install.
+    if let Ok(level) = std::env::var("PLUGIN_BENCH_LOG") {
+        std::env::set_var("RUST_LOG", format!("plugin_delivery={level}"));
+        plugin_delivery::telemetry::init();
+    }
     let args: Vec<String> = std::env::args().collect();
     let want = |part: &str| {
         !args.iter().any(|a| a == "latency" || a == "large") || args.iter().any(|a| a == part)

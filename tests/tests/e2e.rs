@@ -281,3 +281,38 @@ async fn ten_concurrent_installs_into_one_workspace() {
     }
     assert_eq!(f.restarts(), 10, "one restart per change");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_archives_are_recalled_and_verified() {
+    let f = Fixture::new().await;
+    let app = f.app();
+    f.publish("hello", &v1()).await;
+    let (s, b) = install(&app, &f.workspace, r#"{"source":"hello"}"#).await;
+    assert_eq!(s, 200, "{b}");
+    let digest = b["digest"].as_str().unwrap().to_string();
+    let index = f.keys("staged/index/").await;
+    assert_eq!(index.len(), 1, "one listing, one index entry");
+
+    // Tamper with the staged bytes: the recall must notice and rebuild.
+    f.s3.put_object()
+        .bucket(&f.bucket)
+        .key(format!("staged/{digest}.tar.gz"))
+        .body(b"not the archive".to_vec().into())
+        .send()
+        .await
+        .unwrap();
+    let (s, _) = uninstall(&app, &f.workspace, "hello").await;
+    assert_eq!(s, 200);
+    let (s, b) = install(&app, &f.workspace, r#"{"source":"hello"}"#).await;
+    assert_eq!((s, b["status"].as_str()), (200, Some("installed")), "{b}");
+    assert_eq!(b["digest"], digest.as_str());
+    assert_eq!(host_tree(&f, "hello"), expected_tree(&v1()));
+
+    // A pinned install from the recalled archive still checks plugin.yaml.
+    let yaml = v1()[0].1;
+    let body = format!(r#"{{"source":"hello","sha256":"{}"}}"#, sha256_hex(yaml));
+    let (s, b) = install(&app, &f.workspace, &body).await;
+    assert_eq!((s, b["status"].as_str()), (200, Some("unchanged")), "{b}");
+    let body = format!(r#"{{"source":"hello","sha256":"{}"}}"#, "1".repeat(64));
+    assert_eq!(install(&app, &f.workspace, &body).await.0, 422);
+}
