@@ -165,6 +165,19 @@ impl Registry for S3Store {
             .send()
             .await
             .map_err(|e| s3_error("get registry object", e))?;
+        // The listing's size is what the cap and the tar header were based
+        // on; a different object now means a publish raced this read.
+        if out.content_length().map(|n| n as u64) != Some(file.size) {
+            return Err(Error::conflict(
+                "the plugin changed in the registry while it was being read; try again",
+            )
+            .with_detail(format!(
+                "{}: listed {} bytes, got {:?}",
+                file.key,
+                file.size,
+                out.content_length()
+            )));
+        }
         let mode = out
             .metadata()
             .and_then(|m| m.get("mode"))
