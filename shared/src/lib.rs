@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod fleet;
 pub mod hostscript;
+pub mod intake;
 pub mod ops;
 pub mod plugin;
 pub mod source;
