@@ -48,6 +48,92 @@ pub async fn list(app: &App, req: Request) -> Response<Body> {
     respond(&rid, "list", r)
 }
 
+/// The read routes of the canvas, one function: `GET /plugins`,
+/// `GET /plugins/sources`, `GET /workspaces/{id}/plugins/available`,
+/// `GET /workspaces/{id}/plugins/compatibility`.
+pub async fn catalog(app: &App, req: Request) -> Response<Body> {
+    let rid = request_id(&req);
+    let route = route_segments(&req);
+    let r: Result<Value> = async {
+        match route.as_slice() {
+            ["plugins"] => {
+                let runtime = query(&req, "runtime");
+                to_json(&crate::catalog::registry(&app.deps.registry, runtime.as_deref()).await)
+            }
+            ["plugins", "sources"] => {
+                let mut schemes = crate::source::SCHEMES.to_vec();
+                schemes.sort();
+                Ok(json!({ "schemes": schemes }))
+            }
+            ["workspaces", _, "plugins", "available"] => {
+                let ws = path_param(&req, "id")?;
+                to_json(&deadline(app, ops::available(&app.deps, &ws)).await?)
+            }
+            ["workspaces", _, "plugins", "compatibility"] => {
+                let ws = path_param(&req, "id")?;
+                let runtime = query(&req, "runtime")
+                    .filter(|r| !r.trim().is_empty())
+                    .ok_or_else(|| Error::bad_request("missing query parameter \"runtime\""))?;
+                to_json(&deadline(app, ops::compatibility(&app.deps, &ws, &runtime)).await?)
+            }
+            _ => Err(Error::not_found("no such route")),
+        }
+    }
+    .await;
+    respond(&rid, "catalog", r)
+}
+
+/// `GET` and `PUT /orgs/{id}/plugins/allowlist`.
+pub async fn allowlist(app: &App, req: Request) -> Response<Body> {
+    let rid = request_id(&req);
+    let r = async {
+        let org = path_param(&req, "id")?;
+        if req.method() == lambda_http::http::Method::PUT {
+            let v: Value = serde_json::from_slice(body_bytes(req.body())?)
+                .map_err(|_| Error::bad_request("request body must be a JSON object"))?;
+            let plugins = match v.get("plugins") {
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .map(|i| {
+                        i.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| Error::bad_request(format!("invalid plugin name {i}")))
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+                _ => return Err(Error::bad_request("\"plugins\" must be a list of plugin names")),
+            };
+            deadline(app, ops::put_allowlist(&app.deps, &org, plugins)).await
+        } else {
+            deadline(app, ops::get_allowlist(&app.deps, &org)).await
+        }
+    }
+    .await;
+    respond(&rid, "allowlist", r)
+}
+
+/// The route's own path segments, whatever prefix the invoker added
+/// (a function URL under `cargo lambda watch` puts `/lambda-url/<fn>` first).
+fn route_segments(req: &Request) -> Vec<&str> {
+    let path = req.raw_http_path();
+    let path = if path.is_empty() { req.uri().path() } else { path };
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let start = segs
+        .iter()
+        .position(|s| matches!(*s, "plugins" | "workspaces" | "orgs"))
+        .unwrap_or(segs.len());
+    segs[start..].to_vec()
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<Value> {
+    serde_json::to_value(v).map_err(Error::internal)
+}
+
+fn query(req: &Request, key: &str) -> Option<String> {
+    req.query_string_parameters_ref()
+        .and_then(|q| q.first(key))
+        .map(str::to_string)
+}
+
 /// API Gateway gives up at 29 s; answer 504 ourselves before that, with a
 /// body, rather than let the caller see a bare gateway timeout.
 async fn deadline<T>(app: &App, fut: impl Future<Output = Result<T>>) -> Result<T> {
@@ -60,9 +146,9 @@ async fn deadline<T>(app: &App, fut: impl Future<Output = Result<T>>) -> Result<
     })
 }
 
-fn parse_install_body(body: &Body) -> Result<InstallRequest> {
+/// The body's bytes, refused over the size limit.
+fn body_bytes(body: &Body) -> Result<&[u8]> {
     let bytes: &[u8] = match body {
-        Body::Empty => b"",
         Body::Text(t) => t.as_bytes(),
         Body::Binary(b) => b,
         _ => b"",
@@ -73,6 +159,11 @@ fn parse_install_body(body: &Body) -> Result<InstallRequest> {
             MAX_BODY_BYTES / 1024
         )));
     }
+    Ok(bytes)
+}
+
+fn parse_install_body(body: &Body) -> Result<InstallRequest> {
+    let bytes = body_bytes(body)?;
     let v: Value = serde_json::from_slice(bytes)
         .map_err(|_| Error::bad_request("request body must be a JSON object"))?;
     let obj = v
@@ -105,6 +196,7 @@ fn path_param(req: &Request, key: &str) -> Result<String> {
     };
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let at = segs.iter().position(|s| *s == "workspaces");
+    let at = at.or_else(|| segs.iter().position(|s| *s == "orgs"));
     let found = at.and_then(|i| match key {
         "id" => segs.get(i + 1),
         "name" if segs.get(i + 2) == Some(&"plugins") => segs.get(i + 3),

@@ -67,9 +67,10 @@ impl App {
                 config: Arc::new(config),
                 registry: store.clone(),
                 archives: store.clone(),
-                state: store,
+                state: store.clone(),
                 fleet,
                 transport,
+                allowlists: store,
             },
         }
     }

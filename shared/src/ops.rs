@@ -13,7 +13,9 @@ use crate::plugin::{
     validate_name, validate_workspace_id, DesiredState, InstalledPlugin, Manifest,
 };
 use crate::source::Source;
-use crate::store::{ArchiveStore, Registry, StateStore};
+use crate::catalog::{self, Compatibility, ListedPlugin, PluginInfo};
+use crate::fleet::Host;
+use crate::store::{Allowlist, AllowlistStore, ArchiveStore, Registry, StateStore};
 use crate::transport::HostTransport;
 
 /// Everything an operation needs; adapters are chosen by `App`, fakes never.
@@ -25,6 +27,7 @@ pub struct Deps {
     pub state: Arc<dyn StateStore>,
     pub fleet: Arc<dyn Fleet>,
     pub transport: Arc<dyn HostTransport>,
+    pub allowlists: Arc<dyn AllowlistStore>,
 }
 
 #[derive(Debug, Clone)]
@@ -115,7 +118,12 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
     };
     let mut t = started;
     let (host, resolved) = tokio::try_join!(
-        deps.fleet.locate(workspace),
+        async {
+            let host = deps.fleet.locate(workspace).await?;
+            // As soon as name and org are known: a refusal cancels the fetch.
+            check_allowlist(deps, &host, &name).await?;
+            Ok(host)
+        },
         source.fetch(&deps.registry, &deps.archives, cfg.max_tree_bytes)
     )?;
     let archive = resolved.archive;
@@ -235,17 +243,96 @@ pub async fn uninstall(deps: &Deps, workspace: &str, name: &str) -> Result<Unins
     })
 }
 
-/// The workspace's desired state, without a host round trip.
-pub async fn list(deps: &Deps, workspace: &str) -> Result<Vec<InstalledPlugin>> {
+/// The org allowlist gate. Fails closed: an unreadable list refuses.
+async fn check_allowlist(deps: &Deps, host: &Host, name: &str) -> Result<()> {
+    let Some(org) = &host.org_id else { return Ok(()) };
+    let (list, _) = deps.allowlists.load_allowlist(org).await.map_err(|e| {
+        Error::unavailable("the org allowlist could not be read, so the install is refused")
+            .with_detail(format!("org {org}: {} {:?}", e.message, e.detail))
+    })?;
+    if list.plugins.is_empty() || list.plugins.iter().any(|p| p == name) {
+        Ok(())
+    } else {
+        Err(Error::new(
+            crate::ErrorKind::Forbidden,
+            format!("plugin \"{name}\" is not in the org allowlist"),
+        ))
+    }
+}
+
+/// The workspace's desired state, without a host round trip; with
+/// `supported_on_runtime` when the workspace's runtime is known.
+pub async fn list(deps: &Deps, workspace: &str) -> Result<Vec<ListedPlugin>> {
+    validate_workspace_id(workspace)?;
+    let (current, host) = tokio::join!(deps.state.load(workspace), deps.fleet.locate(workspace));
+    let current = current?;
+    let runtime = match host {
+        Ok(h) => Some(h.runtime),
+        // No document and no instance: an unknown workspace.
+        Err(e) if e.kind == crate::ErrorKind::NotFound && current.etag.is_none() => return Err(e),
+        Err(_) => None,
+    };
+    Ok(current
+        .state
+        .plugins
+        .into_values()
+        .map(|p| ListedPlugin {
+            supported_on_runtime: runtime.as_deref().map(|r| catalog::supports(&p.runtimes, r)),
+            plugin: p,
+        })
+        .collect())
+}
+
+/// The registry filtered by the workspace's runtime.
+pub async fn available(deps: &Deps, workspace: &str) -> Result<Vec<PluginInfo>> {
+    validate_workspace_id(workspace)?;
+    let host = deps.fleet.locate(workspace).await?;
+    Ok(catalog::registry(&deps.registry, Some(&host.runtime)).await)
+}
+
+pub async fn compatibility(deps: &Deps, workspace: &str, runtime: &str) -> Result<Compatibility> {
     validate_workspace_id(workspace)?;
     let current = deps.state.load(workspace).await?;
     if current.etag.is_none() {
-        // No document: tell an unknown workspace from one with no plugins.
         match deps.fleet.locate(workspace).await {
-            Ok(_) => {}
-            Err(e) if e.kind == crate::ErrorKind::Conflict => {}
-            Err(e) => return Err(e),
+            Err(e) if e.kind == crate::ErrorKind::NotFound => return Err(e),
+            _ => {}
         }
     }
-    Ok(current.state.plugins.into_values().collect())
+    Ok(catalog::compatibility(current.state.plugins.values(), runtime))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AllowlistView {
+    pub org_id: String,
+    pub plugins: Vec<String>,
+    pub allow_all: bool,
+}
+
+fn view(org: &str, list: Allowlist) -> AllowlistView {
+    AllowlistView { org_id: org.to_string(), allow_all: list.plugins.is_empty(), plugins: list.plugins }
+}
+
+pub async fn get_allowlist(deps: &Deps, org: &str) -> Result<AllowlistView> {
+    validate_workspace_id(org).map_err(|_| Error::bad_request(format!("invalid org id {org:?}")))?;
+    let (list, _) = deps.allowlists.load_allowlist(org).await?;
+    Ok(view(org, list))
+}
+
+pub async fn put_allowlist(deps: &Deps, org: &str, plugins: Vec<String>) -> Result<AllowlistView> {
+    validate_workspace_id(org).map_err(|_| Error::bad_request(format!("invalid org id {org:?}")))?;
+    for p in &plugins {
+        validate_name(p)?;
+    }
+    let mut plugins = plugins;
+    plugins.sort();
+    plugins.dedup();
+    let list = Allowlist { plugins };
+    for _ in 0..STATE_ATTEMPTS {
+        let (_, etag) = deps.allowlists.load_allowlist(org).await?;
+        if deps.allowlists.save_allowlist(org, &list, etag.as_deref()).await? {
+            return Ok(view(org, list));
+        }
+    }
+    Err(Error::conflict("the allowlist is changing too fast; try again"))
 }

@@ -43,6 +43,10 @@ pub trait Registry: Send + Sync {
     /// The plugin's files, unsorted; empty when the plugin is not published.
     async fn list(&self, name: &str) -> Result<Vec<RegistryFile>>;
     async fn open(&self, file: &RegistryFile) -> Result<RegistryObject>;
+    /// Names of the published plugins (the folders under `registry/`).
+    async fn names(&self) -> Result<Vec<String>>;
+    /// A published plugin's `plugin.yaml`, if it has one.
+    async fn manifest(&self, name: &str) -> Result<Option<Vec<u8>>>;
 }
 
 #[async_trait]
@@ -78,6 +82,24 @@ pub trait StateStore: Send + Sync {
     /// so the caller re-reads and re-applies its change.
     async fn save(&self, workspace: &str, state: &DesiredState, etag: Option<&str>)
         -> Result<bool>;
+}
+
+/// An org's plugin allowlist: empty means every plugin is allowed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allowlist {
+    #[serde(default)]
+    pub plugins: Vec<String>,
+}
+
+#[async_trait]
+pub trait AllowlistStore: Send + Sync {
+    async fn load_allowlist(&self, org: &str) -> Result<(Allowlist, Option<String>)>;
+    /// Conditional write, as `StateStore::save`.
+    async fn save_allowlist(&self, org: &str, list: &Allowlist, etag: Option<&str>) -> Result<bool>;
+}
+
+pub fn allowlist_key(org: &str) -> String {
+    format!("orgs/{org}/plugins/allowlist.json")
 }
 
 pub fn registry_prefix(name: &str) -> String {
@@ -154,6 +176,33 @@ impl Registry for S3Store {
             }
         }
         Ok(files)
+    }
+
+    async fn names(&self) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix("registry/")
+            .delimiter("/")
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| s3_error("list registry", e))?;
+            for p in page.common_prefixes() {
+                let name = p.prefix().unwrap_or_default().trim_start_matches("registry/").trim_end_matches('/');
+                if !name.is_empty() {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    async fn manifest(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        self.get_optional(&format!("{}plugin.yaml", registry_prefix(name))).await
     }
 
     async fn open(&self, file: &RegistryFile) -> Result<RegistryObject> {
@@ -334,50 +383,61 @@ impl S3Store {
 impl StateStore for S3Store {
     async fn load(&self, workspace: &str) -> Result<Versioned> {
         let key = state_key(workspace);
-        let out = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&key)
-            .send()
-            .await
-        {
-            Ok(out) => out,
-            Err(e) if http_status(&e) == Some(404) => {
-                return Ok(Versioned {
-                    state: DesiredState::default(),
-                    etag: None,
-                })
-            }
-            Err(e) => return Err(s3_error("get desired state", e)),
+        let Some((bytes, etag)) = self.get_versioned(&key).await? else {
+            return Ok(Versioned { state: DesiredState::default(), etag: None });
         };
-        let etag = out.e_tag().map(str::to_string);
-        let bytes = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| {
-                Error::unavailable("S3 is not available right now")
-                    .with_detail(format!("read desired state: {e:?}"))
-            })?
-            .into_bytes();
         let state = serde_json::from_slice(&bytes)
             .map_err(|e| Error::internal(format!("corrupt desired state {key}: {e}")))?;
         Ok(Versioned { state, etag })
     }
 
-    async fn save(
-        &self,
-        workspace: &str,
-        state: &DesiredState,
-        etag: Option<&str>,
-    ) -> Result<bool> {
+    async fn save(&self, workspace: &str, state: &DesiredState, etag: Option<&str>) -> Result<bool> {
         let body = serde_json::to_vec_pretty(state).map_err(Error::internal)?;
+        self.put_conditional(&state_key(workspace), body, etag).await
+    }
+}
+
+#[async_trait]
+impl AllowlistStore for S3Store {
+    async fn load_allowlist(&self, org: &str) -> Result<(Allowlist, Option<String>)> {
+        let key = allowlist_key(org);
+        let Some((bytes, etag)) = self.get_versioned(&key).await? else {
+            return Ok((Allowlist::default(), None));
+        };
+        let list = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::internal(format!("corrupt allowlist {key}: {e}")))?;
+        Ok((list, etag))
+    }
+
+    async fn save_allowlist(&self, org: &str, list: &Allowlist, etag: Option<&str>) -> Result<bool> {
+        let body = serde_json::to_vec_pretty(list).map_err(Error::internal)?;
+        self.put_conditional(&allowlist_key(org), body, etag).await
+    }
+}
+
+impl S3Store {
+    /// A small JSON document and its ETag; `None` when it does not exist.
+    async fn get_versioned(&self, key: &str) -> Result<Option<(Vec<u8>, Option<String>)>> {
+        let out = match self.client.get_object().bucket(&self.bucket).key(key).send().await {
+            Ok(out) => out,
+            Err(e) if http_status(&e) == Some(404) => return Ok(None),
+            Err(e) => return Err(s3_error("get document", e)),
+        };
+        let etag = out.e_tag().map(str::to_string);
+        let bytes = out.body.collect().await.map_err(|e| {
+            Error::unavailable("S3 is not available right now").with_detail(format!("read {key}: {e:?}"))
+        })?;
+        Ok(Some((bytes.into_bytes().to_vec(), etag)))
+    }
+
+    /// Conditional write: `If-Match` the version read, or `If-None-Match: *`
+    /// to create. `Ok(false)` when another writer got there first.
+    async fn put_conditional(&self, key: &str, body: Vec<u8>, etag: Option<&str>) -> Result<bool> {
         let mut req = self
             .client
             .put_object()
             .bucket(&self.bucket)
-            .key(state_key(workspace))
+            .key(key)
             .content_type("application/json")
             .body(ByteStream::from(body));
         req = match etag {
@@ -389,7 +449,7 @@ impl StateStore for S3Store {
             // 412: precondition failed; 409: a concurrent conditional write
             // is in flight (S3 says ConditionalRequestConflict). Both: retry.
             Err(e) if matches!(http_status(&e), Some(412) | Some(409)) => Ok(false),
-            Err(e) => Err(s3_error("put desired state", e)),
+            Err(e) => Err(s3_error("put document", e)),
         }
     }
 }

@@ -399,11 +399,21 @@ impl Fixture {
 
 /// An API Gateway HTTP API (v2) event, as API Gateway would send it.
 pub fn event(method: &str, route: &str, path: &str, params: Value, body: Option<&str>) -> Request {
+    event_with_query(method, route, path, params, body, "")
+}
+
+pub fn event_with_query(method: &str, route: &str, path: &str, params: Value, body: Option<&str>, query: &str) -> Request {
+    let qs: serde_json::Map<String, Value> = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+        .collect();
     let ev = json!({
+        "queryStringParameters": qs,
         "version": "2.0",
         "routeKey": format!("{method} {route}"),
         "rawPath": path,
-        "rawQueryString": "",
+        "rawQueryString": query,
         "headers": {"content-type": "application/json"},
         "requestContext": {
             "accountId": "123456789012", "apiId": "test", "domainName": "test.local",
@@ -416,6 +426,29 @@ pub fn event(method: &str, route: &str, path: &str, params: Value, body: Option<
         "isBase64Encoded": false
     });
     lambda_http::request::from_str(&ev.to_string()).expect("valid v2 event")
+}
+
+/// A read request with an optional query string (`runtime=x`).
+pub fn get_req(route: &str, path: &str, params: Value, query: &str) -> Request {
+    event_with_query("GET", route, path, params, None, query)
+}
+
+pub async fn catalog(app: &App, route: &str, path: &str, params: Value, query: &str) -> (u16, Value) {
+    parts(plugin_delivery::api::catalog(app, get_req(route, path, params, query)).await)
+}
+
+pub fn allowlist_req(method: &str, org: &str, body: Option<&str>) -> Request {
+    event(
+        method,
+        "/orgs/{id}/plugins/allowlist",
+        &format!("/orgs/{org}/plugins/allowlist"),
+        json!({ "id": org }),
+        body,
+    )
+}
+
+pub async fn allowlist(app: &App, method: &str, org: &str, body: Option<&str>) -> (u16, Value) {
+    parts(plugin_delivery::api::allowlist(app, allowlist_req(method, org, body)).await)
 }
 
 pub fn install_req(ws: &str, body: &str) -> Request {

@@ -1,0 +1,130 @@
+//! The canvas's read endpoints and the org allowlist, on the local stack.
+
+use acceptance::*;
+use serde_json::{json, Value};
+
+async fn seed(f: &Fixture) {
+    f.publish("cc-only", &[("plugin.yaml", b"name: cc-only\nversion: 1.0.0\ndescription: d\nauthor: a\ntags: [x]\nskills: [s]\nruntimes: [claude_code]\n")]).await;
+    f.publish("hermes-only", &[("plugin.yaml", b"name: hermes-only\nversion: 2.0.0\nruntimes: [hermes]\n")]).await;
+    f.publish("anywhere", &[("plugin.yaml", b"name: anywhere\nversion: 0.1.0\n"), ("rules/r.md", b"r\n")]).await;
+}
+
+fn names(v: &Value) -> Vec<&str> {
+    v.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_sources_and_available() {
+    let f = Fixture::new().await;
+    let app = f.app();
+    // Empty registry: [].
+    let (s, b) = catalog(&app, "/plugins", "/plugins", json!({}), "").await;
+    assert_eq!((s, b), (200, json!([])));
+    seed(&f).await;
+
+    let (s, b) = catalog(&app, "/plugins", "/plugins", json!({}), "").await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(names(&b), ["anywhere", "cc-only", "hermes-only"]);
+    assert_eq!(
+        b[1],
+        json!({"name": "cc-only", "version": "1.0.0", "description": "d", "author": "a",
+               "tags": ["x"], "skills": ["s"], "runtimes": ["claude_code"]})
+    );
+    let (s, b) = catalog(&app, "/plugins", "/plugins", json!({}), "runtime=claude-code").await;
+    assert_eq!(s, 200);
+    assert_eq!(names(&b), ["anywhere", "cc-only"]);
+    assert!(b.as_array().unwrap().iter().all(|p| p["supported_on_runtime"] == true));
+
+    let (s, b) = catalog(&app, "/plugins/sources", "/plugins/sources", json!({}), "").await;
+    assert_eq!((s, b), (200, json!({"schemes": ["local"]})));
+
+    let route = "/workspaces/{id}/plugins/available";
+    let path = format!("/workspaces/{}/plugins/available", f.workspace);
+    let (s, b) = catalog(&app, route, &path, json!({"id": f.workspace}), "").await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(names(&b), ["anywhere", "cc-only"], "filtered by the workspace's runtime");
+    let (s, _) = catalog(&app, route, "/workspaces/ws-none/plugins/available", json!({"id": "ws-none"}), "").await;
+    assert_eq!(s, 404);
+
+    // An unreadable registry answers [] rather than an error.
+    let mut cfg = f.config();
+    cfg.bucket = "pd-no-such-bucket".into();
+    let (s, b) = catalog(&f.app_with(cfg), "/plugins", "/plugins", json!({}), "").await;
+    assert_eq!((s, b), (200, json!([])));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_and_compatibility_follow_the_runtime() {
+    let f = Fixture::new().await;
+    let app = f.app();
+    seed(&f).await;
+    for p in ["cc-only", "anywhere"] {
+        let (s, b) = install(&app, &f.workspace, &format!(r#"{{"source":"{p}"}}"#)).await;
+        assert_eq!(s, 200, "{b}");
+    }
+    let (s, b) = list(&app, &f.workspace).await;
+    assert_eq!(s, 200);
+    assert_eq!(names(&b), ["anywhere", "cc-only"]);
+    assert!(b.as_array().unwrap().iter().all(|p| p["supported_on_runtime"] == true), "{b}");
+
+    let route = "/workspaces/{id}/plugins/compatibility";
+    let path = format!("/workspaces/{}/plugins/compatibility", f.workspace);
+    let params = json!({"id": f.workspace});
+    let (s, b) = catalog(&app, route, &path, params.clone(), "runtime=hermes").await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        b,
+        json!({"target_runtime": "hermes", "compatible": ["anywhere"], "incompatible": ["cc-only"], "all_compatible": false})
+    );
+    let (s, b) = catalog(&app, route, &path, params.clone(), "runtime=claude_code").await;
+    assert_eq!((s, b["all_compatible"].clone()), (200, json!(true)));
+    let (s, b) = catalog(&app, route, &path, params, "").await;
+    assert_eq!(s, 400, "{b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn org_allowlist_allows_denies_and_fails_closed() {
+    let f = Fixture::new().await;
+    let app = f.app();
+    seed(&f).await;
+    let org = unique("org");
+    set_tag(&f.ec2, &f.host.instance_id, "molecule:org-id", &org).await;
+
+    let (s, b) = allowlist(&app, "GET", &org, None).await;
+    assert_eq!((s, b), (200, json!({"org_id": org, "plugins": [], "allow_all": true})));
+    let (s, b) = allowlist(&app, "PUT", &org, Some(r#"{"plugins": ["cc-only", "../x"]}"#)).await;
+    assert_eq!(s, 400);
+    assert!(b["error"].as_str().unwrap().contains("../x"), "{b}");
+    let (s, b) = allowlist(&app, "PUT", &org, Some(r#"{"plugins": ["cc-only"]}"#)).await;
+    assert_eq!((s, b), (200, json!({"org_id": org, "plugins": ["cc-only"], "allow_all": false})));
+    let (s, b) = allowlist(&app, "GET", &org, None).await;
+    assert_eq!(b["plugins"], json!(["cc-only"]), "{s} {b}");
+
+    // Denied: 403 with the exact message, nothing staged, nothing on the host.
+    let (s, b) = install(&app, &f.workspace, r#"{"source":"anywhere"}"#).await;
+    assert_eq!(s, 403, "{b}");
+    assert_eq!(b["error"], "plugin \"anywhere\" is not in the org allowlist");
+    assert!(f.keys("staged/").await.is_empty());
+    assert!(!f.touched());
+    // Allowed.
+    let (s, b) = install(&app, &f.workspace, r#"{"source":"cc-only"}"#).await;
+    assert_eq!(s, 200, "{b}");
+    // Empty list: everything allowed again.
+    let (s, _) = allowlist(&app, "PUT", &org, Some(r#"{"plugins": []}"#)).await;
+    assert_eq!(s, 200);
+    let (s, b) = install(&app, &f.workspace, r#"{"source":"anywhere"}"#).await;
+    assert_eq!(s, 200, "{b}");
+
+    // An unreadable list refuses the install (fail closed) with a 503.
+    f.s3.put_object()
+        .bucket(&f.bucket)
+        .key(format!("orgs/{org}/plugins/allowlist.json"))
+        .body(b"{not json".to_vec().into())
+        .send()
+        .await
+        .unwrap();
+    let (s, b) = install(&app, &f.workspace, r#"{"source":"hermes-only"}"#).await;
+    assert_eq!(s, 503, "{b}");
+    assert!(b["error"].as_str().unwrap().contains("allowlist"), "{b}");
+    assert!(!f.plugin_dir("hermes-only").exists());
+}
