@@ -119,6 +119,8 @@ request() {
     fi
 }
 
+bold "What the registry offers this workspace's runtime"
+request GET catalog "/workspaces/$workspace/plugins/available" '' 200
 bold "Install"
 request POST install "/workspaces/$workspace/plugins" '{"source": "local://hello-world"}' 200
 bold "On the host: $configs/plugins/hello-world/"
@@ -152,12 +154,18 @@ if [ "$check" = 1 ]; then
     invoke list events/list.json 200
     invoke install events/install-bad-name.json 400
     invoke uninstall events/uninstall.json 200
+    invoke catalog events/registry.json 200
+    invoke catalog events/sources.json 200
+    invoke catalog events/available.json 200
+    invoke catalog events/compatibility.json 200
+    invoke allowlist events/allowlist-put.json 200
+    invoke allowlist events/allowlist-get.json 200
 fi
 
 if [ "$keep" = 1 ]; then
     bold "Left running"
     cat <<EOF
-functions: $base/{install,uninstall,list}/workspaces/$workspace/plugins...
+functions: $base/{install,uninstall,list,catalog,allowlist}/... (e.g. $base/catalog/plugins)
   curl -sS -X POST -d '{"source":"hello-world"}' $base/install/workspaces/$workspace/plugins
   cargo lambda invoke -A 127.0.0.1 -P $port install --data-file events/install.json
 host config dir: $configs    stack env: . $state/env
