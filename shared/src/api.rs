@@ -100,7 +100,11 @@ pub async fn allowlist(app: &App, req: Request) -> Response<Body> {
                             .ok_or_else(|| Error::bad_request(format!("invalid plugin name {i}")))
                     })
                     .collect::<Result<Vec<_>>>()?,
-                _ => return Err(Error::bad_request("\"plugins\" must be a list of plugin names")),
+                _ => {
+                    return Err(Error::bad_request(
+                        "\"plugins\" must be a list of plugin names",
+                    ))
+                }
             };
             deadline(app, ops::put_allowlist(&app.deps, &org, plugins)).await
         } else {
@@ -115,7 +119,11 @@ pub async fn allowlist(app: &App, req: Request) -> Response<Body> {
 /// (a function URL under `cargo lambda watch` puts `/lambda-url/<fn>` first).
 fn route_segments(req: &Request) -> Vec<&str> {
     let path = req.raw_http_path();
-    let path = if path.is_empty() { req.uri().path() } else { path };
+    let path = if path.is_empty() {
+        req.uri().path()
+    } else {
+        path
+    };
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let start = segs
         .iter()

@@ -91,7 +91,14 @@ pub struct CanonicalArchive {
     tree_bytes: u64,
     max_tree_bytes: u64,
     manifest: Option<Vec<u8>>,
+    /// The tree digest that a top-level `manifest.json` may pin (see
+    /// `verify_tree_digest`), accumulated while the files stream through.
+    tree: Sha256,
+    manifest_json: Option<Vec<u8>>,
 }
+
+/// The file whose `sha256` field pins the rest of the tree.
+pub const TREE_MANIFEST: &str = "manifest.json";
 
 impl CanonicalArchive {
     pub fn create(max_tree_bytes: u64) -> Result<Self> {
@@ -121,6 +128,8 @@ impl CanonicalArchive {
             tree_bytes: 0,
             max_tree_bytes,
             manifest: None,
+            tree: Sha256::new(),
+            manifest_json: None,
         })
     }
 
@@ -169,16 +178,24 @@ impl CanonicalArchive {
         if self.tree_bytes > self.max_tree_bytes {
             return Err(too_large(self.max_tree_bytes));
         }
-        let keep_manifest = path == "plugin.yaml";
-        if keep_manifest && size as usize > MAX_MANIFEST_BYTES {
-            return Err(Error::unprocessable("plugin.yaml is larger than 1 MiB"));
+        let keep = path == "plugin.yaml" || path == TREE_MANIFEST;
+        if keep && size as usize > MAX_MANIFEST_BYTES {
+            return Err(Error::unprocessable(format!("{path} is larger than 1 MiB")));
         }
         self.add_parents(path)?;
         let mut h = Self::header(tar::EntryType::Regular, canonical_mode(mode), size);
+        // Tree digest entries are `path NUL content`; files arrive sorted by
+        // path and NUL sorts first, so this is also the entries' byte order.
+        let in_tree = path != TREE_MANIFEST;
+        if in_tree {
+            self.tree.update(path.as_bytes());
+            self.tree.update([0u8]);
+        }
         let mut counted = CountingReader {
             inner: data,
             count: 0,
-            copy: keep_manifest.then(Vec::new),
+            copy: keep.then(Vec::new),
+            tree: in_tree.then_some(&mut self.tree),
         };
         // `take(size)` plus the count check below: a source that changes
         // length under us is an error, never a silently truncated archive.
@@ -192,13 +209,22 @@ impl CanonicalArchive {
             )));
         }
         if let Some(copy) = counted.copy {
-            self.manifest = Some(copy);
+            if path == TREE_MANIFEST {
+                self.manifest_json = Some(copy);
+            } else {
+                self.manifest = Some(copy);
+            }
         }
         self.last_path = Some(path.to_string());
         Ok(())
     }
 
+    /// Checks the tree against `manifest.json`'s `sha256`, then completes
+    /// the archive. No manifest, or no `sha256` key: nothing to check.
     pub fn finish(self) -> Result<ArchiveFile> {
+        if let Some(json) = &self.manifest_json {
+            verify_tree_digest(json, &hex::encode(self.tree.clone().finalize()))?;
+        }
         let gz = self.builder.into_inner().map_err(Error::internal)?;
         let mut hashing = gz.finish().map_err(Error::internal)?;
         hashing.flush().map_err(Error::internal)?;
@@ -219,20 +245,43 @@ pub fn too_large(cap: u64) -> Error {
     ))
 }
 
-struct CountingReader<R> {
+struct CountingReader<'a, R> {
     inner: R,
     count: u64,
     copy: Option<Vec<u8>>,
+    tree: Option<&'a mut Sha256>,
 }
 
-impl<R: Read> Read for CountingReader<R> {
+impl<R: Read> Read for CountingReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.count += n as u64;
         if let Some(c) = &mut self.copy {
             c.extend_from_slice(&buf[..n]);
         }
+        if let Some(t) = &mut self.tree {
+            t.update(&buf[..n]);
+        }
         Ok(n)
+    }
+}
+
+/// `manifest.json`'s `sha256`, when present, must equal the tree digest
+/// (case-insensitive): invalid JSON or a non-string `sha256` is refused.
+pub fn verify_tree_digest(manifest_json: &[u8], tree_digest: &str) -> Result<()> {
+    let doc: serde_json::Value = serde_json::from_slice(manifest_json)
+        .map_err(|_| Error::unprocessable("manifest.json is not valid JSON"))?;
+    match doc.get("sha256") {
+        None => Ok(()),
+        Some(serde_json::Value::String(want)) if want.eq_ignore_ascii_case(tree_digest) => Ok(()),
+        Some(serde_json::Value::String(want)) => Err(Error::unprocessable(
+            "the plugin's files do not match the sha256 in its manifest.json",
+        )
+        .with_field("expected", serde_json::json!(want.to_ascii_lowercase()))
+        .with_field("actual", serde_json::json!(tree_digest))),
+        Some(_) => Err(Error::unprocessable(
+            "manifest.json's sha256 must be a string",
+        )),
     }
 }
 
@@ -287,6 +336,45 @@ mod tests {
                 ("skills/a/SKILL.md".into(), 0o644, 0, 0),
             ]
         );
+    }
+
+    /// The tree digest, computed independently of the archive writer.
+    fn tree_digest(files: &[(&str, &[u8])]) -> String {
+        let mut entries: Vec<Vec<u8>> = files
+            .iter()
+            .filter(|(p, _)| *p != TREE_MANIFEST)
+            .map(|(p, d)| [p.as_bytes(), b"\0", d].concat())
+            .collect();
+        entries.sort();
+        sha256_hex(&entries.concat())
+    }
+
+    #[test]
+    fn manifest_json_pins_the_tree() {
+        let files: Vec<(&str, &[u8])> = vec![
+            ("a.b", b"x"),
+            ("a/b", b"y"),
+            ("plugin.yaml", b"name: t\n"),
+            ("skills/s/SKILL.md", b"# S\n"),
+        ];
+        let digest = tree_digest(&files);
+        let build = |manifest: &[u8]| {
+            let mut all = files.clone();
+            all.push(("manifest.json", manifest));
+            all.sort();
+            let mut a = CanonicalArchive::create(1 << 20).unwrap();
+            for (p, d) in &all {
+                a.add_file(p, d.len() as u64, 0o644, *d).unwrap();
+            }
+            a.finish()
+        };
+        let ok = format!(r#"{{"sha256": "{}", "name": "t"}}"#, digest.to_uppercase());
+        build(ok.as_bytes()).unwrap();
+        build(br#"{"name": "no digest"}"#).unwrap();
+        let wrong = format!(r#"{{"sha256": "{}"}}"#, "0".repeat(64));
+        assert_eq!(build(wrong.as_bytes()).unwrap_err().status(), 422);
+        assert_eq!(build(b"{not json").unwrap_err().status(), 422);
+        assert_eq!(build(br#"{"sha256": 5}"#).unwrap_err().status(), 422);
     }
 
     #[test]

@@ -65,7 +65,10 @@ pub struct Compatibility {
     pub all_compatible: bool,
 }
 
-pub fn compatibility<'a>(installed: impl IntoIterator<Item = &'a InstalledPlugin>, runtime: &str) -> Compatibility {
+pub fn compatibility<'a>(
+    installed: impl IntoIterator<Item = &'a InstalledPlugin>,
+    runtime: &str,
+) -> Compatibility {
     let (mut compatible, mut incompatible) = (Vec::new(), Vec::new());
     for p in installed {
         if supports(&p.runtimes, runtime) {

@@ -5,16 +5,16 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::archive::sha256_hex;
+use crate::catalog::{self, Compatibility, ListedPlugin, PluginInfo};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fleet::Fleet;
+use crate::fleet::Host;
 use crate::hostscript::{interpret, HostCommand};
 use crate::plugin::{
     validate_name, validate_workspace_id, DesiredState, InstalledPlugin, Manifest,
 };
 use crate::source::Source;
-use crate::catalog::{self, Compatibility, ListedPlugin, PluginInfo};
-use crate::fleet::Host;
 use crate::store::{Allowlist, AllowlistStore, ArchiveStore, Registry, StateStore};
 use crate::transport::HostTransport;
 
@@ -245,7 +245,9 @@ pub async fn uninstall(deps: &Deps, workspace: &str, name: &str) -> Result<Unins
 
 /// The org allowlist gate. Fails closed: an unreadable list refuses.
 async fn check_allowlist(deps: &Deps, host: &Host, name: &str) -> Result<()> {
-    let Some(org) = &host.org_id else { return Ok(()) };
+    let Some(org) = &host.org_id else {
+        return Ok(());
+    };
     let (list, _) = deps.allowlists.load_allowlist(org).await.map_err(|e| {
         Error::unavailable("the org allowlist could not be read, so the install is refused")
             .with_detail(format!("org {org}: {} {:?}", e.message, e.detail))
@@ -277,7 +279,9 @@ pub async fn list(deps: &Deps, workspace: &str) -> Result<Vec<ListedPlugin>> {
         .plugins
         .into_values()
         .map(|p| ListedPlugin {
-            supported_on_runtime: runtime.as_deref().map(|r| catalog::supports(&p.runtimes, r)),
+            supported_on_runtime: runtime
+                .as_deref()
+                .map(|r| catalog::supports(&p.runtimes, r)),
             plugin: p,
         })
         .collect())
@@ -299,7 +303,10 @@ pub async fn compatibility(deps: &Deps, workspace: &str, runtime: &str) -> Resul
             _ => {}
         }
     }
-    Ok(catalog::compatibility(current.state.plugins.values(), runtime))
+    Ok(catalog::compatibility(
+        current.state.plugins.values(),
+        runtime,
+    ))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -310,17 +317,23 @@ pub struct AllowlistView {
 }
 
 fn view(org: &str, list: Allowlist) -> AllowlistView {
-    AllowlistView { org_id: org.to_string(), allow_all: list.plugins.is_empty(), plugins: list.plugins }
+    AllowlistView {
+        org_id: org.to_string(),
+        allow_all: list.plugins.is_empty(),
+        plugins: list.plugins,
+    }
 }
 
 pub async fn get_allowlist(deps: &Deps, org: &str) -> Result<AllowlistView> {
-    validate_workspace_id(org).map_err(|_| Error::bad_request(format!("invalid org id {org:?}")))?;
+    validate_workspace_id(org)
+        .map_err(|_| Error::bad_request(format!("invalid org id {org:?}")))?;
     let (list, _) = deps.allowlists.load_allowlist(org).await?;
     Ok(view(org, list))
 }
 
 pub async fn put_allowlist(deps: &Deps, org: &str, plugins: Vec<String>) -> Result<AllowlistView> {
-    validate_workspace_id(org).map_err(|_| Error::bad_request(format!("invalid org id {org:?}")))?;
+    validate_workspace_id(org)
+        .map_err(|_| Error::bad_request(format!("invalid org id {org:?}")))?;
     for p in &plugins {
         validate_name(p)?;
     }
@@ -330,9 +343,15 @@ pub async fn put_allowlist(deps: &Deps, org: &str, plugins: Vec<String>) -> Resu
     let list = Allowlist { plugins };
     for _ in 0..STATE_ATTEMPTS {
         let (_, etag) = deps.allowlists.load_allowlist(org).await?;
-        if deps.allowlists.save_allowlist(org, &list, etag.as_deref()).await? {
+        if deps
+            .allowlists
+            .save_allowlist(org, &list, etag.as_deref())
+            .await?
+        {
             return Ok(view(org, list));
         }
     }
-    Err(Error::conflict("the allowlist is changing too fast; try again"))
+    Err(Error::conflict(
+        "the allowlist is changing too fast; try again",
+    ))
 }

@@ -33,6 +33,13 @@ impl Source {
             Some((s, rest)) => (s, rest),
             None => ("local", raw),
         };
+        // RFC 3986 scheme syntax; anything else is not a source at all.
+        let mut chars = scheme.chars();
+        let scheme_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '.' | '-'));
+        if !scheme_ok || spec.is_empty() {
+            return Err(Error::bad_request("invalid plugin source"));
+        }
         match scheme {
             "local" => {
                 validate_name(spec)?;
@@ -237,6 +244,14 @@ mod tests {
             "local://x-1"
         );
         assert_eq!(Source::parse("").unwrap_err().status(), 400);
+        for bad in ["local://", "1x://a", "a b://c", "://x"] {
+            let e = Source::parse(bad).unwrap_err();
+            assert_eq!(
+                (e.status(), e.message.as_str()),
+                (400, "invalid plugin source"),
+                "{bad}"
+            );
+        }
         assert_eq!(Source::parse("local://../etc").unwrap_err().status(), 400);
         let e = Source::parse("ftp://x").unwrap_err();
         assert_eq!(e.status(), 400);

@@ -95,7 +95,8 @@ pub struct Allowlist {
 pub trait AllowlistStore: Send + Sync {
     async fn load_allowlist(&self, org: &str) -> Result<(Allowlist, Option<String>)>;
     /// Conditional write, as `StateStore::save`.
-    async fn save_allowlist(&self, org: &str, list: &Allowlist, etag: Option<&str>) -> Result<bool>;
+    async fn save_allowlist(&self, org: &str, list: &Allowlist, etag: Option<&str>)
+        -> Result<bool>;
 }
 
 pub fn allowlist_key(org: &str) -> String {
@@ -191,7 +192,11 @@ impl Registry for S3Store {
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| s3_error("list registry", e))?;
             for p in page.common_prefixes() {
-                let name = p.prefix().unwrap_or_default().trim_start_matches("registry/").trim_end_matches('/');
+                let name = p
+                    .prefix()
+                    .unwrap_or_default()
+                    .trim_start_matches("registry/")
+                    .trim_end_matches('/');
                 if !name.is_empty() {
                     names.push(name.to_string());
                 }
@@ -202,7 +207,8 @@ impl Registry for S3Store {
     }
 
     async fn manifest(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        self.get_optional(&format!("{}plugin.yaml", registry_prefix(name))).await
+        self.get_optional(&format!("{}plugin.yaml", registry_prefix(name)))
+            .await
     }
 
     async fn open(&self, file: &RegistryFile) -> Result<RegistryObject> {
@@ -384,16 +390,25 @@ impl StateStore for S3Store {
     async fn load(&self, workspace: &str) -> Result<Versioned> {
         let key = state_key(workspace);
         let Some((bytes, etag)) = self.get_versioned(&key).await? else {
-            return Ok(Versioned { state: DesiredState::default(), etag: None });
+            return Ok(Versioned {
+                state: DesiredState::default(),
+                etag: None,
+            });
         };
         let state = serde_json::from_slice(&bytes)
             .map_err(|e| Error::internal(format!("corrupt desired state {key}: {e}")))?;
         Ok(Versioned { state, etag })
     }
 
-    async fn save(&self, workspace: &str, state: &DesiredState, etag: Option<&str>) -> Result<bool> {
+    async fn save(
+        &self,
+        workspace: &str,
+        state: &DesiredState,
+        etag: Option<&str>,
+    ) -> Result<bool> {
         let body = serde_json::to_vec_pretty(state).map_err(Error::internal)?;
-        self.put_conditional(&state_key(workspace), body, etag).await
+        self.put_conditional(&state_key(workspace), body, etag)
+            .await
     }
 }
 
@@ -409,7 +424,12 @@ impl AllowlistStore for S3Store {
         Ok((list, etag))
     }
 
-    async fn save_allowlist(&self, org: &str, list: &Allowlist, etag: Option<&str>) -> Result<bool> {
+    async fn save_allowlist(
+        &self,
+        org: &str,
+        list: &Allowlist,
+        etag: Option<&str>,
+    ) -> Result<bool> {
         let body = serde_json::to_vec_pretty(list).map_err(Error::internal)?;
         self.put_conditional(&allowlist_key(org), body, etag).await
     }
@@ -418,14 +438,22 @@ impl AllowlistStore for S3Store {
 impl S3Store {
     /// A small JSON document and its ETag; `None` when it does not exist.
     async fn get_versioned(&self, key: &str) -> Result<Option<(Vec<u8>, Option<String>)>> {
-        let out = match self.client.get_object().bucket(&self.bucket).key(key).send().await {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
             Ok(out) => out,
             Err(e) if http_status(&e) == Some(404) => return Ok(None),
             Err(e) => return Err(s3_error("get document", e)),
         };
         let etag = out.e_tag().map(str::to_string);
         let bytes = out.body.collect().await.map_err(|e| {
-            Error::unavailable("S3 is not available right now").with_detail(format!("read {key}: {e:?}"))
+            Error::unavailable("S3 is not available right now")
+                .with_detail(format!("read {key}: {e:?}"))
         })?;
         Ok(Some((bytes.into_bytes().to_vec(), etag)))
     }

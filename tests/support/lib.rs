@@ -402,7 +402,14 @@ pub fn event(method: &str, route: &str, path: &str, params: Value, body: Option<
     event_with_query(method, route, path, params, body, "")
 }
 
-pub fn event_with_query(method: &str, route: &str, path: &str, params: Value, body: Option<&str>, query: &str) -> Request {
+pub fn event_with_query(
+    method: &str,
+    route: &str,
+    path: &str,
+    params: Value,
+    body: Option<&str>,
+    query: &str,
+) -> Request {
     let qs: serde_json::Map<String, Value> = query
         .split('&')
         .filter_map(|kv| kv.split_once('='))
@@ -433,7 +440,13 @@ pub fn get_req(route: &str, path: &str, params: Value, query: &str) -> Request {
     event_with_query("GET", route, path, params, None, query)
 }
 
-pub async fn catalog(app: &App, route: &str, path: &str, params: Value, query: &str) -> (u16, Value) {
+pub async fn catalog(
+    app: &App,
+    route: &str,
+    path: &str,
+    params: Value,
+    query: &str,
+) -> (u16, Value) {
     parts(plugin_delivery::api::catalog(app, get_req(route, path, params, query)).await)
 }
 

@@ -5,12 +5,30 @@ use serde_json::{json, Value};
 
 async fn seed(f: &Fixture) {
     f.publish("cc-only", &[("plugin.yaml", b"name: cc-only\nversion: 1.0.0\ndescription: d\nauthor: a\ntags: [x]\nskills: [s]\nruntimes: [claude_code]\n")]).await;
-    f.publish("hermes-only", &[("plugin.yaml", b"name: hermes-only\nversion: 2.0.0\nruntimes: [hermes]\n")]).await;
-    f.publish("anywhere", &[("plugin.yaml", b"name: anywhere\nversion: 0.1.0\n"), ("rules/r.md", b"r\n")]).await;
+    f.publish(
+        "hermes-only",
+        &[(
+            "plugin.yaml",
+            b"name: hermes-only\nversion: 2.0.0\nruntimes: [hermes]\n",
+        )],
+    )
+    .await;
+    f.publish(
+        "anywhere",
+        &[
+            ("plugin.yaml", b"name: anywhere\nversion: 0.1.0\n"),
+            ("rules/r.md", b"r\n"),
+        ],
+    )
+    .await;
 }
 
 fn names(v: &Value) -> Vec<&str> {
-    v.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,10 +48,21 @@ async fn registry_sources_and_available() {
         json!({"name": "cc-only", "version": "1.0.0", "description": "d", "author": "a",
                "tags": ["x"], "skills": ["s"], "runtimes": ["claude_code"]})
     );
-    let (s, b) = catalog(&app, "/plugins", "/plugins", json!({}), "runtime=claude-code").await;
+    let (s, b) = catalog(
+        &app,
+        "/plugins",
+        "/plugins",
+        json!({}),
+        "runtime=claude-code",
+    )
+    .await;
     assert_eq!(s, 200);
     assert_eq!(names(&b), ["anywhere", "cc-only"]);
-    assert!(b.as_array().unwrap().iter().all(|p| p["supported_on_runtime"] == true));
+    assert!(b
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["supported_on_runtime"] == true));
 
     let (s, b) = catalog(&app, "/plugins/sources", "/plugins/sources", json!({}), "").await;
     assert_eq!((s, b), (200, json!({"schemes": ["local"]})));
@@ -42,8 +71,19 @@ async fn registry_sources_and_available() {
     let path = format!("/workspaces/{}/plugins/available", f.workspace);
     let (s, b) = catalog(&app, route, &path, json!({"id": f.workspace}), "").await;
     assert_eq!(s, 200, "{b}");
-    assert_eq!(names(&b), ["anywhere", "cc-only"], "filtered by the workspace's runtime");
-    let (s, _) = catalog(&app, route, "/workspaces/ws-none/plugins/available", json!({"id": "ws-none"}), "").await;
+    assert_eq!(
+        names(&b),
+        ["anywhere", "cc-only"],
+        "filtered by the workspace's runtime"
+    );
+    let (s, _) = catalog(
+        &app,
+        route,
+        "/workspaces/ws-none/plugins/available",
+        json!({"id": "ws-none"}),
+        "",
+    )
+    .await;
     assert_eq!(s, 404);
 
     // An unreadable registry answers [] rather than an error.
@@ -65,7 +105,13 @@ async fn list_and_compatibility_follow_the_runtime() {
     let (s, b) = list(&app, &f.workspace).await;
     assert_eq!(s, 200);
     assert_eq!(names(&b), ["anywhere", "cc-only"]);
-    assert!(b.as_array().unwrap().iter().all(|p| p["supported_on_runtime"] == true), "{b}");
+    assert!(
+        b.as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["supported_on_runtime"] == true),
+        "{b}"
+    );
 
     let route = "/workspaces/{id}/plugins/compatibility";
     let path = format!("/workspaces/{}/plugins/compatibility", f.workspace);
@@ -91,19 +137,40 @@ async fn org_allowlist_allows_denies_and_fails_closed() {
     set_tag(&f.ec2, &f.host.instance_id, "molecule:org-id", &org).await;
 
     let (s, b) = allowlist(&app, "GET", &org, None).await;
-    assert_eq!((s, b), (200, json!({"org_id": org, "plugins": [], "allow_all": true})));
-    let (s, b) = allowlist(&app, "PUT", &org, Some(r#"{"plugins": ["cc-only", "../x"]}"#)).await;
+    assert_eq!(
+        (s, b),
+        (
+            200,
+            json!({"org_id": org, "plugins": [], "allow_all": true})
+        )
+    );
+    let (s, b) = allowlist(
+        &app,
+        "PUT",
+        &org,
+        Some(r#"{"plugins": ["cc-only", "../x"]}"#),
+    )
+    .await;
     assert_eq!(s, 400);
     assert!(b["error"].as_str().unwrap().contains("../x"), "{b}");
     let (s, b) = allowlist(&app, "PUT", &org, Some(r#"{"plugins": ["cc-only"]}"#)).await;
-    assert_eq!((s, b), (200, json!({"org_id": org, "plugins": ["cc-only"], "allow_all": false})));
+    assert_eq!(
+        (s, b),
+        (
+            200,
+            json!({"org_id": org, "plugins": ["cc-only"], "allow_all": false})
+        )
+    );
     let (s, b) = allowlist(&app, "GET", &org, None).await;
     assert_eq!(b["plugins"], json!(["cc-only"]), "{s} {b}");
 
     // Denied: 403 with the exact message, nothing staged, nothing on the host.
     let (s, b) = install(&app, &f.workspace, r#"{"source":"anywhere"}"#).await;
     assert_eq!(s, 403, "{b}");
-    assert_eq!(b["error"], "plugin \"anywhere\" is not in the org allowlist");
+    assert_eq!(
+        b["error"],
+        "plugin \"anywhere\" is not in the org allowlist"
+    );
     assert!(f.keys("staged/").await.is_empty());
     assert!(!f.touched());
     // Allowed.

@@ -480,3 +480,37 @@ async fn failed_restart_is_502_and_slow_host_is_504() {
     );
     assert!(b["error"].as_str().unwrap().contains("2 s"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifest_json_digest_is_checked_before_anything_is_written() {
+    let f = Fixture::new().await;
+    let app = f.app();
+    let files = small_plugin("pinned-tree");
+    // The tree digest: sorted `path NUL content` entries, manifest.json excluded.
+    let mut entries: Vec<Vec<u8>> = files
+        .iter()
+        .map(|(p, d)| [p.as_bytes(), b"\0", d].concat())
+        .collect();
+    entries.sort();
+    let digest = sha256_hex(&entries.concat());
+
+    let mut bad = files.clone();
+    bad.push((
+        "manifest.json".into(),
+        format!(r#"{{"sha256":"{}"}}"#, "a".repeat(64)).into_bytes(),
+    ));
+    publish_owned(&f, "pinned-tree", &bad).await;
+    let (s, b) = install(&app, &f.workspace, r#"{"source":"pinned-tree"}"#).await;
+    assert_eq!(s, 422, "{b}");
+    assert_eq!(written(&f).await, Vec::<String>::new());
+    assert!(!f.touched());
+
+    let mut good = files.clone();
+    good.push((
+        "manifest.json".into(),
+        format!(r#"{{"sha256":"{}"}}"#, digest.to_uppercase()).into_bytes(),
+    ));
+    publish_owned(&f, "pinned-tree", &good).await;
+    let (s, b) = install(&app, &f.workspace, r#"{"source":"pinned-tree"}"#).await;
+    assert_eq!(s, 200, "{b}");
+}
