@@ -7,6 +7,7 @@ use aws_config::BehaviorVersion;
 
 use crate::config::Config;
 use crate::error::Result;
+use crate::fetch::Remote;
 use crate::fleet::Ec2Fleet;
 use crate::ops::Deps;
 use crate::store::S3Store;
@@ -20,10 +21,10 @@ impl App {
     pub async fn from_env() -> Result<App> {
         let config = Config::from_env()?;
         let sdk = aws_config::defaults(BehaviorVersion::latest()).load().await;
-        Ok(App::new(config, &sdk))
+        App::new(config, &sdk)
     }
 
-    pub fn new(config: Config, sdk: &aws_config::SdkConfig) -> App {
+    pub fn new(config: Config, sdk: &aws_config::SdkConfig) -> Result<App> {
         // Local S3 stand-ins serve buckets by path, not by virtual host.
         let local_s3 = sdk.endpoint_url().is_some()
             || ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
@@ -39,6 +40,7 @@ impl App {
             s3,
             aws_sdk_ec2::Client::new(sdk),
             aws_sdk_ec2instanceconnect::Client::new(sdk),
+            aws_sdk_ssm::Client::new(sdk),
         )
     }
 
@@ -47,7 +49,8 @@ impl App {
         s3: aws_sdk_s3::Client,
         ec2: aws_sdk_ec2::Client,
         eic: aws_sdk_ec2instanceconnect::Client,
-    ) -> App {
+        ssm: aws_sdk_ssm::Client,
+    ) -> Result<App> {
         let store = Arc::new(S3Store::new(s3, config.bucket.clone()));
         let fleet = Arc::new(Ec2Fleet::new(
             ec2,
@@ -62,7 +65,14 @@ impl App {
             config.insecure_ignore_host_key,
             config.connect_timeout,
         ));
-        App {
+        let remote = Arc::new(Remote::new(
+            &config.github_api,
+            config.github_token_parameter.clone(),
+            config.extra_ca_pem.as_deref(),
+            config.fetch_timeout,
+            ssm,
+        )?);
+        Ok(App {
             deps: Deps {
                 config: Arc::new(config),
                 registry: store.clone(),
@@ -71,8 +81,9 @@ impl App {
                 fleet,
                 transport,
                 allowlists: store,
+                remote,
             },
-        }
+        })
     }
 }
 

@@ -40,6 +40,16 @@ pub struct Config {
     pub max_tree_bytes: u64,
     /// How long the host script waits for the per-config-dir lock.
     pub lock_wait_secs: u64,
+    /// GitHub API base URL (GitHub Enterprise, or the tests' own server).
+    pub github_api: String,
+    /// `github://owner/repo` without `#ref` is refused unless this is set.
+    pub allow_unpinned: bool,
+    /// SSM SecureString parameter holding a token for private repositories.
+    pub github_token_parameter: Option<String>,
+    /// Extra trusted CA certificates (PEM) for private mirrors.
+    pub extra_ca_pem: Option<Vec<u8>>,
+    /// Deadline of one remote fetch.
+    pub fetch_timeout: Duration,
 }
 
 impl Config {
@@ -58,6 +68,11 @@ impl Config {
             connect_timeout: Duration::from_secs(10),
             max_tree_bytes: 100 * 1024 * 1024,
             lock_wait_secs: 20,
+            github_api: "https://api.github.com".into(),
+            allow_unpinned: false,
+            github_token_parameter: None,
+            extra_ca_pem: None,
+            fetch_timeout: Duration::from_secs(300),
         }
     }
 
@@ -94,6 +109,24 @@ impl Config {
         }
         if let Some(v) = var("PLUGIN_LOCK_WAIT_SECS") {
             c.lock_wait_secs = parse(&v, "PLUGIN_LOCK_WAIT_SECS")?;
+        }
+        if let Some(v) = var("PLUGIN_GITHUB_API_URL") {
+            c.github_api = v;
+        }
+        c.allow_unpinned = var("PLUGIN_ALLOW_UNPINNED")
+            .is_some_and(|v| matches!(v.as_str(), "1" | "true" | "yes"));
+        c.github_token_parameter = var("PLUGIN_GITHUB_TOKEN_PARAMETER");
+        // PEM text, or the path of a PEM file.
+        if let Some(v) = var("PLUGIN_EXTRA_CA_CERTS") {
+            c.extra_ca_pem = Some(if v.contains("-----BEGIN") {
+                v.into_bytes()
+            } else {
+                std::fs::read(&v)
+                    .map_err(|e| Error::internal(format!("PLUGIN_EXTRA_CA_CERTS {v}: {e}")))?
+            });
+        }
+        if let Some(v) = var("PLUGIN_FETCH_TIMEOUT_SECS") {
+            c.fetch_timeout = Duration::from_secs(parse(&v, "PLUGIN_FETCH_TIMEOUT_SECS")?);
         }
         if c.insecure_ignore_host_key {
             tracing::warn!(

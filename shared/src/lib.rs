@@ -10,6 +10,7 @@ pub mod archive;
 pub mod catalog;
 pub mod config;
 pub mod error;
+pub mod fetch;
 pub mod fleet;
 pub mod hostscript;
 pub mod intake;

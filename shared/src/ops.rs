@@ -8,12 +8,15 @@ use crate::archive::sha256_hex;
 use crate::catalog::{self, Compatibility, ListedPlugin, PluginInfo};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::fetch::Remote;
 use crate::fleet::Fleet;
 use crate::fleet::Host;
 use crate::hostscript::{interpret, HostCommand};
+use crate::intake::Skipped;
 use crate::plugin::{
     validate_name, validate_workspace_id, DesiredState, InstalledPlugin, Manifest,
 };
+use crate::source::FetchContext;
 use crate::source::Source;
 use crate::store::{Allowlist, AllowlistStore, ArchiveStore, Registry, StateStore};
 use crate::transport::HostTransport;
@@ -28,6 +31,7 @@ pub struct Deps {
     pub fleet: Arc<dyn Fleet>,
     pub transport: Arc<dyn HostTransport>,
     pub allowlists: Arc<dyn AllowlistStore>,
+    pub remote: Arc<Remote>,
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +45,11 @@ pub struct InstallRequest {
 pub struct InstallOutcome {
     pub status: String,
     pub plugin: String,
+    /// What decided the name: `registry`, `plugin.yaml` or `source`.
+    pub name_from: String,
+    /// Links dropped from a fetched archive.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<Skipped>,
     pub source: String,
     pub version: String,
     pub digest: String,
@@ -104,7 +113,7 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
             ))
         }
     };
-    let name = source.name().to_string();
+    let early_name = source.known_name().map(str::to_string);
     let cfg = &deps.config;
 
     // Finding the host and building the archive are independent; neither
@@ -117,15 +126,29 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
         ms
     };
     let mut t = started;
+    let cx = FetchContext {
+        registry: &deps.registry,
+        archives: &deps.archives,
+        remote: &deps.remote,
+        max_tree_bytes: cfg.max_tree_bytes,
+        allow_unpinned: cfg.allow_unpinned,
+    };
     let (host, resolved) = tokio::try_join!(
         async {
             let host = deps.fleet.locate(workspace).await?;
             // As soon as name and org are known: a refusal cancels the fetch.
-            check_allowlist(deps, &host, &name).await?;
+            if let Some(name) = &early_name {
+                check_allowlist(deps, &host, name).await?;
+            }
             Ok(host)
         },
-        source.fetch(&deps.registry, &deps.archives, cfg.max_tree_bytes)
+        source.fetch(&cx)
     )?;
+    let name = resolved.name.clone();
+    if early_name.is_none() {
+        // Fetched sources name themselves: checked before anything is staged.
+        check_allowlist(deps, &host, &name).await?;
+    }
     let archive = resolved.archive;
 
     let manifest_bytes = archive.manifest.as_deref();
@@ -150,8 +173,10 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
     };
 
     let resolve_ms = lap(&mut t);
-    if let Some(print) = &resolved.fingerprint {
+    if !resolved.recalled {
         deps.archives.stage(&archive.sha256, archive.path()).await?;
+    }
+    if let Some(print) = &resolved.fingerprint {
         deps.archives.remember(print, &archive).await?;
     }
     let stage_ms = lap(&mut t);
@@ -208,6 +233,8 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
         }
         .into(),
         plugin: name,
+        name_from: resolved.name_from.to_string(),
+        skipped: resolved.skipped,
         source: source.canonical(),
         version: manifest.version,
         digest: archive.sha256,

@@ -1,6 +1,6 @@
 //! Plugin sources: parse what the caller asked for and turn it into a
-//! canonical archive on local disk. Only `local://` (the S3 registry) exists
-//! today; other schemes plug in as further `Source` variants and resolvers.
+//! canonical archive on local disk: `local://` (the S3 registry), a pinned
+//! `github://owner/repo#ref`, or a pinned `https://...#sha256=<hex>`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,12 +14,109 @@ use crate::plugin::validate_name;
 use crate::store::{ArchiveStore, Registry, RegistryFile};
 use sha2::{Digest, Sha256};
 
-pub const SCHEMES: &[&str] = &["local"];
+use crate::fetch::Remote;
+use crate::intake::{self, IntakeLimits, Skipped};
+
+/// Registered schemes, sorted.
+pub const SCHEMES: &[&str] = &["github", "https", "local"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     /// A plugin published under `registry/<name>/` in the bucket.
     Local { name: String },
+    /// A GitHub repository at a tag, branch or commit (`None`: unpinned).
+    GitHub {
+        owner: String,
+        repo: String,
+        reference: Option<String>,
+    },
+    /// An archive at an https URL, pinned by its SHA-256.
+    Https {
+        url: String,
+        sha256: String,
+        stem: String,
+    },
+}
+
+/// What a fetch needs besides the source itself.
+pub struct FetchContext<'a> {
+    pub registry: &'a Arc<dyn Registry>,
+    pub archives: &'a Arc<dyn ArchiveStore>,
+    pub remote: &'a Remote,
+    pub max_tree_bytes: u64,
+    pub allow_unpinned: bool,
+}
+
+/// `[A-Za-z0-9][A-Za-z0-9_.-]{0,99}`: GitHub owner and repository names.
+fn github_segment(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 100
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+fn parse_github(spec: &str) -> Result<Source> {
+    let (path, reference) = match spec.split_once('#') {
+        Some((p, r)) => (p, Some(r)),
+        None => (spec, None),
+    };
+    let invalid = || Error::bad_request("invalid plugin source");
+    let (owner, repo) = path.split_once('/').ok_or_else(invalid)?;
+    if !github_segment(owner) || !github_segment(repo) {
+        return Err(invalid());
+    }
+    if let Some(r) = reference {
+        let ok = !r.is_empty()
+            && r.len() <= 255
+            && !r.starts_with('-')
+            && !r.chars().any(|c| c.is_control() || c.is_whitespace());
+        if !ok {
+            return Err(invalid());
+        }
+    }
+    Ok(Source::GitHub {
+        owner: owner.to_string(),
+        repo: repo.to_string(),
+        reference: reference.map(str::to_string),
+    })
+}
+
+fn parse_https(raw: &str) -> Result<Source> {
+    let (url, fragment) = match raw.split_once('#') {
+        Some((u, f)) => (u, Some(f)),
+        None => (raw, None),
+    };
+    let Some(hex) = fragment.and_then(|f| f.strip_prefix("sha256=")) else {
+        return Err(Error::unprocessable(
+            "https sources must pin the archive: append #sha256=<hex of the archive>",
+        ));
+    };
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::unprocessable(
+            "the #sha256= pin must be 64 hexadecimal characters",
+        ));
+    }
+    let parsed =
+        reqwest::Url::parse(url).map_err(|_| Error::bad_request("invalid plugin source"))?;
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(Error::bad_request("invalid plugin source"));
+    }
+    let file = parsed
+        .path_segments()
+        .and_then(|mut s| s.next_back())
+        .unwrap_or_default();
+    let stem = [".tar.gz", ".tgz", ".gz"]
+        .iter()
+        .find_map(|ext| file.strip_suffix(ext))
+        .unwrap_or(file)
+        .to_string();
+    Ok(Source::Https {
+        url: url.to_string(),
+        sha256: hex.to_ascii_lowercase(),
+        stem,
+    })
 }
 
 impl Source {
@@ -47,6 +144,12 @@ impl Source {
                     name: spec.to_string(),
                 })
             }
+            "github" => parse_github(spec),
+            "https" => parse_https(raw),
+            "http" => Err(Error::bad_request(
+                "plain http:// sources are refused; use https:// with a #sha256= pin",
+            )
+            .with_field("available_schemes", serde_json::json!(SCHEMES))),
             other => Err(
                 Error::bad_request(format!("unsupported plugin source scheme {other:?}"))
                     .with_field("available_schemes", serde_json::json!(SCHEMES)),
@@ -54,30 +157,153 @@ impl Source {
         }
     }
 
-    /// The plugin's name on the host.
-    pub fn name(&self) -> &str {
+    /// The plugin's name on the host when the source alone decides it
+    /// (the registry name); other sources name it from what they fetch.
+    pub fn known_name(&self) -> Option<&str> {
         match self {
-            Source::Local { name } => name,
+            Source::Local { name } => Some(name),
+            _ => None,
+        }
+    }
+
+    pub fn scheme(&self) -> &'static str {
+        match self {
+            Source::Local { .. } => "local",
+            Source::GitHub { .. } => "github",
+            Source::Https { .. } => "https",
         }
     }
 
     /// The canonical archive of the plugin this source names. Each scheme
-    /// brings its own fetcher; all of them end in the same checks.
-    pub async fn fetch(
-        &self,
-        registry: &Arc<dyn Registry>,
-        archives: &Arc<dyn ArchiveStore>,
-        max_tree_bytes: u64,
-    ) -> Result<Resolved> {
+    /// brings its own fetcher; remote archives all pass `intake`'s checks.
+    pub async fn fetch(&self, cx: &FetchContext<'_>) -> Result<Resolved> {
+        let limits = IntakeLimits {
+            max_tree_bytes: cx.max_tree_bytes,
+            ..Default::default()
+        };
+        let source = self.canonical();
+        let (body, strip, fallback) = match self {
+            Source::Local { name } => {
+                return fetch_local(cx.registry, cx.archives, name, cx.max_tree_bytes).await
+            }
+            Source::GitHub {
+                owner,
+                repo,
+                reference,
+            } => {
+                if reference.is_none() && !cx.allow_unpinned {
+                    return Err(Error::unprocessable(format!(
+                        "unpinned GitHub source: pin it as github://{owner}/{repo}#<tag, branch or full commit sha>"
+                    )));
+                }
+                let r = reference.as_deref().unwrap_or("");
+                (
+                    cx.remote.github_tarball(owner, repo, r, &source).await?,
+                    true,
+                    repo.as_str(),
+                )
+            }
+            Source::Https { url, .. } => (cx.remote.https(url, &source).await?, false, self.stem()),
+        };
+        let pin = match self {
+            Source::Https { sha256, .. } => Some(sha256.clone()),
+            _ => None,
+        };
+        let handle = tokio::runtime::Handle::current();
+        let (intake, raw_sha) = tokio::task::spawn_blocking(move || {
+            let mut reader = HashingRead {
+                inner: SyncIoBridge::new_with_handle(body, handle),
+                hasher: Sha256::new(),
+            };
+            let intake = intake::ingest(&mut reader, strip, &limits)?;
+            Ok::<_, Error>((intake, hex::encode(reader.hasher.finalize())))
+        })
+        .await
+        .map_err(Error::internal)?
+        .map_err(|e| match e.kind {
+            // The stream broke, not the archive: say which source failed.
+            crate::ErrorKind::Unavailable => {
+                Error::host_failed(format!("fetching {source} failed"))
+                    .with_field("scheme", serde_json::json!(self.scheme()))
+                    .with_detail(format!("{:?}", e.detail))
+            }
+            _ => e,
+        })?;
+        if let Some(pin) = pin {
+            if raw_sha != pin {
+                return Err(Error::unprocessable(
+                    "the archive's sha256 does not match the #sha256= pin",
+                )
+                .with_field("expected", serde_json::json!(pin))
+                .with_field("actual", serde_json::json!(raw_sha)));
+            }
+        }
+        let (name, name_from) = derive_name(intake.archive.manifest.as_deref(), fallback)?;
+        Ok(Resolved {
+            archive: intake.archive,
+            fingerprint: None,
+            recalled: false,
+            name,
+            name_from,
+            skipped: intake.skipped,
+        })
+    }
+
+    fn stem(&self) -> &str {
         match self {
-            Source::Local { name } => fetch_local(registry, archives, name, max_tree_bytes).await,
+            Source::Https { stem, .. } => stem,
+            _ => "",
         }
     }
 
     pub fn canonical(&self) -> String {
         match self {
             Source::Local { name } => format!("local://{name}"),
+            Source::GitHub {
+                owner,
+                repo,
+                reference: Some(r),
+            } => format!("github://{owner}/{repo}#{r}"),
+            Source::GitHub {
+                owner,
+                repo,
+                reference: None,
+            } => format!("github://{owner}/{repo}"),
+            Source::Https { url, sha256, .. } => format!("{url}#sha256={sha256}"),
         }
+    }
+}
+
+/// The name on the host for a fetched plugin: `plugin.yaml`'s `name` when
+/// it is a valid plugin name, else the repository name or file stem.
+fn derive_name(manifest: Option<&[u8]>, fallback: &str) -> Result<(String, &'static str)> {
+    let declared = manifest
+        .and_then(|m| crate::plugin::Manifest::parse(m).ok())
+        .and_then(|m| m.name);
+    if let Some(n) = declared.filter(|n| validate_name(n).is_ok()) {
+        return Ok((n, "plugin.yaml"));
+    }
+    let lowered = fallback.to_ascii_lowercase();
+    validate_name(&lowered).map_err(|_| {
+        Error::unprocessable(format!(
+            "cannot derive a plugin name: plugin.yaml has no valid name and {fallback:?} is not one"
+        ))
+    })?;
+    Ok((lowered, "source"))
+}
+
+/// Hashes the raw bytes as they are read (the https pin is on the archive
+/// as served, before any re-packing).
+struct HashingRead<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: std::io::Read> std::io::Read for HashingRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
     }
 }
 
@@ -85,9 +311,16 @@ impl Source {
 #[derive(Debug)]
 pub struct Resolved {
     pub archive: ArchiveFile,
-    /// Set when the archive was built rather than recalled: record it under
-    /// this fingerprint once it is staged.
+    /// Set when a registry archive was built: record it under this
+    /// fingerprint once it is staged.
     pub fingerprint: Option<String>,
+    /// Recalled from the staged archives (already in S3).
+    pub recalled: bool,
+    /// The plugin's name on the host, and what decided it.
+    pub name: String,
+    pub name_from: &'static str,
+    /// Symlinks and hardlinks that were dropped.
+    pub skipped: Vec<Skipped>,
 }
 
 /// Identifies a registry listing: paths, sizes and object versions, plus
@@ -143,11 +376,16 @@ pub async fn fetch_local(
     }
 
     let print = fingerprint(&files);
+    let resolved = |archive, fingerprint, recalled| Resolved {
+        archive,
+        fingerprint,
+        recalled,
+        name: name.to_string(),
+        name_from: "registry",
+        skipped: Vec::new(),
+    };
     if let Some(archive) = archives.recall(&print).await? {
-        return Ok(Resolved {
-            archive,
-            fingerprint: None,
-        });
+        return Ok(resolved(archive, None, true));
     }
 
     // Open up to PREFETCH objects ahead of the archiver: plugins are many
@@ -209,10 +447,7 @@ pub async fn fetch_local(
     .await
     .map_err(Error::internal)?;
     drop(cancel);
-    Ok(Resolved {
-        archive: built?,
-        fingerprint: Some(print),
-    })
+    Ok(resolved(built?, Some(print), false))
 }
 
 struct Cancel(Arc<AtomicBool>, tokio::task::AbortHandle);

@@ -102,6 +102,7 @@ pub async fn clients() -> (
     aws_sdk_s3::Client,
     aws_sdk_ec2::Client,
     aws_sdk_ec2instanceconnect::Client,
+    aws_sdk_ssm::Client,
 ) {
     let sdk = sdk().await;
     let s3 = aws_sdk_s3::Client::from_conf(
@@ -114,7 +115,12 @@ pub async fn clients() -> (
             .endpoint_url(stack().var("AWS_ENDPOINT_URL_EC2_INSTANCE_CONNECT"))
             .build(),
     );
-    (s3, aws_sdk_ec2::Client::new(&sdk), eic)
+    (
+        s3,
+        aws_sdk_ec2::Client::new(&sdk),
+        eic,
+        aws_sdk_ssm::Client::new(&sdk),
+    )
 }
 
 /// Unique loopback addresses per test host within one test binary; the base
@@ -249,6 +255,7 @@ pub struct Fixture {
     pub s3: aws_sdk_s3::Client,
     pub ec2: aws_sdk_ec2::Client,
     pub eic: aws_sdk_ec2instanceconnect::Client,
+    pub ssm: aws_sdk_ssm::Client,
     pub bucket: String,
     pub workspace: String,
     pub host: Host,
@@ -258,7 +265,7 @@ pub struct Fixture {
 
 impl Fixture {
     pub async fn new() -> Fixture {
-        let (s3, ec2, eic) = clients().await;
+        let (s3, ec2, eic, ssm) = clients().await;
         let bucket = unique("pd-test");
         s3.create_bucket()
             .bucket(&bucket)
@@ -280,6 +287,7 @@ impl Fixture {
             s3,
             ec2,
             eic,
+            ssm,
             bucket,
             workspace,
             host,
@@ -314,7 +322,14 @@ impl Fixture {
     }
 
     pub fn app_with(&self, config: Config) -> App {
-        App::with_clients(config, self.s3.clone(), self.ec2.clone(), self.eic.clone())
+        App::with_clients(
+            config,
+            self.s3.clone(),
+            self.ec2.clone(),
+            self.eic.clone(),
+            self.ssm.clone(),
+        )
+        .expect("app")
     }
 
     pub fn plugin_dir(&self, name: &str) -> PathBuf {

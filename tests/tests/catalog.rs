@@ -65,7 +65,10 @@ async fn registry_sources_and_available() {
         .all(|p| p["supported_on_runtime"] == true));
 
     let (s, b) = catalog(&app, "/plugins/sources", "/plugins/sources", json!({}), "").await;
-    assert_eq!((s, b), (200, json!({"schemes": ["local"]})));
+    assert_eq!(
+        (s, b),
+        (200, json!({"schemes": ["github", "https", "local"]}))
+    );
 
     let route = "/workspaces/{id}/plugins/available";
     let path = format!("/workspaces/{}/plugins/available", f.workspace);

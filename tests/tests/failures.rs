@@ -62,7 +62,10 @@ async fn bad_input_is_rejected_before_anything_is_written() {
     }
     let (s, b) = install(&app, &f.workspace, r#"{"source": "ftp://x"}"#).await;
     assert_eq!(s, 400);
-    assert_eq!(b["available_schemes"], serde_json::json!(["local"]));
+    assert_eq!(
+        b["available_schemes"],
+        serde_json::json!(["github", "https", "local"])
+    );
     for body in [
         "not json",
         "[1]",
