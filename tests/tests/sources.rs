@@ -1,0 +1,357 @@
+//! Plugin sources beyond the registry: pinned GitHub repositories and
+//! pinned https archives, served by the tests' own TLS server
+//! (`tests/stack/source_server.py`, a stand-in for GitHub's tarball
+//! endpoint), and a private repository whose token is in SSM (moto).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use acceptance::*;
+use serde_json::Value;
+
+struct SourceServer {
+    child: Child,
+    root: tempfile::TempDir,
+    tls: PathBuf,
+    port: u16,
+    plain_port: u16,
+}
+
+impl SourceServer {
+    fn start() -> SourceServer {
+        let root = tempfile::tempdir().unwrap();
+        let tls = root.path().join("tls");
+        let made = Command::new("bash")
+            .arg(repo_root().join("tests/stack/make-test-ca.sh"))
+            .arg(&tls)
+            .status()
+            .unwrap();
+        assert!(made.success(), "make-test-ca.sh");
+        let child = Command::new("python3")
+            .arg(repo_root().join("tests/stack/source_server.py"))
+            .args(["--port", "0", "--plain-port", "0", "--root"])
+            .arg(root.path())
+            .arg("--tls-dir")
+            .arg(&tls)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("source_server.py");
+        let ports = root.path().join("ports.json");
+        for _ in 0..100 {
+            if let Ok(text) = std::fs::read_to_string(&ports) {
+                if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                    let port = v["port"].as_u64().or_else(|| v["https"].as_u64()).unwrap() as u16;
+                    let plain_port = v["plain_port"]
+                        .as_u64()
+                        .or_else(|| v["http"].as_u64())
+                        .unwrap_or(0) as u16;
+                    return SourceServer {
+                        child,
+                        root,
+                        tls,
+                        port,
+                        plain_port,
+                    };
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("source_server.py did not write {}", ports.display());
+    }
+
+    fn base(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    fn repo_ref(&self, owner: &str, repo: &str, reference: &str, files: &[(&str, &[u8])]) {
+        let dir = self
+            .root
+            .path()
+            .join("github")
+            .join(owner)
+            .join(repo)
+            .join("refs")
+            .join(reference);
+        write_tree(&dir, files);
+    }
+
+    fn file(&self, path: &str, bytes: &[u8]) {
+        let p = self.root.path().join("files").join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+}
+
+impl Drop for SourceServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_tree(dir: &Path, files: &[(&str, &[u8])]) {
+    for (p, d) in files {
+        let path = dir.join(p);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, d).unwrap();
+    }
+}
+
+/// A .tar.gz with `entries`, each (path, bytes) or a symlink (path, target).
+fn tarball(files: &[(&str, &[u8])], symlinks: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    for (p, d) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(d.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, p, *d).unwrap();
+    }
+    for (p, target) in symlinks {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        b.append_link(&mut h, p, target).unwrap();
+    }
+    b.into_inner().unwrap().finish().unwrap()
+}
+
+fn app_for(f: &Fixture, srv: &SourceServer, token_param: Option<&str>) -> plugin_delivery::App {
+    let mut cfg = f.config();
+    cfg.github_api = srv.base();
+    cfg.extra_ca_pem = Some(std::fs::read(srv.tls.join("ca.pem")).unwrap());
+    cfg.github_token_parameter = token_param.map(str::to_string);
+    f.app_with(cfg)
+}
+
+const PLUGIN: &[(&str, &[u8])] = &[
+    (
+        "plugin.yaml",
+        b"name: gh-plugin\nversion: 3.1.0\nskills: [gh]\n",
+    ),
+    ("skills/gh/SKILL.md", b"# GH\n"),
+    ("rules/r.md", b"From GitHub.\n"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_sources_by_tag_branch_and_commit() {
+    let f = Fixture::new().await;
+    let srv = SourceServer::start();
+    let app = app_for(&f, &srv, None);
+    srv.repo_ref("acme", "Tools", "v1.0.0", PLUGIN);
+    srv.repo_ref("acme", "Tools", "release/v1", PLUGIN);
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::write(
+        srv.root.path().join("github/acme/Tools/commits"),
+        format!("{sha} v1.0.0\n"),
+    )
+    .unwrap();
+
+    let (s, b) = install(
+        &app,
+        &f.workspace,
+        r#"{"source":"github://acme/Tools#v1.0.0"}"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["plugin"], "gh-plugin");
+    assert_eq!(b["name_from"], "plugin.yaml");
+    assert_eq!(b["source"], "github://acme/Tools#v1.0.0");
+    assert_eq!(b["version"], "3.1.0");
+    // The top-level directory GitHub adds is gone; the tree is exact.
+    let t = tree(&f.plugin_dir("gh-plugin"));
+    let got: Vec<(&str, &[u8])> = t
+        .iter()
+        .map(|(p, v)| (p.as_str(), v.0.as_slice()))
+        .collect();
+    let mut want = PLUGIN.to_vec();
+    want.sort();
+    assert_eq!(got, want);
+    assert!(
+        f.keys(&format!("staged/{}.tar.gz", b["digest"].as_str().unwrap()))
+            .await
+            .len()
+            == 1
+    );
+
+    for src in [
+        format!("github://acme/Tools#release/v1"),
+        format!("github://acme/Tools#{sha}"),
+    ] {
+        let (s, b) = install(&app, &f.workspace, &format!(r#"{{"source":"{src}"}}"#)).await;
+        assert_eq!(s, 200, "{src}: {b}");
+        assert_eq!(
+            b["status"], "unchanged",
+            "same tree, same canonical archive: {b}"
+        );
+    }
+
+    let (s, b) = install(&app, &f.workspace, r#"{"source":"github://acme/Tools"}"#).await;
+    assert_eq!(s, 422, "{b}");
+    assert!(
+        b["error"].as_str().unwrap().contains("#"),
+        "says how to pin: {b}"
+    );
+    for missing in ["github://acme/Nope#v1.0.0", "github://acme/Tools#v9"] {
+        let (s, b) = install(&app, &f.workspace, &format!(r#"{{"source":"{missing}"}}"#)).await;
+        assert_eq!(s, 404, "{missing}: {b}");
+    }
+    for bad in [
+        "github://acme#v1",
+        "github://-x/y#v1",
+        "github://a/b#-rf",
+        "github://a/b#",
+    ] {
+        let (s, b) = install(&app, &f.workspace, &format!(r#"{{"source":"{bad}"}}"#)).await;
+        assert_eq!(s, 400, "{bad}: {b}");
+    }
+
+    // No valid name in plugin.yaml: the repository name (lowercased).
+    srv.repo_ref(
+        "acme",
+        "Nameless",
+        "v1",
+        &[("plugin.yaml", b"version: 1\n"), ("a.md", b"a\n")],
+    );
+    let (s, b) = install(
+        &app,
+        &f.workspace,
+        r#"{"source":"github://acme/Nameless#v1"}"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        (b["plugin"].as_str(), b["name_from"].as_str()),
+        (Some("nameless"), Some("source"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_github_repository_uses_the_token_from_ssm() {
+    let f = Fixture::new().await;
+    let srv = SourceServer::start();
+    srv.repo_ref("acme", "secret", "v2", PLUGIN);
+    std::fs::write(
+        srv.root.path().join("github/acme/secret/token"),
+        "s3cr3t-token",
+    )
+    .unwrap();
+    let param = format!("/plugin-delivery/{}/github-token", unique("t"));
+    f.ssm
+        .put_parameter()
+        .name(&param)
+        .value("s3cr3t-token")
+        .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+        .send()
+        .await
+        .unwrap();
+    let (s, b) = install(
+        &app_for(&f, &srv, None),
+        &f.workspace,
+        r#"{"source":"github://acme/secret#v2"}"#,
+    )
+    .await;
+    assert_eq!(
+        s, 404,
+        "without a token a private repository is not found: {b}"
+    );
+    let (s, b) = install(
+        &app_for(&f, &srv, Some(&param)),
+        &f.workspace,
+        r#"{"source":"github://acme/secret#v2"}"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert!(!b.to_string().contains("s3cr3t"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_sources_are_pinned_and_checked() {
+    let f = Fixture::new().await;
+    let srv = SourceServer::start();
+    let app = app_for(&f, &srv, None);
+    let good = tarball(
+        &[("plugin.yaml", b"version: 1.0.0\n"), ("rules/x.md", b"x\n")],
+        &[("link", "/etc/passwd")],
+    );
+    srv.file("archives/web-tool.tar.gz", &good);
+    let pin = sha256_hex(&good);
+    let url = format!("{}/files/archives/web-tool.tar.gz", srv.base());
+
+    let (s, b) = install(
+        &app,
+        &f.workspace,
+        &format!(r#"{{"source":"{url}#sha256={}"}}"#, pin.to_uppercase()),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        (b["plugin"].as_str(), b["name_from"].as_str()),
+        (Some("web-tool"), Some("source"))
+    );
+    assert_eq!(
+        b["skipped"],
+        serde_json::json!([{"path": "link", "reason": "symlink"}])
+    );
+    assert!(!f.plugin_dir("web-tool").join("link").exists());
+
+    let (s, b) = install(
+        &app,
+        &f.workspace,
+        &format!(r#"{{"source":"{url}#sha256={}"}}"#, "0".repeat(64)),
+    )
+    .await;
+    assert_eq!(s, 422, "{b}");
+    let (s, b) = install(&app, &f.workspace, &format!(r#"{{"source":"{url}"}}"#)).await;
+    assert_eq!(s, 422, "{b}");
+    let plain = format!(
+        "http://127.0.0.1:{}/files/archives/web-tool.tar.gz#sha256={pin}",
+        srv.plain_port
+    );
+    let (s, b) = install(&app, &f.workspace, &format!(r#"{{"source":"{plain}"}}"#)).await;
+    assert_eq!(s, 400, "{b}");
+    let redirect = format!(
+        "{}/redirect-to-http/archives/web-tool.tar.gz#sha256={pin}",
+        srv.base()
+    );
+    let (s, b) = install(&app, &f.workspace, &format!(r#"{{"source":"{redirect}"}}"#)).await;
+    assert_eq!(s, 502, "{b}");
+    assert_eq!(b["scheme"], "https");
+    assert!(
+        !b.to_string().contains("redirect to a non-https"),
+        "no upstream text: {b}"
+    );
+    let missing = format!("{}/files/nope.tar.gz#sha256={pin}", srv.base());
+    assert_eq!(
+        install(&app, &f.workspace, &format!(r#"{{"source":"{missing}"}}"#))
+            .await
+            .0,
+        404
+    );
+
+    // Hostile: a traversal entry is refused, nothing staged.
+    let staged_before = f.keys("staged/").await;
+    let mut evil = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    let mut h = tar::Header::new_gnu();
+    h.as_gnu_mut().unwrap().name[..6].copy_from_slice(b"../x.m");
+    h.set_size(1);
+    h.set_mode(0o644);
+    h.set_cksum();
+    evil.append(&h, &b"x"[..]).unwrap();
+    let evil = evil.into_inner().unwrap().finish().unwrap();
+    srv.file("evil.tar.gz", &evil);
+    let src = format!(
+        "{}/files/evil.tar.gz#sha256={}",
+        srv.base(),
+        sha256_hex(&evil)
+    );
+    let (s, b) = install(&app, &f.workspace, &format!(r#"{{"source":"{src}"}}"#)).await;
+    assert_eq!(s, 422, "{b}");
+    assert_eq!(f.keys("staged/").await, staged_before);
+}
