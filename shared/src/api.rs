@@ -83,6 +83,31 @@ pub async fn catalog(app: &App, req: Request) -> Response<Body> {
     respond(&rid, "catalog", r)
 }
 
+/// `GET /workspaces/{id}/plugins/{name}/download?source=<src>`: 302 to a
+/// short-lived presigned URL of the canonical archive.
+pub async fn download(app: &App, req: Request) -> Response<Body> {
+    let rid = request_id(&req);
+    let r = async {
+        let ws = path_param(&req, "id")?;
+        let name = path_param(&req, "name")?;
+        let source = query(&req, "source");
+        deadline(app, ops::download(&app.deps, &ws, &name, source.as_deref())).await
+    }
+    .await;
+    match r {
+        Ok(url) => {
+            tracing::info!(request_id = %rid, op = "download", "ok");
+            Response::builder()
+                .status(StatusCode::FOUND)
+                .header("location", url)
+                .header("x-request-id", &rid)
+                .body(Body::Empty)
+                .expect("static response parts are valid")
+        }
+        Err(e) => error_response(&rid, "download", e),
+    }
+}
+
 /// `GET` and `PUT /orgs/{id}/plugins/allowlist`.
 pub async fn allowlist(app: &App, req: Request) -> Response<Body> {
     let rid = request_id(&req);

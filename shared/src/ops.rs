@@ -16,8 +16,8 @@ use crate::intake::Skipped;
 use crate::plugin::{
     validate_name, validate_workspace_id, DesiredState, InstalledPlugin, Manifest,
 };
-use crate::source::FetchContext;
 use crate::source::Source;
+use crate::source::{FetchContext, Resolved};
 use crate::store::{Allowlist, AllowlistStore, ArchiveStore, Registry, StateStore};
 use crate::transport::HostTransport;
 
@@ -101,31 +101,37 @@ fn valid_sha256(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Result<InstallOutcome> {
-    validate_workspace_id(workspace)?;
-    let source = Source::parse(&req.source)?;
-    let pin = match req.sha256.as_deref().map(str::trim) {
-        None | Some("") => None,
-        Some(s) if valid_sha256(s) => Some(s.to_ascii_lowercase()),
-        Some(_) => {
-            return Err(Error::bad_request(
-                "sha256 must be 64 hexadecimal characters",
-            ))
-        }
-    };
+/// What install and download share: the host found, the plugin fetched,
+/// checked (allowlist, pin, manifest) and staged.
+struct Prepared {
+    host: Host,
+    archive: crate::archive::ArchiveFile,
+    manifest: Manifest,
+    name: String,
+    name_from: &'static str,
+    skipped: Vec<Skipped>,
+    resolve_ms: u64,
+    stage_ms: u64,
+}
+
+async fn prepare(
+    deps: &Deps,
+    workspace: &str,
+    source: &Source,
+    pin: Option<&str>,
+) -> Result<Prepared> {
     let early_name = source.known_name().map(str::to_string);
     let cfg = &deps.config;
 
     // Finding the host and building the archive are independent; neither
     // writes anything, so a bad workspace or plugin leaves no trace. The
     // first failure cancels the other.
-    let started = std::time::Instant::now();
+    let mut t = std::time::Instant::now();
     let lap = |t: &mut std::time::Instant| {
         let ms = t.elapsed().as_millis() as u64;
         *t = std::time::Instant::now();
         ms
     };
-    let mut t = started;
     let cx = FetchContext {
         registry: &deps.registry,
         archives: &deps.archives,
@@ -149,17 +155,24 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
         // Fetched sources name themselves: checked before anything is staged.
         check_allowlist(deps, &host, &name).await?;
     }
-    let archive = resolved.archive;
+    let Resolved {
+        archive,
+        fingerprint,
+        recalled,
+        name_from,
+        skipped,
+        ..
+    } = resolved;
 
     let manifest_bytes = archive.manifest.as_deref();
-    if let Some(pin) = &pin {
+    if let Some(pin) = pin {
         let Some(bytes) = manifest_bytes else {
             return Err(Error::unprocessable(
                 "the plugin has no plugin.yaml to check sha256 against",
             ));
         };
         let actual = sha256_hex(bytes);
-        if &actual != pin {
+        if actual != pin {
             return Err(
                 Error::unprocessable("sha256 does not match the plugin's plugin.yaml")
                     .with_field("expected", serde_json::json!(pin))
@@ -173,13 +186,56 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
     };
 
     let resolve_ms = lap(&mut t);
-    if !resolved.recalled {
+    if !recalled {
         deps.archives.stage(&archive.sha256, archive.path()).await?;
     }
-    if let Some(print) = &resolved.fingerprint {
+    if let Some(print) = &fingerprint {
         deps.archives.remember(print, &archive).await?;
     }
     let stage_ms = lap(&mut t);
+
+    Ok(Prepared {
+        host,
+        archive,
+        manifest,
+        name,
+        name_from,
+        skipped,
+        resolve_ms,
+        stage_ms,
+    })
+}
+
+pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Result<InstallOutcome> {
+    validate_workspace_id(workspace)?;
+    let source = Source::parse(&req.source)?;
+    let pin = match req.sha256.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(s) if valid_sha256(s) => Some(s.to_ascii_lowercase()),
+        Some(_) => {
+            return Err(Error::bad_request(
+                "sha256 must be 64 hexadecimal characters",
+            ))
+        }
+    };
+    let cfg = &deps.config;
+    let started = std::time::Instant::now();
+    let Prepared {
+        host,
+        archive,
+        manifest,
+        name,
+        name_from,
+        skipped,
+        resolve_ms,
+        stage_ms,
+    } = prepare(deps, workspace, &source, pin.as_deref()).await?;
+    let mut t = std::time::Instant::now();
+    let lap = |t: &mut std::time::Instant| {
+        let ms = t.elapsed().as_millis() as u64;
+        *t = std::time::Instant::now();
+        ms
+    };
 
     let profile = cfg.profile(&host.runtime);
     let cmd = HostCommand::install(
@@ -233,8 +289,8 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
         }
         .into(),
         plugin: name,
-        name_from: resolved.name_from.to_string(),
-        skipped: resolved.skipped,
+        name_from: name_from.to_string(),
+        skipped,
         source: source.canonical(),
         version: manifest.version,
         digest: archive.sha256,
@@ -268,6 +324,46 @@ pub async fn uninstall(deps: &Deps, workspace: &str, name: &str) -> Result<Unins
         status: if removed { "uninstalled" } else { "absent" }.into(),
         plugin: name.to_string(),
     })
+}
+
+/// Resolves and stages a plugin as install does, for a workspace, and
+/// returns a short-lived presigned URL of its canonical archive (plugins
+/// over Lambda's 6 MB response limit still download).
+pub async fn download(
+    deps: &Deps,
+    workspace: &str,
+    name: &str,
+    source: Option<&str>,
+) -> Result<String> {
+    validate_workspace_id(workspace)?;
+    validate_name(name)?;
+    let raw = source
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("local://{name}"));
+    let source = Source::parse(&raw)?;
+    if let Some(known) = source.known_name() {
+        if known != name {
+            return Err(name_mismatch(known, name));
+        }
+    }
+    let p = prepare(deps, workspace, &source, None).await?;
+    if p.name != name {
+        return Err(name_mismatch(&p.name, name));
+    }
+    deps.archives
+        .presign(&p.archive.sha256, DOWNLOAD_URL_TTL)
+        .await
+}
+
+/// Presigned download URLs live long enough to start a download, no more.
+const DOWNLOAD_URL_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+
+fn name_mismatch(resolved: &str, requested: &str) -> Error {
+    Error::bad_request(format!(
+        "the source resolves to plugin {resolved:?}, not {requested:?}"
+    ))
+    .with_field("resolved_name", serde_json::json!(resolved))
+    .with_field("requested_name", serde_json::json!(requested))
 }
 
 /// The org allowlist gate. Fails closed: an unreadable list refuses.

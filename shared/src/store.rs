@@ -58,6 +58,8 @@ pub trait ArchiveStore: Send + Sync {
     async fn recall(&self, fingerprint: &str) -> Result<Option<ArchiveFile>>;
     /// Records that `fingerprint` produced `archive` (already staged).
     async fn remember(&self, fingerprint: &str, archive: &ArchiveFile) -> Result<()>;
+    /// A presigned GET URL of a staged archive, valid for `ttl`.
+    async fn presign(&self, digest: &str, ttl: std::time::Duration) -> Result<String>;
 }
 
 /// `staged/index/<fingerprint>.json`: what a registry listing built.
@@ -342,6 +344,20 @@ impl ArchiveStore for S3Store {
             size,
             manifest,
         }))
+    }
+
+    async fn presign(&self, digest: &str, ttl: std::time::Duration) -> Result<String> {
+        let conf =
+            aws_sdk_s3::presigning::PresigningConfig::expires_in(ttl).map_err(Error::internal)?;
+        let req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(staged_key(digest))
+            .presigned(conf)
+            .await
+            .map_err(|e| s3_error("presign staged archive", e))?;
+        Ok(req.uri().to_string())
     }
 
     async fn remember(&self, fingerprint: &str, archive: &ArchiveFile) -> Result<()> {

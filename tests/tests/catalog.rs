@@ -198,3 +198,46 @@ async fn org_allowlist_allows_denies_and_fails_closed() {
     assert!(b["error"].as_str().unwrap().contains("allowlist"), "{b}");
     assert!(!f.plugin_dir("hermes-only").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_redirects_to_the_staged_archive() {
+    let f = Fixture::new().await;
+    let app = f.app();
+    seed(&f).await;
+    let route = "/workspaces/{id}/plugins/{name}/download";
+    let call = |name: &str, query: &str| {
+        let path = format!("/workspaces/{}/plugins/{name}/download", f.workspace);
+        let req = get_req(
+            route,
+            &path,
+            json!({"id": f.workspace, "name": name}),
+            query,
+        );
+        plugin_delivery::api::download(&app, req)
+    };
+    let resp = call("cc-only", "").await;
+    assert_eq!(resp.status().as_u16(), 302);
+    let url = resp.headers()["location"].to_str().unwrap().to_string();
+    let staged = f.keys("staged/").await;
+    let archive = staged
+        .iter()
+        .find(|k| k.ends_with(".tar.gz"))
+        .expect("staged")
+        .clone();
+    let digest = archive
+        .trim_start_matches("staged/")
+        .trim_end_matches(".tar.gz");
+    assert!(url.contains(&archive), "{url}");
+    // The URL serves the canonical archive itself.
+    let bytes = reqwest::get(&url).await.unwrap().bytes().await.unwrap();
+    assert_eq!(sha256_hex(&bytes), digest);
+
+    let (s, b) = parts(call("cc-only", "source=local://anywhere").await);
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(
+        (b["resolved_name"].as_str(), b["requested_name"].as_str()),
+        (Some("anywhere"), Some("cc-only"))
+    );
+    let (s, _) = parts(call("missing", "").await);
+    assert_eq!(s, 404);
+}

@@ -1,0 +1,6 @@
+//! Lambda: `GET /workspaces/{id}/plugins/{name}/download?source=<src>`.
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_http::Error> {
+    plugin_delivery::app::serve(plugin_delivery::api::download).await
+}
