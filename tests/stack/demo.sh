@@ -158,6 +158,7 @@ if [ "$check" = 1 ]; then
     invoke catalog events/sources.json 200
     invoke catalog events/available.json 200
     invoke catalog events/compatibility.json 200
+    invoke download events/download.json 302
     invoke allowlist events/allowlist-put.json 200
     invoke allowlist events/allowlist-get.json 200
 fi
@@ -165,7 +166,7 @@ fi
 if [ "$keep" = 1 ]; then
     bold "Left running"
     cat <<EOF
-functions: $base/{install,uninstall,list,catalog,allowlist}/... (e.g. $base/catalog/plugins)
+functions: $base/{install,uninstall,list,catalog,download,allowlist}/... (e.g. $base/catalog/plugins)
   curl -sS -X POST -d '{"source":"hello-world"}' $base/install/workspaces/$workspace/plugins
   cargo lambda invoke -A 127.0.0.1 -P $port install --data-file events/install.json
 host config dir: $configs    stack env: . $state/env

@@ -27,7 +27,7 @@ readonly MOTO_PORT=${PLUGIN_STACK_MOTO_PORT:-5000}
 readonly EIC_PORT=${PLUGIN_STACK_EIC_PORT:-5001}
 readonly REGION=${PLUGIN_STACK_REGION:-us-east-1}
 readonly VENV=${PLUGIN_STACK_VENV:-$REPO_ROOT/.venv}
-readonly APT_PACKAGES=(openssh-server sudo shellcheck)
+readonly APT_PACKAGES=(openssh-server sudo shellcheck openssl curl jq python3)
 readonly PIP_PACKAGES=('moto[server]' cargo-lambda awscli boto3 cfn-lint aws-sam-cli)
 readonly START_TIMEOUT=${PLUGIN_STACK_START_TIMEOUT:-60}
 # Nothing the stack talks to may go through a proxy.
