@@ -138,6 +138,7 @@ async fn prepare(
         remote: &deps.remote,
         max_tree_bytes: cfg.max_tree_bytes,
         allow_unpinned: cfg.allow_unpinned,
+        fetch_timeout: cfg.fetch_timeout,
     };
     let (host, resolved) = tokio::try_join!(
         async {

@@ -45,6 +45,8 @@ pub struct FetchContext<'a> {
     pub remote: &'a Remote,
     pub max_tree_bytes: u64,
     pub allow_unpinned: bool,
+    /// Deadline of a remote fetch, body and checks included.
+    pub fetch_timeout: std::time::Duration,
 }
 
 /// `[A-Za-z0-9][A-Za-z0-9_.-]{0,99}`: GitHub owner and repository names.
@@ -177,6 +179,23 @@ impl Source {
     /// The canonical archive of the plugin this source names. Each scheme
     /// brings its own fetcher; remote archives all pass `intake`'s checks.
     pub async fn fetch(&self, cx: &FetchContext<'_>) -> Result<Resolved> {
+        if let Source::Local { name } = self {
+            return fetch_local(cx.registry, cx.archives, name, cx.max_tree_bytes).await;
+        }
+        // One deadline over connect, headers, body and checks: a host that
+        // trickles bytes cannot hold the operation past it.
+        tokio::time::timeout(cx.fetch_timeout, self.fetch_remote(cx))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::deadline(format!(
+                    "fetching {} ran past its deadline",
+                    self.canonical()
+                ))
+                .with_field("scheme", serde_json::json!(self.scheme())))
+            })
+    }
+
+    async fn fetch_remote(&self, cx: &FetchContext<'_>) -> Result<Resolved> {
         let limits = IntakeLimits {
             max_tree_bytes: cx.max_tree_bytes,
             ..Default::default()

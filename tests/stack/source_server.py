@@ -153,7 +153,8 @@ class Repo:
         """(tree dir, commit sha) for a ref name or a listed commit sha.
 
         The commit sha is the one asked for, else the first one the commits
-        file lists for the ref, else sha1("owner/repo/ref").
+        file lists for the ref, else sha1("owner/repo/ref"). A 40-hex ref is
+        looked up in the commits file first, then as a directory refs/<hex>/.
         """
         if not ref:
             raise NotFound()
@@ -162,6 +163,7 @@ class Repo:
             for sha, name in commits:
                 if sha == ref.lower():
                     return self._ref_dir(name), sha
+            return self._ref_dir(ref), ref.lower()
         tree = self._ref_dir(ref)
         for sha, name in commits:
             if name == ref:

@@ -355,3 +355,191 @@ async fn https_sources_are_pinned_and_checked() {
     assert_eq!(s, 422, "{b}");
     assert_eq!(f.keys("staged/").await, staged_before);
 }
+
+/// One raw tar entry whose header is written by hand, so that names and
+/// types the `tar` crate would refuse to write can be built.
+fn raw_entry(out: &mut Vec<u8>, name: &[u8], kind: u8, data: &[u8], mode: u32) {
+    let mut h = tar::Header::new_gnu();
+    {
+        let g = h.as_gnu_mut().unwrap();
+        g.name[..name.len()].copy_from_slice(name);
+    }
+    h.set_entry_type(tar::EntryType::new(kind));
+    h.set_size(data.len() as u64);
+    h.set_mode(mode);
+    h.set_cksum();
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+}
+
+fn gz(tar_bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(tar_bytes).unwrap();
+    e.finish().unwrap()
+}
+
+fn tar_of(entries: &[(&[u8], u8, &[u8], u32)]) -> Vec<u8> {
+    let mut t = Vec::new();
+    for (n, k, d, m) in entries {
+        raw_entry(&mut t, n, *k, d, *m);
+    }
+    t.extend_from_slice(&[0u8; 1024]);
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_archives_are_refused_with_nothing_staged_or_written() {
+    let f = Fixture::new().await;
+    let srv = SourceServer::start();
+    let mut cfg = f.config();
+    cfg.github_api = srv.base();
+    cfg.extra_ca_pem = Some(std::fs::read(srv.tls.join("ca.pem")).unwrap());
+    cfg.max_tree_bytes = 1 << 20;
+    let app = f.app_with(cfg);
+    let ok: &[u8] = b"name: x\n";
+    let long = vec![b'a'; 1100];
+    let mut bomb = Vec::new();
+    raw_entry(&mut bomb, b"zeros.bin", b'0', &vec![0u8; 64 << 20], 0o644);
+    let mut many = Vec::new();
+    for i in 0..10_001 {
+        raw_entry(&mut many, format!("f{i}").as_bytes(), b'0', b"", 0o644);
+    }
+    many.extend_from_slice(&[0u8; 1024]);
+    let valid = gz(&tar_of(&[(b"plugin.yaml", b'0', ok, 0o644)]));
+    let mut trailing = valid.clone();
+    trailing.extend_from_slice(b"garbage");
+    let truncated = valid[..valid.len() - 10].to_vec();
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        (
+            "traversal",
+            gz(&tar_of(&[(b"../evil", b'0', ok, 0o644)])),
+            422,
+        ),
+        (
+            "nested-traversal",
+            gz(&tar_of(&[(b"a/../../evil", b'0', ok, 0o644)])),
+            422,
+        ),
+        (
+            "absolute",
+            gz(&tar_of(&[(b"/etc/evil", b'0', ok, 0o644)])),
+            422,
+        ),
+        (
+            "char-device",
+            gz(&tar_of(&[(b"dev", b'3', b"", 0o644)])),
+            422,
+        ),
+        (
+            "block-device",
+            gz(&tar_of(&[(b"blk", b'4', b"", 0o644)])),
+            422,
+        ),
+        ("fifo", gz(&tar_of(&[(b"pipe", b'6', b"", 0o644)])), 422),
+        (
+            "non-utf8",
+            gz(&tar_of(&[(b"bad\xff.md", b'0', ok, 0o644)])),
+            422,
+        ),
+        (
+            "control-char",
+            gz(&tar_of(&[(b"bad\x07.md", b'0', ok, 0o644)])),
+            422,
+        ),
+        (
+            "duplicate",
+            gz(&tar_of(&[
+                (b"a.md", b'0', ok, 0o644),
+                (b"a.md", b'0', ok, 0o644),
+            ])),
+            422,
+        ),
+        (
+            "file-and-dir",
+            gz(&tar_of(&[
+                (b"a", b'0', ok, 0o644),
+                (b"a/b", b'0', ok, 0o644),
+            ])),
+            422,
+        ),
+        (
+            "long-path",
+            {
+                let mut t = Vec::new();
+                raw_entry(
+                    &mut t,
+                    b"././@LongLink",
+                    b'L',
+                    &[long.as_slice(), b"\0"].concat(),
+                    0o644,
+                );
+                raw_entry(&mut t, b"short", b'0', ok, 0o644);
+                t.extend_from_slice(&[0u8; 1024]);
+                gz(&t)
+            },
+            422,
+        ),
+        ("too-many-entries", gz(&many), 422),
+        ("gzip-bomb", gz(&bomb), 413),
+        ("trailing-garbage", trailing, 422),
+        ("truncated", truncated, 422),
+        ("not-gzip", b"this is not an archive".to_vec(), 422),
+    ];
+    for (label, bytes, want) in &cases {
+        srv.file(&format!("{label}.tar.gz"), bytes);
+        let src = format!(
+            "{}/files/{label}.tar.gz#sha256={}",
+            srv.base(),
+            sha256_hex(bytes)
+        );
+        let t = std::time::Instant::now();
+        let (s, b) = install(&app, &f.workspace, &format!(r#"{{"source":"{src}"}}"#)).await;
+        assert_eq!(s, *want, "{label}: {b}");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "{label} took {:?}",
+            t.elapsed()
+        );
+    }
+    assert!(f.keys("staged/").await.is_empty(), "nothing staged");
+    assert!(!f.touched(), "nothing written on the host");
+
+    // setuid is stripped, the exec bit kept.
+    let modes = gz(&tar_of(&[
+        (b"plugin.yaml", b'0', ok, 0o644),
+        (b"run.sh", b'0', b"#!/bin/sh\n", 0o4755),
+    ]));
+    srv.file("modes.tar.gz", &modes);
+    let src = format!(
+        "{}/files/modes.tar.gz#sha256={}",
+        srv.base(),
+        sha256_hex(&modes)
+    );
+    let (s, b) = install(&app, &f.workspace, &format!(r#"{{"source":"{src}"}}"#)).await;
+    assert_eq!(s, 200, "{b}");
+    let t = tree(&f.plugin_dir("x"));
+    assert_eq!(t["run.sh"].1, 0o755);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_past_its_deadline_is_504() {
+    let f = Fixture::new().await;
+    let srv = SourceServer::start();
+    let slow = tarball(&[("plugin.yaml", b"name: slow\n")], &[]);
+    srv.file("slow.tar.gz", &slow);
+    let mut cfg = f.config();
+    cfg.extra_ca_pem = Some(std::fs::read(srv.tls.join("ca.pem")).unwrap());
+    cfg.fetch_timeout = std::time::Duration::from_secs(2);
+    let app = f.app_with(cfg);
+    let src = format!(
+        "{}/slow/slow.tar.gz#sha256={}",
+        srv.base(),
+        sha256_hex(&slow)
+    );
+    let (s, b) = install(&app, &f.workspace, &format!(r#"{{"source":"{src}"}}"#)).await;
+    assert_eq!(s, 504, "{b}");
+    assert_eq!(b["scheme"], "https");
+    assert!(f.keys("staged/").await.is_empty());
+}
