@@ -38,6 +38,9 @@ const BLOCK: u64 = 512;
 /// Longest entry name quoted back in an error message.
 const MAX_SHOWN_NAME_CHARS: usize = 200;
 
+/// Longest file name a Linux file system takes (NAME_MAX).
+const MAX_NAME_BYTES: usize = 255;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IntakeLimits {
     /// Sum of the sizes of the regular files (and of any data other entries
@@ -583,6 +586,14 @@ fn normalise(raw: &[u8], limits: &IntakeLimits) -> Result<String> {
             format_args!("is nested deeper than {} levels", limits.max_depth),
         ));
     }
+    // No file system on a host holds a longer name (NAME_MAX): refuse it
+    // here rather than fail the extraction after staging.
+    if p.split('/').any(|c| c.len() > MAX_NAME_BYTES) {
+        return Err(refuse(
+            raw,
+            format_args!("has a name component longer than {MAX_NAME_BYTES} bytes"),
+        ));
+    }
     Ok(p.to_string())
 }
 
@@ -1001,15 +1012,21 @@ mod tests {
 
     #[test]
     fn long_name_within_the_limit_is_accepted() {
-        // A 300-byte file name needs a GNU long-name entry (ustar stops at
+        // A 250-byte file name needs a GNU long-name entry (ustar stops at
         // 100); that metadata entry is neither counted nor refused.
-        let name = format!("skills/{}.md", "n".repeat(300));
+        let name = format!("skills/{}.md", "n".repeat(250));
         let one = IntakeLimits {
             max_entries: 1,
             ..limits()
         };
         let i = accepted(&built(&[(&name, b"long")]), false, &one);
         assert_eq!(paths(&i.archive), ["skills/".to_string(), name]);
+    }
+
+    #[test]
+    fn a_300_byte_name_is_refused() {
+        let name = format!("skills/{}.md", "n".repeat(300));
+        refused(&built(&[(&name, b"x")]), false, &limits(), 422, "255 bytes");
     }
 
     #[test]

@@ -407,7 +407,31 @@ async fn hostile_archives_are_refused_with_nothing_staged_or_written() {
         raw_entry(&mut many, format!("f{i}").as_bytes(), b'0', b"", 0o644);
     }
     many.extend_from_slice(&[0u8; 1024]);
+    let mut many_more = Vec::new();
+    for i in 0..100_000 {
+        raw_entry(&mut many_more, format!("t{i}").as_bytes(), b'0', b"", 0o644);
+    }
+    many_more.extend_from_slice(&[0u8; 1024]);
+    // A PAX record `<len> path=<value>\n`, where len counts the whole record.
+    let pax = |value: &str| {
+        let body = format!(" path={value}\n");
+        let mut len = body.len() + 1;
+        while format!("{len}{body}").len() != len {
+            len += 1;
+        }
+        format!("{len}{body}").into_bytes()
+    };
+    let pax_traversal = {
+        let mut t = Vec::new();
+        raw_entry(&mut t, b"PaxHeaders/x", b'x', &pax("../escape.md"), 0o644);
+        raw_entry(&mut t, b"innocent.md", b'0', ok, 0o644);
+        t.extend_from_slice(&[0u8; 1024]);
+        gz(&t)
+    };
+    let name300 = format!("{}.md", "n".repeat(300));
     let valid = gz(&tar_of(&[(b"plugin.yaml", b'0', ok, 0o644)]));
+    let mut two_members = valid.clone();
+    two_members.extend_from_slice(&valid);
     let mut trailing = valid.clone();
     trailing.extend_from_slice(b"garbage");
     let truncated = valid[..valid.len() - 10].to_vec();
@@ -486,7 +510,34 @@ async fn hostile_archives_are_refused_with_nothing_staged_or_written() {
         ("trailing-garbage", trailing, 422),
         ("truncated", truncated, 422),
         ("not-gzip", b"this is not an archive".to_vec(), 422),
+        ("second-gzip-member", two_members, 422),
+        ("pax-path-traversal", pax_traversal, 422),
+        (
+            "name-300-bytes",
+            {
+                let mut t = Vec::new();
+                raw_entry(
+                    &mut t,
+                    b"././@LongLink",
+                    b'L',
+                    &[name300.as_bytes(), b"\0"].concat(),
+                    0o644,
+                );
+                raw_entry(&mut t, b"short", b'0', ok, 0o644);
+                t.extend_from_slice(&[0u8; 1024]);
+                gz(&t)
+            },
+            422,
+        ),
+        ("entries-100000", gz(&many_more), 422),
+        ("sparse", gz(&tar_of(&[(b"sparse", b'S', b"", 0o644)])), 422),
+        (
+            "contiguous",
+            gz(&tar_of(&[(b"contig", b'7', b"", 0o644)])),
+            422,
+        ),
     ];
+    assert!(cases.len() >= 20, "the corpus has {} archives", cases.len());
     for (label, bytes, want) in &cases {
         srv.file(&format!("{label}.tar.gz"), bytes);
         let src = format!(
@@ -506,11 +557,28 @@ async fn hostile_archives_are_refused_with_nothing_staged_or_written() {
     assert!(f.keys("staged/").await.is_empty(), "nothing staged");
     assert!(!f.touched(), "nothing written on the host");
 
-    // setuid is stripped, the exec bit kept.
-    let modes = gz(&tar_of(&[
-        (b"plugin.yaml", b'0', ok, 0o644),
-        (b"run.sh", b'0', b"#!/bin/sh\n", 0o4755),
-    ]));
+    // Links are dropped (listed), setuid is stripped, the exec bit kept;
+    // nothing lands outside the plugin dir.
+    let mut linked = Vec::new();
+    raw_entry(&mut linked, b"plugin.yaml", b'0', ok, 0o644);
+    raw_entry(&mut linked, b"run.sh", b'0', b"#!/bin/sh\n", 0o4755);
+    let links: [(&[u8], u8, &[u8]); 3] = [
+        (b"out", b'2', b"../../../../etc/passwd"),
+        (b"abs", b'2', b"/etc/shadow"),
+        (b"hard", b'1', b"/etc/passwd"),
+    ];
+    for (name, kind, target) in links {
+        let mut h = tar::Header::new_gnu();
+        h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
+        h.set_entry_type(tar::EntryType::new(kind));
+        h.as_gnu_mut().unwrap().linkname[..target.len()].copy_from_slice(target);
+        h.set_size(0);
+        h.set_mode(0o777);
+        h.set_cksum();
+        linked.extend_from_slice(h.as_bytes());
+    }
+    linked.extend_from_slice(&[0u8; 1024]);
+    let modes = gz(&linked);
     srv.file("modes.tar.gz", &modes);
     let src = format!(
         "{}/files/modes.tar.gz#sha256={}",
@@ -519,8 +587,28 @@ async fn hostile_archives_are_refused_with_nothing_staged_or_written() {
     );
     let (s, b) = install(&app, &f.workspace, &format!(r#"{{"source":"{src}"}}"#)).await;
     assert_eq!(s, 200, "{b}");
+    let skipped: Vec<&str> = b["skipped"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no skipped list: {b}"))
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(skipped, ["abs", "hard", "out"]);
     let t = tree(&f.plugin_dir("x"));
+    assert_eq!(t.keys().collect::<Vec<_>>(), ["plugin.yaml", "run.sh"]);
     assert_eq!(t["run.sh"].1, 0o755);
+    let top: Vec<String> = std::fs::read_dir(&f.config_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        top.iter().all(|n| n == "plugins"
+            || n == ".plugin-delivery"
+            || n == "skills"
+            || n == "CLAUDE.md"
+            || n == ".claude"),
+        "{top:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
