@@ -91,6 +91,13 @@ where
     ))
 }
 
+/// Milliseconds since `t`, restarting the stopwatch (per-stage timings).
+fn lap(t: &mut std::time::Instant) -> u64 {
+    let ms = t.elapsed().as_millis() as u64;
+    *t = std::time::Instant::now();
+    ms
+}
+
 fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
@@ -127,11 +134,6 @@ async fn prepare(
     // writes anything, so a bad workspace or plugin leaves no trace. The
     // first failure cancels the other.
     let mut t = std::time::Instant::now();
-    let lap = |t: &mut std::time::Instant| {
-        let ms = t.elapsed().as_millis() as u64;
-        *t = std::time::Instant::now();
-        ms
-    };
     let cx = FetchContext {
         registry: &deps.registry,
         archives: &deps.archives,
@@ -232,11 +234,6 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
         stage_ms,
     } = prepare(deps, workspace, &source, pin.as_deref()).await?;
     let mut t = std::time::Instant::now();
-    let lap = |t: &mut std::time::Instant| {
-        let ms = t.elapsed().as_millis() as u64;
-        *t = std::time::Instant::now();
-        ms
-    };
 
     let profile = cfg.profile(&host.runtime);
     let cmd = HostCommand::install(

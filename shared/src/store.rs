@@ -379,28 +379,6 @@ impl ArchiveStore for S3Store {
     }
 }
 
-impl S3Store {
-    async fn get_optional(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let out = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-        {
-            Ok(out) => out,
-            Err(e) if http_status(&e) == Some(404) => return Ok(None),
-            Err(e) => return Err(s3_error("get object", e)),
-        };
-        let bytes = out.body.collect().await.map_err(|e| {
-            Error::unavailable("S3 is not available right now")
-                .with_detail(format!("read {key}: {e:?}"))
-        })?;
-        Ok(Some(bytes.into_bytes().to_vec()))
-    }
-}
-
 #[async_trait]
 impl StateStore for S3Store {
     async fn load(&self, workspace: &str) -> Result<Versioned> {
@@ -452,6 +430,11 @@ impl AllowlistStore for S3Store {
 }
 
 impl S3Store {
+    /// A small object's bytes; `None` when it does not exist.
+    async fn get_optional(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.get_versioned(key).await?.map(|(bytes, _)| bytes))
+    }
+
     /// A small JSON document and its ETag; `None` when it does not exist.
     async fn get_versioned(&self, key: &str) -> Result<Option<(Vec<u8>, Option<String>)>> {
         let out = match self
