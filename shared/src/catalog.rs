@@ -5,36 +5,16 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::plugin::{InstalledPlugin, Manifest};
+use crate::plugin::{InstalledPlugin, Manifest, PluginInfo};
 use crate::store::Registry;
 
-/// `pluginInfo` as the canvas knows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PluginInfo {
-    pub name: String,
-    pub version: String,
-    pub description: String,
-    pub author: String,
-    pub tags: Vec<String>,
-    pub skills: Vec<String>,
-    pub runtimes: Vec<String>,
+/// Anything shown to the canvas, plus whether it runs on a given runtime.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WithSupport<T> {
+    #[serde(flatten)]
+    pub item: T,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub supported_on_runtime: Option<bool>,
-}
-
-impl PluginInfo {
-    pub fn from_manifest(name: &str, m: Manifest) -> Self {
-        PluginInfo {
-            name: name.to_string(),
-            version: m.version,
-            description: m.description,
-            author: m.author,
-            tags: m.tags,
-            skills: m.skills,
-            runtimes: m.runtimes,
-            supported_on_runtime: None,
-        }
-    }
 }
 
 /// Runtime names are written both ways (`claude-code`, `claude_code`).
@@ -46,15 +26,6 @@ fn normalise(runtime: &str) -> String {
 pub fn supports(runtimes: &[String], runtime: &str) -> bool {
     let want = normalise(runtime);
     runtimes.is_empty() || runtimes.iter().any(|r| normalise(r) == want)
-}
-
-/// An installed plugin as the list endpoint shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct ListedPlugin {
-    #[serde(flatten)]
-    pub plugin: InstalledPlugin,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub supported_on_runtime: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -71,10 +42,10 @@ pub fn compatibility<'a>(
 ) -> Compatibility {
     let (mut compatible, mut incompatible) = (Vec::new(), Vec::new());
     for p in installed {
-        if supports(&p.runtimes, runtime) {
-            compatible.push(p.name.clone());
+        if supports(&p.info.runtimes, runtime) {
+            compatible.push(p.info.name.clone());
         } else {
-            incompatible.push(p.name.clone());
+            incompatible.push(p.info.name.clone());
         }
     }
     Compatibility {
@@ -88,7 +59,10 @@ pub fn compatibility<'a>(
 /// Every published plugin, filtered by runtime when one is given. The
 /// registry is a read model for the canvas: an unreadable registry or an
 /// unreadable manifest shows as fewer entries, never as an error.
-pub async fn registry(registry: &Arc<dyn Registry>, runtime: Option<&str>) -> Vec<PluginInfo> {
+pub async fn registry(
+    registry: &Arc<dyn Registry>,
+    runtime: Option<&str>,
+) -> Vec<WithSupport<PluginInfo>> {
     let names = match registry.names().await {
         Ok(n) => n,
         Err(e) => {
@@ -120,11 +94,9 @@ pub async fn registry(registry: &Arc<dyn Registry>, runtime: Option<&str>) -> Ve
     found.sort_by_key(|(i, _)| *i);
     found
         .into_iter()
-        .map(|(_, mut p)| {
-            if let Some(r) = runtime {
-                p.supported_on_runtime = Some(supports(&p.runtimes, r));
-            }
-            p
+        .map(|(_, p)| WithSupport {
+            supported_on_runtime: runtime.map(|r| supports(&p.runtimes, r)),
+            item: p,
         })
         .filter(|p| p.supported_on_runtime != Some(false))
         .collect()

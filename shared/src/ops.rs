@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::archive::sha256_hex;
-use crate::catalog::{self, Compatibility, ListedPlugin, PluginInfo};
+use crate::catalog::{self, Compatibility, WithSupport};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fetch::Remote;
@@ -14,7 +14,7 @@ use crate::fleet::Host;
 use crate::hostscript::{interpret, HostCommand};
 use crate::intake::Skipped;
 use crate::plugin::{
-    validate_name, validate_workspace_id, DesiredState, InstalledPlugin, Manifest,
+    validate_name, validate_workspace_id, DesiredState, InstalledPlugin, Manifest, PluginInfo,
 };
 use crate::source::Source;
 use crate::source::{FetchContext, Resolved};
@@ -250,13 +250,12 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
     let host_ms = lap(&mut t);
     let result = interpret(&out)?;
 
-    let entry = InstalledPlugin::new(
-        &name,
-        &manifest,
-        &archive.sha256,
-        &source.canonical(),
-        &now_rfc3339(),
-    );
+    let entry = InstalledPlugin {
+        info: PluginInfo::from_manifest(&name, manifest),
+        digest: archive.sha256.clone(),
+        source: source.canonical(),
+        installed_at: now_rfc3339(),
+    };
     update_state(deps.state.as_ref(), workspace, |s| {
         match s.plugins.get(&name) {
             // Keep the original install time when nothing changed.
@@ -290,7 +289,7 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
         name_from: name_from.to_string(),
         skipped,
         source: source.canonical(),
-        version: manifest.version,
+        version: entry.info.version.clone(),
         digest: archive.sha256,
     })
 }
@@ -385,7 +384,7 @@ async fn check_allowlist(deps: &Deps, host: &Host, name: &str) -> Result<()> {
 
 /// The workspace's desired state, without a host round trip; with
 /// `supported_on_runtime` when the workspace's runtime is known.
-pub async fn list(deps: &Deps, workspace: &str) -> Result<Vec<ListedPlugin>> {
+pub async fn list(deps: &Deps, workspace: &str) -> Result<Vec<WithSupport<InstalledPlugin>>> {
     validate_workspace_id(workspace)?;
     let (current, host) = tokio::join!(deps.state.load(workspace), deps.fleet.locate(workspace));
     let current = current?;
@@ -399,17 +398,17 @@ pub async fn list(deps: &Deps, workspace: &str) -> Result<Vec<ListedPlugin>> {
         .state
         .plugins
         .into_values()
-        .map(|p| ListedPlugin {
+        .map(|p| WithSupport {
             supported_on_runtime: runtime
                 .as_deref()
-                .map(|r| catalog::supports(&p.runtimes, r)),
-            plugin: p,
+                .map(|r| catalog::supports(&p.info.runtimes, r)),
+            item: p,
         })
         .collect())
 }
 
 /// The registry filtered by the workspace's runtime.
-pub async fn available(deps: &Deps, workspace: &str) -> Result<Vec<PluginInfo>> {
+pub async fn available(deps: &Deps, workspace: &str) -> Result<Vec<WithSupport<PluginInfo>>> {
     validate_workspace_id(workspace)?;
     let host = deps.fleet.locate(workspace).await?;
     Ok(catalog::registry(&deps.registry, Some(&host.runtime)).await)

@@ -99,9 +99,9 @@ impl Manifest {
     }
 }
 
-/// One entry of a workspace's desired state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InstalledPlugin {
+/// `pluginInfo` as the canvas knows it: what `plugin.yaml` says, by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginInfo {
     pub name: String,
     pub version: String,
     pub description: String,
@@ -109,26 +109,30 @@ pub struct InstalledPlugin {
     pub tags: Vec<String>,
     pub skills: Vec<String>,
     pub runtimes: Vec<String>,
+}
+
+impl PluginInfo {
+    pub fn from_manifest(name: &str, m: Manifest) -> Self {
+        PluginInfo {
+            name: name.to_string(),
+            version: m.version,
+            description: m.description,
+            author: m.author,
+            tags: m.tags,
+            skills: m.skills,
+            runtimes: m.runtimes,
+        }
+    }
+}
+
+/// One entry of a workspace's desired state (flat in JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstalledPlugin {
+    #[serde(flatten)]
+    pub info: PluginInfo,
     pub digest: String,
     pub source: String,
     pub installed_at: String,
-}
-
-impl InstalledPlugin {
-    pub fn new(name: &str, m: &Manifest, digest: &str, source: &str, installed_at: &str) -> Self {
-        InstalledPlugin {
-            name: name.to_string(),
-            version: m.version.clone(),
-            description: m.description.clone(),
-            author: m.author.clone(),
-            tags: m.tags.clone(),
-            skills: m.skills.clone(),
-            runtimes: m.runtimes.clone(),
-            digest: digest.to_string(),
-            source: source.to_string(),
-            installed_at: installed_at.to_string(),
-        }
-    }
 }
 
 /// `workspaces/<id>/plugins.json`: what the workspace should have. Reinstalls
