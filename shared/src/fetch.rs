@@ -14,7 +14,11 @@ use crate::error::{Error, Result};
 pub type Body = Box<dyn AsyncRead + Send + Unpin>;
 
 pub struct Remote {
-    client: reqwest::Client,
+    /// Built on the first remote fetch: loading the platform's trust store
+    /// is cold-start work that registry installs and reads never need.
+    client: OnceCell<reqwest::Client>,
+    extra_roots: Vec<reqwest::Certificate>,
+    fetch_timeout: Duration,
     github_api: String,
     /// SSM parameter (SecureString) holding a GitHub token, if configured.
     token_parameter: Option<String>,
@@ -31,7 +35,31 @@ impl Remote {
         fetch_timeout: Duration,
         ssm: aws_sdk_ssm::Client,
     ) -> Result<Self> {
-        let mut builder = reqwest::Client::builder()
+        // Parsed now, so a bad setting fails the cold start, not a fetch.
+        let extra_roots = match extra_ca_pem {
+            Some(pem) => reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| Error::internal(format!("PLUGIN_EXTRA_CA_CERTS: {e}")))?,
+            None => Vec::new(),
+        };
+        Ok(Remote {
+            client: OnceCell::new(),
+            extra_roots,
+            fetch_timeout,
+            github_api: github_api.trim_end_matches('/').to_string(),
+            token_parameter,
+            ssm,
+            token: OnceCell::new(),
+        })
+    }
+
+    async fn client(&self) -> Result<&reqwest::Client> {
+        self.client
+            .get_or_try_init(|| async { self.build_client() })
+            .await
+    }
+
+    fn build_client(&self) -> Result<reqwest::Client> {
+        reqwest::Client::builder()
             // GitHub redirects the tarball request to codeload; never to
             // plain http, which carries no integrity.
             .redirect(reqwest::redirect::Policy::custom(|attempt| {
@@ -45,23 +73,11 @@ impl Remote {
             }))
             .https_only(true)
             .connect_timeout(Duration::from_secs(10))
-            .timeout(fetch_timeout)
-            .user_agent("plugin-delivery");
-        if let Some(pem) = extra_ca_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| Error::internal(format!("PLUGIN_EXTRA_CA_CERTS: {e}")))?;
-            builder = builder.tls_certs_merge(certs);
-        }
-        let client = builder
+            .timeout(self.fetch_timeout)
+            .user_agent("plugin-delivery")
+            .tls_certs_merge(self.extra_roots.clone())
             .build()
-            .map_err(|e| Error::internal(format!("http client: {e}")))?;
-        Ok(Remote {
-            client,
-            github_api: github_api.trim_end_matches('/').to_string(),
-            token_parameter,
-            ssm,
-            token: OnceCell::new(),
-        })
+            .map_err(|e| Error::internal(format!("http client: {e}")))
     }
 
     async fn github_token(&self) -> Result<Option<String>> {
@@ -100,7 +116,8 @@ impl Remote {
             encode_path(reference)
         );
         let mut req = self
-            .client
+            .client()
+            .await?
             .get(&url)
             .header("accept", "application/vnd.github+json");
         if let Some(token) = self.github_token().await? {
@@ -126,7 +143,8 @@ impl Remote {
 
     pub async fn https(&self, url: &str, source: &str) -> Result<Body> {
         let resp = self
-            .client
+            .client()
+            .await?
             .get(url)
             .send()
             .await
