@@ -2,13 +2,20 @@
 # plugin-host: the host side of every Plugin Delivery operation.
 #
 # Run remotely as  <prefix> sh -c '<this text>' plugin-host <op> <args...>
-#   install   CONFIG_DIR NAME SHA256 OWNER LOCK_WAIT RESTART_CMD  (tar.gz on stdin)
+#   install   CONFIG_DIR NAME SHA256 OWNER LOCK_WAIT RESTART_CMD  (tar.gz on stdin,
+#             or downloaded from $PLUGIN_ARCHIVE_URL when that is set)
 #   uninstall CONFIG_DIR NAME OWNER LOCK_WAIT RESTART_CMD
 #   inventory CONFIG_DIR
 # Diagnostics go to stderr. stdout carries exactly one line, the result:
 #   @@plugin-delivery-result {"status":...}
 # Exit codes: 0 ok, 64 usage, 65 digest_mismatch, 66 bad_archive,
-# 69 no_config_dir, 70 restart_failed, 71 unwire_failed, 75 busy, 1 internal.
+# 69 no_config_dir, 70 restart_failed, 71 unwire_failed, 74 fetch_failed,
+# 75 busy, 1 internal.
+#
+# Transports: over SSH the archive streams on stdin. Through SSM Run Command
+# there is no stdin, so the command sets PLUGIN_ARCHIVE_URL (a presigned S3
+# URL, valid a few minutes) and the script downloads the archive itself with
+# curl or wget; everything after the download is the same code.
 #
 # Layout under CONFIG_DIR (one filesystem, so every mv below is a rename(2)):
 #   plugins/NAME -> ../.plugin-delivery/store/NAME@SHA   (relative symlink)
@@ -196,6 +203,36 @@ restart_runtime() {
     # stdout to stderr: the result line must stay the only thing on stdout.
     sh -c "$restart_cmd" </dev/null >&2 9>&- || return 1
     printf true
+}
+
+# Download $PLUGIN_ARCHIVE_URL to $1. The URL goes to curl/wget on stdin, not
+# argv, so other users on the host never see it in the process table. Only
+# the download happens here; the caller's digest check decides if it is good.
+fetch_archive() {
+    fa_max=${PLUGIN_FETCH_MAX_SECS:-600}
+    valid_wait "$fa_max" || usage 'fetch time limit must be a whole number of seconds'
+    if command -v curl >/dev/null 2>&1; then
+        fa_code=$(printf 'url = "%s"\n' "$PLUGIN_ARCHIVE_URL" |
+            curl -sS -K - -o "$1" -w '%{http_code}' --proto '=https,http' \
+                --connect-timeout 15 --max-time "$fa_max" --retry 2 --retry-delay 1) ||
+            fa_code=${fa_code:-000}
+    elif command -v wget >/dev/null 2>&1; then
+        # wget reports no status code in a usable form: success or not.
+        if printf '%s\n' "$PLUGIN_ARCHIVE_URL" |
+            wget -q -T 15 -t 3 -O "$1" -i -; then
+            fa_code=200
+        else
+            fa_code=000
+        fi
+    else
+        fail fetch_failed 'neither curl nor wget is available to download the archive' 74
+    fi
+    case $fa_code in
+        200) ;;
+        403) fail fetch_failed 'the archive link was refused (expired or revoked)' 74 ;;
+        000) fail fetch_failed 'the archive could not be downloaded' 74 ;;
+        *) fail fetch_failed 'the archive download was answered with an error' 74 ;;
+    esac
 }
 
 # Remove exactly what the runtime wired from plugin dir $1 (see runtime
@@ -501,8 +538,12 @@ op_install() {
     fi
 
     work=$(mktemp -d "$staging/install.XXXXXX") || fail internal 'cannot create a staging directory' 1
-    # A cut connection just ends stdin early; the digest check catches it.
-    cat >"$work/archive" || fail internal 'cannot read the archive' 1
+    if [ -n "${PLUGIN_ARCHIVE_URL-}" ]; then
+        fetch_archive "$work/archive"
+    else
+        # A cut connection just ends stdin early; the digest check catches it.
+        cat >"$work/archive" || fail internal 'cannot read the archive' 1
+    fi
     got=$(sha256sum <"$work/archive") || fail internal 'cannot hash the archive' 1
     [ "${got%% *}" = "$sha" ] || fail digest_mismatch 'archive digest does not match' 65
     mkdir "$work/tree" || fail internal 'cannot create a staging directory' 1

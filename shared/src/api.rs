@@ -170,13 +170,7 @@ fn query(req: &Request, key: &str) -> Option<String> {
 /// API Gateway gives up at 29 s; answer 504 ourselves before that, with a
 /// body, rather than let the caller see a bare gateway timeout.
 async fn deadline<T>(app: &App, fut: impl Future<Output = Result<T>>) -> Result<T> {
-    let limit = app.deps.config.operation_timeout;
-    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
-        Err(Error::deadline(format!(
-            "the operation did not finish within {} s",
-            limit.as_secs()
-        )))
-    })
+    crate::deadline::within(app.deps.config.operation_timeout, fut).await
 }
 
 /// The body's bytes, refused over the size limit.

@@ -1,7 +1,8 @@
-//! Wires the real adapters (S3, EC2, EC2 Instance Connect, SSH) once per
+//! Wires the real adapters (S3, EC2, EC2 Instance Connect + SSH, SSM) once per
 //! cold start.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use aws_config::BehaviorVersion;
 
@@ -11,7 +12,7 @@ use crate::fetch::Remote;
 use crate::fleet::Ec2Fleet;
 use crate::ops::Deps;
 use crate::store::S3Store;
-use crate::transport::{EicKeyPusher, SshTransport};
+use crate::transport::{ByAccess, EicKeyPusher, SshTransport, SsmSettings, SsmTransport};
 
 pub struct App {
     pub deps: Deps,
@@ -56,8 +57,9 @@ impl App {
             ec2,
             config.ssh_port,
             config.address_tag.clone(),
+            config.default_access,
         ));
-        let transport = Arc::new(SshTransport::new(
+        let ssh = Arc::new(SshTransport::new(
             Arc::new(EicKeyPusher::new(eic)),
             fleet.clone(),
             config.ssh_user.clone(),
@@ -65,6 +67,24 @@ impl App {
             config.insecure_ignore_host_key,
             config.connect_timeout,
         ));
+        let ssm_transport = Arc::new(SsmTransport::new(
+            ssm.clone(),
+            store.clone(),
+            SsmSettings {
+                url_ttl: config.ssm_url_ttl,
+                // Within an API request the request's deadline (shorter)
+                // rules; this bounds callers without one.
+                max_wait: config.operation_timeout,
+                // The lock wait plus download, unpack and restart: a backstop
+                // only, our own cancel normally comes first.
+                execution_timeout: Duration::from_secs(config.lock_wait_secs + 120),
+                delivery_timeout: Duration::from_secs(30),
+            },
+        ));
+        let transport = Arc::new(ByAccess {
+            ssh,
+            ssm: ssm_transport,
+        });
         let remote = Arc::new(Remote::new(
             &config.github_api,
             config.github_token_parameter.clone(),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::fleet::Access;
 
 /// Where a runtime keeps its config and how to restart it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -50,7 +51,14 @@ pub struct Config {
     pub extra_ca_pem: Option<Vec<u8>>,
     /// Deadline of one remote fetch.
     pub fetch_timeout: Duration,
+    /// Transport of instances without a `molecule:access` tag.
+    pub default_access: Access,
+    /// Lifetime of the presigned archive URL an SSM host downloads from.
+    pub ssm_url_ttl: Duration,
 }
+
+/// The longest presigned URL lifetime we hand to a host.
+pub const MAX_SSM_URL_TTL: Duration = Duration::from_secs(300);
 
 impl Config {
     /// Defaults for everything but the bucket.
@@ -73,6 +81,8 @@ impl Config {
             github_token_parameter: None,
             extra_ca_pem: None,
             fetch_timeout: Duration::from_secs(300),
+            default_access: Access::Ssh,
+            ssm_url_ttl: MAX_SSM_URL_TTL,
         }
     }
 
@@ -127,6 +137,22 @@ impl Config {
         }
         if let Some(v) = var("PLUGIN_FETCH_TIMEOUT_SECS") {
             c.fetch_timeout = Duration::from_secs(parse(&v, "PLUGIN_FETCH_TIMEOUT_SECS")?);
+        }
+        if let Some(v) = var("PLUGIN_DEFAULT_ACCESS") {
+            c.default_access = Access::parse(&v).ok_or_else(|| {
+                Error::internal(format!(
+                    "PLUGIN_DEFAULT_ACCESS must be ssh or ssm, got {v:?}"
+                ))
+            })?;
+        }
+        if let Some(v) = var("PLUGIN_SSM_URL_TTL_SECS") {
+            let secs: u64 = parse(&v, "PLUGIN_SSM_URL_TTL_SECS")?;
+            if secs == 0 || Duration::from_secs(secs) > MAX_SSM_URL_TTL {
+                return Err(Error::internal(
+                    "PLUGIN_SSM_URL_TTL_SECS must be between 1 and 300",
+                ));
+            }
+            c.ssm_url_ttl = Duration::from_secs(secs);
         }
         if c.insecure_ignore_host_key {
             tracing::warn!(

@@ -11,12 +11,41 @@ pub const TAG_WORKSPACE: &str = "molecule:workspace-id";
 pub const TAG_RUNTIME: &str = "molecule:runtime";
 pub const TAG_HOST_KEY: &str = "molecule:ssh-host-key";
 pub const TAG_ORG: &str = "molecule:org-id";
+/// `ssh` (sshd + EC2 Instance Connect) or `ssm` (hardened: SSM Run Command).
+pub const TAG_ACCESS: &str = "molecule:access";
+
+/// How a host is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Access {
+    #[default]
+    Ssh,
+    Ssm,
+}
+
+impl Access {
+    pub fn parse(v: &str) -> Option<Access> {
+        match v.trim().to_ascii_lowercase().as_str() {
+            "ssh" => Some(Access::Ssh),
+            "ssm" => Some(Access::Ssm),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Ssh => "ssh",
+            Access::Ssm => "ssm",
+        }
+    }
+}
 
 /// A workspace's running instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Host {
     pub instance_id: String,
+    pub access: Access,
     /// Where to connect: private IP (or the address tag on the local stack).
+    /// Empty for SSM hosts without one: Run Command needs no address.
     pub address: String,
     pub port: u16,
     pub runtime: String,
@@ -41,14 +70,22 @@ pub struct Ec2Fleet {
     port: u16,
     /// Read the address from this tag instead of the private IP.
     address_tag: Option<String>,
+    /// Access mode of instances without a `molecule:access` tag.
+    default_access: Access,
 }
 
 impl Ec2Fleet {
-    pub fn new(client: Client, port: u16, address_tag: Option<String>) -> Self {
+    pub fn new(
+        client: Client,
+        port: u16,
+        address_tag: Option<String>,
+        default_access: Access,
+    ) -> Self {
         Ec2Fleet {
             client,
             port,
             address_tag,
+            default_access,
         }
     }
 }
@@ -127,21 +164,36 @@ impl Fleet for Ec2Fleet {
                 .filter(|v| !v.is_empty())
         };
         let instance_id = inst.instance_id().unwrap_or_default().to_string();
+        let access = match tag(TAG_ACCESS) {
+            None => self.default_access,
+            // A typo must not silently pick a transport the host may refuse.
+            Some(v) => Access::parse(&v).ok_or_else(|| {
+                Error::host_failed(format!(
+                    "workspace {workspace:?}'s instance has an invalid {TAG_ACCESS} tag \
+                     (expected \"ssh\" or \"ssm\")"
+                ))
+                .with_detail(format!("instance {instance_id}: {TAG_ACCESS}={v:?}"))
+            })?,
+        };
         let raw_address = match &self.address_tag {
             Some(t) => tag(t),
             None => inst.private_ip_address().map(str::to_string),
-        }
-        .ok_or_else(|| {
-            Error::unavailable(format!(
-                "workspace {workspace:?}'s instance has no reachable address"
-            ))
-            .with_detail(format!(
-                "instance {instance_id} has no private IP / address tag"
-            ))
-        })?;
-        let (address, port) = split_address(&raw_address, self.port);
+        };
+        let (address, port) = match (raw_address, access) {
+            (Some(a), _) => split_address(&a, self.port),
+            (None, Access::Ssm) => (String::new(), self.port),
+            (None, Access::Ssh) => {
+                return Err(Error::unavailable(format!(
+                    "workspace {workspace:?}'s instance has no reachable address"
+                ))
+                .with_detail(format!(
+                    "instance {instance_id} has no private IP / address tag"
+                )))
+            }
+        };
         Ok(Host {
             instance_id,
+            access,
             address,
             port,
             runtime: tag(TAG_RUNTIME).unwrap_or_default(),

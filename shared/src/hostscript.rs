@@ -61,9 +61,21 @@ impl HostCommand {
 
     /// The remote command line, for a login shell to parse.
     pub fn render(&self, prefix: &str) -> String {
-        let mut cmd = String::with_capacity(SCRIPT.len() + 256);
+        self.render_with_env(prefix, &[])
+    }
+
+    /// As `render`, with variables set for the script only
+    /// (`NAME='value' sh -c ...`).
+    pub fn render_with_env(&self, prefix: &str, env: &[(&str, String)]) -> String {
+        let mut cmd = String::with_capacity(SCRIPT.len() + 1024);
         if !prefix.trim().is_empty() {
             cmd.push_str(prefix.trim());
+            cmd.push(' ');
+        }
+        for (k, v) in env {
+            cmd.push_str(k);
+            cmd.push('=');
+            cmd.push_str(&shell_quote(v));
             cmd.push(' ');
         }
         cmd.push_str("sh -c ");
@@ -74,6 +86,17 @@ impl HostCommand {
             cmd.push_str(&shell_quote(a));
         }
         cmd
+    }
+}
+
+impl HostCommand {
+    /// Operation and plugin, for logs and command comments (no paths).
+    pub fn summary(&self) -> String {
+        match self.args.as_slice() {
+            [op, _, name, ..] if op != "inventory" => format!("{op} {name}"),
+            [op, ..] => op.clone(),
+            [] => String::new(),
+        }
     }
 }
 
@@ -173,6 +196,9 @@ pub fn interpret(out: &HostOutput) -> Result<HostResult> {
         "unwire_failed" => {
             Error::host_failed("the host could not remove what the previous version had wired")
         }
+        "fetch_failed" => Error::host_failed(
+            "the host could not download the plugin archive (its link may have expired); nothing was changed",
+        ),
         "usage" | "internal" => Error::host_failed(format!("the host script failed ({code})")),
         // Host output never reaches a response: unknown codes stay in the log.
         _ => {
@@ -183,9 +209,24 @@ pub fn interpret(out: &HostOutput) -> Result<HostResult> {
             )))
         }
     };
+    // The script's own words, when they are one of its fixed, plain texts.
+    let err = match res.message.as_deref().filter(|m| plain_message(m)) {
+        Some(m) => err.with_field("host_message", serde_json::json!(m)),
+        None => err,
+    };
     Err(err
         .with_field("host_error", serde_json::json!(code))
         .with_detail(format!("{} message={:?}", detail(), res.message)))
+}
+
+/// Host script messages are short fixed sentences; anything else (a path,
+/// a stray byte) keeps the message out of the response.
+fn plain_message(m: &str) -> bool {
+    !m.is_empty()
+        && m.len() <= 160
+        && !m.contains('/')
+        && m.chars()
+            .all(|c| c.is_ascii_alphanumeric() || " ,.'()-".contains(c))
 }
 
 fn tail(s: &str, n: usize) -> &str {

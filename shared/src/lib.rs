@@ -9,6 +9,7 @@ pub mod app;
 pub mod archive;
 pub mod catalog;
 pub mod config;
+pub mod deadline;
 pub mod error;
 pub mod fetch;
 pub mod fleet;

@@ -19,7 +19,7 @@ use crate::plugin::{
 use crate::source::Source;
 use crate::source::{FetchContext, Resolved};
 use crate::store::{Allowlist, AllowlistStore, ArchiveStore, Registry, StateStore};
-use crate::transport::HostTransport;
+use crate::transport::{HostTransport, Payload};
 
 /// Everything an operation needs; adapters are chosen by `App`, fakes never.
 #[derive(Clone)]
@@ -243,10 +243,11 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
         &cfg.owner,
         cfg.lock_wait_secs,
     );
-    let out = deps
-        .transport
-        .run(&host, &cmd, Some(archive.path()))
-        .await?;
+    let payload = Payload {
+        path: archive.path(),
+        sha256: &archive.sha256,
+    };
+    let out = deps.transport.run(&host, &cmd, Some(&payload)).await?;
     let host_ms = lap(&mut t);
     let result = interpret(&out)?;
 

@@ -1,5 +1,6 @@
-//! Test support: the local stack (moto, the EC2 Instance Connect emulator,
-//! real sshd hosts on 127.0.0.x) and fixtures over it.
+//! Test support: the local stack (moto, the EC2 Instance Connect and SSM
+//! emulators, real sshd hosts on 127.0.0.x, hardened hosts reached only
+//! through the SSM emulator's agent) and fixtures over it.
 //!
 //! The stack is brought up once per test binary with `tests/stack/stack.sh
 //! up` (idempotent: a healthy running stack is reused). Clients get their
@@ -17,6 +18,7 @@ use aws_config::BehaviorVersion;
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 use lambda_http::{Body, Request};
 use plugin_delivery::config::RuntimeProfile;
+pub use plugin_delivery::fleet::Access;
 use plugin_delivery::{App, Config};
 use serde_json::{json, Value};
 
@@ -78,7 +80,11 @@ pub fn stack() -> &'static Stack {
             let v = v.trim_matches('\'').to_string();
             vars.insert(k.to_string(), v);
         }
-        for k in ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_EC2_INSTANCE_CONNECT"] {
+        for k in [
+            "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL_EC2_INSTANCE_CONNECT",
+            "AWS_ENDPOINT_URL_SSM",
+        ] {
             let url = vars.get(k).expect(k);
             assert!(url.starts_with("http://127."), "{k}={url} is not loopback");
         }
@@ -115,12 +121,60 @@ pub async fn clients() -> (
             .endpoint_url(stack().var("AWS_ENDPOINT_URL_EC2_INSTANCE_CONNECT"))
             .build(),
     );
-    (
-        s3,
-        aws_sdk_ec2::Client::new(&sdk),
-        eic,
-        aws_sdk_ssm::Client::new(&sdk),
+    // Run Command goes to the SSM emulator, which hands everything else
+    // (Parameter Store) on to moto.
+    let ssm = aws_sdk_ssm::Client::from_conf(
+        aws_sdk_ssm::config::Builder::from(&sdk)
+            .endpoint_url(stack().var("AWS_ENDPOINT_URL_SSM"))
+            .build(),
+    );
+    (s3, aws_sdk_ec2::Client::new(&sdk), eic, ssm)
+}
+
+/// A blocking HTTP/1.1 request to an emulator's control endpoint
+/// (`/_emulator/...`): status and body. Blocking so `Drop` can use it.
+pub fn control(method: &str, url: &str, body: Option<&serde_json::Value>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("http url");
+    let (hostport, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut s = std::net::TcpStream::connect(hostport).expect("connect to emulator");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The SSM emulator's control endpoint `path` (`agents`, `calls`, ...).
+pub fn ssm_control(method: &str, path: &str, body: Option<&serde_json::Value>) -> (u16, String) {
+    let base = stack().var("AWS_ENDPOINT_URL_SSM").trim_end_matches('/');
+    control(method, &format!("{base}/_emulator/{path}"), body)
+}
+
+/// Sets the emulated SSM agent of `instance` (`ping`, `execution_timeout_cap`,
+/// `start_delay`).
+pub fn ssm_agent(instance: &str, settings: serde_json::Value) {
+    let mut body = settings;
+    body["instance_id"] = serde_json::json!(instance);
+    let (status, text) = ssm_control("POST", "agents", Some(&body));
+    assert_eq!(status, 200, "ssm agent update: {text}");
 }
 
 /// Unique loopback addresses per test host within one test binary; the base
@@ -154,9 +208,13 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{:08x}", rand::random::<u32>())
 }
 
-/// A real sshd workspace host plus its EC2 instance in moto.
+/// A workspace host plus its EC2 instance in moto: a real sshd host, or a
+/// hardened one (no sshd, `molecule:access=ssm`) whose SSM agent is the
+/// emulator's, running commands on this machine as root as the agent does.
 pub struct Host {
     pub instance_id: String,
+    pub access: Access,
+    /// Empty for SSM hosts.
     pub ip: String,
     pub port: u16,
     pub host_key: String,
@@ -165,6 +223,18 @@ pub struct Host {
 
 impl Host {
     pub async fn start(ec2: &aws_sdk_ec2::Client, workspace: &str, runtime: &str) -> Host {
+        Host::start_with(ec2, workspace, runtime, Access::Ssh).await
+    }
+
+    pub async fn start_with(
+        ec2: &aws_sdk_ec2::Client,
+        workspace: &str,
+        runtime: &str,
+        access: Access,
+    ) -> Host {
+        if access == Access::Ssm {
+            return Host::start_ssm(ec2, workspace, runtime).await;
+        }
         let ip = next_ip();
         let port = 2222;
         let out = ec2
@@ -224,16 +294,51 @@ impl Host {
         set_tag(ec2, &instance_id, "molecule:ssh-host-key", &host_key).await;
         Host {
             instance_id,
+            access,
             ip,
             port,
             host_key,
             state_dir,
         }
     }
+
+    async fn start_ssm(ec2: &aws_sdk_ec2::Client, workspace: &str, runtime: &str) -> Host {
+        let tag = |k: &str, v: &str| Tag::builder().key(k).value(v).build();
+        let out = ec2
+            .run_instances()
+            .image_id("ami-12345678")
+            .min_count(1)
+            .max_count(1)
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Instance)
+                    .tags(tag("molecule:workspace-id", workspace))
+                    .tags(tag("molecule:runtime", runtime))
+                    .tags(tag("molecule:access", "ssm"))
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("run_instances");
+        let instance_id = out.instances()[0].instance_id().unwrap().to_string();
+        ssm_agent(&instance_id, serde_json::json!({"ping": "Online"}));
+        Host {
+            instance_id,
+            access: Access::Ssm,
+            ip: String::new(),
+            port: 0,
+            host_key: String::new(),
+            state_dir: PathBuf::new(),
+        }
+    }
 }
 
 impl Drop for Host {
     fn drop(&mut self) {
+        if self.access == Access::Ssm {
+            let _ = ssm_control("DELETE", &format!("agents/{}", self.instance_id), None);
+            return;
+        }
         let _ = Command::new("bash")
             .arg(repo_root().join("tests/stack/sshd-host.sh"))
             .args(["stop", self.state_dir.to_str().unwrap()])
@@ -265,6 +370,11 @@ pub struct Fixture {
 
 impl Fixture {
     pub async fn new() -> Fixture {
+        Fixture::with(Access::Ssh).await
+    }
+
+    /// A workspace whose host is reached through `access`.
+    pub async fn with(access: Access) -> Fixture {
         let (s3, ec2, eic, ssm) = clients().await;
         let bucket = unique("pd-test");
         s3.create_bucket()
@@ -273,7 +383,7 @@ impl Fixture {
             .await
             .expect("create bucket");
         let workspace = unique("ws");
-        let host = Host::start(&ec2, &workspace, "claude-code").await;
+        let host = Host::start_with(&ec2, &workspace, "claude-code", access).await;
         let dir = tempfile::Builder::new()
             .prefix("pd-host-")
             .tempdir()
@@ -567,4 +677,28 @@ pub fn tree(dir: &Path) -> BTreeMap<String, (Vec<u8>, u32, u32, u32)> {
 pub fn sha256_hex(b: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(b))
+}
+
+/// Runs each `async fn name(access: Access)` listed as two tests,
+/// `ssh::name` and `ssm::name`: one acceptance suite for both transports.
+#[macro_export]
+macro_rules! on_both_transports {
+    ($($name:ident),+ $(,)?) => {
+        mod ssh {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name($crate::Access::Ssh).await
+                }
+            )+
+        }
+        mod ssm {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name($crate::Access::Ssm).await
+                }
+            )+
+        }
+    };
 }

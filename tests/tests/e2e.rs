@@ -1,6 +1,8 @@
-//! The whole path on the local stack: API event → function code → S3 (moto)
-//! → EC2 lookup (moto) → key push (EIC emulator) → SSH → host script on a
-//! real sshd host → the runtime's wiring (fake-runtime.py) → desired state.
+//! The whole path on the local stack, over both transports: API event →
+//! function code → S3 (moto) → EC2 lookup (moto) → SSH (key pushed through the
+//! EIC emulator, real sshd host) or SSM Run Command (emulated agent, archive
+//! fetched from a presigned moto URL) → host script → the runtime's wiring
+//! (fake-runtime.py) → desired state.
 
 use acceptance::*;
 use serde_json::Value;
@@ -64,9 +66,8 @@ fn host_tree(f: &Fixture, name: &str) -> Vec<(String, Vec<u8>, u32)> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn install_unchanged_upgrade_list_uninstall() {
-    let f = Fixture::new().await;
+async fn install_unchanged_upgrade_list_uninstall(access: Access) {
+    let f = Fixture::with(access).await;
     let app = f.app();
     f.publish("hello", &v1()).await;
     f.publish("other", &other()).await;
@@ -227,9 +228,8 @@ async fn install_unchanged_upgrade_list_uninstall() {
     assert!(!f.config_dir.join("skills/greeter").exists());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn ten_concurrent_installs_into_one_workspace() {
-    let f = Fixture::new().await;
+async fn ten_concurrent_installs_into_one_workspace(access: Access) {
+    let f = Fixture::with(access).await;
     let names: Vec<String> = (0..10).map(|i| format!("conc-{i}")).collect();
     for n in &names {
         let yaml = format!("name: {n}\nversion: 1.0.{}\nskills: [{n}-skill]\n", n.len());
@@ -282,9 +282,8 @@ async fn ten_concurrent_installs_into_one_workspace() {
     assert_eq!(f.restarts(), 10, "one restart per change");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn staged_archives_are_recalled_and_verified() {
-    let f = Fixture::new().await;
+async fn staged_archives_are_recalled_and_verified(access: Access) {
+    let f = Fixture::with(access).await;
     let app = f.app();
     f.publish("hello", &v1()).await;
     let (s, b) = install(&app, &f.workspace, r#"{"source":"hello"}"#).await;
@@ -316,3 +315,9 @@ async fn staged_archives_are_recalled_and_verified() {
     let body = format!(r#"{{"source":"hello","sha256":"{}"}}"#, "1".repeat(64));
     assert_eq!(install(&app, &f.workspace, &body).await.0, 422);
 }
+
+on_both_transports!(
+    install_unchanged_upgrade_list_uninstall,
+    ten_concurrent_installs_into_one_workspace,
+    staged_archives_are_recalled_and_verified,
+);

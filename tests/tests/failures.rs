@@ -35,9 +35,8 @@ async fn written(f: &Fixture) -> Vec<String> {
     keys
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input_is_rejected_before_anything_is_written() {
-    let f = Fixture::new().await;
+async fn bad_input_is_rejected_before_anything_is_written(access: Access) {
+    let f = Fixture::with(access).await;
     let app = f.app();
     publish_owned(&f, "ok", &small_plugin("ok")).await;
     let long = "a".repeat(129);
@@ -86,9 +85,8 @@ async fn bad_input_is_rejected_before_anything_is_written() {
     assert!(!f.touched(), "nothing reached the host");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn size_cap_is_inclusive_and_oversize_writes_nothing() {
-    let f = Fixture::new().await;
+async fn size_cap_is_inclusive_and_oversize_writes_nothing(access: Access) {
+    let f = Fixture::with(access).await;
     let mut cfg = f.config();
     cfg.max_tree_bytes = 4096;
     let app = f.app_with(cfg);
@@ -118,9 +116,8 @@ async fn size_cap_is_inclusive_and_oversize_writes_nothing() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sha256_pin_of_plugin_yaml() {
-    let f = Fixture::new().await;
+async fn sha256_pin_of_plugin_yaml(access: Access) {
+    let f = Fixture::with(access).await;
     let app = f.app();
     let files = small_plugin("pinned");
     publish_owned(&f, "pinned", &files).await;
@@ -145,9 +142,8 @@ async fn sha256_pin_of_plugin_yaml() {
     assert_eq!((s, b["status"].as_str()), (200, Some("installed")), "{b}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_workspace_plugin_and_ambiguous_host() {
-    let f = Fixture::new().await;
+async fn unknown_workspace_plugin_and_ambiguous_host(access: Access) {
+    let f = Fixture::with(access).await;
     let app = f.app();
     publish_owned(&f, "known", &small_plugin("known")).await;
     let (s, b) = install(&app, "ws-nobody", r#"{"source":"known"}"#).await;
@@ -162,7 +158,7 @@ async fn unknown_workspace_plugin_and_ambiguous_host() {
     assert_eq!((s, b), (200, serde_json::json!([])));
 
     // A second running instance with the same workspace tag: refuse to guess.
-    let twin = Host::start(&f.ec2, &f.workspace, "claude-code").await;
+    let twin = Host::start_with(&f.ec2, &f.workspace, "claude-code", access).await;
     let (s, b) = install(&app, &f.workspace, r#"{"source":"known"}"#).await;
     assert_eq!(s, 409, "{b}");
     drop(twin);
@@ -207,6 +203,7 @@ fn transport(f: &Fixture, pusher: Arc<dyn KeyPusher>, user: &str) -> SshTranspor
         f.ec2.clone(),
         22,
         Some("molecule:local-address".into()),
+        Access::Ssh,
     ));
     SshTransport::new(
         pusher,
@@ -222,7 +219,12 @@ async fn run_probe(
     f: &Fixture,
     t: &SshTransport,
 ) -> plugin_delivery::error::Result<plugin_delivery::hostscript::HostOutput> {
-    let fleet = Ec2Fleet::new(f.ec2.clone(), 22, Some("molecule:local-address".into()));
+    let fleet = Ec2Fleet::new(
+        f.ec2.clone(),
+        22,
+        Some("molecule:local-address".into()),
+        Access::Ssh,
+    );
     let host = fleet.locate(&f.workspace).await.unwrap();
     let profile = f.config().profile("claude-code");
     t.run(&host, &HostCommand::inventory(&profile), None).await
@@ -458,9 +460,8 @@ async fn connection_killed_mid_transfer_keeps_old_version() {
     assert_eq!(store, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_restart_is_502_and_slow_host_is_504() {
-    let f = Fixture::new().await;
+async fn failed_restart_is_502_and_slow_host_is_504(access: Access) {
+    let f = Fixture::with(access).await;
     publish_owned(&f, "r", &small_plugin("r")).await;
     let mut cfg = f.config();
     cfg.profiles.get_mut("claude-code").unwrap().restart = "exit 3".into();
@@ -484,9 +485,8 @@ async fn failed_restart_is_502_and_slow_host_is_504() {
     assert!(b["error"].as_str().unwrap().contains("2 s"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn manifest_json_digest_is_checked_before_anything_is_written() {
-    let f = Fixture::new().await;
+async fn manifest_json_digest_is_checked_before_anything_is_written(access: Access) {
+    let f = Fixture::with(access).await;
     let app = f.app();
     let files = small_plugin("pinned-tree");
     // The tree digest: sorted `path NUL content` entries, manifest.json excluded.
@@ -517,3 +517,12 @@ async fn manifest_json_digest_is_checked_before_anything_is_written() {
     let (s, b) = install(&app, &f.workspace, r#"{"source":"pinned-tree"}"#).await;
     assert_eq!(s, 200, "{b}");
 }
+
+on_both_transports!(
+    bad_input_is_rejected_before_anything_is_written,
+    size_cap_is_inclusive_and_oversize_writes_nothing,
+    sha256_pin_of_plugin_yaml,
+    unknown_workspace_plugin_and_ambiguous_host,
+    failed_restart_is_502_and_slow_host_is_504,
+    manifest_json_digest_is_checked_before_anything_is_written,
+);

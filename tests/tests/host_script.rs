@@ -146,7 +146,17 @@ struct Run {
 
 /// Runs the script; asserts stdout is exactly one result line and parses it.
 fn run_script(args: &[&str], stdin: Option<&[u8]>, path_env: Option<&Path>) -> Run {
+    run_script_env(args, stdin, path_env, &[])
+}
+
+fn run_script_env(
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    path_env: Option<&Path>,
+    env: &[(&str, &str)],
+) -> Run {
     let mut cmd = Command::new("sh");
+    cmd.envs(env.iter().copied());
     cmd.arg(script())
         .args(args)
         .stdin(if stdin.is_some() {
@@ -1143,4 +1153,135 @@ fn the_script_passes_shellcheck() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+// ------------------------------------------------------------ URL download (SSM path)
+
+/// A one-shot-per-request HTTP server on loopback answering every request
+/// with `status` and `body`; returns its base URL and the request lines seen.
+fn http_server(
+    status: u16,
+    body: Vec<u8>,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            log.lock().unwrap().push(line.trim().to_string());
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap() == 0 || h == "\r\n" {
+                    break;
+                }
+            }
+            let head = format!(
+                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(&body);
+        }
+    });
+    (url, seen)
+}
+
+impl Host {
+    /// Install with the archive downloaded from `url`, as over SSM.
+    fn install_from(&self, name: &str, sha: &str, url: &str, path_env: Option<&Path>) -> Run {
+        run_script_env(
+            &[
+                "install",
+                self.cfg(),
+                name,
+                sha,
+                OWNER,
+                "5",
+                &self.restart_cmd(),
+            ],
+            None,
+            path_env,
+            &[("PLUGIN_ARCHIVE_URL", url)],
+        )
+    }
+}
+
+/// Every tool in /usr/bin except `curl`, so the script must use wget.
+fn path_without_curl() -> TempDir {
+    let bin = tempfile::tempdir().unwrap();
+    for e in fs::read_dir("/usr/bin").unwrap() {
+        let name = e.unwrap().file_name();
+        if name != "curl" {
+            symlink(Path::new("/usr/bin").join(&name), bin.path().join(&name)).unwrap();
+        }
+    }
+    bin
+}
+
+#[test]
+fn install_downloads_the_archive_from_a_url() {
+    for tool in ["curl", "wget"] {
+        let h = Host::new();
+        let p = alpha_v1();
+        let (url, seen) = http_server(200, p.archive.bytes.clone());
+        let url = format!(
+            "{url}/staged/{}.tar.gz?X-Amz-Expires=300&X-Amz-Signature=abc",
+            p.archive.sha
+        );
+        let bin = path_without_curl();
+        let path = (tool == "wget").then(|| bin.path());
+        let r = h.install_from("alpha", &p.archive.sha, &url, path);
+        r.assert_ok("installed");
+        h.assert_installed("alpha", &p);
+        assert_eq!(h.restarts(), 1, "{tool}");
+        // The query string (the signature) reached the server intact.
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1, "{tool}: {seen:?}");
+        assert!(seen[0].contains("X-Amz-Signature=abc"), "{seen:?}");
+
+        // Unchanged: the archive is not even downloaded.
+        h.install_from("alpha", &p.archive.sha, &url, path)
+            .assert_ok("unchanged");
+        assert_eq!(h.restarts(), 1);
+        h.assert_no_leftovers();
+    }
+}
+
+#[test]
+fn a_refused_or_unreachable_url_changes_nothing() {
+    for tool in ["curl", "wget"] {
+        let h = Host::new();
+        let v1 = alpha_v1();
+        h.install("alpha", &v1).assert_ok("installed");
+        let v2 = alpha_v2();
+        let bin = path_without_curl();
+        let path = (tool == "wget").then(|| bin.path());
+
+        // An expired presigned URL: S3 answers 403.
+        let (url, _) = http_server(403, b"<Error><Code>AccessDenied</Code></Error>".to_vec());
+        let r = h.install_from("alpha", &v2.archive.sha, &format!("{url}/x"), path);
+        r.assert_error("fetch_failed", 74);
+        if tool == "curl" {
+            assert!(r.result["message"].as_str().unwrap().contains("expired"));
+        }
+        // Nobody listening.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead = format!("http://{}/x", closed.local_addr().unwrap());
+        drop(closed);
+        h.install_from("alpha", &v2.archive.sha, &dead, path)
+            .assert_error("fetch_failed", 74);
+        // Served, but not the archive we asked for.
+        let (url, _) = http_server(200, b"something else".to_vec());
+        h.install_from("alpha", &v2.archive.sha, &format!("{url}/x"), path)
+            .assert_error("digest_mismatch", 65);
+
+        h.assert_installed("alpha", &v1);
+        assert_eq!(h.restarts(), 1, "{tool}");
+        h.assert_no_leftovers();
+    }
 }

@@ -1,9 +1,7 @@
-//! Getting a command (and an archive) to a host.
-//!
-//! `HostTransport` is the port; `SshTransport` is the adapter for hosts with
-//! sshd: a fresh ed25519 key per operation, pushed with EC2 Instance Connect
-//! (valid 60 s), then one SSH session verified against the host key the
-//! instance published.
+//! The SSH adapter, for hosts with sshd: a fresh ed25519 key per operation,
+//! pushed with EC2 Instance Connect (valid 60 s), then one SSH session
+//! verified against the host key the instance published. The archive
+//! streams over the session's stdin.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -17,17 +15,10 @@ use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey};
 use russh::ChannelMsg;
 use tokio::io::AsyncWriteExt;
 
+use super::{HostTransport, Payload};
 use crate::error::{Error, Result};
 use crate::fleet::{Fleet, Host};
 use crate::hostscript::{HostCommand, HostOutput};
-
-#[async_trait]
-pub trait HostTransport: Send + Sync {
-    /// Runs the host script with `cmd`, streaming the file at `stdin` (if
-    /// any) to it, and returns its output; the caller interprets it.
-    async fn run(&self, host: &Host, cmd: &HostCommand, stdin: Option<&Path>)
-        -> Result<HostOutput>;
-}
 
 /// Delivers a public key that the host's sshd will accept for a short time.
 #[async_trait]
@@ -265,8 +256,9 @@ impl HostTransport for SshTransport {
         &self,
         host: &Host,
         cmd: &HostCommand,
-        stdin: Option<&Path>,
+        payload: Option<&Payload<'_>>,
     ) -> Result<HostOutput> {
+        let stdin: Option<&Path> = payload.map(|p| p.path);
         let t0 = std::time::Instant::now();
         let key = ephemeral_key();
         let public_line = key

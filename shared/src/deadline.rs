@@ -1,0 +1,37 @@
+//! The operation deadline (API Gateway gives up at 29 s). The API sets it
+//! once per request; a transport that must stop remote work itself (SSM
+//! cancels its command) reads it, so both paths answer the same 504.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+tokio::task_local! {
+    static DEADLINE: (Instant, Duration);
+}
+
+/// Runs `fut` with `limit` as its deadline, answering 504 when it passes.
+pub async fn within<T>(limit: Duration, fut: impl Future<Output = Result<T>>) -> Result<T> {
+    let at = Instant::now() + limit;
+    DEADLINE
+        .scope((at, limit), async {
+            tokio::time::timeout(limit, fut)
+                .await
+                .unwrap_or_else(|_| Err(exceeded(limit)))
+        })
+        .await
+}
+
+/// When the current operation's deadline falls, and its length.
+pub fn current() -> Option<(Instant, Duration)> {
+    DEADLINE.try_with(|d| *d).ok()
+}
+
+/// The one 504 an operation answers when its deadline passes.
+pub fn exceeded(limit: Duration) -> Error {
+    Error::deadline(format!(
+        "the operation did not finish within {} s",
+        limit.as_secs()
+    ))
+}
