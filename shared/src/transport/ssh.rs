@@ -227,12 +227,10 @@ impl SshTransport {
         )
         .await;
         match connected {
-            Err(_) => {
-                return Err(Error::unavailable(
-                    "the workspace's host did not answer on SSH in time",
-                )
-                .with_detail(format!("connect {}:{} timed out", host.address, host.port)))
-            }
+            Err(_) => Err(
+                Error::unavailable("the workspace's host did not answer on SSH in time")
+                    .with_detail(format!("connect {}:{} timed out", host.address, host.port)),
+            ),
             Ok(Err(e)) => {
                 if let Some(fp) = rejected.lock().unwrap().take() {
                     return Err(Error::host_failed(
@@ -240,10 +238,10 @@ impl SshTransport {
                     )
                     .with_detail(format!("instance {} presented {fp}", host.instance_id)));
                 }
-                return Err(
+                Err(
                     Error::unavailable("the workspace's host is unreachable over SSH")
                         .with_detail(format!("connect {}:{}: {e:?}", host.address, host.port)),
-                );
+                )
             }
             Ok(Ok(s)) => Ok(s),
         }
