@@ -14,6 +14,9 @@ tokio::task_local! {
 /// Runs `fut` with `limit` as its deadline, answering 504 when it passes.
 pub async fn within<T>(limit: Duration, fut: impl Future<Output = Result<T>>) -> Result<T> {
     let at = Instant::now() + limit;
+    // Boxed: the whole operation's future nests deeply, and callers'
+    // futures stay shallow enough for the compiler's layout queries.
+    let fut = Box::pin(fut);
     DEADLINE
         .scope((at, limit), async {
             tokio::time::timeout(limit, fut)

@@ -4,10 +4,6 @@
 //! port traits (`store`, `fleet`, `transport`); AWS and SSH adapters implement
 //! them; `api` is the API Gateway entrypoint; `app` wires real adapters.
 
-// The API handlers' futures nest deeply (deadline scope, timeout, the
-// install pipeline, two transports); clippy's layout query needs the room.
-#![recursion_limit = "256"]
-
 pub mod api;
 pub mod app;
 pub mod archive;

@@ -3,13 +3,18 @@
 //! 1. Install latency of a ~100 KB plugin through the whole path (registry
 //!    → canonical archive → staged in S3 → EC2 lookup → EIC key push → SSH →
 //!    host script), against the CLI design on the same host: `ssh-keygen`,
-//!    `aws ec2-instance-connect send-ssh-public-key`, `ssh ... tar -xzf -`.
+//!    `aws ec2-instance-connect send-ssh-public-key`, `ssh ... tar -xzf -`;
+//!    and the same install to a hardened host through SSM Run Command (the
+//!    emulated agent, which adds no delivery delay of its own).
 //! 2. A 100 MiB plugin of incompressible files installed by the real
 //!    `install` binary (release, served by `cargo lambda watch`): its peak
 //!    RSS (VmHWM) and throughput, against `tar -xzf` of the same archive.
 //!
 //! Run: `cargo bench -p acceptance --bench delivery` (add `-- latency` or
 //! `-- large` to run one part).
+
+// The install path's futures nest deeply; the layout query needs the room.
+#![recursion_limit = "256"]
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -59,6 +64,23 @@ fn run(cmd: &mut Command) {
     );
 }
 
+/// `n` timed installs (after 3 warm-up runs), each followed by an uninstall.
+async fn timed_installs(app: &plugin_delivery::App, ws: &str, n: usize) -> Vec<Duration> {
+    let mut times = Vec::new();
+    for i in 0..(n + 3) {
+        let t = Instant::now();
+        let (s, b) = install(app, ws, r#"{"source":"bench"}"#).await;
+        let d = t.elapsed();
+        assert_eq!((s, b["status"].as_str()), (200, Some("installed")), "{b}");
+        if i >= 3 {
+            times.push(d);
+        }
+        let (s, _) = uninstall(app, ws, "bench").await;
+        assert_eq!(s, 200);
+    }
+    times
+}
+
 async fn latency() {
     let f = Fixture::new().await;
     let mut cfg = f.config();
@@ -87,18 +109,15 @@ async fn latency() {
     f.publish("bench", &refs).await;
 
     let n = 30;
-    let mut ours = Vec::new();
-    for i in 0..(n + 3) {
-        let t = Instant::now();
-        let (s, b) = install(&app, &f.workspace, r#"{"source":"bench"}"#).await;
-        let d = t.elapsed();
-        assert_eq!((s, b["status"].as_str()), (200, Some("installed")), "{b}");
-        if i >= 3 {
-            ours.push(d);
-        }
-        let (s, _) = uninstall(&app, &f.workspace, "bench").await;
-        assert_eq!(s, 200);
-    }
+    let ours = timed_installs(&app, &f.workspace, n).await;
+
+    // The same plugin to a hardened host through SSM Run Command.
+    let fs = Fixture::with(Access::Ssm).await;
+    let mut cfg = fs.config();
+    cfg.profiles.get_mut("claude-code").unwrap().restart = "true".into();
+    let app_ssm = fs.app_with(cfg);
+    fs.publish("bench", &refs).await;
+    let ssm = timed_installs(&app_ssm, &fs.workspace, n).await;
 
     // The CLI design, same host, same archive bytes.
     let work = tempfile::tempdir().unwrap();
@@ -176,6 +195,13 @@ async fn latency() {
         ms(*ours.iter().min().unwrap()),
         ms(*ours.iter().max().unwrap()),
         ours.len()
+    );
+    println!(
+        "  plugin-delivery install over SSM (emulated agent, no delivery delay): median {:.1} ms (min {:.1}, max {:.1}, n={})",
+        ms(median(ssm.clone())),
+        ms(*ssm.iter().min().unwrap()),
+        ms(*ssm.iter().max().unwrap()),
+        ssm.len()
     );
     println!(
         "  CLI design (ssh-keygen + aws eic + ssh tar): median {:.1} ms (min {:.1}, max {:.1}, n={})",
