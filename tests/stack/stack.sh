@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# The one entry point for the Plugin Delivery local stack: moto (EC2, S3, ...)
-# and the EC2 Instance Connect emulator, plus the sshd hosts tests start with
-# sshd-host.sh under <state-dir>/hosts/<name>/.
+# The one entry point for the Plugin Delivery local stack: moto (EC2, S3, ...,
+# through moto_server.py, which enforces presigned-URL expiry), the EC2
+# Instance Connect emulator and the SSM Run Command emulator, plus the sshd
+# hosts tests start with sshd-host.sh under <state-dir>/hosts/<name>/.
 #
 #   stack.sh install             apt packages (openssh-server sudo shellcheck)
 #                                and <repo>/.venv (moto[server] cargo-lambda
 #                                awscli boto3); does nothing if all present
-#   stack.sh up [state-dir]      start moto + emulator (default <repo>/.stack),
+#   stack.sh up [state-dir]      start moto + emulators (default <repo>/.stack),
 #                                write <state-dir>/env, print its path
-#   stack.sh down [state-dir]    stop the sshd hosts, emulator and moto it
+#   stack.sh down [state-dir]    stop the sshd hosts, emulators and moto it
 #                                started for <state-dir>
 #   stack.sh status [state-dir]  show what is running
 #
 # Everything listens on loopback only. Ports: PLUGIN_STACK_MOTO_PORT (5000),
-# PLUGIN_STACK_EIC_PORT (5001). A port already served by a healthy instance
-# of the same service is reused (and then not stopped by `down`).
+# PLUGIN_STACK_EIC_PORT (5001), PLUGIN_STACK_SSM_PORT (5002). A port already
+# served by a healthy instance of the same service is reused (and then not
+# stopped by `down`).
 # Other knobs: PLUGIN_STACK_REGION (us-east-1), PLUGIN_STACK_KEYS_DIR
 # (<state-dir>/keys), PLUGIN_STACK_VENV (<repo>/.venv).
 set -euo pipefail
@@ -25,6 +27,7 @@ readonly SCRIPT_DIR REPO_ROOT
 readonly LOOPBACK=127.0.0.1
 readonly MOTO_PORT=${PLUGIN_STACK_MOTO_PORT:-5000}
 readonly EIC_PORT=${PLUGIN_STACK_EIC_PORT:-5001}
+readonly SSM_PORT=${PLUGIN_STACK_SSM_PORT:-5002}
 readonly REGION=${PLUGIN_STACK_REGION:-us-east-1}
 readonly VENV=${PLUGIN_STACK_VENV:-$REPO_ROOT/.venv}
 readonly APT_PACKAGES=(openssh-server sudo shellcheck openssl curl jq python3)
@@ -40,7 +43,7 @@ die() {
 }
 
 usage() {
-    sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -134,11 +137,26 @@ moto_healthy() {
     [[ $body == '{'* ]]
 }
 
+# True if the moto on the port is moto_server.py (presigned-URL expiry enforced).
+moto_wrapped() {
+    local body
+    body=$(http_get "http://$LOOPBACK:$1/_stack/moto-wrapper") || return 1
+    [[ $body == *'"service": "moto-wrapper"'* ]]
+}
+
 # Prints the emulator's health JSON if an emulator answers on the port.
 eic_health() {
     local body
     body=$(http_get "http://$LOOPBACK:$1/_emulator/health") || return 1
     [[ $body == *'"service": "eic-emulator"'* ]] || return 1
+    printf '%s\n' "$body"
+}
+
+# Prints the SSM emulator's health JSON if one answers on the port.
+ssm_health() {
+    local body
+    body=$(http_get "http://$LOOPBACK:$1/_emulator/health") || return 1
+    [[ $body == *'"service": "ssm-emulator"'* ]] || return 1
     printf '%s\n' "$body"
 }
 
@@ -251,12 +269,13 @@ env_line() {
 }
 
 write_env() {
-    local state_dir=$1 keys_dir=$2 tmp
+    local state_dir=$1 keys_dir=$2 ssm_dir=$3 tmp
     tmp=$(mktemp "$state_dir/.env.XXXXXX")
     {
         echo "# Written by tests/stack/stack.sh up; source it: . $state_dir/env"
         env_line AWS_ENDPOINT_URL "http://$LOOPBACK:$MOTO_PORT"
         env_line AWS_ENDPOINT_URL_EC2_INSTANCE_CONNECT "http://$LOOPBACK:$EIC_PORT"
+        env_line AWS_ENDPOINT_URL_SSM "http://$LOOPBACK:$SSM_PORT"
         env_line AWS_ACCESS_KEY_ID test
         env_line AWS_SECRET_ACCESS_KEY test
         env_line AWS_REGION "$REGION"
@@ -269,8 +288,11 @@ write_env() {
         env_line PLUGIN_STACK_HOSTS_DIR "$state_dir/hosts"
         env_line PLUGIN_STACK_MOTO_PORT "$MOTO_PORT"
         env_line PLUGIN_STACK_EIC_PORT "$EIC_PORT"
+        env_line PLUGIN_STACK_SSM_PORT "$SSM_PORT"
         env_line PLUGIN_STACK_MOTO_URL "http://$LOOPBACK:$MOTO_PORT"
         env_line PLUGIN_STACK_EIC_URL "http://$LOOPBACK:$EIC_PORT"
+        env_line PLUGIN_STACK_SSM_URL "http://$LOOPBACK:$SSM_PORT"
+        env_line PLUGIN_STACK_SSM_STATE_DIR "$ssm_dir"
         env_line PLUGIN_STACK_SSHD_HOST "$SCRIPT_DIR/sshd-host.sh"
         env_line PLUGIN_STACK_VENV "$VENV"
     } >"$tmp"
@@ -289,11 +311,13 @@ lock_state_dir() {
 
 cmd_up() {
     (($# <= 1)) || usage
-    local state_dir keys_dir health reported
+    local state_dir keys_dir ssm_dir health reported
     state_dir=$(abs_path "${1:-$REPO_ROOT/.stack}")
     check_port PLUGIN_STACK_MOTO_PORT "$MOTO_PORT"
     check_port PLUGIN_STACK_EIC_PORT "$EIC_PORT"
-    [[ $MOTO_PORT != "$EIC_PORT" ]] || die "moto and the emulator need different ports"
+    check_port PLUGIN_STACK_SSM_PORT "$SSM_PORT"
+    [[ $MOTO_PORT != "$EIC_PORT" && $MOTO_PORT != "$SSM_PORT" && $EIC_PORT != "$SSM_PORT" ]] ||
+        die "moto, the EIC emulator and the SSM emulator need different ports"
     [[ -x $VENV/bin/moto_server && -x $VENV/bin/python ]] ||
         die "$VENV is not set up; run: $SCRIPT_DIR/stack.sh install"
     mkdir -p "$state_dir" "$state_dir/hosts"
@@ -303,11 +327,15 @@ cmd_up() {
     # moto
     if moto_healthy "$MOTO_PORT"; then
         log "moto already serving $LOOPBACK:$MOTO_PORT; reusing it"
+        # Restarting it would drop the state of whoever is using it.
+        moto_wrapped "$MOTO_PORT" ||
+            log "warning: that moto is not moto_server.py, so presigned URLs never expire;" \
+                "run: $SCRIPT_DIR/stack.sh down && $SCRIPT_DIR/stack.sh up"
     else
         rm -f "$state_dir/moto.pid"
         port_open "$MOTO_PORT" && die "port $MOTO_PORT is taken by something that is not moto"
         start_bg moto "$state_dir/moto.pid" "$state_dir/moto.log" \
-            "$VENV/bin/moto_server" -H "$LOOPBACK" -p "$MOTO_PORT"
+            "$VENV/bin/python" "$SCRIPT_DIR/moto_server.py" -H "$LOOPBACK" -p "$MOTO_PORT"
         wait_healthy moto "$state_dir/moto.pid" moto_server "$state_dir/moto.log" \
             moto_healthy "$MOTO_PORT"
     fi
@@ -331,8 +359,28 @@ cmd_up() {
             eic_health "$EIC_PORT"
     fi
 
-    write_env "$state_dir" "$keys_dir"
-    log "up: moto http://$LOOPBACK:$MOTO_PORT, EIC http://$LOOPBACK:$EIC_PORT, env in $state_dir/env"
+    # SSM Run Command emulator (relays every other SSM operation to moto)
+    if health=$(ssm_health "$SSM_PORT"); then
+        reported=$(json_field moto_endpoint <<<"$health")
+        [[ $reported == "http://$LOOPBACK:$MOTO_PORT" ]] ||
+            die "the SSM emulator on port $SSM_PORT talks to $reported, not moto on port $MOTO_PORT"
+        ssm_dir=$(json_field state_dir <<<"$health")
+        log "SSM emulator already serving $LOOPBACK:$SSM_PORT (state in $ssm_dir); reusing it"
+    else
+        rm -f "$state_dir/ssm.pid"
+        port_open "$SSM_PORT" && die "port $SSM_PORT is taken by something that is not the SSM emulator"
+        ssm_dir=$state_dir/ssm
+        start_bg "SSM emulator" "$state_dir/ssm.pid" "$state_dir/ssm.log" \
+            "$VENV/bin/python" "$SCRIPT_DIR/ssm_emulator.py" --host "$LOOPBACK" \
+            --port "$SSM_PORT" --state-dir "$ssm_dir" \
+            --moto-endpoint "http://$LOOPBACK:$MOTO_PORT" --region "$REGION"
+        wait_healthy "SSM emulator" "$state_dir/ssm.pid" ssm_emulator.py "$state_dir/ssm.log" \
+            ssm_health "$SSM_PORT"
+    fi
+
+    write_env "$state_dir" "$keys_dir" "$ssm_dir"
+    log "up: moto http://$LOOPBACK:$MOTO_PORT, EIC http://$LOOPBACK:$EIC_PORT," \
+        "SSM http://$LOOPBACK:$SSM_PORT, env in $state_dir/env"
     printf '%s\n' "$state_dir/env"
 }
 
@@ -347,6 +395,7 @@ cmd_down() {
         log "stopping sshd host ${host%/}"
         "$SCRIPT_DIR/sshd-host.sh" stop "${host%/}" || true
     done
+    stop_pidfile "SSM emulator" "$state_dir/ssm.pid" ssm_emulator.py
     stop_pidfile "EIC emulator" "$state_dir/eic.pid" eic_emulator.py
     stop_pidfile moto "$state_dir/moto.pid" moto_server
     rm -f "$state_dir/env"
@@ -357,10 +406,12 @@ cmd_status() {
     (($# <= 1)) || usage
     local state_dir host pid rc=0
     state_dir=$(abs_path "${1:-$REPO_ROOT/.stack}")
+    local how="moto_server.py, presigned URLs expire"
+    moto_wrapped "$MOTO_PORT" || how="plain moto, presigned URLs never expire"
     if pid=$(live_pid "$state_dir/moto.pid" moto_server); then
-        echo "moto: running (pid $pid) on $LOOPBACK:$MOTO_PORT"
+        echo "moto: running (pid $pid) on $LOOPBACK:$MOTO_PORT ($how)"
     elif moto_healthy "$MOTO_PORT"; then
-        echo "moto: served on $LOOPBACK:$MOTO_PORT by a process this state dir did not start"
+        echo "moto: served on $LOOPBACK:$MOTO_PORT by a process this state dir did not start ($how)"
     else
         echo "moto: down"
         rc=1
@@ -371,6 +422,14 @@ cmd_status() {
         echo "eic-emulator: served on $LOOPBACK:$EIC_PORT by a process this state dir did not start"
     else
         echo "eic-emulator: down"
+        rc=1
+    fi
+    if pid=$(live_pid "$state_dir/ssm.pid" ssm_emulator.py); then
+        echo "ssm-emulator: running (pid $pid) on $LOOPBACK:$SSM_PORT"
+    elif ssm_health "$SSM_PORT" >/dev/null; then
+        echo "ssm-emulator: served on $LOOPBACK:$SSM_PORT by a process this state dir did not start"
+    else
+        echo "ssm-emulator: down"
         rc=1
     fi
     for host in "$state_dir"/hosts/*/; do

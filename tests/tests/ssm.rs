@@ -75,7 +75,10 @@ impl LockHolder {
     fn take(f: &Fixture) -> LockHolder {
         let lock = f.config_dir.join(".plugin-delivery/lock");
         std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+        // -o: the sleeping child does not inherit the lock, so killing
+        // flock releases it.
         let child = Command::new("flock")
+            .arg("-o")
             .arg(&lock)
             .args(["sleep", "60"])
             .spawn()
