@@ -260,7 +260,13 @@ fn parse_mode(v: &str) -> Option<u32> {
 impl ArchiveStore for S3Store {
     async fn stage(&self, digest: &str, path: &Path) -> Result<()> {
         let key = staged_key(digest);
-        // Content-addressed: an existing object has exactly these bytes.
+        let local_size = tokio::fs::metadata(path)
+            .await
+            .map_err(|e| Error::internal(format!("stat archive: {e}")))?
+            .len();
+        // Content-addressed: an existing object of the right size has these
+        // bytes (a damaged one is caught by `recall` and by the host's digest
+        // check, and replaced here). SSM hosts download this very object.
         match self
             .client
             .head_object()
@@ -269,7 +275,8 @@ impl ArchiveStore for S3Store {
             .send()
             .await
         {
-            Ok(_) => return Ok(()),
+            Ok(head) if head.content_length() == Some(local_size as i64) => return Ok(()),
+            Ok(_) => tracing::warn!(digest, "staged archive has the wrong size; replacing it"),
             Err(e) if http_status(&e) == Some(404) => {}
             Err(e) => return Err(s3_error("head staged archive", e)),
         }
@@ -336,6 +343,15 @@ impl ArchiveStore for S3Store {
                 fingerprint,
                 "staged archive does not match its index entry; rebuilding"
             );
+            // Remove the damaged object so the rebuild stages good bytes:
+            // hosts that download from S3 (SSM) must never get it again.
+            let _ = self
+                .client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(staged_key(&entry.digest))
+                .send()
+                .await;
             return Ok(None);
         }
         Ok(Some(ArchiveFile {
