@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The whole path on one machine: local stack up, the three functions served by
-# `cargo lambda watch`, then install -> list -> uninstall on a seeded workspace
-# over HTTP, printing every request and response.
+# The whole path on one machine: local stack up, the functions served by
+# `cargo lambda watch`, then install -> list -> uninstall over HTTP on two
+# seeded workspaces: one on a real sshd host (EC2 Instance Connect + SSH), one
+# on a hardened host without sshd (SSM Run Command through the emulated
+# agent), printing every request and response.
 #
 #   tests/stack/demo.sh           walk through, then stop everything
 #   tests/stack/demo.sh --keep    leave the stack and the functions running
@@ -17,6 +19,7 @@ demo="$state/demo"
 port="${PLUGIN_DEMO_PORT:-9000}"
 bucket=plugin-delivery-demo
 workspace=ws-demo
+hardened=ws-demo-hardened
 host_ip=127.0.0.5
 host_port=2222
 
@@ -46,7 +49,7 @@ stop_all() {
 
 bold "Installing what is missing (apt: openssh-server; .venv: moto, cargo-lambda, awscli)"
 "$stack_sh" install
-bold "Bringing up the local stack (moto for S3/EC2, the EC2 Instance Connect emulator)"
+bold "Bringing up the local stack (moto for S3/EC2, the EC2 Instance Connect and SSM emulators)"
 "$stack_sh" up "$state" >/dev/null
 # shellcheck disable=SC1091
 . "$state/env"
@@ -70,17 +73,34 @@ host_key=$("$PLUGIN_STACK_SSHD_HOST" start "$PLUGIN_STACK_HOSTS_DIR/demo" "$host
 aws ec2 create-tags --resources "$instance" --tags "Key=molecule:ssh-host-key,Value=$host_key"
 echo "instance $instance, host key ${host_key%% *} ..."
 
-# The runtime's config dir on this "host", and the runtime restart: the
+bold "Seeding: workspace $hardened on a hardened host (no sshd; molecule:access=ssm, runtime hermes)"
+hardened_instance=$(aws ec2 describe-instances \
+    --filters "Name=tag:molecule:workspace-id,Values=$hardened" "Name=instance-state-name,Values=running" \
+    --query 'Reservations[0].Instances[0].InstanceId' --output text)
+if [ -z "$hardened_instance" ] || [ "$hardened_instance" = None ]; then
+    hardened_instance=$(aws ec2 run-instances --image-id ami-12345678 --count 1 \
+        --tag-specifications "ResourceType=instance,Tags=[{Key=molecule:workspace-id,Value=$hardened},{Key=molecule:runtime,Value=hermes},{Key=molecule:access,Value=ssm}]" \
+        --query 'Instances[0].InstanceId' --output text)
+fi
+# Its SSM agent comes online (the emulator runs its commands on this machine).
+curl -sS -o /dev/null -X POST -H 'content-type: application/json' \
+    --data "{\"instance_id\": \"$hardened_instance\", \"ping\": \"Online\"}" \
+    "$PLUGIN_STACK_SSM_URL/_emulator/agents"
+echo "instance $hardened_instance, SSM agent online"
+
+# Each runtime's config dir on its "host", and the runtime restart: the
 # emulated runtime re-wires plugins from <config>/plugins/ as the real one does.
 configs="$demo/configs"
-mkdir -p "$configs"
-chmod 0755 "$demo" "$configs"
+hermes="$demo/hermes"
+mkdir -p "$configs" "$hermes"
+chmod 0755 "$demo" "$configs" "$hermes"
 profiles=$(jq -cn --arg dir "$configs" --arg restart "python3 $repo/tests/stack/fake-runtime.py $configs" \
-    '{"claude-code": {config_dir: $dir, restart: $restart}}')
+    --arg hdir "$hermes" --arg hrestart "python3 $repo/tests/stack/fake-runtime.py $hermes" \
+    '{"claude-code": {config_dir: $dir, restart: $restart}, "hermes": {config_dir: $hdir, restart: $hrestart}}')
 
 envfile="$demo/functions.env"
 {
-    for v in AWS_ENDPOINT_URL AWS_ENDPOINT_URL_EC2_INSTANCE_CONNECT AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_REGION AWS_EC2_METADATA_DISABLED; do
+    for v in AWS_ENDPOINT_URL AWS_ENDPOINT_URL_EC2_INSTANCE_CONNECT AWS_ENDPOINT_URL_SSM AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_REGION AWS_EC2_METADATA_DISABLED; do
         printf "%s='%s'\n" "$v" "${!v}"
     done
     # Single quotes: dotenv takes the value literally (the JSON below).
@@ -139,6 +159,17 @@ echo "left on the host: plugins=[$(ls "$configs/plugins")] skills=[$(ls "$config
 request GET list "/workspaces/$workspace/plugins" '' 200
 echo "runtime restarts: $(wc -l <"$configs.restarts")"
 
+bold "The hardened host: the same API, delivered through SSM Run Command"
+request POST install "/workspaces/$hardened/plugins" '{"source": "local://hello-world"}' 200
+bold "On the hardened host: $hermes/plugins/hello-world/ (downloaded by the host from a presigned S3 URL)"
+(cd "$hermes/plugins/hello-world/" && find . -type f -exec stat -c '%U:%G %a %n' {} + | sort)
+request GET list "/workspaces/$hardened/plugins" '' 200
+request POST install "/workspaces/$hardened/plugins" '{"source": "hello-world"}' 200
+request DELETE uninstall "/workspaces/$hardened/plugins/hello-world" '' 200
+echo "left on the host: plugins=[$(ls "$hermes/plugins")] skills=[$(ls "$hermes/skills")]; runtime restarts: $(wc -l <"$hermes.restarts")"
+echo "SSM commands sent to $hardened_instance so far: $(curl -sS "$PLUGIN_STACK_SSM_URL/_emulator/calls" |
+    jq --arg i "$hardened_instance" '[.send_command[] | select(.instance_ids | index($i))] | length')"
+
 if [ "$check" = 1 ]; then
     bold "events/*.json through cargo lambda invoke"
     invoke() {
@@ -154,6 +185,7 @@ if [ "$check" = 1 ]; then
     invoke list events/list.json 200
     invoke install events/install-bad-name.json 400
     invoke uninstall events/uninstall.json 200
+    invoke install events/install-hardened.json 200
     invoke catalog events/registry.json 200
     invoke catalog events/sources.json 200
     invoke catalog events/available.json 200
