@@ -22,6 +22,7 @@
 #   .plugin-delivery/lock      flock file serialising mutating operations
 #   .plugin-delivery/staging/  private scratch space, one mktemp dir per op
 #   .plugin-delivery/store/    immutable plugin trees, one per installed digest
+#   .plugin-delivery/aside/    a legacy plugin dir during its replacement only
 # Swapping the symlink with rename(2) is atomic, so plugins/NAME is always the
 # complete old tree or the complete new one. The installed digest is read back
 # from the link target; there is no other state to drift.
@@ -41,7 +42,7 @@ STORE_REL='../.plugin-delivery/store'
 
 plugin=''   # echoed in results only once NAME has been validated
 work=''     # this operation's staging dir, removed on any exit
-aside=''    # legacy plugin dir moved into staging, put back unless published
+aside=''    # legacy plugin dir moved to .plugin-delivery/aside/, put back unless published
 
 say() { printf 'plugin-host: %s\n' "$*" >&2; }
 
@@ -151,9 +152,25 @@ lock_host() {
     command exec 9>>"$state/lock" || fail internal 'cannot open the lock file' 1
     flock -w "$lock_wait" 9 || fail busy 'another plugin operation holds the host lock' 75
     # Holding the lock means no other operation is using staging: anything
-    # there was left by a run that was killed outright (SIGKILL, power loss).
+    # there was left by a run that was killed outright (SIGKILL, power loss;
+    # SSM stops commands that way).
+    recover_aside
     find "$staging" -mindepth 1 -maxdepth 1 -exec rm -rf {} + ||
         fail internal 'cannot clear the staging directory' 1
+}
+
+# A legacy plugin dir left in aside/ by a killed run: put it back if its link
+# never replaced it, else the replacement finished and it can go.
+recover_aside() {
+    for ra_dir in "$state/aside"/*; do
+        [ -e "$ra_dir" ] || [ -L "$ra_dir" ] || continue
+        ra_link="$cfg/plugins/${ra_dir##*/}"
+        if [ -e "$ra_link" ] || [ -L "$ra_link" ]; then
+            rm -rf "$ra_dir" || fail internal 'cannot clear a leftover legacy directory' 1
+        else
+            mv "$ra_dir" "$ra_link" || fail internal 'cannot restore a legacy plugin directory' 1
+        fi
+    done
 }
 
 # Digest encoded in one of our links, or nothing for any other target.
@@ -211,25 +228,43 @@ restart_runtime() {
 fetch_archive() {
     fa_max=${PLUGIN_FETCH_MAX_SECS:-600}
     valid_wait "$fa_max" || usage 'fetch time limit must be a whole number of seconds'
+    # Presigned URLs are percent-encoded: a quote, backslash or line break
+    # could only smuggle options into curl's config syntax.
+    fa_cr=$(printf '\r')
+    case $PLUGIN_ARCHIVE_URL in
+        *'"'* | *\\* | *"$fa_cr"* | *'
+'*) usage 'the archive URL holds characters a URL cannot hold' ;;
+    esac
     if command -v curl >/dev/null 2>&1; then
         fa_code=$(printf 'url = "%s"\n' "$PLUGIN_ARCHIVE_URL" |
             curl -sS -K - -o "$1" -w '%{http_code}' --proto '=https,http' \
                 --connect-timeout 15 --max-time "$fa_max" --retry 2 --retry-delay 1) ||
             fa_code=${fa_code:-000}
     elif command -v wget >/dev/null 2>&1; then
-        # wget reports no status code in a usable form: success or not.
-        if printf '%s\n' "$PLUGIN_ARCHIVE_URL" |
-            wget -q -T 15 -t 3 -O "$1" -i -; then
-            fa_code=200
+        # wget gives no usable status code, only success, "the server said
+        # no" (GNU wget exit 8) or any other failure.
+        if wget --version 2>/dev/null | grep -q 'GNU Wget'; then
+            printf '%s\n' "$PLUGIN_ARCHIVE_URL" | wget -q -T 15 -t 3 -O "$1" -i -
+            fa_rc=$?
         else
-            fa_code=000
+            # BusyBox wget reads no URL list, so the (short-lived) URL is
+            # visible in its argv for the download's duration. No -T: it
+            # crashes BusyBox 1.35's wget; the command's own timeout bounds it.
+            wget -q -O "$1" "$PLUGIN_ARCHIVE_URL"
+            fa_rc=$?
         fi
+        case $fa_rc in
+            0) fa_code=200 ;;
+            8) fa_code=4xx ;;
+            *) fa_code=000 ;;
+        esac
     else
         fail fetch_failed 'neither curl nor wget is available to download the archive' 74
     fi
     case $fa_code in
         200) ;;
         403) fail fetch_failed 'the archive link was refused (expired or revoked)' 74 ;;
+        4xx) fail fetch_failed 'the archive download was refused (the link may have expired)' 74 ;;
         000) fail fetch_failed 'the archive could not be downloaded' 74 ;;
         *) fail fetch_failed 'the archive download was answered with an error' 74 ;;
     esac
@@ -571,12 +606,18 @@ op_install() {
     chown -h "$owner" "$work/link" || fail internal 'cannot create the plugin link' 1
     if [ "$prev_kind" = legacy ]; then
         # A legacy install is a real directory, which rename(2) cannot replace
-        # with a link: move it aside first. Only legacy installs see this gap.
-        mv "$link" "$work/legacy" || fail internal 'cannot move the legacy plugin aside' 1
-        aside="$work/legacy"
+        # with a link: move it aside first (outside staging, so a run killed
+        # right here loses nothing: recover_aside puts it back). Only legacy
+        # installs see this gap.
+        mkdir -p "$state/aside" || fail internal 'cannot move the legacy plugin aside' 1
+        mv "$link" "$state/aside/$name" || fail internal 'cannot move the legacy plugin aside' 1
+        aside="$state/aside/$name"
     fi
     mv -T "$work/link" "$link" || fail internal 'cannot switch the plugin link' 1
-    aside=''
+    if [ -n "$aside" ]; then
+        rm -rf "$aside" || say 'could not remove the replaced legacy directory'
+        aside=''
+    fi
     cleanup
     prune_store "$new_store"
 

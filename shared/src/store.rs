@@ -260,23 +260,24 @@ fn parse_mode(v: &str) -> Option<u32> {
 impl ArchiveStore for S3Store {
     async fn stage(&self, digest: &str, path: &Path) -> Result<()> {
         let key = staged_key(digest);
-        let local_size = tokio::fs::metadata(path)
-            .await
-            .map_err(|e| Error::internal(format!("stat archive: {e}")))?
-            .len();
-        // Content-addressed: an existing object of the right size has these
-        // bytes (a damaged one is caught by `recall` and by the host's digest
-        // check, and replaced here). SSM hosts download this very object.
+        // S3 keeps (and checks on upload) the object's SHA-256: an object
+        // whose stored checksum is this digest holds exactly these bytes.
+        // Anything else (damaged, or staged without a checksum) is replaced,
+        // because SSM hosts download this very object.
+        let checksum = hex::decode(digest)
+            .map(|b| B64.encode(b))
+            .map_err(|e| Error::internal(format!("digest {digest}: {e}")))?;
         match self
             .client
             .head_object()
             .bucket(&self.bucket)
             .key(&key)
+            .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
             .send()
             .await
         {
-            Ok(head) if head.content_length() == Some(local_size as i64) => return Ok(()),
-            Ok(_) => tracing::warn!(digest, "staged archive has the wrong size; replacing it"),
+            Ok(head) if head.checksum_sha256() == Some(checksum.as_str()) => return Ok(()),
+            Ok(_) => tracing::info!(digest, "staged archive unverified or damaged; restaging"),
             Err(e) if http_status(&e) == Some(404) => {}
             Err(e) => return Err(s3_error("head staged archive", e)),
         }
@@ -288,6 +289,10 @@ impl ArchiveStore for S3Store {
             .bucket(&self.bucket)
             .key(&key)
             .content_type("application/gzip")
+            // Both: S3 stores a given checksum either way; the algorithm
+            // header is what the SDK (and moto) key the stored value on.
+            .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Sha256)
+            .checksum_sha256(checksum)
             .body(body)
             .send()
             .await
@@ -343,15 +348,8 @@ impl ArchiveStore for S3Store {
                 fingerprint,
                 "staged archive does not match its index entry; rebuilding"
             );
-            // Remove the damaged object so the rebuild stages good bytes:
-            // hosts that download from S3 (SSM) must never get it again.
-            let _ = self
-                .client
-                .delete_object()
-                .bucket(&self.bucket)
-                .key(staged_key(&entry.digest))
-                .send()
-                .await;
+            // The rebuild's `stage` sees the stored checksum differ and
+            // replaces the object, so SSM hosts never download it again.
             return Ok(None);
         }
         Ok(Some(ArchiveFile {

@@ -72,8 +72,8 @@ MIN_DELIVERY_TIMEOUT = 30
 MAX_DELIVERY_TIMEOUT = 2592000
 MAX_COMMENT = 100
 MAX_INSTANCE_IDS = 50
-# Seconds between SIGTERM and SIGKILL to a script's process group.
-KILL_GRACE_SECONDS = 2.0
+# Like the agent (executers_unix.go killProcess), a stopped script's process
+# group gets SIGKILL at once: no trap in the script ever runs.
 
 # The Linux agent reports a script it stopped (execution timeout or cancel) with
 # this exit code: appconfig.CommandStoppedPreemptivelyExitCode = 137 ("fatal
@@ -508,7 +508,6 @@ class State:
             t.start()
 
         deadline = inv.started + inv.execution_timeout
-        kill_at = None
         killed = False
         while True:
             exited = proc.poll() is not None
@@ -524,15 +523,15 @@ class State:
                         inv.stop_reason = reason
                         if reason == "cancel":
                             inv.status = inv.details = "Cancelling"
-                    _signal_group(proc.pid, signal.SIGTERM)
-                    kill_at = time.time() + KILL_GRACE_SECONDS
-                    log("stopping command=%s instance=%s pid=%d (%s): SIGTERM"
+                    _signal_group(proc.pid, signal.SIGKILL)
+                    killed = True
+                    log("stopping command=%s instance=%s pid=%d (%s): SIGKILL"
                         % (command.id, inv.instance_id, proc.pid, reason))
             else:
                 group_alive = _group_alive(proc.pid)
                 if exited and (killed or not group_alive):
                     break
-                if not killed and time.time() >= kill_at and (group_alive or not exited):
+                if not killed and (group_alive or not exited):
                     _signal_group(proc.pid, signal.SIGKILL)
                     killed = True
                     log("stopping command=%s instance=%s pid=%d: SIGKILL"

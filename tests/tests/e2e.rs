@@ -291,6 +291,17 @@ async fn staged_archives_are_recalled_and_verified(access: Access) {
     let digest = b["digest"].as_str().unwrap().to_string();
     let index = f.keys("staged/index/").await;
     assert_eq!(index.len(), 1, "one listing, one index entry");
+    // S3 holds (and checked on upload) the archive's SHA-256.
+    let head =
+        f.s3.head_object()
+            .bucket(&f.bucket)
+            .key(format!("staged/{digest}.tar.gz"))
+            .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+            .send()
+            .await
+            .unwrap();
+    let raw = hex::decode(&digest).unwrap();
+    assert_eq!(head.checksum_sha256(), Some(base64_encode(&raw).as_str()));
 
     // Tamper with the staged bytes: the recall must notice and rebuild.
     f.s3.put_object()
@@ -316,8 +327,49 @@ async fn staged_archives_are_recalled_and_verified(access: Access) {
     assert_eq!(install(&app, &f.workspace, &body).await.0, 422);
 }
 
+async fn the_longest_name_installs_and_uninstalls(access: Access) {
+    let f = Fixture::with(access).await;
+    let app = f.app();
+    // The longest valid name: 128 characters.
+    let name = format!("l{}", "o".repeat(126)) + "g";
+    assert_eq!(name.len(), 128);
+    let yaml = format!("name: {name}\nversion: 1.0.0\n");
+    f.publish(
+        &name,
+        &[("plugin.yaml", yaml.as_bytes()), ("rules/r.md", b"Rule.\n")],
+    )
+    .await;
+    let body = format!(r#"{{"source": "{name}"}}"#);
+    let (s, b) = install(&app, &f.workspace, &body).await;
+    assert_eq!((s, b["status"].as_str()), (200, Some("installed")), "{b}");
+    assert_eq!(tree(&f.plugin_dir(&name)).len(), 2);
+    let (s, b) = uninstall(&app, &f.workspace, &name).await;
+    assert_eq!((s, b["status"].as_str()), (200, Some("uninstalled")), "{b}");
+    assert!(std::fs::symlink_metadata(f.plugin_dir(&name)).is_err());
+}
+
 on_both_transports!(
     install_unchanged_upgrade_list_uninstall,
     ten_concurrent_installs_into_one_workspace,
     staged_archives_are_recalled_and_verified,
+    the_longest_name_installs_and_uninstalls,
 );
+
+/// Standard base64 with padding (S3's checksum encoding).
+fn base64_encode(b: &[u8]) -> String {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in b.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}

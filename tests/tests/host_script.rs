@@ -1211,21 +1211,32 @@ impl Host {
     }
 }
 
-/// Every tool in /usr/bin except `curl`, so the script must use wget.
-fn path_without_curl() -> TempDir {
+/// A PATH for downloading with `tool`: `curl` is the system's; `wget` is
+/// every tool but curl (GNU wget); `busybox` has BusyBox's wget applet as the
+/// only downloader (minimal hardened images).
+fn path_for(tool: &str) -> Option<TempDir> {
+    if tool == "curl" {
+        return None;
+    }
     let bin = tempfile::tempdir().unwrap();
     for e in fs::read_dir("/usr/bin").unwrap() {
         let name = e.unwrap().file_name();
-        if name != "curl" {
+        let skip = name == "curl" || (tool == "busybox" && name == "wget");
+        if !skip {
             symlink(Path::new("/usr/bin").join(&name), bin.path().join(&name)).unwrap();
         }
     }
-    bin
+    if tool == "busybox" {
+        symlink("/usr/bin/busybox", bin.path().join("wget")).unwrap();
+    }
+    Some(bin)
 }
+
+const DOWNLOADERS: [&str; 3] = ["curl", "wget", "busybox"];
 
 #[test]
 fn install_downloads_the_archive_from_a_url() {
-    for tool in ["curl", "wget"] {
+    for tool in DOWNLOADERS {
         let h = Host::new();
         let p = alpha_v1();
         let (url, seen) = http_server(200, p.archive.bytes.clone());
@@ -1233,8 +1244,8 @@ fn install_downloads_the_archive_from_a_url() {
             "{url}/staged/{}.tar.gz?X-Amz-Expires=300&X-Amz-Signature=abc",
             p.archive.sha
         );
-        let bin = path_without_curl();
-        let path = (tool == "wget").then(|| bin.path());
+        let bin = path_for(tool);
+        let path = bin.as_ref().map(|b| b.path());
         let r = h.install_from("alpha", &p.archive.sha, &url, path);
         r.assert_ok("installed");
         h.assert_installed("alpha", &p);
@@ -1254,20 +1265,23 @@ fn install_downloads_the_archive_from_a_url() {
 
 #[test]
 fn a_refused_or_unreachable_url_changes_nothing() {
-    for tool in ["curl", "wget"] {
+    for tool in DOWNLOADERS {
         let h = Host::new();
         let v1 = alpha_v1();
         h.install("alpha", &v1).assert_ok("installed");
         let v2 = alpha_v2();
-        let bin = path_without_curl();
-        let path = (tool == "wget").then(|| bin.path());
+        let bin = path_for(tool);
+        let path = bin.as_ref().map(|b| b.path());
 
         // An expired presigned URL: S3 answers 403.
         let (url, _) = http_server(403, b"<Error><Code>AccessDenied</Code></Error>".to_vec());
         let r = h.install_from("alpha", &v2.archive.sha, &format!("{url}/x"), path);
         r.assert_error("fetch_failed", 74);
-        if tool == "curl" {
-            assert!(r.result["message"].as_str().unwrap().contains("expired"));
+        if tool != "busybox" {
+            assert!(
+                r.result["message"].as_str().unwrap().contains("expired"),
+                "{r:?}"
+            );
         }
         // Nobody listening.
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1280,8 +1294,40 @@ fn a_refused_or_unreachable_url_changes_nothing() {
         h.install_from("alpha", &v2.archive.sha, &format!("{url}/x"), path)
             .assert_error("digest_mismatch", 65);
 
+        // A "URL" that could smuggle options into curl's config syntax.
+        h.install_from(
+            "alpha",
+            &v2.archive.sha,
+            &format!("{url}/x\"\noutput = \"/tmp/x"),
+            path,
+        )
+        .assert_error("usage", 64);
+
         h.assert_installed("alpha", &v1);
         assert_eq!(h.restarts(), 1, "{tool}");
         h.assert_no_leftovers();
     }
+}
+
+#[test]
+fn a_legacy_dir_left_aside_by_a_killed_run_is_recovered() {
+    // A run killed (SIGKILL: SSM stops commands that way) between moving a
+    // legacy plugin dir aside and swapping in the link: the next operation
+    // puts it back. One whose link did land is just removed.
+    let h = Host::new();
+    let p = alpha_v1();
+    h.install("alpha", &p).assert_ok("installed");
+    let aside = h.path(".plugin-delivery/aside");
+    fs::create_dir_all(aside.join("beta/skills/b")).unwrap();
+    fs::write(aside.join("beta/skills/b/SKILL.md"), "# legacy beta\n").unwrap();
+    fs::create_dir_all(aside.join("alpha")).unwrap();
+    fs::write(aside.join("alpha/old.txt"), "old").unwrap();
+
+    h.install("alpha", &p).assert_ok("unchanged");
+    assert_eq!(h.read("plugins/beta/skills/b/SKILL.md"), "# legacy beta\n");
+    assert!(fs::symlink_metadata(h.path("plugins/beta"))
+        .unwrap()
+        .is_dir());
+    assert_eq!(h.listing(".plugin-delivery/aside"), Vec::<String>::new());
+    h.assert_installed("alpha", &p);
 }

@@ -286,16 +286,97 @@ async fn url_expired_before_the_host_fetched_it() {
     assert_eq!(f.desired().await["plugins"]["late"]["version"], "1.0.0");
     assert_eq!(staging_leftovers(&f), 0);
 
-    // The URL in the command was short-lived, and nothing else in it is
-    // secret: no credentials, only the presigned link and the script.
     let cmd = commands_for(&f.host.instance_id).pop().unwrap();
     let text = cmd["parameters"]["commands"][0].as_str().unwrap();
-    assert!(
-        text.contains("X-Amz-Expires=1&") || text.contains("X-Amz-Expires=1'"),
-        "{}",
-        &text[..200]
+    assert!(text.contains("X-Amz-Expires=1&"), "short-lived URL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_secret_goes_into_the_command() {
+    let f = Fixture::with(Access::Ssm).await;
+    publish(&f, "quiet", "1.0.0").await;
+    // Role-style credentials with recognisable parts: the secret key must
+    // never reach the command SSM keeps for 30 days.
+    const SECRET: &str = "SeCrEt-KeY-never-in-a-command";
+    let sdk = sdk().await;
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(true)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "ASIAPLUGINDELIVERY",
+                SECRET,
+                Some("session-token-part".into()),
+                None,
+                "test",
+            ))
+            .build(),
     );
-    assert!(!text.contains("aws_secret_access_key") && !text.contains("AWS_SECRET"));
+    let app = plugin_delivery::App::with_clients(
+        f.config(),
+        s3,
+        f.ec2.clone(),
+        f.eic.clone(),
+        f.ssm.clone(),
+    )
+    .unwrap();
+    let (s, b) = install(&app, &f.workspace, r#"{"source":"quiet"}"#).await;
+    assert_eq!(s, 200, "{b}");
+    let cmd = commands_for(&f.host.instance_id).pop().unwrap();
+    let all = cmd.to_string();
+    assert!(
+        !all.contains(SECRET),
+        "the secret key is not in the command"
+    );
+    let text = cmd["parameters"]["commands"][0].as_str().unwrap();
+    // The one credential-shaped thing is the presigned URL: expiring within
+    // 300 s, for a GET of this one staged archive.
+    assert_eq!(text.matches("X-Amz-Signature=").count(), 1);
+    assert!(text.contains("X-Amz-Expires=300&"));
+    let digest = b["digest"].as_str().unwrap();
+    assert!(text.contains(&format!("/staged/{digest}.tar.gz?")));
+    assert!(cmd["comment"].as_str().unwrap().len() <= 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_cancels_the_command_and_changes_nothing() {
+    let f = Fixture::with(Access::Ssm).await;
+    publish(&f, "waiter", "1.0.0").await;
+    let (s, _) = install(&f.app(), &f.workspace, r#"{"source":"waiter"}"#).await;
+    assert_eq!(s, 200);
+    publish(&f, "waiter", "2.0.0").await;
+
+    // The script waits for the host lock longer than the API deadline.
+    let holder = LockHolder::take(&f);
+    let mut cfg = f.config();
+    cfg.operation_timeout = Duration::from_secs(4);
+    let t = Instant::now();
+    let (s, b) = install(&f.app_with(cfg), &f.workspace, r#"{"source":"waiter"}"#).await;
+    assert_eq!(s, 504, "{b}");
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "answered before the deadline"
+    );
+
+    // The command was cancelled (the agent killed it), not left running.
+    let cmd = commands_for(&f.host.instance_id).pop().unwrap();
+    let id = cmd["command_id"].as_str().unwrap().to_string();
+    let mut state = String::new();
+    for _ in 0..50 {
+        state = ssm_control("GET", &format!("commands/{id}"), None).1;
+        if state.contains("\"Cancelled\"") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(state.contains("\"Cancelled\""), "{state}");
+    drop(holder);
+
+    assert_eq!(skill_text(&f, "waiter"), "# waiter 1.0.0\n");
+    assert_eq!(f.restarts(), 1);
+    assert_eq!(f.desired().await["plugins"]["waiter"]["version"], "1.0.0");
+    let (s, b) = install(&f.app(), &f.workspace, r#"{"source":"waiter"}"#).await;
+    assert_eq!((s, b["status"].as_str()), (200, Some("installed")), "{b}");
+    assert_eq!(staging_leftovers(&f), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use aws_sdk_ssm::error::ProvideErrorMetadata;
 use aws_sdk_ssm::operation::get_command_invocation::{
-    GetCommandInvocationError, GetCommandInvocationOutput,
+    GetCommandInvocationError, GetCommandInvocationOutput as Invocation,
 };
 use aws_sdk_ssm::types::{CommandInvocationStatus, InstanceInformationStringFilter, PingStatus};
 
@@ -60,7 +60,16 @@ impl SsmTransport {
             .with_max_attempts(6)
             .with_initial_backoff(Duration::from_millis(100))
             .with_max_backoff(Duration::from_secs(2));
-        let conf = client.config().to_builder().retry_config(retry).build();
+        // One slow call must not eat the operation's budget: polls retry.
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .operation_attempt_timeout(Duration::from_secs(5))
+            .build();
+        let conf = client
+            .config()
+            .to_builder()
+            .retry_config(retry)
+            .timeout_config(timeouts)
+            .build();
         SsmTransport {
             client: aws_sdk_ssm::Client::from_conf(conf),
             archives,
@@ -121,7 +130,8 @@ impl SsmTransport {
             )
             .timeout_seconds(self.settings.delivery_timeout.as_secs().max(30) as i32)
             // Visible in the console's command history: what, never how.
-            .comment(format!("plugin-delivery {}", cmd.summary()))
+            // The service caps comments at 100 characters (names go to 128).
+            .comment(truncate(&format!("plugin-delivery {}", cmd.summary()), 100))
             .send()
             .await;
         let out = match out {
@@ -142,40 +152,93 @@ impl SsmTransport {
             .ok_or_else(|| Error::internal("SendCommand returned no command id"))
     }
 
-    /// The invocation, if it ended with the script's own exit status.
-    async fn finished(&self, host: &Host, command_id: &str) -> Option<GetCommandInvocationOutput> {
-        let inv = self
+    /// The invocation's state; `None` while it does not exist yet (right
+    /// after SendCommand the service may not know it).
+    async fn get(&self, host: &Host, command_id: &str) -> Result<Option<Invocation>> {
+        let r = self
             .client
             .get_command_invocation()
             .command_id(command_id)
             .instance_id(&host.instance_id)
             .send()
-            .await
-            .ok()?;
-        matches!(
-            inv.status(),
-            Some(CommandInvocationStatus::Success | CommandInvocationStatus::Failed)
-        )
-        .then_some(inv)
+            .await;
+        match r {
+            Ok(inv) => Ok(Some(inv)),
+            Err(e)
+                if matches!(
+                    e.as_service_error(),
+                    Some(GetCommandInvocationError::InvocationDoesNotExist(_))
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(aws_error("Systems Manager", "GetCommandInvocation", &e)),
+        }
     }
 
-    async fn cancel(&self, host: &Host, command_id: &str) {
-        let r = self
+    /// Asks the agent to stop the command, within `CANCEL_BUDGET`. The agent
+    /// kills the script outright (SIGKILL); the script's atomic swap means
+    /// the host keeps either the old or the complete new version.
+    async fn cancel(&self, host: &Host, command_id: &str) -> bool {
+        let call = self
             .client
             .cancel_command()
             .command_id(command_id)
             .instance_ids(&host.instance_id)
-            .send()
-            .await;
-        if let Err(e) = r {
-            tracing::warn!(command_id, error = ?e, "could not cancel an SSM command");
+            .send();
+        match tokio::time::timeout(CANCEL_BUDGET, call).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(command_id, error = ?e, "could not cancel an SSM command");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(command_id, "cancelling an SSM command timed out");
+                false
+            }
+        }
+    }
+
+    /// The deadline has come: cancel, then one last look. A result that
+    /// landed just before the cancel stands; otherwise 504, or 503 when the
+    /// agent never even started the command.
+    async fn give_up(
+        &self,
+        host: &Host,
+        command_id: &str,
+        guard: &mut CancelOnDrop,
+        started: bool,
+        limit: Duration,
+    ) -> Result<Invocation> {
+        if self.cancel(host, command_id).await {
+            guard.armed = false;
+        }
+        if let Ok(Ok(Some(inv))) =
+            tokio::time::timeout(LAST_LOOK_BUDGET, self.get(host, command_id)).await
+        {
+            if matches!(
+                inv.status(),
+                Some(CommandInvocationStatus::Success | CommandInvocationStatus::Failed)
+            ) {
+                return Ok(inv);
+            }
+        }
+        let detail = format!(
+            "command {command_id} on {} not finished at the deadline; cancelled",
+            host.instance_id
+        );
+        if started {
+            Err(crate::deadline::exceeded(limit).with_detail(detail))
+        } else {
+            Err(Self::not_reachable(detail))
         }
     }
 }
 
-/// Cancels the command if the operation is dropped mid-poll (the API's
-/// deadline): the host stops at its next signal check and keeps its old
-/// version, as with a dropped SSH session.
+/// Last resort if the operation is dropped mid-poll (an outer deadline we
+/// did not see coming): a best-effort cancel from a spawned task. The normal
+/// path cancels synchronously in `give_up`, before the deadline; in Lambda a
+/// spawned task may not run once the response is sent.
 struct CancelOnDrop {
     client: aws_sdk_ssm::Client,
     command_id: String,
@@ -203,8 +266,15 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// Time kept before the operation deadline to cancel the command.
-const CANCEL_MARGIN: Duration = Duration::from_millis(750);
+/// Time kept before the operation deadline to cancel the command and take
+/// one last look (each bounded below), so the 504 comes from us.
+const CANCEL_MARGIN: Duration = Duration::from_millis(1500);
+const CANCEL_BUDGET: Duration = Duration::from_millis(1000);
+const LAST_LOOK_BUDGET: Duration = Duration::from_millis(400);
+
+fn truncate(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
 
 /// The next poll interval: quick first looks (a plugin install takes well
 /// under a second on the host), then slower, capped at one second.
@@ -253,52 +323,34 @@ impl HostTransport for SsmTransport {
         let stop_at = stop_at.min(t0 + self.settings.max_wait);
         let mut delay = Duration::from_millis(25);
         let mut polls = 0u32;
+        // Seen running: a command never picked up is the agent's fault (503),
+        // one that ran too long is the host's (504).
+        let mut started = false;
         let inv = loop {
             let now = Instant::now();
             if now >= stop_at {
-                guard.armed = false;
-                self.cancel(host, &command_id).await;
-                // It may have finished just before the cancel: then its
-                // result stands, rather than a 504 for a change that happened.
-                if let Some(inv) = self.finished(host, &command_id).await {
-                    break inv;
-                }
-                return Err(crate::deadline::exceeded(limit).with_detail(format!(
-                    "command {command_id} on {} still running; cancelled",
-                    host.instance_id
-                )));
+                break self
+                    .give_up(host, &command_id, &mut guard, started, limit)
+                    .await?;
             }
             tokio::time::sleep(delay.min(stop_at - now)).await;
             delay = next_delay(delay);
             polls += 1;
-            let r = self
-                .client
-                .get_command_invocation()
-                .command_id(&command_id)
-                .instance_id(&host.instance_id)
-                .send()
-                .await;
-            let inv = match r {
-                Ok(inv) => inv,
-                // Right after SendCommand the invocation may not exist yet.
-                Err(e)
-                    if matches!(
-                        e.as_service_error(),
-                        Some(GetCommandInvocationError::InvocationDoesNotExist(_))
-                    ) =>
-                {
-                    continue
-                }
-                Err(e) => return Err(aws_error("Systems Manager", "GetCommandInvocation", &e)),
+            // A slow poll must not carry us past the deadline either.
+            let left = stop_at.saturating_duration_since(Instant::now());
+            let Ok(polled) = tokio::time::timeout(left, self.get(host, &command_id)).await else {
+                continue;
+            };
+            let Some(inv) = polled? else {
+                continue;
             };
             match inv.status() {
-                Some(
-                    CommandInvocationStatus::Pending
-                    | CommandInvocationStatus::InProgress
-                    | CommandInvocationStatus::Delayed
-                    | CommandInvocationStatus::Cancelling,
-                )
+                Some(CommandInvocationStatus::Pending | CommandInvocationStatus::Delayed)
                 | None => continue,
+                Some(CommandInvocationStatus::InProgress | CommandInvocationStatus::Cancelling) => {
+                    started = true;
+                    continue;
+                }
                 Some(_) => break inv,
             }
         };
@@ -333,12 +385,15 @@ impl HostTransport for SsmTransport {
             stderr: inv.standard_error_content().unwrap_or_default().to_string(),
         };
         match (status.as_str(), details.as_str()) {
+            // Details first: an undeliverable command may carry any status.
+            (_, "Undeliverable" | "DeliveryTimedOut") => Err(Self::not_reachable(detail)),
+            (_, "ExecutionTimedOut") => Err(Error::deadline(
+                "the host did not finish the operation in time (the command timed out)",
+            )
+            .with_detail(detail)),
             // The script's result line decides, exactly as over SSH: a
             // failed command still reports busy, digest_mismatch, ...
             ("Success" | "Failed", _) => Ok(output()),
-            ("TimedOut", "DeliveryTimedOut") | (_, "Undeliverable") => {
-                Err(Self::not_reachable(detail))
-            }
             ("TimedOut", _) => Err(Error::deadline(
                 "the host did not finish the operation in time (the command timed out)",
             )
