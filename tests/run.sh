@@ -19,6 +19,9 @@ echo "== template"
 .venv/bin/cfn-lint template.yaml
 AWS_REGION=us-east-1 .venv/bin/sam validate --lint >/dev/null
 
+echo "== the local stack's emulators against the services' documented behaviour"
+tests/stack/selftest.sh >/dev/null
+
 echo "== cargo test"
 cargo test --workspace
 

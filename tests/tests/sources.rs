@@ -57,6 +57,9 @@ impl SourceServer {
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("source_server.py did not write {}", ports.display());
     }
 
@@ -178,7 +181,7 @@ async fn github_sources_by_tag_branch_and_commit() {
     );
 
     for src in [
-        format!("github://acme/Tools#release/v1"),
+        "github://acme/Tools#release/v1".to_string(),
         format!("github://acme/Tools#{sha}"),
     ] {
         let (s, b) = install(&app, &f.workspace, &format!(r#"{{"source":"{src}"}}"#)).await;

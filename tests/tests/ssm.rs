@@ -97,6 +97,7 @@ impl LockHolder {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        drop(LockHolder(child));
         panic!("could not take the host lock");
     }
 }
