@@ -20,7 +20,11 @@ echo "== template"
 AWS_REGION=us-east-1 .venv/bin/sam validate --lint >/dev/null
 
 echo "== the local stack's emulators against the services' documented behaviour"
-tests/stack/selftest.sh >/dev/null
+if ! selftest=$(tests/stack/selftest.sh 2>&1); then
+    printf '%s\n' "$selftest"
+    exit 1
+fi
+printf '%s\n' "$selftest" | tail -1
 
 echo "== cargo test"
 cargo test --workspace
