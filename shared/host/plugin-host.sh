@@ -6,6 +6,8 @@
 #             or downloaded from $PLUGIN_ARCHIVE_URL when that is set)
 #   uninstall CONFIG_DIR NAME OWNER LOCK_WAIT RESTART_CMD
 #   inventory CONFIG_DIR
+#   restart   CONFIG_DIR LOCK_WAIT RESTART_CMD   (after a batch installed with
+#             an empty RESTART_CMD: the runtime restarts once for the set)
 # Diagnostics go to stderr. stdout carries exactly one line, the result:
 #   @@plugin-delivery-result {"status":...}
 # Exit codes: 0 ok, 64 usage, 65 digest_mismatch, 66 bad_archive,
@@ -23,6 +25,9 @@
 #   .plugin-delivery/staging/  private scratch space, one mktemp dir per op
 #   .plugin-delivery/store/    immutable plugin trees, one per installed digest
 #   .plugin-delivery/aside/    a legacy plugin dir during its replacement only
+#   .plugin-delivery/sums/NAME@SHA  sha256sum list of that store tree: an
+#                              install of the same digest and the inventory
+#                              check it, so a tree changed by hand is repaired
 # Swapping the symlink with rename(2) is atomic, so plugins/NAME is always the
 # complete old tree or the complete new one. The installed digest is read back
 # from the link target; there is no other state to drift.
@@ -198,7 +203,8 @@ inspect_current() {
     fi
 }
 
-# Remove store trees of NAME other than the one given (may be empty).
+# Remove store trees of NAME other than the one given (may be empty), and
+# their sums.
 prune_store() {
     for ps_dir in "$store/$name"@*; do
         [ "$ps_dir" = "$1" ] && continue
@@ -206,6 +212,20 @@ prune_store() {
             rm -rf "$ps_dir" || say 'could not remove an old store directory'
         fi
     done
+    for ps_sums in "$state/sums/$name"@*; do
+        [ -n "$1" ] && [ "$ps_sums" = "$state/sums/${1##*/}" ] && continue
+        [ -e "$ps_sums" ] && { rm -f "$ps_sums" || say 'could not remove old sums'; }
+    done
+}
+
+# tree_intact NAME@SHA: the store tree still holds exactly the files it was
+# installed with. Trees installed before sums existed count as intact.
+tree_intact() {
+    ti_sums="$state/sums/$1"
+    [ -f "$ti_sums" ] || return 0
+    ti_files=$(cd "$store/$1" && find . -type f | wc -l) || return 1
+    [ "$ti_files" -eq "$(wc -l <"$ti_sums")" ] || return 1
+    (cd "$store/$1" && sha256sum -c --quiet --strict "$ti_sums" >/dev/null 2>&1)
 }
 
 # Prints "true" or "false" for the result's "restarted" field. Called in a
@@ -218,7 +238,8 @@ restart_runtime() {
     umask "$caller_umask"
     # fd 9 closed: a daemon started here must not inherit (and keep) the lock.
     # stdout to stderr: the result line must stay the only thing on stdout.
-    sh -c "$restart_cmd" </dev/null >&2 9>&- || return 1
+    # PLUGIN_CONFIG_DIR: which config dir changed, for the runtime's tooling.
+    PLUGIN_CONFIG_DIR=$cfg sh -c "$restart_cmd" </dev/null >&2 9>&- || return 1
     printf true
 }
 
@@ -567,7 +588,8 @@ op_install() {
     lock_host
     inspect_current
     new_store="$store/$name@$sha"
-    if [ "$prev_kind" = link ] && [ "$prev_digest" = "$sha" ] && [ -d "$new_store" ]; then
+    if [ "$prev_kind" = link ] && [ "$prev_digest" = "$sha" ] && [ -d "$new_store" ] &&
+        tree_intact "$name@$sha"; then
         # Already there: leave stdin unread and the runtime alone.
         done_ok unchanged "$sha" "$sha" false
     fi
@@ -589,6 +611,8 @@ op_install() {
     [ -z "$(find "$work/tree" ! -type d ! -type f)" ] ||
         fail bad_archive 'archive holds entries other than files and directories' 66
     chown -R "$owner" "$work/tree" || fail internal 'cannot set the owner of the plugin files' 1
+    (cd "$work/tree" && find . -type f -exec sha256sum {} +) >"$work/sums" ||
+        fail internal 'cannot hash the plugin files' 1
 
     if [ ! -d "$cfg/plugins" ]; then
         mkdir "$cfg/plugins" || fail internal 'cannot create the plugins directory' 1
@@ -601,6 +625,8 @@ op_install() {
     fi
     # A store dir of this digest that no link points to is a stale leftover.
     rm -rf "$new_store" || fail internal 'cannot remove a stale store directory' 1
+    mkdir -p "$state/sums" || fail internal 'cannot create the state directory' 1
+    mv "$work/sums" "$state/sums/$name@$sha" || fail internal 'cannot record the plugin file sums' 1
     mv "$work/tree" "$new_store" || fail internal 'cannot move the plugin into the store' 1
     ln -s "$STORE_REL/$name@$sha" "$work/link" || fail internal 'cannot create the plugin link' 1
     chown -h "$owner" "$work/link" || fail internal 'cannot create the plugin link' 1
@@ -652,9 +678,25 @@ op_uninstall() {
     done_ok uninstalled '' "$prev_digest" "$restarted"
 }
 
+op_restart() {
+    [ "$#" -eq 3 ] || usage 'restart takes 3 arguments'
+    check_config_dir "$1"
+    valid_wait "$2" || usage 'lock wait must be a whole number of seconds'
+    lock_wait=$2
+    restart_cmd=$3
+    [ -d "$cfg" ] || fail no_config_dir 'the runtime config directory does not exist' 69
+    name=''
+    paths
+    lock_host
+    restarted=$(restart_runtime) || fail restart_failed 'the runtime restart command failed' 70
+    done_ok restarted '' '' "$restarted"
+}
+
 op_inventory() {
     [ "$#" -eq 1 ] || usage 'inventory takes 1 argument'
     check_config_dir "$1"
+    name=''
+    paths
     inv=''
     for entry in "$cfg/plugins"/*; do
         n=${entry##*/}
@@ -662,8 +704,10 @@ op_inventory() {
         valid_name "$n" || continue
         if [ -L "$entry" ]; then
             d=$(link_digest "$entry" "$n")
-            # A dangling link is reported without a digest so it is reinstalled.
+            # A dangling link, or a tree changed by hand, is reported without
+            # a digest so it is reinstalled.
             [ -d "$entry" ] || d=''
+            if [ -n "$d" ] && ! tree_intact "$n@$d"; then d=''; fi
         elif [ -d "$entry" ]; then
             d=''
         else
@@ -681,5 +725,6 @@ case $op in
     install) op_install "$@" ;;
     uninstall) op_uninstall "$@" ;;
     inventory) op_inventory "$@" ;;
+    restart) op_restart "$@" ;;
     *) usage 'unknown operation' ;;
 esac

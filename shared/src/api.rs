@@ -48,6 +48,37 @@ pub async fn list(app: &App, req: Request) -> Response<Body> {
     respond(&rid, "list", r)
 }
 
+/// `GET /workspaces/{id}/plugins/operations?limit=&next=` (newest first)
+/// and `GET /workspaces/{id}/plugins/operations/{op_id}`.
+pub async fn operations(app: &App, req: Request) -> Response<Body> {
+    let rid = request_id(&req);
+    let r: Result<Value> = async {
+        let ws = path_param(&req, "id")?;
+        let store = app.deps.records.as_ref();
+        if let Some(op) = req.path_parameters_ref().and_then(|p| p.first("op_id")) {
+            let op = percent_decode(op);
+            return to_json(&deadline(app, crate::reconcile::operation(store, &ws, &op)).await?);
+        }
+        let limit = match query(&req, "limit") {
+            None => 20,
+            Some(v) => v
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=100).contains(n))
+                .ok_or_else(|| Error::bad_request("limit must be a number from 1 to 100"))?,
+        };
+        let next = query(&req, "next");
+        let page = deadline(
+            app,
+            crate::reconcile::operations(store, &ws, limit, next.as_deref()),
+        )
+        .await?;
+        Ok(json!({ "operations": page.records, "next": page.next }))
+    }
+    .await;
+    respond(&rid, "operations", r)
+}
+
 /// The read routes of the canvas, one function: `GET /plugins`,
 /// `GET /plugins/sources`, `GET /workspaces/{id}/plugins/available`,
 /// `GET /workspaces/{id}/plugins/compatibility`.

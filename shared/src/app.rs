@@ -100,7 +100,8 @@ impl App {
                 state: store.clone(),
                 fleet,
                 transport,
-                allowlists: store,
+                allowlists: store.clone(),
+                records: store,
                 remote,
             },
         })

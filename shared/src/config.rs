@@ -55,6 +55,15 @@ pub struct Config {
     pub default_access: Access,
     /// Lifetime of the presigned archive URL an SSM host downloads from.
     pub ssm_url_ttl: Duration,
+    /// How long a reinstall waits for a new host to become reachable.
+    pub ready_budget: Duration,
+    /// `source` of the custom "Plugin Reinstall Requested" events we accept.
+    pub event_source: String,
+    /// Rollout defaults: hosts at once, hosts at once per VPC, and the error
+    /// threshold (a count, or a percentage like `10%`).
+    pub rollout_concurrency: usize,
+    pub rollout_per_vpc: usize,
+    pub rollout_error_threshold: String,
 }
 
 /// The longest presigned URL lifetime we hand to a host.
@@ -83,6 +92,12 @@ impl Config {
             fetch_timeout: Duration::from_secs(300),
             default_access: Access::Ssh,
             ssm_url_ttl: MAX_SSM_URL_TTL,
+            ready_budget: Duration::from_secs(600),
+            event_source: "molecule.plugin-delivery".into(),
+            rollout_concurrency: 10,
+            // An EC2 Instance Connect Endpoint takes at most 20 connections.
+            rollout_per_vpc: 20,
+            rollout_error_threshold: "0".into(),
         }
     }
 
@@ -154,6 +169,24 @@ impl Config {
             }
             c.ssm_url_ttl = Duration::from_secs(secs);
         }
+        if let Some(v) = var("PLUGIN_READY_BUDGET_SECS") {
+            c.ready_budget = Duration::from_secs(parse(&v, "PLUGIN_READY_BUDGET_SECS")?);
+        }
+        if let Some(v) = var("PLUGIN_EVENT_SOURCE") {
+            c.event_source = v;
+        }
+        if let Some(v) = var("PLUGIN_ROLLOUT_CONCURRENCY") {
+            c.rollout_concurrency = parse(&v, "PLUGIN_ROLLOUT_CONCURRENCY")?;
+        }
+        if let Some(v) = var("PLUGIN_ROLLOUT_PER_VPC") {
+            c.rollout_per_vpc = parse(&v, "PLUGIN_ROLLOUT_PER_VPC")?;
+        }
+        if let Some(v) = var("PLUGIN_ROLLOUT_ERROR_THRESHOLD") {
+            crate::reconcile::Threshold::parse(&v).map_err(|_| {
+                Error::internal("PLUGIN_ROLLOUT_ERROR_THRESHOLD must be a count or a percentage")
+            })?;
+            c.rollout_error_threshold = v;
+        }
         if c.insecure_ignore_host_key {
             tracing::warn!(
                 "PLUGIN_SSH_INSECURE_IGNORE_HOST_KEY is on: host keys are NOT verified. \
@@ -161,6 +194,16 @@ impl Config {
             );
         }
         Ok(c)
+    }
+
+    /// The profile for a host: its runtime's, with the instance's own
+    /// config dir (tag) when it has one.
+    pub fn host_profile(&self, host: &crate::fleet::Host) -> RuntimeProfile {
+        let mut p = self.profile(&host.runtime);
+        if let Some(dir) = &host.config_dir {
+            p.config_dir = dir.clone();
+        }
+        p
     }
 
     /// The profile of a runtime: configuration first, then the built-ins.

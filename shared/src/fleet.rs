@@ -13,6 +13,10 @@ pub const TAG_HOST_KEY: &str = "molecule:ssh-host-key";
 pub const TAG_ORG: &str = "molecule:org-id";
 /// `ssh` (sshd + EC2 Instance Connect) or `ssm` (hardened: SSM Run Command).
 pub const TAG_ACCESS: &str = "molecule:access";
+/// Optional: this instance keeps its runtime config somewhere other than
+/// the runtime profile says (also how several local-stack hosts share a
+/// machine).
+pub const TAG_CONFIG_DIR: &str = "molecule:config-dir";
 
 /// How a host is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -53,6 +57,10 @@ pub struct Host {
     /// OpenSSH public key line from the `molecule:ssh-host-key` tag.
     pub published_host_key: Option<String>,
     pub org_id: Option<String>,
+    /// The instance's own config dir (tag), overriding the runtime profile.
+    pub config_dir: Option<String>,
+    /// Rollouts bound concurrency per VPC (an EIC Endpoint takes 20).
+    pub vpc_id: Option<String>,
 }
 
 #[async_trait]
@@ -62,6 +70,8 @@ pub trait Fleet: Send + Sync {
     /// The host keys published for the instance: the tag, else the keys
     /// cloud-init printed to the console. Empty when none were published.
     async fn host_keys(&self, host: &Host) -> Result<Vec<String>>;
+    /// The workspace an instance serves (its workspace tag), if any.
+    async fn workspace_of(&self, instance_id: &str) -> Result<Option<String>>;
 }
 
 pub struct Ec2Fleet {
@@ -203,7 +213,33 @@ impl Fleet for Ec2Fleet {
                 .map(str::to_string),
             published_host_key: tag(TAG_HOST_KEY),
             org_id: tag(TAG_ORG),
+            config_dir: tag(TAG_CONFIG_DIR).filter(|d| d.starts_with('/')),
+            vpc_id: inst.vpc_id().map(str::to_string),
         })
+    }
+
+    async fn workspace_of(&self, instance_id: &str) -> Result<Option<String>> {
+        let out = self
+            .client
+            .describe_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await;
+        let out = match out {
+            Ok(o) => o,
+            // An id EC2 does not know (terminated long ago): no workspace.
+            Err(e) if format!("{e:?}").contains("InvalidInstanceID") => return Ok(None),
+            Err(e) => return Err(ec2_error("describe instance", e)),
+        };
+        Ok(out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .flat_map(|i| i.tags())
+            .find(|t| t.key() == Some(TAG_WORKSPACE))
+            .and_then(|t| t.value())
+            .filter(|v| !v.is_empty())
+            .map(str::to_string))
     }
 
     async fn host_keys(&self, host: &Host) -> Result<Vec<String>> {

@@ -53,6 +53,33 @@ impl HostCommand {
         }
     }
 
+    /// Install without restarting: a batch (reinstall, repair) restarts the
+    /// runtime once at the end with `restart`.
+    pub fn install_deferred(
+        p: &RuntimeProfile,
+        name: &str,
+        digest: &str,
+        owner: &str,
+        lock_wait: u64,
+    ) -> Self {
+        let quiet = RuntimeProfile {
+            restart: String::new(),
+            ..p.clone()
+        };
+        Self::install(&quiet, name, digest, owner, lock_wait)
+    }
+
+    pub fn restart(p: &RuntimeProfile, lock_wait: u64) -> Self {
+        HostCommand {
+            args: vec![
+                "restart".into(),
+                p.config_dir.clone(),
+                lock_wait.to_string(),
+                p.restart.clone(),
+            ],
+        }
+    }
+
     pub fn inventory(p: &RuntimeProfile) -> Self {
         HostCommand {
             args: vec!["inventory".into(), p.config_dir.clone()],

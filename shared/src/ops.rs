@@ -16,6 +16,7 @@ use crate::intake::Skipped;
 use crate::plugin::{
     validate_name, validate_workspace_id, DesiredState, InstalledPlugin, Manifest, PluginInfo,
 };
+use crate::records::{self, Kind, OperationRecord, RecordStore, Trigger};
 use crate::source::Source;
 use crate::source::{FetchContext, Resolved};
 use crate::store::{Allowlist, AllowlistStore, ArchiveStore, Registry, StateStore};
@@ -31,6 +32,7 @@ pub struct Deps {
     pub fleet: Arc<dyn Fleet>,
     pub transport: Arc<dyn HostTransport>,
     pub allowlists: Arc<dyn AllowlistStore>,
+    pub records: Arc<dyn RecordStore>,
     pub remote: Arc<Remote>,
 }
 
@@ -235,7 +237,7 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
     } = prepare(deps, workspace, &source, pin.as_deref()).await?;
     let mut t = std::time::Instant::now();
 
-    let profile = cfg.profile(&host.runtime);
+    let profile = cfg.host_profile(&host);
     let cmd = HostCommand::install(
         &profile,
         &name,
@@ -247,9 +249,26 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
         path: archive.path(),
         sha256: &archive.sha256,
     };
-    let out = deps.transport.run(&host, &cmd, Some(&payload)).await?;
+    // From here on the operation touches the host: it gets a record (bad
+    // requests, unknown workspaces and refused plugins do not).
+    let mut rec = OperationRecord::start(Kind::Install, Trigger::Api, Some(workspace));
+    rec.plugin = Some(name.clone());
+    rec.source = Some(source.canonical());
+    rec.digest = Some(archive.sha256.clone());
+    rec.transport = Some(host.access.as_str().into());
+    let ran = deps.transport.run(&host, &cmd, Some(&payload)).await;
     let host_ms = lap(&mut t);
-    let result = interpret(&out)?;
+    if let Ok(out) = &ran {
+        rec.host_output = host_tail(&out.stderr);
+    }
+    let result = match ran.and_then(|out| interpret(&out)) {
+        Ok(r) => r,
+        Err(e) => {
+            rec.fail(&e);
+            records::save(deps.records.as_ref(), &rec).await;
+            return Err(e);
+        }
+    };
 
     let entry = InstalledPlugin {
         info: PluginInfo::from_manifest(&name, manifest),
@@ -257,7 +276,7 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
         source: source.canonical(),
         installed_at: now_rfc3339(),
     };
-    update_state(deps.state.as_ref(), workspace, |s| {
+    let saved = update_state(deps.state.as_ref(), workspace, |s| {
         match s.plugins.get(&name) {
             // Keep the original install time when nothing changed.
             Some(cur) if cur.digest == entry.digest && cur.source == entry.source => false,
@@ -267,7 +286,12 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
             }
         }
     })
-    .await?;
+    .await;
+    if let Err(e) = saved {
+        rec.fail(&e);
+        records::save(deps.records.as_ref(), &rec).await;
+        return Err(e);
+    }
 
     // Where the time goes, per install, in the log.
     tracing::info!(
@@ -279,7 +303,7 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
         total_ms = started.elapsed().as_millis() as u64,
         "install timings"
     );
-    Ok(InstallOutcome {
+    let outcome = InstallOutcome {
         status: if result.status == "unchanged" {
             "unchanged"
         } else {
@@ -292,7 +316,23 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
         source: source.canonical(),
         version: entry.info.version.clone(),
         digest: archive.sha256,
-    })
+    };
+    rec.finish(true, serde_json::to_value(&outcome).unwrap_or_default());
+    records::save(deps.records.as_ref(), &rec).await;
+    Ok(outcome)
+}
+
+/// The end of the host script's stderr, for operation records.
+fn host_tail(stderr: &str) -> Option<String> {
+    let t = stderr.trim_end();
+    if t.is_empty() {
+        return None;
+    }
+    let mut start = t.len().saturating_sub(2000);
+    while !t.is_char_boundary(start) {
+        start += 1;
+    }
+    Some(t[start..].to_string())
 }
 
 pub async fn uninstall(deps: &Deps, workspace: &str, name: &str) -> Result<UninstallOutcome> {
@@ -300,28 +340,40 @@ pub async fn uninstall(deps: &Deps, workspace: &str, name: &str) -> Result<Unins
     validate_name(name)?;
     let cfg = &deps.config;
     let host = deps.fleet.locate(workspace).await?;
-    let profile = cfg.profile(&host.runtime);
+    let profile = cfg.host_profile(&host);
     let cmd = HostCommand::uninstall(&profile, name, &cfg.owner, cfg.lock_wait_secs);
-    let out = deps.transport.run(&host, &cmd, None).await?;
-    let result = interpret(&out)?;
-    if !matches!(result.status.as_str(), "uninstalled" | "absent") {
-        return Err(
-            Error::host_failed("the host reported an unexpected uninstall result")
-                .with_detail(format!("{result:?}")),
-        );
+    let mut rec = OperationRecord::start(Kind::Uninstall, Trigger::Api, Some(workspace));
+    rec.plugin = Some(name.to_string());
+    rec.transport = Some(host.access.as_str().into());
+    let result = async {
+        let out = deps.transport.run(&host, &cmd, None).await?;
+        rec.host_output = host_tail(&out.stderr);
+        let result = interpret(&out)?;
+        if !matches!(result.status.as_str(), "uninstalled" | "absent") {
+            return Err(
+                Error::host_failed("the host reported an unexpected uninstall result")
+                    .with_detail(format!("{result:?}")),
+            );
+        }
+        let mut was_desired = false;
+        update_state(deps.state.as_ref(), workspace, |s| {
+            was_desired = s.plugins.remove(name).is_some();
+            was_desired
+        })
+        .await?;
+        let removed = result.status == "uninstalled" || was_desired;
+        Ok(UninstallOutcome {
+            status: if removed { "uninstalled" } else { "absent" }.into(),
+            plugin: name.to_string(),
+        })
     }
-
-    let mut was_desired = false;
-    update_state(deps.state.as_ref(), workspace, |s| {
-        was_desired = s.plugins.remove(name).is_some();
-        was_desired
-    })
-    .await?;
-    let removed = result.status == "uninstalled" || was_desired;
-    Ok(UninstallOutcome {
-        status: if removed { "uninstalled" } else { "absent" }.into(),
-        plugin: name.to_string(),
-    })
+    .await;
+    match &result {
+        Ok(o) => rec.finish(true, serde_json::to_value(o).unwrap_or_default()),
+        Err(e) => rec.fail(e),
+    }
+    records::save(deps.records.as_ref(), &rec).await;
+    result
 }
 
 /// Resolves and stages a plugin as install does, for a workspace, and

@@ -18,6 +18,7 @@ use tokio::io::AsyncWriteExt;
 use crate::archive::ArchiveFile;
 use crate::error::{aws_error, Error, Result};
 use crate::plugin::DesiredState;
+use crate::records::{Kind, OperationRecord, Page, RecordStore};
 
 /// One file of a plugin in the registry.
 #[derive(Debug, Clone)]
@@ -56,6 +57,9 @@ pub trait ArchiveStore: Send + Sync {
     /// The staged archive recorded for a source fingerprint, downloaded to a
     /// local file and verified against its digest; `None` on any miss.
     async fn recall(&self, fingerprint: &str) -> Result<Option<ArchiveFile>>;
+    /// A staged archive by digest, downloaded and verified; `None` when it
+    /// is missing or its bytes do not match.
+    async fn fetch_staged(&self, digest: &str) -> Result<Option<ArchiveFile>>;
     /// Records that `fingerprint` produced `archive` (already staged).
     async fn remember(&self, fingerprint: &str, archive: &ArchiveFile) -> Result<()>;
     /// A presigned GET URL of a staged archive, valid for `ttl`.
@@ -84,6 +88,8 @@ pub trait StateStore: Send + Sync {
     /// so the caller re-reads and re-applies its change.
     async fn save(&self, workspace: &str, state: &DesiredState, etag: Option<&str>)
         -> Result<bool>;
+    /// Every workspace that has a desired state (fleet operations).
+    async fn workspaces(&self) -> Result<Vec<String>>;
 }
 
 /// An org's plugin allowlist: empty means every plugin is allowed.
@@ -312,52 +318,20 @@ impl ArchiveStore for S3Store {
             Some(Err(_)) => return Ok(None),
             None => None,
         };
-        let out = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(staged_key(&entry.digest))
-            .send()
-            .await
-        {
-            Ok(out) => out,
-            Err(e) if http_status(&e) == Some(404) => return Ok(None),
-            Err(e) => return Err(s3_error("get staged archive", e)),
-        };
-        // Streamed to disk while hashing; a mismatch is a miss, not an error.
-        let file = tempfile::Builder::new()
-            .prefix("plugin-")
-            .suffix(".tar.gz")
-            .tempfile()
-            .map_err(Error::internal)?;
-        let mut dst = tokio::fs::File::from_std(file.reopen().map_err(Error::internal)?);
-        let mut body = out.body;
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
-        while let Some(chunk) = body.try_next().await.map_err(|e| {
-            Error::unavailable("S3 is not available right now").with_detail(format!("{e:?}"))
-        })? {
-            hasher.update(&chunk);
-            size += chunk.len() as u64;
-            dst.write_all(&chunk).await.map_err(Error::internal)?;
-        }
-        dst.flush().await.map_err(Error::internal)?;
-        let sha256 = hex::encode(hasher.finalize());
-        if sha256 != entry.digest {
+        let archive = self.download_staged(&entry.digest).await?;
+        if archive.is_none() {
             tracing::warn!(
                 fingerprint,
-                "staged archive does not match its index entry; rebuilding"
+                "staged archive missing or not matching its index entry; rebuilding"
             );
             // The rebuild's `stage` sees the stored checksum differ and
             // replaces the object, so SSM hosts never download it again.
-            return Ok(None);
         }
-        Ok(Some(ArchiveFile {
-            file,
-            sha256,
-            size,
-            manifest,
-        }))
+        Ok(archive.map(|a| ArchiveFile { manifest, ..a }))
+    }
+
+    async fn fetch_staged(&self, digest: &str) -> Result<Option<ArchiveFile>> {
+        self.download_staged(digest).await
     }
 
     async fn presign(&self, digest: &str, ttl: std::time::Duration) -> Result<String> {
@@ -418,6 +392,121 @@ impl StateStore for S3Store {
         self.put_conditional(&state_key(workspace), body, etag)
             .await
     }
+
+    async fn workspaces(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix("workspaces/")
+            .delimiter("/")
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| s3_error("list workspaces", e))?;
+            for p in page.common_prefixes() {
+                let id = p
+                    .prefix()
+                    .and_then(|p| p.strip_prefix("workspaces/"))
+                    .map(|p| p.trim_end_matches('/'));
+                if let Some(id) = id.filter(|id| crate::plugin::validate_workspace_id(id).is_ok()) {
+                    out.push(id.to_string());
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+pub fn record_key(workspace: Option<&str>, id: &str) -> String {
+    match workspace {
+        Some(ws) => format!("workspaces/{ws}/operations/{id}.json"),
+        None => format!("rollouts/{id}.json"),
+    }
+}
+
+#[async_trait]
+impl RecordStore for S3Store {
+    async fn put_record(&self, record: &OperationRecord) -> Result<()> {
+        let workspace = match record.kind {
+            Kind::Rollout => None,
+            _ => record.workspace.as_deref(),
+        };
+        let body = serde_json::to_vec_pretty(record).map_err(Error::internal)?;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(record_key(workspace, &record.id))
+            .content_type("application/json")
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| s3_error("put operation record", e))?;
+        Ok(())
+    }
+
+    async fn get_record(
+        &self,
+        workspace: Option<&str>,
+        id: &str,
+    ) -> Result<Option<OperationRecord>> {
+        let key = record_key(workspace, id);
+        let Some(bytes) = self.get_optional(&key).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::internal(format!("corrupt operation record {key}: {e}")))
+    }
+
+    async fn list_records(
+        &self,
+        workspace: &str,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Page> {
+        let prefix = format!("workspaces/{workspace}/operations/");
+        let mut req = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&prefix)
+            // One more than asked: tells whether there is a next page.
+            .max_keys(limit as i32 + 1);
+        if let Some(after) = after {
+            req = req.start_after(format!("{prefix}{after}.json"));
+        }
+        let out = req
+            .send()
+            .await
+            .map_err(|e| s3_error("list operation records", e))?;
+        let mut ids: Vec<String> = out
+            .contents()
+            .iter()
+            .filter_map(|o| o.key())
+            .filter_map(|k| k.strip_prefix(&prefix)?.strip_suffix(".json"))
+            .map(str::to_string)
+            .collect();
+        let next = if ids.len() > limit {
+            ids.truncate(limit);
+            ids.last().cloned()
+        } else {
+            None
+        };
+        // Small documents, fetched concurrently.
+        let fetched = futures_util::future::join_all(
+            ids.iter().map(|id| self.get_record(Some(workspace), id)),
+        )
+        .await;
+        let mut records = Vec::new();
+        for r in fetched {
+            if let Some(rec) = r? {
+                records.push(rec);
+            }
+        }
+        Ok(Page { records, next })
+    }
 }
 
 #[async_trait]
@@ -444,6 +533,50 @@ impl AllowlistStore for S3Store {
 }
 
 impl S3Store {
+    /// `staged/<digest>.tar.gz` streamed to a temp file while hashing; a
+    /// missing object or a mismatch is `None`, not an error.
+    async fn download_staged(&self, digest: &str) -> Result<Option<ArchiveFile>> {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(staged_key(digest))
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if http_status(&e) == Some(404) => return Ok(None),
+            Err(e) => return Err(s3_error("get staged archive", e)),
+        };
+        let file = tempfile::Builder::new()
+            .prefix("plugin-")
+            .suffix(".tar.gz")
+            .tempfile()
+            .map_err(Error::internal)?;
+        let mut dst = tokio::fs::File::from_std(file.reopen().map_err(Error::internal)?);
+        let mut body = out.body;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = body.try_next().await.map_err(|e| {
+            Error::unavailable("S3 is not available right now").with_detail(format!("{e:?}"))
+        })? {
+            hasher.update(&chunk);
+            size += chunk.len() as u64;
+            dst.write_all(&chunk).await.map_err(Error::internal)?;
+        }
+        dst.flush().await.map_err(Error::internal)?;
+        let sha256 = hex::encode(hasher.finalize());
+        if sha256 != digest {
+            return Ok(None);
+        }
+        Ok(Some(ArchiveFile {
+            file,
+            sha256,
+            size,
+            manifest: None,
+        }))
+    }
+
     /// A small object's bytes; `None` when it does not exist.
     async fn get_optional(&self, key: &str) -> Result<Option<Vec<u8>>> {
         Ok(self.get_versioned(key).await?.map(|(bytes, _)| bytes))

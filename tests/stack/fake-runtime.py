@@ -132,9 +132,14 @@ def wire_settings(claude_dir, p):
 
 
 def main():
-    if len(sys.argv) != 2:
-        sys.exit("usage: fake-runtime.py CONFIG_DIR")
-    cfg = sys.argv[1]
+    # The config dir: the argument, else PLUGIN_CONFIG_DIR, which the host
+    # script sets for the restart command (hosts sharing one restart line).
+    if len(sys.argv) == 2:
+        cfg = sys.argv[1]
+    elif len(sys.argv) == 1 and os.environ.get("PLUGIN_CONFIG_DIR"):
+        cfg = os.environ["PLUGIN_CONFIG_DIR"]
+    else:
+        sys.exit("usage: fake-runtime.py [CONFIG_DIR]  (default: $PLUGIN_CONFIG_DIR)")
     claude_dir = os.path.join(os.path.abspath(cfg), ".claude")
     plugins = os.path.join(cfg, "plugins")
     for n in entries(plugins):
