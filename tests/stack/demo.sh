@@ -158,6 +158,8 @@ request DELETE uninstall "/workspaces/$workspace/plugins/hello-world" '' 200
 echo "left on the host: plugins=[$(ls "$configs/plugins")] skills=[$(ls "$configs/skills")] hooks=[$(ls "$configs/.claude/hooks")]"
 request GET list "/workspaces/$workspace/plugins" '' 200
 echo "runtime restarts: $(wc -l <"$configs.restarts")"
+bold "Operation records (newest first)"
+request GET operations "/workspaces/$workspace/plugins/operations?limit=2" '' 200
 
 bold "The hardened host: the same API, delivered through SSM Run Command"
 request POST install "/workspaces/$hardened/plugins" '{"source": "local://hello-world"}' 200
@@ -193,6 +195,28 @@ if [ "$check" = 1 ]; then
     invoke download events/download.json 302
     invoke allowlist events/allowlist-put.json 200
     invoke allowlist events/allowlist-get.json 200
+    invoke operations events/operations.json 200
+
+    # The reinstall function takes EventBridge events: success is an
+    # invocation without a function error.
+    invoke_event() {
+        local file=$1 want=$2 out got
+        if out=$("$PLUGIN_STACK_VENV/bin/cargo-lambda" lambda invoke -A 127.0.0.1 -P "$port" reinstall --data-file "$file" 2>&1); then
+            got=$(printf '%s' "$out" | jq -c "$want" 2>/dev/null || true)
+        else
+            got="error: $out"
+        fi
+        printf '%-28s %-10s -> %s\n' "$file" reinstall "$got"
+        if [ "$got" != true ]; then
+            echo "!! expected $want to hold" >&2
+            failures=$((failures + 1))
+        fi
+    }
+    # An instance id that no workspace runs on: ignored, with a log line.
+    invoke_event events/instance-running.json '.ignored == "no workspace tag"'
+    invoke_event events/reinstall-workspace.json '.status == "succeeded" and .trigger == "request"'
+    invoke_event events/rollout.json '.status == "succeeded" and .kind == "rollout"'
+    invoke_event events/scheduled.json '.checked >= 0'
 fi
 
 if [ "$keep" = 1 ]; then
