@@ -305,6 +305,38 @@ async fn a_host_not_ready_at_first_gets_its_plugins_within_the_budget() {
     assert_eq!(restarts_of(&new.dir), 1);
 }
 
+async fn an_ssm_agent_registering_late_gets_its_plugins_within_the_budget() {
+    let f = Fixture::with(Access::Ssm).await;
+    let app = f.app_with(fleet_config(&f));
+    publish(&f, "patient", "1.0.0").await;
+    assert_eq!(
+        install(&app, &f.workspace, r#"{"source":"patient"}"#)
+            .await
+            .0,
+        200
+    );
+    terminate(&f, &f.host.instance_id).await;
+    let new = extra_host(&f, &f.workspace, Access::Ssm, "hardened-boot").await;
+    // The new host's SSM agent registers only 3 s after the event (agents
+    // can take minutes on a real boot).
+    let id = new.host.instance_id.clone();
+    ssm_control("DELETE", &format!("agents/{id}"), None);
+    let register = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        ssm_agent(&id, json!({"ping": "Online"}));
+    });
+    let t = Instant::now();
+    let out = handle(&app, instance_running(&new.host.instance_id))
+        .await
+        .unwrap();
+    register.join().unwrap();
+    assert!(t.elapsed() >= Duration::from_secs(3));
+    assert_eq!(out["status"], "succeeded", "{out}");
+    assert_eq!(out["transport"], "ssm");
+    assert!(new.dir.join("plugins/patient/plugin.yaml").exists());
+    assert_eq!(restarts_of(&new.dir), 1);
+}
+
 async fn a_host_never_ready_fails_the_event_for_retry() {
     let f = Fixture::new().await;
     let mut cfg = fleet_config(&f);
@@ -609,10 +641,11 @@ macro_rules! tests {
     };
 }
 
-mod ssh_only {
+mod single {
     tests!(
         an_instance_without_a_workspace_is_ignored,
         a_host_not_ready_at_first_gets_its_plugins_within_the_budget,
+        an_ssm_agent_registering_late_gets_its_plugins_within_the_budget,
         a_host_never_ready_fails_the_event_for_retry,
         a_rollout_to_20_workspaces_keeps_to_5_at_once,
         a_rollout_stops_at_the_error_threshold,
