@@ -10,8 +10,12 @@
 //!    `install` binary (release, served by `cargo lambda watch`): its peak
 //!    RSS (VmHWM) and throughput, against `tar -xzf` of the same archive.
 //!
-//! Run: `cargo bench -p acceptance --bench delivery` (add `-- latency` or
-//! `-- large` to run one part).
+//! 3. Fleet reinstall: one plugin rolled out to 100 workspaces on sshd hosts
+//!    at concurrency 20 by the release `reinstall` function, against five
+//!    single installs, and the function's peak RSS.
+//!
+//! Run: `cargo bench -p acceptance --bench delivery` (add `-- latency`,
+//! `-- large` or `-- fleet` to run one part).
 
 // The install path's futures nest deeply; the layout query needs the room.
 #![recursion_limit = "256"]
@@ -400,6 +404,185 @@ async fn large() {
     );
 }
 
+/// Fleet reinstall: a rollout of one plugin to 100 workspaces (sshd hosts on
+/// loopback) at concurrency 20 through the release `reinstall` function,
+/// against five times a single install (20 hosts at a time = 5 waves), and
+/// the function's peak memory.
+async fn fleet() {
+    let f = Fixture::new().await;
+    let n = 100;
+    let files: Vec<(String, Vec<u8>)> = vec![
+        (
+            "plugin.yaml".into(),
+            b"name: bench-fleet\nversion: 2.0.0\nskills: [fleet]\n".to_vec(),
+        ),
+        ("skills/fleet/SKILL.md".into(), b"# Fleet\n".to_vec()),
+        (
+            "rules/r.md".into(),
+            hex::encode(noise(4096, 3)).into_bytes(),
+        ),
+    ];
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(p, d)| (p.as_str(), d.as_slice()))
+        .collect();
+    f.publish("bench-fleet", &refs).await;
+
+    // The baseline: one install to one host, in-process (median of 5).
+    let mut cfg = f.config();
+    cfg.profiles.get_mut("claude-code").unwrap().restart = "true".into();
+    let app = f.app_with(cfg);
+    let mut singles = Vec::new();
+    for i in 0..6 {
+        let t = Instant::now();
+        let (s, b) = install(&app, &f.workspace, r#"{"source":"bench-fleet"}"#).await;
+        assert_eq!(s, 200, "{b}");
+        if i > 0 {
+            singles.push(t.elapsed());
+        }
+        assert_eq!(uninstall(&app, &f.workspace, "bench-fleet").await.0, 200);
+    }
+    let single = median(singles);
+
+    // 100 more workspaces, each on its own sshd host with its own config
+    // dir, each wanting the plugin.
+    let t = Instant::now();
+    let mut hosts = Vec::new();
+    for i in 0..n {
+        let ws = format!("{}-f{i:03}", f.workspace);
+        let h = Host::start(&f.ec2, &ws, "claude-code").await;
+        let dir = f.dir.path().join(format!("f{i:03}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        set_tag(
+            &f.ec2,
+            &h.instance_id,
+            "molecule:config-dir",
+            dir.to_str().unwrap(),
+        )
+        .await;
+        let doc = serde_json::json!({"plugins": {"bench-fleet": {
+            "name": "bench-fleet", "version": "1.0.0", "description": "", "author": "", "tags": [],
+            "skills": [], "runtimes": [], "digest": "0".repeat(64),
+            "source": "local://bench-fleet", "installed_at": "2026-11-01T00:00:00Z"}}});
+        f.s3.put_object()
+            .bucket(&f.bucket)
+            .key(format!("workspaces/{ws}/plugins.json"))
+            .body(doc.to_string().into_bytes().into())
+            .send()
+            .await
+            .unwrap();
+        hosts.push((h, dir));
+    }
+    println!(
+        "fleet: {n} sshd hosts up in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let cfg = f.config();
+    let profiles = serde_json::json!({"claude-code": {"config_dir": cfg.profiles["claude-code"].config_dir, "restart": "true"}});
+    let work = tempfile::tempdir().unwrap();
+    let envfile = work.path().join("functions.env");
+    let mut env = String::new();
+    for k in [
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_EC2_INSTANCE_CONNECT",
+        "AWS_ENDPOINT_URL_SSM",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_REGION",
+    ] {
+        env.push_str(&format!("{k}='{}'\n", stack().var(k)));
+    }
+    env.push_str(&format!(
+        "PLUGIN_BUCKET='{}'\nPLUGIN_SSH_USER='{login}'\nPLUGIN_SSH_ADDRESS_TAG='molecule:local-address'\nPLUGIN_RUNTIME_PROFILES='{}'\nPLUGIN_ROLLOUT_CONCURRENCY='20'\nRUST_LOG='warn'\n",
+        f.bucket, profiles, login = LOGIN_USER
+    ));
+    std::fs::write(&envfile, env).unwrap();
+    let port = "9124";
+    let mut watch = Command::new(venv_bin("cargo-lambda"))
+        .args([
+            "lambda",
+            "watch",
+            "--release",
+            "--ignore-changes",
+            "-A",
+            "127.0.0.1",
+            "-P",
+            port,
+            "--env-file",
+        ])
+        .arg(&envfile)
+        .current_dir(repo_root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cargo lambda watch");
+    let invoke = |file: &std::path::Path| {
+        Command::new(venv_bin("cargo-lambda"))
+            .args([
+                "lambda",
+                "invoke",
+                "-A",
+                "127.0.0.1",
+                "-P",
+                port,
+                "reinstall",
+                "--data-file",
+            ])
+            .arg(file)
+            .output()
+            .expect("cargo lambda invoke")
+    };
+    let warm = work.path().join("warm.json");
+    std::fs::write(&warm, r#"{"detail-type":"EC2 Instance State-change Notification","source":"aws.ec2","time":"2026-11-25T19:00:00Z","resources":[],"detail":{"instance-id":"i-0000000000000000f","state":"running"}}"#).unwrap();
+    let start = Instant::now();
+    loop {
+        let out = invoke(&warm);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(1500),
+            "reinstall function did not come up: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let ev = work.path().join("rollout.json");
+    std::fs::write(&ev, r#"{"detail-type":"Plugin Reinstall Requested","source":"molecule.plugin-delivery","time":"2026-11-25T19:00:00Z","resources":[],"detail":{"plugin":"bench-fleet","source":"local://bench-fleet","max_concurrency":20}}"#).unwrap();
+    let t = Instant::now();
+    let out = invoke(&ev);
+    let took = t.elapsed();
+    let rss = peak_rss_kib("/release/reinstall");
+    let _ = Command::new("kill").arg(watch.id().to_string()).status();
+    let _ = watch.wait();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_default();
+    assert_eq!(
+        v["progress"]["done"],
+        n,
+        "rollout: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (_, dir) in &hosts {
+        assert!(dir.join("plugins/bench-fleet/plugin.yaml").exists());
+    }
+    println!(
+        "  single install (in-process, median of 5): {:.1} ms",
+        ms(single)
+    );
+    println!(
+        "  fleet reinstall of {n} workspaces at concurrency 20 (release function): {:.2} s = {:.2}x five single installs (target <= 1.5x)",
+        took.as_secs_f64(),
+        took.as_secs_f64() / (5.0 * single.as_secs_f64())
+    );
+    println!(
+        "  peak RSS of the reinstall function process: {}",
+        rss.map(|(pid, k)| format!("{:.1} MiB (pid {pid})", k as f64 / 1024.0))
+            .unwrap_or("not found".into())
+    );
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     // PLUGIN_BENCH_LOG=debug shows the per-stage timings of each install.
@@ -408,13 +591,17 @@ async fn main() {
         plugin_delivery::telemetry::init();
     }
     let args: Vec<String> = std::env::args().collect();
+    let parts = ["latency", "large", "fleet"];
     let want = |part: &str| {
-        !args.iter().any(|a| a == "latency" || a == "large") || args.iter().any(|a| a == part)
+        !args.iter().any(|a| parts.contains(&a.as_str())) || args.iter().any(|a| a == part)
     };
     if want("latency") {
         latency().await;
     }
     if want("large") {
         large().await;
+    }
+    if want("fleet") {
+        fleet().await;
     }
 }
