@@ -1,7 +1,9 @@
 //! The fleet: which EC2 instance is a workspace's host, and how to trust it.
 
 use async_trait::async_trait;
-use aws_sdk_ec2::types::Filter;
+use std::collections::BTreeMap;
+
+use aws_sdk_ec2::types::{Filter, Instance};
 use aws_sdk_ec2::Client;
 use base64::Engine;
 
@@ -67,6 +69,8 @@ pub struct Host {
 pub trait Fleet: Send + Sync {
     /// 404 when no running instance carries the tag, 409 when several do.
     async fn locate(&self, workspace: &str) -> Result<Host>;
+    /// `locate` for many workspaces at once (fleet operations).
+    async fn locate_all(&self, workspaces: &[String]) -> Result<BTreeMap<String, Result<Host>>>;
     /// The host keys published for the instance: the tag, else the keys
     /// cloud-init printed to the console. Empty when none were published.
     async fn host_keys(&self, host: &Host) -> Result<Vec<String>>;
@@ -100,42 +104,20 @@ impl Ec2Fleet {
     }
 }
 
-fn ec2_error<E: std::fmt::Debug>(what: &str, e: E) -> Error {
-    Error::unavailable("the EC2 API is not available right now")
-        .with_detail(format!("{what}: {e:?}"))
+fn ambiguous(workspace: &str, n: usize) -> Error {
+    Error::conflict(format!(
+        "{n} running instances carry the tag of workspace {workspace:?}; \
+         refusing to guess which one is its host"
+    ))
 }
 
-/// `host`, `host:port` or `[v6]:port`.
-pub fn split_address(addr: &str, default_port: u16) -> (String, u16) {
-    if let Some(rest) = addr.strip_prefix('[') {
-        if let Some((h, p)) = rest.split_once("]:") {
-            if let Ok(p) = p.parse() {
-                return (h.to_string(), p);
-            }
-        }
-        return (rest.trim_end_matches(']').to_string(), default_port);
-    }
-    match addr.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => match p.parse() {
-            Ok(p) => (h.to_string(), p),
-            Err(_) => (addr.to_string(), default_port),
-        },
-        _ => (addr.to_string(), default_port),
-    }
-}
-
-#[async_trait]
-impl Fleet for Ec2Fleet {
-    async fn locate(&self, workspace: &str) -> Result<Host> {
+impl Ec2Fleet {
+    /// Running instances matching `filter`, with their workspace tag.
+    async fn running(&self, filter: Filter) -> Result<Vec<(Option<String>, Instance)>> {
         let mut pages = self
             .client
             .describe_instances()
-            .filters(
-                Filter::builder()
-                    .name(format!("tag:{TAG_WORKSPACE}"))
-                    .values(workspace)
-                    .build(),
-            )
+            .filters(filter)
             .filters(
                 Filter::builder()
                     .name("instance-state-name")
@@ -148,23 +130,22 @@ impl Fleet for Ec2Fleet {
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| ec2_error("describe instances", e))?;
             for r in page.reservations() {
-                found.extend(r.instances().iter().cloned());
+                for inst in r.instances() {
+                    let ws = inst
+                        .tags()
+                        .iter()
+                        .find(|t| t.key() == Some(TAG_WORKSPACE))
+                        .and_then(|t| t.value())
+                        .map(str::to_string);
+                    found.push((ws, inst.clone()));
+                }
             }
         }
-        let inst = match found.len() {
-            0 => {
-                return Err(Error::not_found(format!(
-                    "workspace {workspace:?} has no running instance"
-                )))
-            }
-            1 => found.remove(0),
-            n => {
-                return Err(Error::conflict(format!(
-                    "{n} running instances carry the tag of workspace {workspace:?}; \
-                     refusing to guess which one is its host"
-                )))
-            }
-        };
+        Ok(found)
+    }
+
+    /// A workspace's host from its instance's tags and addresses.
+    fn host_of(&self, workspace: &str, inst: Instance) -> Result<Host> {
         let tag = |k: &str| {
             inst.tags()
                 .iter()
@@ -216,6 +197,84 @@ impl Fleet for Ec2Fleet {
             config_dir: tag(TAG_CONFIG_DIR).filter(|d| d.starts_with('/')),
             vpc_id: inst.vpc_id().map(str::to_string),
         })
+    }
+}
+
+fn ec2_error<E: std::fmt::Debug>(what: &str, e: E) -> Error {
+    Error::unavailable("the EC2 API is not available right now")
+        .with_detail(format!("{what}: {e:?}"))
+}
+
+/// `host`, `host:port` or `[v6]:port`.
+pub fn split_address(addr: &str, default_port: u16) -> (String, u16) {
+    if let Some(rest) = addr.strip_prefix('[') {
+        if let Some((h, p)) = rest.split_once("]:") {
+            if let Ok(p) = p.parse() {
+                return (h.to_string(), p);
+            }
+        }
+        return (rest.trim_end_matches(']').to_string(), default_port);
+    }
+    match addr.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => match p.parse() {
+            Ok(p) => (h.to_string(), p),
+            Err(_) => (addr.to_string(), default_port),
+        },
+        _ => (addr.to_string(), default_port),
+    }
+}
+
+#[async_trait]
+impl Fleet for Ec2Fleet {
+    async fn locate(&self, workspace: &str) -> Result<Host> {
+        let found = self
+            .running(
+                Filter::builder()
+                    .name(format!("tag:{TAG_WORKSPACE}"))
+                    .values(workspace)
+                    .build(),
+            )
+            .await?;
+        let mut found: Vec<_> = found.into_iter().map(|(_, i)| i).collect();
+        match found.len() {
+            0 => Err(Error::not_found(format!(
+                "workspace {workspace:?} has no running instance"
+            ))),
+            1 => self.host_of(workspace, found.remove(0)),
+            n => Err(ambiguous(workspace, n)),
+        }
+    }
+
+    async fn locate_all(&self, workspaces: &[String]) -> Result<BTreeMap<String, Result<Host>>> {
+        // One paginated call for the whole fleet instead of one per
+        // workspace: rollouts and repairs touch hundreds of workspaces.
+        let found = self
+            .running(
+                Filter::builder()
+                    .name("tag-key")
+                    .values(TAG_WORKSPACE)
+                    .build(),
+            )
+            .await?;
+        let mut by_ws: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
+        for (ws, inst) in found {
+            if let Some(ws) = ws {
+                by_ws.entry(ws).or_default().push(inst);
+            }
+        }
+        Ok(workspaces
+            .iter()
+            .map(|ws| {
+                let host = match by_ws.remove(ws) {
+                    None => Err(Error::not_found(format!(
+                        "workspace {ws:?} has no running instance"
+                    ))),
+                    Some(mut v) if v.len() == 1 => self.host_of(ws, v.remove(0)),
+                    Some(v) => Err(ambiguous(ws, v.len())),
+                };
+                (ws.clone(), host)
+            })
+            .collect())
     }
 
     async fn workspace_of(&self, instance_id: &str) -> Result<Option<String>> {

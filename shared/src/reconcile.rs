@@ -540,8 +540,13 @@ pub async fn rollout(
     });
     records::save(deps.records.as_ref(), &parent).await;
 
+    // Every target's host in one EC2 call.
+    let mut hosts = deps.fleet.locate_all(&targets).await?;
     let archive = Arc::new(archive);
     let parent = Arc::new(Mutex::new(parent));
+    // Progress is written at most once a second (and at the end), not once
+    // per host: a large fleet would otherwise mostly write records.
+    let last_write = Arc::new(Mutex::new(Instant::now()));
     let global = Arc::new(Semaphore::new(limits.max_concurrency.max(1)));
     let vpcs: Arc<Mutex<HashMap<String, Arc<Semaphore>>>> = Arc::default();
     let failures = Arc::new(Mutex::new(0usize));
@@ -561,11 +566,15 @@ pub async fn rollout(
             continue;
         }
         let deps = deps.clone();
-        let (archive, parent, vpcs, failures) = (
+        let host = hosts
+            .remove(&ws)
+            .unwrap_or_else(|| Err(Error::not_found("workspace has no running instance")));
+        let (archive, parent, vpcs, failures, last_write) = (
             archive.clone(),
             parent.clone(),
             vpcs.clone(),
             failures.clone(),
+            last_write.clone(),
         );
         let (info, source) = (info.clone(), source.clone());
         let per_vpc = limits.per_vpc.max(1);
@@ -577,7 +586,7 @@ pub async fn rollout(
             child.source = Some(source.canonical());
             child.digest = Some(archive.sha256.clone());
             let outcome = rollout_one(
-                &deps, &ws, &archive, &info, &source, per_vpc, &vpcs, &mut child,
+                &deps, &ws, host, &archive, &info, &source, per_vpc, &vpcs, &mut child,
             )
             .await;
             // Count the failure before freeing the slot: the next start
@@ -601,9 +610,17 @@ pub async fn rollout(
                     prog.failed += 1;
                     prog.failed_workspaces.push(ws.clone());
                 }
-                p.clone()
+                let mut last = last_write.lock().unwrap();
+                if last.elapsed() >= Duration::from_secs(1) {
+                    *last = Instant::now();
+                    Some(p.clone())
+                } else {
+                    None
+                }
             };
-            records::save(deps.records.as_ref(), &snapshot).await;
+            if let Some(snapshot) = snapshot {
+                records::save(deps.records.as_ref(), &snapshot).await;
+            }
         });
     }
     while running.join_next().await.is_some() {}
@@ -639,6 +656,7 @@ pub async fn rollout(
 async fn rollout_one(
     deps: &Deps,
     ws: &str,
+    host: Result<Host>,
     archive: &ArchiveFile,
     info: &PluginInfo,
     source: &Source,
@@ -646,7 +664,7 @@ async fn rollout_one(
     vpcs: &Mutex<HashMap<String, Arc<Semaphore>>>,
     child: &mut OperationRecord,
 ) -> Result<serde_json::Value> {
-    let host = deps.fleet.locate(ws).await?;
+    let host = host?;
     child.transport = Some(host.access.as_str().into());
     // EC2 Instance Connect Endpoints take 20 connections each: bound hosts
     // per VPC as well as overall.
