@@ -74,11 +74,14 @@ fail() {
 
 usage() { fail usage "$1" 64; }
 
-# done_ok STATUS DIGEST PREVIOUS RESTARTED
+# done_ok STATUS DIGEST PREVIOUS RESTARTED: "pending_restart" says a change
+# is on disk that the runtime has not been restarted for yet.
 done_ok() {
     cleanup
-    printf '%s {"status":"%s","plugin":"%s","digest":"%s","previous":"%s","restarted":%s}\n' \
-        "$MARKER" "$1" "$plugin" "$2" "$3" "$4"
+    do_pending=false
+    [ -n "${state-}" ] && [ -e "$state/restart-pending" ] && do_pending=true
+    printf '%s {"status":"%s","plugin":"%s","digest":"%s","previous":"%s","restarted":%s,"pending_restart":%s}\n' \
+        "$MARKER" "$1" "$plugin" "$2" "$3" "$4" "$do_pending"
     exit 0
 }
 
@@ -236,10 +239,13 @@ restart_runtime() {
         return 0
     fi
     umask "$caller_umask"
+    # The marker (set when a change lands) goes only once the restart
+    # succeeded: a run killed in between leaves it for the next one.
     # fd 9 closed: a daemon started here must not inherit (and keep) the lock.
     # stdout to stderr: the result line must stay the only thing on stdout.
     # PLUGIN_CONFIG_DIR: which config dir changed, for the runtime's tooling.
     PLUGIN_CONFIG_DIR=$cfg sh -c "$restart_cmd" </dev/null >&2 9>&- || return 1
+    rm -f "$state/restart-pending"
     printf true
 }
 
@@ -590,8 +596,13 @@ op_install() {
     new_store="$store/$name@$sha"
     if [ "$prev_kind" = link ] && [ "$prev_digest" = "$sha" ] && [ -d "$new_store" ] &&
         tree_intact "$name@$sha"; then
-        # Already there: leave stdin unread and the runtime alone.
-        done_ok unchanged "$sha" "$sha" false
+        # Already there: leave stdin unread and the runtime alone, unless
+        # an earlier run was cut off before its restart.
+        restarted=false
+        if [ -e "$state/restart-pending" ] && [ -n "$restart_cmd" ]; then
+            restarted=$(restart_runtime) || fail restart_failed 'the runtime restart command failed' 70
+        fi
+        done_ok unchanged "$sha" "$sha" "$restarted"
     fi
 
     work=$(mktemp -d "$staging/install.XXXXXX") || fail internal 'cannot create a staging directory' 1
@@ -639,6 +650,7 @@ op_install() {
         mv "$link" "$state/aside/$name" || fail internal 'cannot move the legacy plugin aside' 1
         aside="$state/aside/$name"
     fi
+    : >"$state/restart-pending" || say 'could not record the pending restart'
     mv -T "$work/link" "$link" || fail internal 'cannot switch the plugin link' 1
     if [ -n "$aside" ]; then
         rm -rf "$aside" || say 'could not remove the replaced legacy directory'
@@ -663,6 +675,7 @@ op_uninstall() {
     inspect_current
     [ "$prev_kind" = none ] && done_ok absent '' '' false
 
+    : >"$state/restart-pending" || say 'could not record the pending restart'
     unwire "$link"
     if [ "$prev_kind" = legacy ]; then
         # Move first so the path disappears in one step, then delete.

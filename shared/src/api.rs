@@ -9,6 +9,7 @@ use lambda_http::{Body, Request, RequestExt, Response};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::background::Work;
 use crate::error::{Error, Result};
 use crate::ops::{self, InstallRequest};
 use crate::App;
@@ -21,10 +22,14 @@ pub async fn install(app: &App, req: Request) -> Response<Body> {
     let r = async {
         let ws = path_param(&req, "id")?;
         let body = parse_install_body(req.body())?;
-        deadline(app, ops::install(&app.deps, &ws, body)).await
+        let work = Work::Install {
+            source: body.source.clone(),
+            sha256: body.sha256.clone(),
+        };
+        or_background(app, &ws, work, Box::pin(ops::install(&app.deps, &ws, body))).await
     }
     .await;
-    respond(&rid, "install", r)
+    respond_done(&rid, "install", r)
 }
 
 pub async fn uninstall(app: &App, req: Request) -> Response<Body> {
@@ -32,10 +37,77 @@ pub async fn uninstall(app: &App, req: Request) -> Response<Body> {
     let r = async {
         let ws = path_param(&req, "id")?;
         let name = path_param(&req, "name")?;
-        deadline(app, ops::uninstall(&app.deps, &ws, &name)).await
+        let work = Work::Uninstall {
+            plugin: name.clone(),
+        };
+        or_background(
+            app,
+            &ws,
+            work,
+            Box::pin(ops::uninstall(&app.deps, &ws, &name)),
+        )
+        .await
     }
     .await;
-    respond(&rid, "uninstall", r)
+    respond_done(&rid, "uninstall", r)
+}
+
+/// Finished within the deadline, or handed to the background (202).
+enum Done<T> {
+    Finished(T),
+    Accepted(String),
+}
+
+/// Time kept after handing an operation off: the record and the queue
+/// message must be written before API Gateway gives up.
+const HANDOFF_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Runs a change under the API deadline. With an operations queue, one that
+/// cannot finish in time is handed to the background instead of failing:
+/// 202 with its operation id (the work cut off here is redone there).
+async fn or_background<T>(
+    app: &App,
+    ws: &str,
+    work: Work,
+    fut: impl Future<Output = Result<T>>,
+) -> Result<Done<T>> {
+    let Some(handoff) = app.deps.handoff.as_deref() else {
+        return deadline(app, fut).await.map(Done::Finished);
+    };
+    let limit = app
+        .deps
+        .config
+        .operation_timeout
+        .saturating_sub(HANDOFF_MARGIN)
+        .max(std::time::Duration::from_secs(1));
+    match crate::deadline::within(limit, fut).await {
+        Ok(v) => Ok(Done::Finished(v)),
+        Err(e) if crate::deadline::is_exceeded(&e) => {
+            match crate::background::start(&app.deps, handoff, ws, work).await {
+                Ok(id) => Ok(Done::Accepted(id)),
+                Err(h) => {
+                    tracing::error!(error = %h.message, detail = ?h.detail, "could not hand the operation off");
+                    Err(e)
+                }
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn respond_done<T: Serialize>(rid: &str, op: &str, r: Result<Done<T>>) -> Response<Body> {
+    match r {
+        Ok(Done::Finished(v)) => respond(rid, op, Ok(v)),
+        Ok(Done::Accepted(id)) => {
+            tracing::info!(request_id = rid, op, operation_id = %id, "continues in the background");
+            json_response(
+                202,
+                &json!({ "operation_id": id, "status": "running", "request_id": rid }),
+                rid,
+            )
+        }
+        Err(e) => error_response(rid, op, e),
+    }
 }
 
 pub async fn list(app: &App, req: Request) -> Response<Body> {

@@ -36,13 +36,22 @@ impl App {
                 .force_path_style(local_s3)
                 .build(),
         );
-        App::with_clients(
+        let mut app = App::with_clients(
             config,
             s3,
             aws_sdk_ec2::Client::new(sdk),
             aws_sdk_ec2instanceconnect::Client::new(sdk),
             aws_sdk_ssm::Client::new(sdk),
-        )
+        )?;
+        app.with_queue(aws_sdk_sqs::Client::new(sdk));
+        Ok(app)
+    }
+
+    /// Enables the 202 path when an operations queue is configured.
+    pub fn with_queue(&mut self, sqs: aws_sdk_sqs::Client) {
+        if let Some(url) = &self.deps.config.operation_queue_url {
+            self.deps.handoff = Some(Arc::new(crate::background::SqsHandoff::new(sqs, url)));
+        }
     }
 
     pub fn with_clients(
@@ -103,6 +112,7 @@ impl App {
                 allowlists: store.clone(),
                 records: store,
                 remote,
+                handoff: None,
             },
         })
     }

@@ -64,6 +64,8 @@ pub struct Config {
     pub rollout_concurrency: usize,
     pub rollout_per_vpc: usize,
     pub rollout_error_threshold: String,
+    /// SQS queue for API operations that outlast the deadline (202).
+    pub operation_queue_url: Option<String>,
 }
 
 /// The longest presigned URL lifetime we hand to a host.
@@ -98,6 +100,7 @@ impl Config {
             // An EC2 Instance Connect Endpoint takes at most 20 connections.
             rollout_per_vpc: 20,
             rollout_error_threshold: "0".into(),
+            operation_queue_url: None,
         }
     }
 
@@ -169,6 +172,7 @@ impl Config {
             }
             c.ssm_url_ttl = Duration::from_secs(secs);
         }
+        c.operation_queue_url = var("PLUGIN_OPERATION_QUEUE_URL");
         if let Some(v) = var("PLUGIN_READY_BUDGET_SECS") {
             c.ready_budget = Duration::from_secs(parse(&v, "PLUGIN_READY_BUDGET_SECS")?);
         }

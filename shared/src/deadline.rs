@@ -31,10 +31,14 @@ pub fn current() -> Option<(Instant, Duration)> {
     DEADLINE.try_with(|d| *d).ok()
 }
 
+const EXCEEDED: &str = "the operation did not finish within";
+
 /// The one 504 an operation answers when its deadline passes.
 pub fn exceeded(limit: Duration) -> Error {
-    Error::deadline(format!(
-        "the operation did not finish within {} s",
-        limit.as_secs()
-    ))
+    Error::deadline(format!("{EXCEEDED} {} s", limit.as_secs()))
+}
+
+/// Whether `e` is this deadline passing (not a host's own timeout).
+pub fn is_exceeded(e: &Error) -> bool {
+    e.kind == crate::ErrorKind::DeadlineExceeded && e.message.starts_with(EXCEEDED)
 }

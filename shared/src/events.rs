@@ -29,6 +29,19 @@ enum Request {
 
 /// Handles one event; the returned JSON is what the invocation reports.
 pub async fn handle(app: &App, event: Value) -> Result<Value> {
+    // API operations handed to the background arrive from the operations
+    // queue (an SQS event source: `{"Records": [...]}`).
+    if let Some(records) = event.get("Records").and_then(Value::as_array) {
+        let mut done = Vec::new();
+        for r in records {
+            let body = r.get("body").and_then(Value::as_str).unwrap_or_default();
+            let job: crate::background::Job = serde_json::from_str(body)
+                .map_err(|e| Error::bad_request(format!("malformed operation job: {e}")))?;
+            crate::background::run(&app.deps, &job).await?;
+            done.push(job.operation_id);
+        }
+        return Ok(json!({ "operations": done }));
+    }
     let detail_type = event
         .get("detail-type")
         .and_then(Value::as_str)

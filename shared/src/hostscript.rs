@@ -164,6 +164,10 @@ pub struct HostResult {
     pub previous: Option<String>,
     #[serde(default)]
     pub restarted: Option<bool>,
+    /// A change is on disk that the runtime was not restarted for yet (an
+    /// earlier run was cut off, or a batch defers its restart).
+    #[serde(default)]
+    pub pending_restart: Option<bool>,
     #[serde(default)]
     pub code: Option<String>,
     #[serde(default)]

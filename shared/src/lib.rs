@@ -7,6 +7,7 @@
 pub mod api;
 pub mod app;
 pub mod archive;
+pub mod background;
 pub mod catalog;
 pub mod config;
 pub mod deadline;

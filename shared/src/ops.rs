@@ -34,6 +34,9 @@ pub struct Deps {
     pub allowlists: Arc<dyn AllowlistStore>,
     pub records: Arc<dyn RecordStore>,
     pub remote: Arc<Remote>,
+    /// Where API operations that outlast the deadline go on (optional:
+    /// without it they answer 504).
+    pub handoff: Option<Arc<dyn crate::background::Handoff>>,
 }
 
 #[derive(Debug, Clone)]
@@ -212,6 +215,17 @@ async fn prepare(
 }
 
 pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Result<InstallOutcome> {
+    install_as(deps, workspace, req, None).await
+}
+
+/// `install`, finishing the operation record `op_id` (a background job)
+/// instead of starting a new one.
+pub async fn install_as(
+    deps: &Deps,
+    workspace: &str,
+    req: InstallRequest,
+    op_id: Option<&str>,
+) -> Result<InstallOutcome> {
     validate_workspace_id(workspace)?;
     let source = Source::parse(&req.source)?;
     let pin = match req.sha256.as_deref().map(str::trim) {
@@ -252,6 +266,9 @@ pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Resul
     // From here on the operation touches the host: it gets a record (bad
     // requests, unknown workspaces and refused plugins do not).
     let mut rec = OperationRecord::start(Kind::Install, Trigger::Api, Some(workspace));
+    if let Some(id) = op_id {
+        rec.id = id.to_string();
+    }
     rec.plugin = Some(name.clone());
     rec.source = Some(source.canonical());
     rec.digest = Some(archive.sha256.clone());
@@ -336,6 +353,16 @@ fn host_tail(stderr: &str) -> Option<String> {
 }
 
 pub async fn uninstall(deps: &Deps, workspace: &str, name: &str) -> Result<UninstallOutcome> {
+    uninstall_as(deps, workspace, name, None).await
+}
+
+/// `uninstall`, finishing the operation record `op_id` (a background job).
+pub async fn uninstall_as(
+    deps: &Deps,
+    workspace: &str,
+    name: &str,
+    op_id: Option<&str>,
+) -> Result<UninstallOutcome> {
     validate_workspace_id(workspace)?;
     validate_name(name)?;
     let cfg = &deps.config;
@@ -343,6 +370,9 @@ pub async fn uninstall(deps: &Deps, workspace: &str, name: &str) -> Result<Unins
     let profile = cfg.host_profile(&host);
     let cmd = HostCommand::uninstall(&profile, name, &cfg.owner, cfg.lock_wait_secs);
     let mut rec = OperationRecord::start(Kind::Uninstall, Trigger::Api, Some(workspace));
+    if let Some(id) = op_id {
+        rec.id = id.to_string();
+    }
     rec.plugin = Some(name.to_string());
     rec.transport = Some(host.access.as_str().into());
     let result = async {

@@ -186,7 +186,7 @@ pub async fn install_set(
         });
         match result {
             Ok(r) => {
-                changed |= r.status == "installed";
+                changed |= r.status == "installed" || r.pending_restart == Some(true);
                 plugins.push(PluginResult {
                     plugin: name.clone(),
                     result: if r.status == "unchanged" {

@@ -702,3 +702,51 @@ macro_rules! on_both_transports {
         }
     };
 }
+
+/// Lambda's SQS event source as the service runs it: receive what is
+/// visible on the queue, invoke the function with `{"Records": [...]}` one
+/// message at a time (batch size 1, as in template.yaml), and delete a
+/// message only when the invocation succeeded (otherwise it becomes visible
+/// again for a retry). Returns how many invocations succeeded.
+pub async fn deliver_queue(app: &App, sqs: &aws_sdk_sqs::Client, queue_url: &str) -> usize {
+    let mut ok = 0;
+    loop {
+        let out = sqs
+            .receive_message()
+            .queue_url(queue_url)
+            .max_number_of_messages(1)
+            .wait_time_seconds(0)
+            .send()
+            .await
+            .expect("receive_message");
+        let Some(m) = out.messages().first() else {
+            return ok;
+        };
+        let event = json!({"Records": [{
+            "messageId": m.message_id(),
+            "receiptHandle": m.receipt_handle(),
+            "body": m.body(),
+            "attributes": {},
+            "messageAttributes": {},
+            "eventSource": "aws:sqs",
+            "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:operations",
+            "awsRegion": "us-east-1"
+        }]});
+        if plugin_delivery::events::handle(app, event).await.is_ok() {
+            sqs.delete_message()
+                .queue_url(queue_url)
+                .receipt_handle(m.receipt_handle().unwrap_or_default())
+                .send()
+                .await
+                .expect("delete_message");
+            ok += 1;
+        } else {
+            return ok;
+        }
+    }
+}
+
+/// An SQS client on the local stack (moto).
+pub async fn sqs() -> aws_sdk_sqs::Client {
+    aws_sdk_sqs::Client::new(&sdk().await)
+}

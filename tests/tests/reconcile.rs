@@ -652,3 +652,65 @@ mod single {
         a_reinstall_request_for_one_workspace,
     );
 }
+
+/// An install that cannot finish within the API deadline (a slow runtime
+/// restart) answers 202 with an operation id and goes on in the
+/// background: the queued job finishes it and the record shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_install_goes_on_in_the_background() {
+    let f = Fixture::new().await;
+    let sqs = sqs().await;
+    let queue = sqs
+        .create_queue()
+        .queue_name(unique("pd-ops"))
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_string();
+    let mut cfg = fleet_config(&f);
+    cfg.operation_queue_url = Some(queue.clone());
+    // The API gives up after 4 s (2 s of it kept for the hand-off); the
+    // runtime restart takes 5 s.
+    cfg.operation_timeout = Duration::from_secs(4);
+    cfg.profiles.get_mut("claude-code").unwrap().restart =
+        format!("sleep 5 && python3 {}", fake_runtime().display());
+    let mut app = f.app_with(cfg.clone());
+    app.with_queue(sqs.clone());
+    publish(&f, "slowpoke", "1.0.0").await;
+
+    let t = Instant::now();
+    let (s, b) = install(&app, &f.workspace, r#"{"source":"slowpoke"}"#).await;
+    assert_eq!(s, 202, "{b}");
+    assert!(t.elapsed() < Duration::from_secs(4), "answered in time");
+    assert_eq!(b["status"], "running");
+    let id = b["operation_id"].as_str().unwrap().to_string();
+    let (s, rec) = operation(&app, &f.workspace, &id).await;
+    assert_eq!((s, &rec["status"]), (200, &json!("running")), "{rec}");
+
+    // The background worker (the reinstall function, no API deadline).
+    let mut worker_cfg = cfg;
+    worker_cfg.operation_timeout = Duration::from_secs(60);
+    let worker = f.app_with(worker_cfg);
+    assert_eq!(deliver_queue(&worker, &sqs, &queue).await, 1);
+
+    let (s, rec) = operation(&app, &f.workspace, &id).await;
+    assert_eq!(s, 200);
+    assert_eq!(rec["status"], "succeeded", "{rec}");
+    assert_eq!(rec["result"]["plugin"], "slowpoke");
+    assert!(f.plugin_dir("slowpoke").join("plugin.yaml").exists());
+    assert_eq!(f.desired().await["plugins"]["slowpoke"]["version"], "1.0.0");
+    // The restart cut off at the API deadline was made up for: the runtime
+    // wired the plugin.
+    assert!(f.config_dir.join("skills/slowpoke-skill/SKILL.md").exists());
+    assert!(f.restarts() >= 1);
+
+    // Without a queue, the same slow install is a 504.
+    let mut plain = f.config();
+    plain.operation_timeout = Duration::from_secs(2);
+    plain.profiles.get_mut("claude-code").unwrap().restart = "sleep 5".into();
+    publish(&f, "slowpoke", "2.0.0").await;
+    let (s, _) = install(&f.app_with(plain), &f.workspace, r#"{"source":"slowpoke"}"#).await;
+    assert_eq!(s, 504);
+}
