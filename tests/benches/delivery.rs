@@ -404,6 +404,23 @@ async fn large() {
     );
 }
 
+/// Busy CPU time of the whole machine so far (user+nice+system+irq+softirq
+/// from /proc/stat), in seconds.
+fn cpu_busy_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = stat.lines().next().unwrap_or_default();
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let busy = [0usize, 1, 2, 5, 6]
+        .iter()
+        .filter_map(|&i| v.get(i))
+        .sum::<u64>();
+    busy as f64 / 100.0
+}
+
 /// Fleet reinstall: a rollout of one plugin to 100 workspaces (sshd hosts on
 /// loopback) at concurrency 20 through the release `reinstall` function,
 /// against five times a single install (20 hosts at a time = 5 waves), and
@@ -550,9 +567,11 @@ async fn fleet() {
     }
     let ev = work.path().join("rollout.json");
     std::fs::write(&ev, r#"{"detail-type":"Plugin Reinstall Requested","source":"molecule.plugin-delivery","time":"2026-11-25T19:00:00Z","resources":[],"detail":{"plugin":"bench-fleet","source":"local://bench-fleet","max_concurrency":20}}"#).unwrap();
+    let cpu0 = cpu_busy_secs();
     let t = Instant::now();
     let out = invoke(&ev);
     let took = t.elapsed();
+    let cpu = cpu_busy_secs() - cpu0;
     let rss = peak_rss_kib("/release/reinstall");
     let _ = Command::new("kill").arg(watch.id().to_string()).status();
     let _ = watch.wait();
@@ -575,6 +594,14 @@ async fn fleet() {
         "  fleet reinstall of {n} workspaces at concurrency 20 (release function): {:.2} s = {:.2}x five single installs (target <= 1.5x)",
         took.as_secs_f64(),
         took.as_secs_f64() / (5.0 * single.as_secs_f64())
+    );
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!(
+        "  machine CPU busy during the rollout: {cpu:.2} of {:.2} core-seconds ({:.0}%; {cores} cores shared by the function, moto, the emulators and all {n} sshd hosts)",
+        took.as_secs_f64() * cores as f64,
+        100.0 * cpu / (took.as_secs_f64() * cores as f64)
     );
     println!(
         "  peak RSS of the reinstall function process: {}",

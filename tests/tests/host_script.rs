@@ -441,7 +441,7 @@ fn fresh_install_places_the_exact_tree_owned_by_the_user() {
     r.assert_ok("installed");
     assert_eq!(
         r.result,
-        json!({"status": "installed", "plugin": "alpha", "digest": p.archive.sha, "previous": "", "restarted": true})
+        json!({"status": "installed", "plugin": "alpha", "digest": p.archive.sha, "previous": "", "restarted": true, "pending_restart": false})
     );
     // Same bytes, same modes (0644 files, 0755 dirs and scripts).
     h.assert_installed("alpha", &p);
@@ -504,7 +504,7 @@ fn same_install_again_is_unchanged_without_reading_stdin_or_restarting() {
     r.assert_ok("unchanged");
     assert_eq!(
         r.result,
-        json!({"status": "unchanged", "plugin": "alpha", "digest": p.archive.sha, "previous": p.archive.sha, "restarted": false})
+        json!({"status": "unchanged", "plugin": "alpha", "digest": p.archive.sha, "previous": p.archive.sha, "restarted": false, "pending_restart": false})
     );
     assert_eq!(h.restarts(), 1);
     h.assert_installed("alpha", &p);
@@ -642,7 +642,7 @@ fn uninstall_removes_exactly_what_the_plugin_wired() {
     r.assert_ok("uninstalled");
     assert_eq!(
         r.result,
-        json!({"status": "uninstalled", "plugin": "alpha", "digest": "", "previous": a.archive.sha, "restarted": true})
+        json!({"status": "uninstalled", "plugin": "alpha", "digest": "", "previous": a.archive.sha, "restarted": true, "pending_restart": false})
     );
     assert_eq!(h.restarts(), 3);
     assert!(fs::symlink_metadata(h.path("plugins/alpha")).is_err());
@@ -830,7 +830,7 @@ fn uninstall_of_a_missing_plugin_is_absent_without_restart() {
     r.assert_ok("absent");
     assert_eq!(
         r.result,
-        json!({"status": "absent", "plugin": "ghost", "digest": "", "previous": "", "restarted": false})
+        json!({"status": "absent", "plugin": "ghost", "digest": "", "previous": "", "restarted": false, "pending_restart": false})
     );
     assert_eq!(h.restarts(), 1);
 }
@@ -1330,4 +1330,33 @@ fn a_legacy_dir_left_aside_by_a_killed_run_is_recovered() {
         .is_dir());
     assert_eq!(h.listing(".plugin-delivery/aside"), Vec::<String>::new());
     h.assert_installed("alpha", &p);
+}
+
+#[test]
+fn a_restart_that_did_not_happen_is_made_up_for() {
+    let h = Host::new();
+    let p = alpha_v1();
+    // The change lands but its restart fails (or is cut off).
+    h.install_raw("alpha", &p.archive.sha, &p.archive.bytes, "exit 3")
+        .assert_error("restart_failed", 70);
+    assert_eq!(h.restarts(), 0);
+    // A batch install without a restart says one is owed.
+    let q = alpha_v2();
+    let r = h.install_raw("beta", &q.archive.sha, &q.archive.bytes, "");
+    r.assert_ok("installed");
+    assert_eq!(r.result["pending_restart"], true);
+    // The same install again is unchanged, but restarts the runtime now.
+    let r = h.install("alpha", &p);
+    r.assert_ok("unchanged");
+    assert_eq!(
+        (
+            r.result["restarted"].clone(),
+            r.result["pending_restart"].clone()
+        ),
+        (json!(true), json!(false))
+    );
+    assert_eq!(h.restarts(), 1);
+    // And only once.
+    h.install("alpha", &p).assert_ok("unchanged");
+    assert_eq!(h.restarts(), 1);
 }
