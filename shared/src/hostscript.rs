@@ -145,6 +145,14 @@ pub struct HostOutput {
     pub stderr: String,
 }
 
+impl HostOutput {
+    /// The end of what the script wrote to stderr (for operation records).
+    pub fn stderr_tail(&self) -> Option<String> {
+        let t = self.stderr.trim_end();
+        (!t.is_empty()).then(|| tail(t, 2000).to_string())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct InventoryEntry {
     pub name: String,

@@ -96,6 +96,24 @@ where
     ))
 }
 
+/// Records an installed plugin in the workspace's desired state, keeping
+/// the original install time when digest and source did not change.
+pub async fn record_installed(
+    state: &dyn StateStore,
+    workspace: &str,
+    entry: &InstalledPlugin,
+) -> Result<()> {
+    let name = &entry.info.name;
+    update_state(state, workspace, |s| match s.plugins.get(name) {
+        Some(cur) if cur.digest == entry.digest && cur.source == entry.source => false,
+        _ => {
+            s.plugins.insert(name.clone(), entry.clone());
+            true
+        }
+    })
+    .await
+}
+
 /// Milliseconds since `t`, restarting the stopwatch (per-stage timings).
 fn lap(t: &mut std::time::Instant) -> u64 {
     let ms = t.elapsed().as_millis() as u64;
@@ -259,10 +277,7 @@ pub async fn install_as(
         &cfg.owner,
         cfg.lock_wait_secs,
     );
-    let payload = Payload {
-        path: archive.path(),
-        sha256: &archive.sha256,
-    };
+    let payload = Payload::from(&archive);
     // From here on the operation touches the host: it gets a record (bad
     // requests, unknown workspaces and refused plugins do not).
     let mut rec = OperationRecord::start(Kind::Install, Trigger::Api, Some(workspace));
@@ -276,7 +291,7 @@ pub async fn install_as(
     let ran = deps.transport.run(&host, &cmd, Some(&payload)).await;
     let host_ms = lap(&mut t);
     if let Ok(out) = &ran {
-        rec.host_output = host_tail(&out.stderr);
+        rec.host_output = out.stderr_tail();
     }
     let result = match ran.and_then(|out| interpret(&out)) {
         Ok(r) => r,
@@ -293,17 +308,7 @@ pub async fn install_as(
         source: source.canonical(),
         installed_at: now_rfc3339(),
     };
-    let saved = update_state(deps.state.as_ref(), workspace, |s| {
-        match s.plugins.get(&name) {
-            // Keep the original install time when nothing changed.
-            Some(cur) if cur.digest == entry.digest && cur.source == entry.source => false,
-            _ => {
-                s.plugins.insert(name.clone(), entry.clone());
-                true
-            }
-        }
-    })
-    .await;
+    let saved = record_installed(deps.state.as_ref(), workspace, &entry).await;
     if let Err(e) = saved {
         rec.fail(&e);
         records::save(deps.records.as_ref(), &rec).await;
@@ -339,19 +344,6 @@ pub async fn install_as(
     Ok(outcome)
 }
 
-/// The end of the host script's stderr, for operation records.
-fn host_tail(stderr: &str) -> Option<String> {
-    let t = stderr.trim_end();
-    if t.is_empty() {
-        return None;
-    }
-    let mut start = t.len().saturating_sub(2000);
-    while !t.is_char_boundary(start) {
-        start += 1;
-    }
-    Some(t[start..].to_string())
-}
-
 pub async fn uninstall(deps: &Deps, workspace: &str, name: &str) -> Result<UninstallOutcome> {
     uninstall_as(deps, workspace, name, None).await
 }
@@ -377,7 +369,7 @@ pub async fn uninstall_as(
     rec.transport = Some(host.access.as_str().into());
     let result = async {
         let out = deps.transport.run(&host, &cmd, None).await?;
-        rec.host_output = host_tail(&out.stderr);
+        rec.host_output = out.stderr_tail();
         let result = interpret(&out)?;
         if !matches!(result.status.as_str(), "uninstalled" | "absent") {
             return Err(

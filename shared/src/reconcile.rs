@@ -16,7 +16,7 @@ use crate::archive::ArchiveFile;
 use crate::error::{Error, ErrorKind, Result};
 use crate::fleet::Host;
 use crate::hostscript::{interpret, HostCommand};
-use crate::ops::{update_state, Deps};
+use crate::ops::{record_installed, Deps};
 use crate::plugin::{validate_name, InstalledPlugin, Manifest, PluginInfo};
 use crate::records::{
     self, error_value, Kind, OperationRecord, PluginResult, Progress, RecordStore, Trigger,
@@ -105,18 +105,6 @@ fn fetch_context(deps: &Deps) -> FetchContext<'_> {
     }
 }
 
-fn stderr_tail(s: &str) -> Option<String> {
-    let t = s.trim_end();
-    if t.is_empty() {
-        return None;
-    }
-    let mut start = t.len().saturating_sub(2000);
-    while !t.is_char_boundary(start) {
-        start += 1;
-    }
-    Some(t[start..].to_string())
-}
-
 /// What a batch did on one host.
 pub struct SetOutcome {
     pub plugins: Vec<PluginResult>,
@@ -166,10 +154,7 @@ pub async fn install_set(
             &cfg.owner,
             cfg.lock_wait_secs,
         );
-        let payload = Payload {
-            path: archive.path(),
-            sha256: &archive.sha256,
-        };
+        let payload = Payload::from(&archive);
         let out = if ready || readiness.budget.is_zero() {
             deps.transport.run(host, &cmd, Some(&payload)).await
         } else {
@@ -181,7 +166,7 @@ pub async fn install_set(
         };
         ready = true;
         let result = out.and_then(|o| {
-            tail = stderr_tail(&o.stderr).or(tail.take());
+            tail = o.stderr_tail().or(tail.take());
             interpret(&o)
         });
         match result {
@@ -218,7 +203,7 @@ pub async fn install_set(
                 None,
             )
             .await?;
-        if let Some(t) = stderr_tail(&out.stderr) {
+        if let Some(t) = out.stderr_tail() {
             tail = Some(t);
         }
         restarted = interpret(&out)?.restarted.unwrap_or(false);
@@ -684,12 +669,9 @@ async fn rollout_one(
         &cfg.owner,
         cfg.lock_wait_secs,
     );
-    let payload = Payload {
-        path: archive.path(),
-        sha256: &archive.sha256,
-    };
+    let payload = Payload::from(archive);
     let out = deps.transport.run(&host, &cmd, Some(&payload)).await?;
-    child.host_output = stderr_tail(&out.stderr);
+    child.host_output = out.stderr_tail();
     let r = interpret(&out)?;
     let entry = InstalledPlugin {
         info: info.clone(),
@@ -697,16 +679,7 @@ async fn rollout_one(
         source: source.canonical(),
         installed_at: records::now_rfc3339(),
     };
-    update_state(deps.state.as_ref(), ws, |s| {
-        match s.plugins.get(&info.name) {
-            Some(cur) if cur.digest == entry.digest && cur.source == entry.source => false,
-            _ => {
-                s.plugins.insert(info.name.clone(), entry.clone());
-                true
-            }
-        }
-    })
-    .await?;
+    record_installed(deps.state.as_ref(), ws, &entry).await?;
     Ok(serde_json::json!({
         "status": if r.status == "unchanged" { "unchanged" } else { "installed" },
         "plugin": info.name,

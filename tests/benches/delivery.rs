@@ -241,6 +241,47 @@ fn peak_rss_kib(suffix: &str) -> Option<(u32, u64)> {
     None
 }
 
+/// The release functions served by `cargo lambda watch` on `port`.
+fn serve_release(envfile: &std::path::Path, port: &str) -> std::process::Child {
+    Command::new(venv_bin("cargo-lambda"))
+        .args([
+            "lambda",
+            "watch",
+            "--release",
+            "--ignore-changes",
+            "-A",
+            "127.0.0.1",
+            "-P",
+            port,
+            "--env-file",
+        ])
+        .arg(envfile)
+        .current_dir(repo_root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cargo lambda watch")
+}
+
+/// The env file of functions served by `cargo lambda watch` on the stack.
+fn functions_env(path: &std::path::Path, bucket: &str, profiles: &serde_json::Value, extra: &str) {
+    let mut env = String::new();
+    for k in [
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_EC2_INSTANCE_CONNECT",
+        "AWS_ENDPOINT_URL_SSM",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_REGION",
+    ] {
+        env.push_str(&format!("{k}='{}'\n", stack().var(k)));
+    }
+    env.push_str(&format!(
+        "PLUGIN_BUCKET='{bucket}'\nPLUGIN_SSH_USER='{LOGIN_USER}'\nPLUGIN_SSH_ADDRESS_TAG='molecule:local-address'\nPLUGIN_RUNTIME_PROFILES='{profiles}'\nRUST_LOG='warn'\n{extra}"
+    ));
+    std::fs::write(path, env).unwrap();
+}
+
 async fn large() {
     let f = Fixture::new().await;
     // Ten files of incompressible bytes, just under the 100 MiB cap.
@@ -270,42 +311,14 @@ async fn large() {
     let profiles =
         serde_json::json!({"claude-code": {"config_dir": profile.config_dir, "restart": "true"}});
     let envfile = src.path().join("functions.env");
-    let mut env = String::new();
-    for k in [
-        "AWS_ENDPOINT_URL",
-        "AWS_ENDPOINT_URL_EC2_INSTANCE_CONNECT",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_REGION",
-    ] {
-        env.push_str(&format!("{k}='{}'\n", stack().var(k)));
-    }
-    env.push_str(&format!(
-        "PLUGIN_BUCKET='{}'\nPLUGIN_SSH_USER='{login}'\nPLUGIN_SSH_ADDRESS_TAG='molecule:local-address'\nPLUGIN_RUNTIME_PROFILES='{}'\nPLUGIN_OPERATION_TIMEOUT_SECS='300'\nRUST_LOG='warn'\n",
-        f.bucket,
-        profiles,
-        login = LOGIN_USER
-    ));
-    std::fs::write(&envfile, env).unwrap();
+    functions_env(
+        &envfile,
+        &f.bucket,
+        &profiles,
+        "PLUGIN_OPERATION_TIMEOUT_SECS='300'\n",
+    );
     let port = "9123";
-    let mut watch = Command::new(venv_bin("cargo-lambda"))
-        .args([
-            "lambda",
-            "watch",
-            "--release",
-            "--ignore-changes",
-            "-A",
-            "127.0.0.1",
-            "-P",
-            port,
-            "--env-file",
-        ])
-        .arg(&envfile)
-        .current_dir(repo_root())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("cargo lambda watch");
+    let mut watch = serve_release(&envfile, port);
     let url = format!(
         "http://127.0.0.1:{port}/lambda-url/install/workspaces/{}/plugins",
         f.workspace
@@ -477,17 +490,7 @@ async fn fleet() {
             dir.to_str().unwrap(),
         )
         .await;
-        let doc = serde_json::json!({"plugins": {"bench-fleet": {
-            "name": "bench-fleet", "version": "1.0.0", "description": "", "author": "", "tags": [],
-            "skills": [], "runtimes": [], "digest": "0".repeat(64),
-            "source": "local://bench-fleet", "installed_at": "2026-11-01T00:00:00Z"}}});
-        f.s3.put_object()
-            .bucket(&f.bucket)
-            .key(format!("workspaces/{ws}/plugins.json"))
-            .body(doc.to_string().into_bytes().into())
-            .send()
-            .await
-            .unwrap();
+        f.desire(&ws, "bench-fleet").await;
         hosts.push((h, dir));
     }
     println!(
@@ -499,41 +502,14 @@ async fn fleet() {
     let profiles = serde_json::json!({"claude-code": {"config_dir": cfg.profiles["claude-code"].config_dir, "restart": "true"}});
     let work = tempfile::tempdir().unwrap();
     let envfile = work.path().join("functions.env");
-    let mut env = String::new();
-    for k in [
-        "AWS_ENDPOINT_URL",
-        "AWS_ENDPOINT_URL_EC2_INSTANCE_CONNECT",
-        "AWS_ENDPOINT_URL_SSM",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_REGION",
-    ] {
-        env.push_str(&format!("{k}='{}'\n", stack().var(k)));
-    }
-    env.push_str(&format!(
-        "PLUGIN_BUCKET='{}'\nPLUGIN_SSH_USER='{login}'\nPLUGIN_SSH_ADDRESS_TAG='molecule:local-address'\nPLUGIN_RUNTIME_PROFILES='{}'\nPLUGIN_ROLLOUT_CONCURRENCY='20'\nRUST_LOG='warn'\n",
-        f.bucket, profiles, login = LOGIN_USER
-    ));
-    std::fs::write(&envfile, env).unwrap();
+    functions_env(
+        &envfile,
+        &f.bucket,
+        &profiles,
+        "PLUGIN_ROLLOUT_CONCURRENCY='20'\n",
+    );
     let port = "9124";
-    let mut watch = Command::new(venv_bin("cargo-lambda"))
-        .args([
-            "lambda",
-            "watch",
-            "--release",
-            "--ignore-changes",
-            "-A",
-            "127.0.0.1",
-            "-P",
-            port,
-            "--env-file",
-        ])
-        .arg(&envfile)
-        .current_dir(repo_root())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("cargo lambda watch");
+    let mut watch = serve_release(&envfile, port);
     let invoke = |file: &std::path::Path| {
         Command::new(venv_bin("cargo-lambda"))
             .args([

@@ -511,6 +511,23 @@ impl Fixture {
         Some(out.body.collect().await.unwrap().into_bytes().to_vec())
     }
 
+    /// Writes a desired state for `ws` naming `plugin` at an older version
+    /// (a workspace that had it: a rollout target).
+    pub async fn desire(&self, ws: &str, plugin: &str) {
+        let doc = json!({"plugins": {plugin: {
+            "name": plugin, "version": "0.9.0", "description": "", "author": "", "tags": [],
+            "skills": [], "runtimes": [], "digest": "0".repeat(64),
+            "source": format!("local://{plugin}"), "installed_at": "2026-11-01T00:00:00Z"}}});
+        self.s3
+            .put_object()
+            .bucket(&self.bucket)
+            .key(format!("workspaces/{ws}/plugins.json"))
+            .body(doc.to_string().into_bytes().into())
+            .send()
+            .await
+            .unwrap();
+    }
+
     pub async fn desired(&self) -> Value {
         match self
             .get(&format!("workspaces/{}/plugins.json", self.workspace))

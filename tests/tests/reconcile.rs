@@ -363,21 +363,6 @@ async fn a_host_never_ready_fails_the_event_for_retry() {
     assert_eq!(b["operations"][0]["result"]["status"], 503);
 }
 
-/// Writes a desired state naming `plugin` for `ws` (a workspace that had it).
-async fn desire(f: &Fixture, ws: &str, plugin: &str) {
-    let doc = json!({"plugins": {plugin: {
-        "name": plugin, "version": "0.9.0", "description": "", "author": "", "tags": [],
-        "skills": [], "runtimes": [], "digest": "0".repeat(64),
-        "source": format!("local://{plugin}"), "installed_at": "2026-11-01T00:00:00Z"}}});
-    f.s3.put_object()
-        .bucket(&f.bucket)
-        .key(format!("workspaces/{ws}/plugins.json"))
-        .body(doc.to_string().into_bytes().into())
-        .send()
-        .await
-        .unwrap();
-}
-
 /// The most spans open at once in a log of `s <time>` / `e <time>` lines.
 fn max_overlap(log: &Path) -> usize {
     let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -413,7 +398,7 @@ async fn a_rollout_to_20_workspaces_keeps_to_5_at_once() {
     for i in 0..20 {
         let ws = format!("{}-r{i:02}", f.workspace);
         let h = extra_host(&f, &ws, Access::Ssh, &format!("r{i:02}")).await;
-        desire(&f, &ws, "fleetwide").await;
+        f.desire(&ws, "fleetwide").await;
         hosts.push(h);
     }
     let out = handle(
@@ -478,7 +463,7 @@ async fn a_rollout_stops_at_the_error_threshold() {
         };
         let h = extra_host(&f, &ws, Access::Ssh, &format!("t{i}")).await;
         set_tag(&f.ec2, &h.host.instance_id, "molecule:runtime", runtime).await;
-        desire(&f, &ws, "risky").await;
+        f.desire(&ws, "risky").await;
         hosts.push(h);
     }
     let out = handle(

@@ -29,6 +29,15 @@ pub struct Payload<'a> {
     pub sha256: &'a str,
 }
 
+impl<'a> From<&'a crate::archive::ArchiveFile> for Payload<'a> {
+    fn from(a: &'a crate::archive::ArchiveFile) -> Self {
+        Payload {
+            path: a.path(),
+            sha256: &a.sha256,
+        }
+    }
+}
+
 #[async_trait]
 pub trait HostTransport: Send + Sync {
     /// Runs the host script with `cmd`, delivering `payload` (if any) to it,
