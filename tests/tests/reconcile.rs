@@ -401,14 +401,31 @@ async fn a_rollout_to_20_workspaces_keeps_to_5_at_once() {
         f.desire(&ws, "fleetwide").await;
         hosts.push(h);
     }
-    let out = handle(
-        &app,
-        request(
-            json!({"plugin": "fleetwide", "source": "local://fleetwide", "max_concurrency": 5}),
-        ),
-    )
-    .await
-    .unwrap();
+    let app = std::sync::Arc::new(app);
+    let run = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let ev =
+                json!({"plugin": "fleetwide", "source": "local://fleetwide", "max_concurrency": 5});
+            handle(&app, request(ev)).await
+        })
+    };
+    // Progress is on record while the rollout runs.
+    let mut seen_running = None;
+    while !run.is_finished() {
+        for key in f.keys("rollouts/").await {
+            if let Some(b) = f.get(&key).await {
+                let rec: Value = serde_json::from_slice(&b).unwrap();
+                if rec["status"] == "running" {
+                    seen_running = Some(rec);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = run.await.unwrap().unwrap();
+    let running = seen_running.expect("the parent record was readable while running");
+    assert_eq!(running["progress"]["total"], 20, "{running}");
     assert_eq!(out["status"], "succeeded", "{out}");
     assert_eq!(out["progress"]["done"], 20, "{out}");
     let overlap = max_overlap(&log);
