@@ -35,7 +35,9 @@ import threading
 import time
 import urllib.parse
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
+
+from aws_json_http import JSON_CT, AwsJsonHandler
 
 try:
     import boto3
@@ -55,7 +57,6 @@ TARGET_PREFIX = "AWSEC2InstanceConnectService."
 KEY_VALIDITY_SECONDS = 60
 # Expired key files are removed once they are this old (seconds past expiry).
 PRUNE_GRACE_SECONDS = 300
-JSON_CT = "application/x-amz-json-1.1"
 
 # Constraints from the service model (ec2-instance-connect 2018-04-02).
 INSTANCE_ID_RE = re.compile(r"^i-[a-f0-9]+$")
@@ -357,50 +358,8 @@ def send_ssh_public_key(state, body, region):
 # HTTP
 # --------------------------------------------------------------------------
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class Handler(AwsJsonHandler):
     server_version = "eic-emulator"
-
-    def version_string(self):
-        return self.server_version
-
-    def log_message(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler API
-        pass  # one line per call is written by the handlers themselves
-
-    # --- plumbing -------------------------------------------------------
-
-    def _read_body(self):
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            data = b""
-            while True:
-                size_line = self.rfile.readline(65537)
-                size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
-                        pass
-                    return data
-                data += self.rfile.read(size)
-                self.rfile.readline(65537)
-                if len(data) > 1 << 20:
-                    raise ValueError("body too large")
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > 1 << 20:
-            raise ValueError("body too large")
-        return self.rfile.read(length) if length else b""
-
-    def _send(self, status, payload, content_type, extra=None):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (extra or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _send_aws_error(self, err, request_id):
-        self._send(err.status, {"__type": err.name, "message": err.message}, JSON_CT,
-                   {"x-amzn-ErrorType": err.name, "x-amzn-RequestId": request_id})
 
     # --- routes ---------------------------------------------------------
 

@@ -46,11 +46,12 @@ import threading
 import time
 import urllib.parse
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
+
+from aws_json_http import JSON_CT, AwsJsonHandler
 
 SERVICE = "ssm-emulator"
 TARGET_PREFIX = "AmazonSSM."
-JSON_CT = "application/x-amz-json-1.1"
 
 DOCUMENT_NAME = "AWS-RunShellScript"
 DOCUMENT_VERSIONS = ("$DEFAULT", "$LATEST", "1")
@@ -857,50 +858,8 @@ HOP_BY_HOP = {"host", "content-length", "transfer-encoding", "connection", "keep
               "proxy-connection", "te", "trailer", "upgrade", "expect"}
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class Handler(AwsJsonHandler):
     server_version = "ssm-emulator"
-
-    def version_string(self):
-        return self.server_version
-
-    def log_message(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler API
-        pass  # one line per call is written by the handlers themselves
-
-    # --- plumbing -------------------------------------------------------
-
-    def _read_body(self):
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            data = b""
-            while True:
-                size_line = self.rfile.readline(65537)
-                size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
-                        pass
-                    return data
-                data += self.rfile.read(size)
-                self.rfile.readline(65537)
-                if len(data) > 1 << 20:
-                    raise ValueError("body too large")
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > 1 << 20:
-            raise ValueError("body too large")
-        return self.rfile.read(length) if length else b""
-
-    def _send(self, status, payload, content_type, extra=None):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (extra or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _send_aws_error(self, err, request_id):
-        self._send(err.status, {"__type": err.name, "message": err.message}, JSON_CT,
-                   {"x-amzn-ErrorType": err.name, "x-amzn-RequestId": request_id})
 
     def _json_body(self, raw):
         body = json.loads(raw.decode() or "{}")
