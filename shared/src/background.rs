@@ -93,9 +93,25 @@ pub async fn start(
         workspace: workspace.to_string(),
         work,
     };
-    handoff.hand_off(&job).await?;
+    // Bounded: the answer must still beat API Gateway's 29 s.
+    let sent = tokio::time::timeout(HANDOFF_TIMEOUT, handoff.hand_off(&job))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::unavailable(
+                "the operations queue did not answer in time",
+            ))
+        });
+    if let Err(e) = sent {
+        // Nobody will run it: the record must not stay "running".
+        rec.fail(&e);
+        records::save(deps.records.as_ref(), &rec).await;
+        return Err(e);
+    }
     Ok(rec.id)
 }
+
+/// How long queueing a job may take at the end of an API call.
+const HANDOFF_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1500);
 
 /// Runs a queued job to the end and makes sure its record says how it
 /// ended. Only an error worth retrying (the host or a service unavailable)
@@ -104,6 +120,20 @@ pub async fn run(deps: &Deps, job: &Job) -> Result<()> {
     let id = job.operation_id.as_str();
     if !records::valid_id(id) {
         return Err(Error::bad_request("invalid operation id in job"));
+    }
+    crate::plugin::validate_workspace_id(&job.workspace)?;
+    // SQS delivers at least once: a job whose record already ended is done
+    // (running it again could undo a later change by the user).
+    match deps.records.get_record(Some(&job.workspace), id).await? {
+        Some(rec) if rec.status == records::Status::Running => {}
+        Some(_) => {
+            tracing::info!(operation = id, "job already finished; acknowledged");
+            return Ok(());
+        }
+        None => {
+            tracing::warn!(operation = id, "job without a record; dropped");
+            return Ok(());
+        }
     }
     let result = match &job.work {
         Work::Install { source, sha256 } => {
@@ -122,14 +152,28 @@ pub async fn run(deps: &Deps, job: &Job) -> Result<()> {
     let Err(e) = result else {
         return Ok(());
     };
-    // Errors before the host was reached leave the record "running": end it.
+    let retry = matches!(
+        e.kind,
+        crate::ErrorKind::Unavailable | crate::ErrorKind::Conflict
+    );
+    // End the record, except when the queue will run the job again: then it
+    // stays "running" (or is set back to it) for the next delivery.
     if let Ok(Some(mut rec)) = deps.records.get_record(Some(&job.workspace), id).await {
-        if rec.status == records::Status::Running {
+        if retry {
+            if rec.status != records::Status::Running {
+                rec.status = records::Status::Running;
+                rec.ended_at = None;
+                rec.result = None;
+                records::save(deps.records.as_ref(), &rec).await;
+            }
+        } else if rec.status == records::Status::Running {
             rec.fail(&e);
             records::save(deps.records.as_ref(), &rec).await;
         }
     }
-    if e.kind == crate::ErrorKind::Unavailable {
+    // Unreachable or busy (the attempt cut off at the API deadline may still
+    // hold the host lock) pass: the queue redelivers the job.
+    if retry {
         Err(e)
     } else {
         tracing::warn!(operation = id, error = %e.message, detail = ?e.detail, "background operation failed");

@@ -127,13 +127,13 @@ pub async fn handle(app: &App, event: Value) -> Result<Value> {
             }
         }
         SCHEDULED => {
-            let recs = reconcile::repair_all(deps, cfg.rollout_concurrency).await?;
+            let (checked, recs) = reconcile::repair_all(deps, cfg.rollout_concurrency).await?;
             let repaired: Vec<_> = recs
                 .iter()
                 .filter(|r| !r.plugins.is_empty())
                 .map(|r| json!({"workspace": r.workspace, "operation_id": r.id, "plugins": r.plugins}))
                 .collect();
-            Ok(json!({"checked": recs.len(), "drift": repaired}))
+            Ok(json!({"checked": checked, "drift": repaired}))
         }
         other => Err(Error::bad_request(format!(
             "unsupported event detail-type {other:?}"

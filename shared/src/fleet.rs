@@ -297,7 +297,14 @@ impl Fleet for Ec2Fleet {
             .flat_map(|i| i.tags())
             .find(|t| t.key() == Some(TAG_WORKSPACE))
             .and_then(|t| t.value())
-            .filter(|v| !v.is_empty())
+            .filter(|v| {
+                // A tag value is free text: only a valid id may name keys.
+                let ok = crate::plugin::validate_workspace_id(v).is_ok();
+                if !ok {
+                    tracing::warn!(instance = instance_id, "invalid workspace tag; ignored");
+                }
+                ok
+            })
             .map(str::to_string))
     }
 

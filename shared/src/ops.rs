@@ -439,7 +439,7 @@ fn name_mismatch(resolved: &str, requested: &str) -> Error {
 }
 
 /// The org allowlist gate. Fails closed: an unreadable list refuses.
-async fn check_allowlist(deps: &Deps, host: &Host, name: &str) -> Result<()> {
+pub(crate) async fn check_allowlist(deps: &Deps, host: &Host, name: &str) -> Result<()> {
     let Some(org) = &host.org_id else {
         return Ok(());
     };

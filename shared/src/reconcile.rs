@@ -16,7 +16,7 @@ use crate::archive::ArchiveFile;
 use crate::error::{Error, ErrorKind, Result};
 use crate::fleet::Host;
 use crate::hostscript::{interpret, HostCommand};
-use crate::ops::{record_installed, Deps};
+use crate::ops::Deps;
 use crate::plugin::{validate_name, InstalledPlugin, Manifest, PluginInfo};
 use crate::records::{
     self, error_value, Kind, OperationRecord, PluginResult, Progress, RecordStore, Trigger,
@@ -43,8 +43,8 @@ impl Default for Readiness {
     }
 }
 
-/// Retries `f` while it fails with "not reachable" (503) or "no such
-/// host yet" (404), backing off, until the budget is spent.
+/// Retries `f` while it fails with "not reachable" (503), "no such host
+/// yet" (404) or "busy" (409), backing off, until the budget is spent.
 async fn when_ready<T, F, Fut>(r: Readiness, mut f: F) -> Result<T>
 where
     F: FnMut() -> Fut,
@@ -54,7 +54,14 @@ where
     let mut delay = r.first_delay;
     loop {
         match f().await {
-            Err(e) if matches!(e.kind, ErrorKind::Unavailable | ErrorKind::NotFound) => {
+            // 409: two instances during an overlapping replacement, or the
+            // host lock held by another operation; both pass.
+            Err(e)
+                if matches!(
+                    e.kind,
+                    ErrorKind::Unavailable | ErrorKind::NotFound | ErrorKind::Conflict
+                ) =>
+            {
                 let now = Instant::now();
                 if now + delay > until {
                     return Err(Error::unavailable(format!(
@@ -135,6 +142,16 @@ pub async fn install_set(
     let mut tail = None;
     for entry in items {
         let name = &entry.info.name;
+        // An org may have dropped a plugin from its allowlist since.
+        if let Err(e) = crate::ops::check_allowlist(deps, host, name).await {
+            plugins.push(PluginResult {
+                plugin: name.clone(),
+                result: "failed".into(),
+                digest: Some(entry.digest.clone()),
+                error: Some(e.message.clone()),
+            });
+            continue;
+        }
         let archive = match archive_of(deps, entry).await {
             Ok(a) => a,
             Err(e) => {
@@ -251,6 +268,14 @@ pub async fn reinstall_workspace(
     }
     .await;
     finish_set(deps, &mut rec, result).await?;
+    if rec.status == records::Status::Failed {
+        // Lambda retries the event, then the DLQ keeps it; the record says
+        // which plugins failed.
+        return Err(Error::host_failed(
+            "some plugins could not be reinstalled; see the operation record",
+        )
+        .with_field("operation_id", serde_json::json!(rec.id)));
+    }
     Ok(rec)
 }
 
@@ -283,17 +308,26 @@ async fn finish_set(
 
 /// Compares the host's plugins with the desired state: reinstalls what is
 /// missing or different (one restart), reports extras without touching
-/// them.
+/// them, and makes up a restart an earlier run missed. `None` (and no
+/// record) when there is nothing to report: no drift, or no running host.
 pub async fn repair_workspace(
     deps: &Deps,
     workspace: &str,
     trigger: Trigger,
-) -> Result<OperationRecord> {
+) -> Result<Option<OperationRecord>> {
     let mut rec = OperationRecord::start(Kind::Repair, trigger, Some(workspace));
     let mut findings = Vec::new();
+    let mut quiet = false;
     let result = async {
         let state = deps.state.load(workspace).await?;
-        let host = deps.fleet.locate(workspace).await?;
+        let host = match deps.fleet.locate(workspace).await {
+            // Stopped: its next start reinstalls it anyway.
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                quiet = true;
+                return Ok(None);
+            }
+            other => other?,
+        };
         rec.transport = Some(host.access.as_str().into());
         let profile = deps.config.host_profile(&host);
         let out = deps
@@ -334,9 +368,24 @@ pub async fn repair_workspace(
             }
         }
         if todo.is_empty() {
+            let mut restarted = false;
+            if inv.pending_restart == Some(true) {
+                let out = deps
+                    .transport
+                    .run(
+                        &host,
+                        &HostCommand::restart(&profile, deps.config.lock_wait_secs),
+                        None,
+                    )
+                    .await?;
+                restarted = interpret(&out)?.restarted.unwrap_or(false);
+            } else if findings.is_empty() {
+                quiet = true;
+                return Ok(None);
+            }
             return Ok(Some(SetOutcome {
                 plugins: Vec::new(),
-                restarted: false,
+                restarted,
                 host_output: None,
             }));
         }
@@ -356,12 +405,17 @@ pub async fn repair_workspace(
             set
         })
     });
+    if quiet {
+        return Ok(None);
+    }
     finish_set(deps, &mut rec, result).await?;
-    Ok(rec)
+    Ok(Some(rec))
 }
 
 /// Repairs every workspace that has a desired state, a few at a time.
-pub async fn repair_all(deps: &Deps, concurrency: usize) -> Result<Vec<OperationRecord>> {
+/// Returns how many workspaces were checked and the records of those that
+/// had something to report.
+pub async fn repair_all(deps: &Deps, concurrency: usize) -> Result<(usize, Vec<OperationRecord>)> {
     let workspaces = deps.state.workspaces().await?;
     let sem = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut set = tokio::task::JoinSet::new();
@@ -377,18 +431,24 @@ pub async fn repair_all(deps: &Deps, concurrency: usize) -> Result<Vec<Operation
                 Ok(r) => Some(r),
                 Err(e) => {
                     tracing::warn!(workspace = %ws, error = %e, detail = ?e.detail, "repair failed");
-                    None
+                    Some(None)
                 }
             }
         });
     }
     let mut out = Vec::new();
+    let mut checked = 0;
     while let Some(r) = set.join_next().await {
-        if let Ok(Some(rec)) = r {
-            out.push(rec);
+        match r {
+            Ok(Some(Some(rec))) => {
+                checked += 1;
+                out.push(rec);
+            }
+            Ok(Some(None)) => checked += 1,
+            _ => {}
         }
     }
-    Ok(out)
+    Ok((checked, out))
 }
 
 /// When a rollout stops starting new hosts: after more than `Count` failures,
@@ -427,6 +487,9 @@ impl Threshold {
         }
     }
 }
+
+/// Hosts a rollout may work on at once, whatever the request says.
+pub const MAX_ROLLOUT_CONCURRENCY: usize = 100;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct RolloutRequest {
@@ -518,6 +581,9 @@ pub async fn rollout(
     }
     targets.sort();
     let allowed = limits.threshold.allowed(targets.len());
+    // Every target's host in one EC2 call (before the parent exists, so a
+    // failure here leaves no record that never ends).
+    let mut hosts = deps.fleet.locate_all(&targets).await?;
     parent.progress = Some(Progress {
         total: targets.len(),
         pending: targets.len(),
@@ -525,14 +591,14 @@ pub async fn rollout(
     });
     records::save(deps.records.as_ref(), &parent).await;
 
-    // Every target's host in one EC2 call.
-    let mut hosts = deps.fleet.locate_all(&targets).await?;
     let archive = Arc::new(archive);
     let parent = Arc::new(Mutex::new(parent));
     // Progress is written at most once a second (and at the end), not once
     // per host: a large fleet would otherwise mostly write records.
     let last_write = Arc::new(Mutex::new(Instant::now()));
-    let global = Arc::new(Semaphore::new(limits.max_concurrency.max(1)));
+    let global = Arc::new(Semaphore::new(
+        limits.max_concurrency.clamp(1, MAX_ROLLOUT_CONCURRENCY),
+    ));
     let vpcs: Arc<Mutex<HashMap<String, Arc<Semaphore>>>> = Arc::default();
     let failures = Arc::new(Mutex::new(0usize));
     let mut running = tokio::task::JoinSet::new();
@@ -589,8 +655,11 @@ pub async fn rollout(
                 let mut p = parent.lock().unwrap();
                 let prog = p.progress.get_or_insert_with(Progress::default);
                 prog.pending = prog.pending.saturating_sub(1);
-                if outcome.is_ok() {
+                if let Ok(v) = &outcome {
                     prog.done += 1;
+                    if v["status"] == "deferred" {
+                        prog.deferred.push(ws.clone());
+                    }
                 } else {
                     prog.failed += 1;
                     prog.failed_workspaces.push(ws.clone());
@@ -649,7 +718,27 @@ async fn rollout_one(
     vpcs: &Mutex<HashMap<String, Arc<Semaphore>>>,
     child: &mut OperationRecord,
 ) -> Result<serde_json::Value> {
-    let host = host?;
+    let entry = InstalledPlugin {
+        info: info.clone(),
+        digest: archive.sha256.clone(),
+        source: source.canonical(),
+        installed_at: records::now_rfc3339(),
+    };
+    let host = match host {
+        // A stopped workspace gets the new version when it starts (the
+        // instance-start reinstall installs its desired state): not a failure.
+        Err(e) if e.kind == ErrorKind::NotFound => {
+            record_if_present(deps, ws, &entry).await?;
+            return Ok(serde_json::json!({
+                "status": "deferred",
+                "plugin": info.name,
+                "digest": archive.sha256,
+                "reason": "the workspace has no running instance; it gets this version when it starts",
+            }));
+        }
+        other => other?,
+    };
+    crate::ops::check_allowlist(deps, &host, &info.name).await?;
     child.transport = Some(host.access.as_str().into());
     // EC2 Instance Connect Endpoints take 20 connections each: bound hosts
     // per VPC as well as overall.
@@ -670,22 +759,38 @@ async fn rollout_one(
         cfg.lock_wait_secs,
     );
     let payload = Payload::from(archive);
-    let out = deps.transport.run(&host, &cmd, Some(&payload)).await?;
+    // Throttled key pushes and a briefly busy host back off here too, past
+    // the SDK's own retries, before they count against the threshold.
+    let patience = Readiness {
+        budget: Duration::from_secs(20),
+        first_delay: Duration::from_secs(1),
+        max_delay: Duration::from_secs(5),
+    };
+    let out = when_ready(patience, || deps.transport.run(&host, &cmd, Some(&payload))).await?;
     child.host_output = out.stderr_tail();
     let r = interpret(&out)?;
-    let entry = InstalledPlugin {
-        info: info.clone(),
-        digest: archive.sha256.clone(),
-        source: source.canonical(),
-        installed_at: records::now_rfc3339(),
-    };
-    record_installed(deps.state.as_ref(), ws, &entry).await?;
+    record_if_present(deps, ws, &entry).await?;
     Ok(serde_json::json!({
         "status": if r.status == "unchanged" { "unchanged" } else { "installed" },
         "plugin": info.name,
         "digest": archive.sha256,
         "restarted": r.restarted.unwrap_or(false),
     }))
+}
+
+/// Puts the rolled-out version in a workspace's desired state, unless the
+/// plugin was uninstalled meanwhile (a rollout never adds a plugin back).
+async fn record_if_present(deps: &Deps, ws: &str, entry: &InstalledPlugin) -> Result<()> {
+    let name = &entry.info.name;
+    crate::ops::update_state(deps.state.as_ref(), ws, |s| match s.plugins.get(name) {
+        None => false,
+        Some(cur) if cur.digest == entry.digest && cur.source == entry.source => false,
+        Some(_) => {
+            s.plugins.insert(name.clone(), entry.clone());
+            true
+        }
+    })
+    .await
 }
 
 /// Records for a workspace: a page, newest first.

@@ -64,6 +64,10 @@ pub struct Progress {
     pub not_started: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed_workspaces: Vec<String>,
+    /// Workspaces with no running instance: their desired state has the new
+    /// version, which they get when they start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deferred: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

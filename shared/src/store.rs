@@ -486,6 +486,7 @@ impl RecordStore for S3Store {
             .iter()
             .filter_map(|o| o.key())
             .filter_map(|k| k.strip_prefix(&prefix)?.strip_suffix(".json"))
+            .filter(|id| crate::records::valid_id(id))
             .map(str::to_string)
             .collect();
         let next = if ids.len() > limit {
@@ -501,8 +502,14 @@ impl RecordStore for S3Store {
         .await;
         let mut records = Vec::new();
         for r in fetched {
-            if let Some(rec) = r? {
-                records.push(rec);
+            match r {
+                Ok(Some(rec)) => records.push(rec),
+                Ok(None) => {}
+                // One unreadable record must not hide the others.
+                Err(e) if e.kind == crate::ErrorKind::Internal => {
+                    tracing::warn!(error = ?e.detail, "skipping an unreadable operation record")
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(Page { records, next })

@@ -1067,6 +1067,27 @@ fn inventory_lists_names_and_digests() {
             {"name": "legacy-one", "digest": ""}
         ])
     );
+    // A runtime writing into its plugin (a __pycache__) is not drift; a
+    // file changed by hand is: reported without a digest, reinstalled by the
+    // next install of the same digest.
+    fs::create_dir_all(h.path("plugins/alpha/__pycache__")).unwrap();
+    fs::write(h.path("plugins/alpha/__pycache__/x.pyc"), "bytecode").unwrap();
+    assert_eq!(
+        h.inventory()[0],
+        json!({"name": "alpha", "digest": a.archive.sha})
+    );
+    h.install("alpha", &a).assert_ok("unchanged");
+    let first = snapshot(&h.path("plugins/beta"))
+        .into_iter()
+        .find_map(|(rel, n)| matches!(n, Node::File(..)).then_some(rel))
+        .unwrap();
+    fs::write(h.path("plugins/beta").join(&first), "changed by hand").unwrap();
+    assert_eq!(h.inventory()[1], json!({"name": "beta", "digest": ""}));
+    h.install("beta", &b).assert_ok("installed");
+    assert_eq!(
+        h.inventory()[1],
+        json!({"name": "beta", "digest": b.archive.sha})
+    );
 }
 
 #[test]

@@ -401,6 +401,10 @@ async fn a_rollout_to_20_workspaces_keeps_to_5_at_once() {
         f.desire(&ws, "fleetwide").await;
         hosts.push(h);
     }
+    // One more workspace that wants the plugin but is stopped (no running
+    // instance): deferred, its desired state updated for its next start.
+    let stopped = format!("{}-stopped", f.workspace);
+    f.desire(&stopped, "fleetwide").await;
     let app = std::sync::Arc::new(app);
     let run = {
         let app = app.clone();
@@ -425,9 +429,17 @@ async fn a_rollout_to_20_workspaces_keeps_to_5_at_once() {
     }
     let out = run.await.unwrap().unwrap();
     let running = seen_running.expect("the parent record was readable while running");
-    assert_eq!(running["progress"]["total"], 20, "{running}");
+    assert_eq!(running["progress"]["total"], 21, "{running}");
     assert_eq!(out["status"], "succeeded", "{out}");
-    assert_eq!(out["progress"]["done"], 20, "{out}");
+    assert_eq!(out["progress"]["done"], 21, "{out}");
+    assert_eq!(out["progress"]["deferred"], json!([stopped]), "{out}");
+    let desired: Value = serde_json::from_slice(
+        &f.get(&format!("workspaces/{stopped}/plugins.json"))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(desired["plugins"]["fleetwide"]["version"], "2.0.0");
     let overlap = max_overlap(&log);
     assert!(overlap <= 5, "at most 5 hosts at once, measured {overlap}");
     assert!(overlap >= 2, "hosts did run in parallel ({overlap})");
@@ -454,7 +466,7 @@ async fn a_rollout_to_20_workspaces_keeps_to_5_at_once() {
     assert_eq!(b["operations"][0]["parent"], parent);
     let (s, p) = operation(&app, &hosts[7].workspace, parent).await;
     assert_eq!((s, &p["kind"]), (200, &json!("rollout")), "{p}");
-    assert_eq!(p["progress"]["total"], 20);
+    assert_eq!(p["progress"]["total"], 21);
 }
 
 async fn a_rollout_stops_at_the_error_threshold() {
