@@ -673,7 +673,14 @@ op_uninstall() {
     paths
     lock_host
     inspect_current
-    [ "$prev_kind" = none ] && done_ok absent '' '' false
+    if [ "$prev_kind" = none ]; then
+        # Nothing to remove, but an earlier run's missed restart is owed.
+        restarted=false
+        if [ -e "$state/restart-pending" ] && [ -n "$restart_cmd" ]; then
+            restarted=$(restart_runtime) || fail restart_failed 'the runtime restart command failed' 70
+        fi
+        done_ok absent '' '' "$restarted"
+    fi
 
     : >"$state/restart-pending" || say 'could not record the pending restart'
     unwire "$link"

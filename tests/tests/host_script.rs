@@ -1381,3 +1381,16 @@ fn a_restart_that_did_not_happen_is_made_up_for() {
     h.install("alpha", &p).assert_ok("unchanged");
     assert_eq!(h.restarts(), 1);
 }
+
+#[test]
+fn an_uninstall_of_an_absent_plugin_still_makes_up_a_missed_restart() {
+    let h = Host::new();
+    let p = alpha_v1();
+    h.install_raw("alpha", &p.archive.sha, &p.archive.bytes, "exit 3")
+        .assert_error("restart_failed", 70);
+    let r = h.uninstall("ghost");
+    r.assert_ok("absent");
+    assert_eq!(r.result["restarted"], true);
+    assert_eq!(r.result["pending_restart"], false);
+    assert_eq!(h.restarts(), 1);
+}
