@@ -636,10 +636,15 @@ pub async fn rollout(
             child.plugin = Some(info.name.clone());
             child.source = Some(source.canonical());
             child.digest = Some(archive.sha256.clone());
+            let gate = Gate {
+                failures: &failures,
+                allowed,
+            };
             let outcome = rollout_one(
-                &deps, &ws, host, &archive, &info, &source, per_vpc, &vpcs, &mut child,
+                &deps, &ws, host, &archive, &info, &source, per_vpc, &vpcs, gate, &mut child,
             )
             .await;
+            let skipped = matches!(&outcome, Ok(v) if v["status"] == NOT_STARTED);
             // Count the failure before freeing the slot: the next start
             // must see it.
             match &outcome {
@@ -650,12 +655,16 @@ pub async fn rollout(
                 }
             }
             drop(permit);
-            records::save(deps.records.as_ref(), &child).await;
+            if !skipped {
+                records::save(deps.records.as_ref(), &child).await;
+            }
             let snapshot = {
                 let mut p = parent.lock().unwrap();
                 let prog = p.progress.get_or_insert_with(Progress::default);
                 prog.pending = prog.pending.saturating_sub(1);
-                if let Ok(v) = &outcome {
+                if skipped {
+                    prog.not_started.push(ws.clone());
+                } else if let Ok(v) = &outcome {
                     prog.done += 1;
                     if v["status"] == "deferred" {
                         prog.deferred.push(ws.clone());
@@ -683,13 +692,12 @@ pub async fn rollout(
         .map_err(|_| Error::internal("rollout tasks still hold the record"))?
         .into_inner()
         .unwrap();
-    let prog = parent.progress.clone().unwrap_or_default();
-    let stopped = !not_started.is_empty();
-    let mut prog = Progress {
-        pending: 0,
-        not_started: not_started.clone(),
-        ..prog
-    };
+    let mut prog = parent.progress.clone().unwrap_or_default();
+    // Stopped before their slot or while waiting for their VPC's.
+    prog.not_started.extend(not_started);
+    prog.not_started.sort();
+    prog.pending = 0;
+    let stopped = !prog.not_started.is_empty();
     prog.failed_workspaces.sort();
     let ok = prog.failed <= allowed && !stopped;
     let summary = serde_json::json!({
@@ -716,6 +724,7 @@ async fn rollout_one(
     source: &Source,
     per_vpc: usize,
     vpcs: &Mutex<HashMap<String, Arc<Semaphore>>>,
+    gate: Gate<'_>,
     child: &mut OperationRecord,
 ) -> Result<serde_json::Value> {
     let entry = InstalledPlugin {
@@ -749,6 +758,11 @@ async fn rollout_one(
             .clone()
     };
     let _vpc = vpc_sem.acquire_owned().await.map_err(Error::internal)?;
+    // Failures may have passed the threshold while this host waited for its
+    // VPC's slot: then it is not started either.
+    if *gate.failures.lock().unwrap() > gate.allowed {
+        return Ok(serde_json::json!({ "status": NOT_STARTED }));
+    }
     let cfg = &deps.config;
     let profile = cfg.host_profile(&host);
     let cmd = HostCommand::install(
@@ -777,6 +791,14 @@ async fn rollout_one(
         "restarted": r.restarted.unwrap_or(false),
     }))
 }
+
+/// The error threshold as seen by one host about to start.
+struct Gate<'a> {
+    failures: &'a Mutex<usize>,
+    allowed: usize,
+}
+
+const NOT_STARTED: &str = "not-started";
 
 /// Puts the rolled-out version in a workspace's desired state, unless the
 /// plugin was uninstalled meanwhile (a rollout never adds a plugin back).
