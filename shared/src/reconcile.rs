@@ -314,13 +314,18 @@ pub async fn repair_workspace(
     deps: &Deps,
     workspace: &str,
     trigger: Trigger,
+    located: Option<Result<Host>>,
 ) -> Result<Option<OperationRecord>> {
     let mut rec = OperationRecord::start(Kind::Repair, trigger, Some(workspace));
     let mut findings = Vec::new();
     let mut quiet = false;
     let result = async {
         let state = deps.state.load(workspace).await?;
-        let host = match deps.fleet.locate(workspace).await {
+        let host = match located {
+            Some(h) => h,
+            None => deps.fleet.locate(workspace).await,
+        };
+        let host = match host {
             // Stopped: its next start reinstalls it anyway.
             Err(e) if e.kind == ErrorKind::NotFound => {
                 quiet = true;
@@ -417,17 +422,20 @@ pub async fn repair_workspace(
 /// had something to report.
 pub async fn repair_all(deps: &Deps, concurrency: usize) -> Result<(usize, Vec<OperationRecord>)> {
     let workspaces = deps.state.workspaces().await?;
+    // Every host in one EC2 call, not one per workspace.
+    let mut hosts = deps.fleet.locate_all(&workspaces).await?;
     let sem = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut set = tokio::task::JoinSet::new();
     for ws in workspaces {
         let (deps, sem) = (deps.clone(), sem.clone());
+        let host = hosts.remove(&ws);
         set.spawn(async move {
             let _permit = sem.acquire_owned().await;
             let state = deps.state.load(&ws).await;
             if matches!(&state, Ok(s) if s.state.plugins.is_empty()) {
                 return None;
             }
-            match repair_workspace(&deps, &ws, Trigger::Schedule).await {
+            match repair_workspace(&deps, &ws, Trigger::Schedule, host).await {
                 Ok(r) => Some(r),
                 Err(e) => {
                     tracing::warn!(workspace = %ws, error = %e, detail = ?e.detail, "repair failed");
