@@ -1,12 +1,16 @@
 """HTTP plumbing shared by the stack's AWS emulators (EC2 Instance Connect,
 SSM): request bodies (plain or chunked, capped at 1 MiB), JSON responses,
-and errors the way AWS JSON 1.1 services send them (`__type` in the body and
-`x-amzn-ErrorType` in the headers, which is what the SDKs read).
+errors the way AWS JSON 1.1 services send them (`__type` in the body and
+`x-amzn-ErrorType` in the headers, which is what the SDKs read), and POST
+routing: `/` is the AWS API (`_aws`), `/_emulator/...` the test controls
+(`_control`); subclasses provide both and `_log`.
 
 Standard library only.
 """
 
 import json
+import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler
 
 JSON_CT = "application/x-amz-json-1.1"
@@ -56,3 +60,21 @@ class AwsJsonHandler(BaseHTTPRequestHandler):
         """`err` has `status`, `name` and `message` (each emulator's ApiError)."""
         self._send(err.status, {"__type": err.name, "message": err.message}, JSON_CT,
                    {"x-amzn-ErrorType": err.name, "x-amzn-RequestId": request_id})
+
+    def do_POST(self):
+        started = time.time()
+        path = urllib.parse.urlsplit(self.path).path
+        try:
+            raw = self._read_body()
+        except ValueError:
+            self.close_connection = True
+            self._send(413, {"message": "bad body"}, "application/json")
+            return
+        if path.startswith("/_emulator/"):
+            self._control(path, raw)
+        elif path == "/":
+            self._aws(raw, started)
+        else:
+            self._send(404, {"message": "not found"}, "application/json")
+            self._log("POST %s 404" % path)
+

@@ -930,22 +930,8 @@ class Handler(AwsJsonHandler):
         self._send(200, {"ok": True, "instance_id": instance_id}, "application/json")
         log("DELETE %s 200" % path)
 
-    def do_POST(self):
-        started = time.time()
-        path = urllib.parse.urlsplit(self.path).path
-        try:
-            raw = self._read_body()
-        except ValueError:
-            self.close_connection = True
-            self._send(413, {"message": "bad body"}, "application/json")
-            return
-        if path.startswith("/_emulator/"):
-            self._control(path, raw)
-        elif path == "/":
-            self._aws(raw, started)
-        else:
-            self._send(404, {"message": "not found"}, "application/json")
-            log("POST %s 404" % path)
+    def _log(self, msg):
+        log(msg)
 
     # --- control --------------------------------------------------------
 
