@@ -1,36 +1,60 @@
 #!/bin/sh
 # plugin-host: the host side of every Plugin Delivery operation.
 #
-# Run remotely as  <prefix> sh -c '<this text>' plugin-host <op> <args...>
+# Run remotely as
+#   <prefix> sh -c 'eval "$1"' plugin-host '<this text>' <op> <args...>
+# The text travels as $1 so the script can start itself again as the config
+# dir's owner (see "Privilege separation"). Operations:
 #   install   CONFIG_DIR NAME SHA256 OWNER LOCK_WAIT RESTART_CMD  (tar.gz on stdin,
 #             or downloaded from $PLUGIN_ARCHIVE_URL when that is set)
 #   uninstall CONFIG_DIR NAME OWNER LOCK_WAIT RESTART_CMD
-#   inventory CONFIG_DIR
+#   inventory CONFIG_DIR OWNER
 #   restart   CONFIG_DIR LOCK_WAIT RESTART_CMD   (after a batch installed with
 #             an empty RESTART_CMD: the runtime restarts once for the set)
+# OWNER is the numeric uid:gid the config dir belongs to (never 0).
 # Diagnostics go to stderr. stdout carries exactly one line, the result:
 #   @@plugin-delivery-result {"status":...}
 # Exit codes: 0 ok, 64 usage, 65 digest_mismatch, 66 bad_archive,
-# 69 no_config_dir, 70 restart_failed, 71 unwire_failed, 74 fetch_failed,
-# 75 busy, 1 internal.
+# 69 no_config_dir, 70 restart_failed, 71 unwire_failed,
+# 72 no_privilege_drop, 73 migrate_failed, 74 fetch_failed, 75 busy,
+# 77 bad_config_dir, 1 internal.
 #
 # Transports: over SSH the archive streams on stdin. Through SSM Run Command
 # there is no stdin, so the command sets PLUGIN_ARCHIVE_URL (a presigned S3
 # URL, valid a few minutes) and the script downloads the archive itself with
 # curl or wget; everything after the download is the same code.
 #
-# Layout under CONFIG_DIR (one filesystem, so every mv below is a rename(2)):
+# Privilege separation. The config dir belongs to the agent user (OWNER), an
+# AI agent that runs arbitrary code, so no path under it is ever followed,
+# created, written, moved or removed as root. Root (this run) only:
+#   - checks CONFIG_DIR: a real directory, no symlink on its path, owned by
+#     OWNER (else bad_config_dir, nothing changes);
+#   - keeps its own state in $PLUGIN_STATE_ROOT/<sha256 of CONFIG_DIR>/
+#     (default /var/lib/plugin-delivery, every dir 0700 root):
+#       lock             flock file serialising mutating operations
+#       sums/NAME@SHA    sha256sum list of each installed tree, so a tree
+#                        changed on the host is found and repaired
+#       restart-pending  a change landed that the runtime was not restarted for
+#       work/            this operation's archive, verified before use
+#   - reads (stdin) or downloads the archive and verifies its digest;
+#   - runs the restart command.
+# Everything inside CONFIG_DIR is done by this same script started again as
+# OWNER (setpriv --reuid --regid --clear-groups --nnp, util-linux): the kernel
+# then refuses whatever the agent user could not do itself, whatever links it
+# plants. Without setpriv the script refuses (no_privilege_drop) and changes
+# nothing. The owner steps (owner-probe, owner-apply, owner-remove,
+# owner-list) print one report line to root; root relays their errors.
+#
+# Layout under CONFIG_DIR, all OWNER's (one filesystem, so every mv is a
+# rename(2)):
 #   plugins/NAME -> ../.plugin-delivery/store/NAME@SHA   (relative symlink)
-#   .plugin-delivery/lock      flock file serialising mutating operations
-#   .plugin-delivery/staging/  private scratch space, one mktemp dir per op
-#   .plugin-delivery/store/    immutable plugin trees, one per installed digest
+#   .plugin-delivery/staging/  scratch space, one mktemp dir per operation
+#   .plugin-delivery/store/    plugin trees, one per installed digest
 #   .plugin-delivery/aside/    a legacy plugin dir during its replacement only
-#   .plugin-delivery/sums/NAME@SHA  sha256sum list of that store tree: an
-#                              install of the same digest and the inventory
-#                              check it, so a tree changed by hand is repaired
 # Swapping the symlink with rename(2) is atomic, so plugins/NAME is always the
 # complete old tree or the complete new one. The installed digest is read back
-# from the link target; there is no other state to drift.
+# from the link target. Hosts of the earlier layout (root's lock and sums in
+# .plugin-delivery/) are migrated by their first operation (migrate_legacy).
 
 # Predictable modes for what we create; the restart command gets the
 # caller's umask back (restart_runtime).
@@ -40,14 +64,22 @@ umask 022
 # Character classes are spelled out, not ranges like a-z: ranges follow the
 # locale's collation in some shells, and the runtime must keep its locale.
 LOWER='abcdefghijklmnopqrstuvwxyz'
+UPPER='ABCDEFGHIJKLMNOPQRSTUVWXYZ'
 DIGITS='0123456789'
+NL='
+'
 
 MARKER='@@plugin-delivery-result'
+STATE_REL='.plugin-delivery'
 STORE_REL='../.plugin-delivery/store'
 
+self=${1-}  # this script's text, to start the owner steps with
+[ "$#" -gt 0 ] && shift
+
 plugin=''   # echoed in results only once NAME has been validated
-work=''     # this operation's staging dir, removed on any exit
-aside=''    # legacy plugin dir moved to .plugin-delivery/aside/, put back unless published
+work=''     # owner: this operation's staging dir, removed on any exit
+aside=''    # owner: legacy plugin dir moved aside, put back unless published
+rwork=''    # root: this operation's dir in its own state, removed on exit
 
 say() { printf 'plugin-host: %s\n' "$*" >&2; }
 
@@ -62,10 +94,15 @@ cleanup() {
         rm -rf "$work"
         work=''
     fi
+    if [ -n "$rwork" ]; then
+        rm -rf "$rwork"
+        rwork=''
+    fi
 }
 
 # fail CODE MESSAGE EXIT: MESSAGE is a fixed text, safe to embed in JSON.
 fail() {
+    [ -n "${book-}" ] && unmark_pending
     cleanup
     printf '%s {"status":"error","plugin":"%s","code":"%s","message":"%s"}\n' \
         "$MARKER" "$plugin" "$1" "$2"
@@ -79,7 +116,7 @@ usage() { fail usage "$1" 64; }
 done_ok() {
     cleanup
     do_pending=false
-    [ -n "${state-}" ] && [ -e "$state/restart-pending" ] && do_pending=true
+    [ -n "${book-}" ] && [ -e "$book/restart-pending" ] && do_pending=true
     printf '%s {"status":"%s","plugin":"%s","digest":"%s","previous":"%s","restarted":%s,"pending_restart":%s}\n' \
         "$MARKER" "$1" "$plugin" "$2" "$3" "$4" "$do_pending"
     exit 0
@@ -106,12 +143,15 @@ valid_sha() {
     [ "${#1}" -eq 64 ]
 }
 
+# Numeric uid:gid, neither root's: the owner steps must drop privileges.
 valid_owner() {
     case $1 in
         '' | *[!"$DIGITS":]* | :* | *: | *:*:*) return 1 ;;
-        *:*) [ "${#1}" -le 21 ] ;;
+        *:*) [ "${#1}" -le 21 ] || return 1 ;;
         *) return 1 ;;
     esac
+    case ${1%%:*} in *[!0]*) ;; *) return 1 ;; esac
+    case ${1#*:} in *[!0]*) ;; *) return 1 ;; esac
 }
 
 valid_wait() {
@@ -121,11 +161,19 @@ valid_wait() {
     [ "${#1}" -le 6 ]
 }
 
+# An absolute, normalised path of plain characters: no "." or ".."
+# component, no "//", no trailing "/", not "/" itself.
 check_config_dir() {
     case $1 in
-        /*) cfg=$1 ;;
+        /*) ;;
         *) usage 'config dir must be an absolute path' ;;
     esac
+    case $1 in
+        / | */ | *//* | */./* | */. | */../* | */.. | *[!"$LOWER$UPPER$DIGITS"/._-]*)
+            usage 'config dir must be a plain normalised path' ;;
+    esac
+    [ "${#1}" -le 512 ] || usage 'config dir must be a plain normalised path'
+    cfg=$1
 }
 
 check_name() {
@@ -134,101 +182,205 @@ check_name() {
     plugin=$1
 }
 
-check_owner_wait() {
-    valid_owner "$1" || usage 'owner must be numeric uid:gid'
-    valid_wait "$2" || usage 'lock wait must be a whole number of seconds'
-    owner=$1
-    lock_wait=$2
+check_owner() {
+    valid_owner "$1" || usage 'owner must be numeric uid:gid other than root'
+    uid=${1%%:*}
+    gid=${1#*:}
 }
 
-# ------------------------------------------------------------------- helpers
-
-paths() {
-    state="$cfg/.plugin-delivery"
-    staging="$state/staging"
-    store="$state/store"
-    link="$cfg/plugins/$name"
+check_wait() {
+    valid_wait "$1" || usage 'lock wait must be a whole number of seconds'
+    lock_wait=$1
 }
 
-# Create the state dirs, take the host lock, clear leftovers of killed runs.
-lock_host() {
-    mkdir -p "$staging" "$store" || fail internal 'cannot create the state directory' 1
-    chmod 0755 "$state" "$store" || fail internal 'cannot set state directory modes' 1
-    chmod 0700 "$staging" || fail internal 'cannot set state directory modes' 1
+# ------------------------------------------------------------ root: its state
+
+# Root's view of CONFIG_DIR, without following anything: every component of
+# the path an existing real directory, the last owned by OWNER. Returns 1 when
+# some component does not exist. A link planted after this check only changes
+# where the owner steps work, which the kernel bounds to what OWNER may do.
+inspect_config_dir() {
+    icd_path=''
+    icd_rest=${cfg#/}
+    while [ -n "$icd_rest" ]; do
+        icd_path=$icd_path/${icd_rest%%/*}
+        case $icd_rest in
+            */*) icd_rest=${icd_rest#*/} ;;
+            *) icd_rest='' ;;
+        esac
+        [ -L "$icd_path" ] &&
+            fail bad_config_dir 'the config directory or one of its parents is a symbolic link' 77
+        [ -e "$icd_path" ] || return 1
+        [ -d "$icd_path" ] ||
+            fail bad_config_dir 'the config directory path holds something other than directories' 77
+    done
+    # stat does not follow a link: a swap since the loop shows the link's owner.
+    icd_uid=$(stat -c %u -- "$cfg" 2>/dev/null) ||
+        fail bad_config_dir 'the config directory cannot be inspected' 77
+    [ "$icd_uid" = "$uid" ] ||
+        fail bad_config_dir 'the config directory is not owned by the workspace user' 77
+}
+
+# Sets book, root's state dir for CONFIG_DIR (created only by open_book).
+find_book() {
+    state_root=${PLUGIN_STATE_ROOT:-/var/lib/plugin-delivery}
+    case $state_root in
+        /*) ;;
+        *) usage 'state root must be an absolute path' ;;
+    esac
+    case $cfg/ in
+        "$state_root"/*) usage 'the config dir cannot be inside the state root' ;;
+    esac
+    case $state_root/ in
+        "$cfg"/*) usage 'the config dir cannot hold the state root' ;;
+    esac
+    fb_key=$(printf '%s' "$cfg" | sha256sum) || fail internal 'cannot hash the config dir path' 1
+    book=$state_root/${fb_key%% *}
+}
+
+# Create root's state, take the host lock, migrate the earlier layout.
+open_book() {
+    if [ ! -d "$book/sums" ]; then
+        (umask 077 && mkdir -p "$book/sums") || fail internal 'cannot create the state directory' 1
+        printf '%s\n' "$cfg" >"$book/config-dir" || say 'could not record the config dir'
+    fi
     # fd-based so the lock lives exactly as long as this shell. "command"
     # keeps a failed redirection from killing the shell before it can report.
-    command exec 9>>"$state/lock" || fail internal 'cannot open the lock file' 1
+    command exec 9>>"$book/lock" || fail internal 'cannot open the lock file' 1
     flock -w "$lock_wait" 9 || fail busy 'another plugin operation holds the host lock' 75
-    # Holding the lock means no other operation is using staging: anything
-    # there was left by a run that was killed outright (SIGKILL, power loss;
-    # SSM stops commands that way).
-    recover_aside
-    find "$staging" -mindepth 1 -maxdepth 1 -exec rm -rf {} + ||
-        fail internal 'cannot clear the staging directory' 1
+    # Holding the lock: anything in work/ was left by a run killed outright.
+    rm -rf "$book/work" || fail internal 'cannot clear the state directory' 1
+    (umask 077 && mkdir "$book/work") || fail internal 'cannot create the state directory' 1
+    rwork=$book/work
+    migrate_legacy
 }
 
-# A legacy plugin dir left in aside/ by a killed run: put it back if its link
-# never replaced it, else the replacement finished and it can go.
-recover_aside() {
-    for ra_dir in "$state/aside"/*; do
-        [ -e "$ra_dir" ] || [ -L "$ra_dir" ] || continue
-        ra_link="$cfg/plugins/${ra_dir##*/}"
-        if [ -e "$ra_link" ] || [ -L "$ra_link" ]; then
-            rm -rf "$ra_dir" || fail internal 'cannot clear a leftover legacy directory' 1
-        else
-            mv "$ra_dir" "$ra_link" || fail internal 'cannot restore a legacy plugin directory' 1
-        fi
-    done
-}
+# Hosts installed by the earlier layout kept root's lock, sums and marker in
+# CONFIG_DIR/.plugin-delivery, a root-owned dir. Their first operation moves
+# the sums and the marker here and hands the dir to OWNER, with plugins/NAME
+# resolving throughout. Python works through directory descriptors opened
+# without following links (O_NOFOLLOW), so nothing planted can redirect it.
+migrate_legacy() {
+    [ -e "$book/migrated" ] && return 0
+    if [ -d "$cfg/$STATE_REL" ] && [ ! -L "$cfg/$STATE_REL" ] && [ -O "$cfg/$STATE_REL" ]; then
+        command -v python3 >/dev/null 2>&1 ||
+            fail migrate_failed 'python3 is needed once to migrate this host' 73
+        python3 -I - "$cfg" "$uid" "$gid" "$book" >&2 9>&- <<'PY' ||
+import os
+import re
+import stat
+import sys
 
-# Digest encoded in one of our links, or nothing for any other target.
-link_digest() {
-    ld_target=$(readlink "$1") || return 0
-    case $ld_target in
-        "$STORE_REL/$2@"*)
-            ld_sha=${ld_target##*@}
-            if valid_sha "$ld_sha"; then printf '%s' "$ld_sha"; fi
-            ;;
-    esac
-}
+cfg, uid, gid, book = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+SUMS = re.compile(r"[a-z0-9][a-z0-9._-]*@[0-9a-f]{64}\Z")
 
-# Sets prev_kind (none | link | legacy) and prev_digest for plugins/NAME.
-inspect_current() {
-    prev_kind='none'
-    prev_digest=''
-    if [ -L "$link" ]; then
-        prev_kind='link'
-        prev_digest=$(link_digest "$link" "$name")
-    elif [ -d "$link" ]; then
-        prev_kind='legacy'
-    elif [ -e "$link" ]; then
-        fail internal 'the plugin path is neither a link nor a directory' 1
+
+def opendir(name, dir_fd):
+    return os.open(name, DIR, dir_fd=dir_fd)
+
+
+def walk(path):
+    fd = os.open("/", DIR)
+    for comp in path.strip("/").split("/"):
+        try:
+            nfd = opendir(comp, fd)
+        finally:
+            os.close(fd)
+        fd = nfd
+    return fd
+
+
+def lstat(name, dir_fd):
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def remove(name, dir_fd):
+    st = lstat(name, dir_fd)
+    if st is None:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    fd = opendir(name, dir_fd)
+    try:
+        for e in os.listdir(fd):
+            remove(e, fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
+def write_book(rel, data):
+    path = os.path.join(book, rel)
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+cfd = walk(cfg)
+try:
+    sfd = opendir(".plugin-delivery", cfd)
+except OSError:
+    sys.exit(0)  # gone, or not a real directory: nothing of the old layout
+if os.fstat(sfd).st_uid != 0:
+    sys.exit(0)  # already OWNER's: the new layout
+st = lstat("sums", sfd)
+if st is not None and stat.S_ISDIR(st.st_mode):
+    dfd = opendir("sums", sfd)
+    for e in os.listdir(dfd):
+        est = lstat(e, dfd)
+        if SUMS.match(e) and est is not None and stat.S_ISREG(est.st_mode) and est.st_uid == 0:
+            fd = os.open(e, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            with os.fdopen(fd, "rb") as f:
+                write_book(os.path.join("sums", e), f.read())
+    os.close(dfd)
+remove("sums", sfd)
+if lstat("restart-pending", sfd) is not None:
+    write_book("restart-pending", b"")
+    remove("restart-pending", sfd)
+remove("lock", sfd)
+# Root-owned leftovers of killed runs: OWNER could not clear them.
+st = lstat("staging", sfd)
+if st is not None and stat.S_ISDIR(st.st_mode):
+    dfd = opendir("staging", sfd)
+    for e in os.listdir(dfd):
+        remove(e, dfd)
+    os.close(dfd)
+for d in ("staging", "store", "aside"):
+    st = lstat(d, sfd)
+    if st is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == 0:
+        dfd = opendir(d, sfd)
+        os.fchown(dfd, uid, gid)
+        os.close(dfd)
+os.fchown(sfd, uid, gid)
+PY
+            fail migrate_failed 'the host could not migrate its plugin state' 73
     fi
+    : >"$book/migrated" || fail internal 'cannot record the migration' 1
 }
 
-# Remove store trees of NAME other than the one given (may be empty), and
-# their sums.
-prune_store() {
-    for ps_dir in "$store/$name"@*; do
-        [ "$ps_dir" = "$1" ] && continue
-        if [ -e "$ps_dir" ] || [ -L "$ps_dir" ]; then
-            rm -rf "$ps_dir" || say 'could not remove an old store directory'
-        fi
+# The sums of the trees named (NAME@SHA...) that root has, as one stream for
+# the owner's check: "== NAME@SHA", then that tree's sha256sum lines.
+send_sums() {
+    ss_files=''
+    for ss_tree in "$@"; do
+        [ -f "$book/sums/$ss_tree" ] && ss_files="$ss_files $ss_tree"
     done
-    for ps_sums in "$state/sums/$name"@*; do
-        [ -n "$1" ] && [ "$ps_sums" = "$state/sums/${1##*/}" ] && continue
+    [ -n "$ss_files" ] || return 0
+    # shellcheck disable=SC2086 # the names are validated NAME@SHA words
+    (cd "$book/sums" && awk 'FNR == 1 { print "== " FILENAME } { print }' $ss_files)
+}
+
+# Drop sums of NAME other than NAME@$1 ($1 may be empty).
+prune_sums() {
+    for ps_sums in "$book/sums/$name"@*; do
+        [ -n "$1" ] && [ "$ps_sums" = "$book/sums/$name@$1" ] && continue
         [ -e "$ps_sums" ] && { rm -f "$ps_sums" || say 'could not remove old sums'; }
     done
-}
-
-# tree_intact NAME@SHA: every file the tree was installed with is still there
-# with the same bytes. Files added later (a runtime's __pycache__) do not
-# count: the runtime may write into its plugins. Trees installed before sums
-# existed count as intact. Plain `sha256sum -c`: BusyBox has no --quiet.
-tree_intact() {
-    ti_sums="$state/sums/$1"
-    [ -f "$ti_sums" ] || return 0
-    (cd "$store/$1" && sha256sum -c "$ti_sums" >/dev/null 2>&1)
 }
 
 # Prints "true" or "false" for the result's "restarted" field. Called in a
@@ -239,14 +391,21 @@ restart_runtime() {
         return 0
     fi
     umask "$caller_umask"
-    # The marker (set when a change lands) goes only once the restart
+    # The marker (set before a change) goes only once the restart
     # succeeded: a run killed in between leaves it for the next one.
     # fd 9 closed: a daemon started here must not inherit (and keep) the lock.
     # stdout to stderr: the result line must stay the only thing on stdout.
     # PLUGIN_CONFIG_DIR: which config dir changed, for the runtime's tooling.
     PLUGIN_CONFIG_DIR=$cfg sh -c "$restart_cmd" </dev/null >&2 9>&- || return 1
-    rm -f "$state/restart-pending"
+    rm -f "$book/restart-pending"
     printf true
+}
+
+restart_if_owed() {
+    restarted=false
+    if [ -e "$book/restart-pending" ] && [ -n "$restart_cmd" ]; then
+        restarted=$(restart_runtime) || fail restart_failed 'the runtime restart command failed' 70
+    fi
 }
 
 # Download $PLUGIN_ARCHIVE_URL to $1. The URL goes to curl/wget on stdin, not
@@ -259,8 +418,7 @@ fetch_archive() {
     # could only smuggle options into curl's config syntax.
     fa_cr=$(printf '\r')
     case $PLUGIN_ARCHIVE_URL in
-        *'"'* | *\\* | *"$fa_cr"* | *'
-'*) usage 'the archive URL holds characters a URL cannot hold' ;;
+        *'"'* | *\\* | *"$fa_cr"* | *"$NL"*) usage 'the archive URL holds characters a URL cannot hold' ;;
     esac
     if command -v curl >/dev/null 2>&1; then
         fa_code=$(printf 'url = "%s"\n' "$PLUGIN_ARCHIVE_URL" |
@@ -297,12 +455,146 @@ fetch_archive() {
     esac
 }
 
+# --------------------------------------------------------- root: owner steps
+
+# This script again, as OWNER. The URL and HOME are root's business; fd 9
+# (the lock) stays with root.
+as_owner() {
+    # shellcheck disable=SC2016 # $1 is expanded by the new shell
+    HOME=/ PLUGIN_ARCHIVE_URL='' setpriv --reuid="$uid" --regid="$gid" \
+        --clear-groups --nnp -- sh -c 'eval "$1"' plugin-host "$self" "$@" 9>&-
+}
+
+# owner_step OP ARGS...: as_owner with the caller's redirections, or with
+# the sums of the trees in $step_sums on stdin. Sets report (what the step
+# printed) and step_rc. A step that failed printed its error result as its
+# last line: relay it and stop.
+owner_step() {
+    command -v setpriv >/dev/null 2>&1 ||
+        fail no_privilege_drop 'setpriv (util-linux) is needed to act as the workspace user' 72
+    step_rc=0
+    if [ -n "${step_sums-}" ]; then
+        # shellcheck disable=SC2086 # validated NAME@SHA words
+        report=$(send_sums $step_sums | as_owner "$@") || step_rc=$?
+    else
+        report=$(as_owner "$@") || step_rc=$?
+    fi
+    step_sums=''
+    [ "$step_rc" -eq 0 ] && return 0
+    os_last=${report##*"$NL"}
+    case $os_last in
+        "$MARKER {\"status\":\"error\","*)
+            unmark_pending
+            cleanup
+            printf '%s\n' "$os_last"
+            case $step_rc in
+                6[4-9] | 7[0-7]) exit "$step_rc" ;;
+                *) exit 1 ;;
+            esac
+            ;;
+    esac
+    fail internal 'the step run as the workspace user did not finish' 1
+}
+
+# The word after "ok" on the report's last line, checked against a pattern.
+report_ok() {
+    ro_last=${report##*"$NL"}
+    case $ro_last in
+        "ok $1"*) ;;
+        *) fail internal 'the step run as the workspace user gave no result' 1 ;;
+    esac
+}
+
+# Did the step say it started changing the config dir?
+report_changed() {
+    case $NL$report in
+        *"${NL}changing"*) return 0 ;;
+    esac
+    return 1
+}
+
+# ------------------------------------------------------------- owner: helpers
+# Everything from here to "root: operations" runs as OWNER, in CONFIG_DIR.
+
+# Enter CONFIG_DIR as OWNER; relative paths from here on.
+owner_enter() {
+    # A step started as root would defeat the point: refuse.
+    [ -O / ] && fail internal 'owner steps must not run as root' 1
+    cd "$cfg" 2>/dev/null ||
+        fail bad_config_dir 'the workspace user cannot enter its config directory' 77
+    [ -O . ] || fail bad_config_dir 'the config directory is not owned by the workspace user' 77
+    staging=$STATE_REL/staging
+    store=$STATE_REL/store
+    link=plugins/${name-}
+}
+
+# Create the state dirs and clear leftovers of killed runs. Only with root
+# holding the lock: no other operation is using staging then.
+owner_prepare() {
+    mkdir -p "$staging" "$store" || fail internal 'cannot create the state directory' 1
+    chmod 0755 "$STATE_REL" "$store" || fail internal 'cannot set state directory modes' 1
+    chmod 0700 "$staging" || fail internal 'cannot set state directory modes' 1
+    recover_aside
+    find "$staging" -mindepth 1 -maxdepth 1 -exec rm -rf {} + ||
+        fail internal 'cannot clear the staging directory' 1
+}
+
+# A legacy plugin dir left in aside/ by a killed run: put it back if its link
+# never replaced it, else the replacement finished and it can go.
+recover_aside() {
+    for ra_dir in "$STATE_REL/aside"/*; do
+        [ -e "$ra_dir" ] || [ -L "$ra_dir" ] || continue
+        ra_link="plugins/${ra_dir##*/}"
+        if [ -e "$ra_link" ] || [ -L "$ra_link" ]; then
+            rm -rf "$ra_dir" || fail internal 'cannot clear a leftover legacy directory' 1
+        else
+            mv "$ra_dir" "$ra_link" || fail internal 'cannot restore a legacy plugin directory' 1
+        fi
+    done
+}
+
+# Digest encoded in one of our links, or nothing for any other target.
+link_digest() {
+    ld_target=$(readlink "$1") || return 0
+    case $ld_target in
+        "$STORE_REL/$2@"*)
+            ld_sha=${ld_target##*@}
+            if valid_sha "$ld_sha"; then printf '%s' "$ld_sha"; fi
+            ;;
+    esac
+}
+
+# Sets prev_kind (none | link | legacy) and prev_digest for plugins/NAME.
+inspect_current() {
+    prev_kind='none'
+    prev_digest=''
+    if [ -L "$link" ]; then
+        prev_kind='link'
+        prev_digest=$(link_digest "$link" "$name")
+    elif [ -d "$link" ]; then
+        prev_kind='legacy'
+    elif [ -e "$link" ]; then
+        fail internal 'the plugin path is neither a link nor a directory' 1
+    fi
+}
+
+# Remove store trees of NAME other than the one given (may be empty).
+prune_store() {
+    for ps_dir in "$store/$name"@*; do
+        [ "$ps_dir" = "$1" ] && continue
+        if [ -e "$ps_dir" ] || [ -L "$ps_dir" ]; then
+            rm -rf "$ps_dir" || say 'could not remove an old store directory'
+        fi
+    done
+}
+
 # Remove exactly what the runtime wired from plugin dir $1 (see runtime
 # contract in tests/stack/fake-runtime.py, which emulates the wiring side).
+# As OWNER, in CONFIG_DIR: a planted link leads only where OWNER may write.
 unwire() {
     command -v python3 >/dev/null 2>&1 ||
         fail unwire_failed 'python3 is not available on the host' 71
-    python3 - "$cfg" "$name" "$1" >&2 9>&- <<'PY' ||
+    python3 -I - "$cfg" "$name" "$1" >&2 <<'PY' ||
 import json
 import os
 import re
@@ -330,15 +622,29 @@ def read_text(path):
         return f.read()
 
 
+def plugin_text(path):
+    # A file of the old tree the agent made unreadable (a link to a file it
+    # may not read) wired nothing we could know of: skip it, say so.
+    try:
+        return read_text(path)
+    except OSError:
+        print("plugin-host: skipping an unreadable plugin file", file=sys.stderr)
+        return None
+
+
 def write_like(path, text):
-    # Atomic replace of the real file, keeping its owner and mode.
+    # Atomic replace of the real file, keeping its mode (and owner if we can).
     path = os.path.realpath(path)
     st = os.stat(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".plugin-delivery.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
             f.write(text)
-            os.fchown(f.fileno(), st.st_uid, st.st_gid)
+            if (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
+                try:
+                    os.fchown(f.fileno(), st.st_uid, st.st_gid)
+                except OSError:
+                    pass  # not ours to give away: the file becomes OWNER's
             os.fchmod(f.fileno(), st.st_mode & 0o7777)
         os.replace(tmp, path)
     except BaseException:
@@ -362,12 +668,13 @@ def blocks(p, n):
     rules = os.path.join(p, "rules")
     for f in entries(rules):
         fp = os.path.join(rules, f)
-        if f.endswith(".md") and os.path.isfile(fp):
-            out.append("# Plugin: %s / rule: %s\n\n%s" % (n, f, read_text(fp).strip()))
+        text = plugin_text(fp) if f.endswith(".md") and os.path.isfile(fp) else None
+        if text is not None:
+            out.append("# Plugin: %s / rule: %s\n\n%s" % (n, f, text.strip()))
     for f in entries(p):
         fp = os.path.join(p, f)
         if f.endswith(".md") and os.path.isfile(fp) and f.lower() not in NOT_FRAGMENTS:
-            body = read_text(fp).strip()
+            body = (plugin_text(fp) or "").strip()
             if body:
                 out.append("# Plugin: %s / fragment: %s\n\n%s" % (n, f, body))
     return out
@@ -499,7 +806,7 @@ def load_json(path):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except ValueError:
+    except (ValueError, PermissionError):
         # The runtime cannot have merged (or written) unreadable JSON.
         print("plugin-host: ignoring unreadable JSON", file=sys.stderr)
         return None
@@ -579,56 +886,94 @@ PY
         fail unwire_failed 'could not remove what the previous version wired' 71
 }
 
-# ---------------------------------------------------------------- operations
+# Reads root's sums stream (send_sums) on stdin and sets checked: one line
+# "good NAME@SHA" or "bad NAME@SHA" per tree it covers. A tree is bad when a
+# file it was installed with is gone or has other bytes; files added later
+# (a runtime's __pycache__) do not count: the runtime may write into its
+# plugins. One `sha256sum -c` for all trees, run in the store on
+# "HASH  NAME@SHA/path" lines (a leading backslash is sha256sum's mark of an
+# escaped name). Plain `-c`: BusyBox has no --quiet.
+check_trees() {
+    checked=$(awk '
+        /^== / { tree = substr($0, 4); next }
+        tree != "" {
+            esc = ""; l = $0
+            if (substr(l, 1, 1) == "\\") { esc = "\\"; l = substr(l, 2) }
+            r = substr(l, 67); sub(/^\.\//, "", r)
+            print esc substr(l, 1, 64) "  " tree "/" r
+        }' |
+        (cd "$store" 2>/dev/null && sha256sum -c 2>/dev/null) |
+        awk '{
+            l = $0; sub(/^\\/, "", l); sub(/\/.*/, "", l)
+            if ($0 !~ /: OK$/) bad[l] = 1; seen[l] = 1
+        }
+        END { for (t in seen) print (t in bad ? "bad " : "good ") t }')
+}
 
-op_install() {
-    [ "$#" -eq 6 ] || usage 'install takes 6 arguments'
+# intact NAME@SHA: the tree has no sums (installed before sums existed) or
+# every file of its sums checked good. A tree root has sums for but that no
+# check reported on is not intact: a check that could not run fails closed.
+intact() {
+    case " $with_sums " in
+        *" $1 "*) ;;
+        *) return 0 ;;
+    esac
+    case $NL$checked$NL in
+        *"${NL}good $1$NL"*) return 0 ;;
+    esac
+    return 1
+}
+
+# ---------------------------------------------------------- owner: the steps
+
+# owner-probe CONFIG_DIR NAME SHA WITH_SUMS (stdin: the sums of NAME@SHA when
+# WITH_SUMS is NAME@SHA). Clears leftovers, then reports the current install:
+#   ok probe KIND DIGEST|- INTACT
+owner_probe() {
+    [ "$#" -eq 4 ] || usage 'owner-probe takes 4 arguments'
     check_config_dir "$1"
     check_name "$2"
     valid_sha "$3" || usage 'digest must be 64 lowercase hex characters'
     sha=$3
-    check_owner_wait "$4" "$5"
-    restart_cmd=$6
-    [ -d "$cfg" ] || fail no_config_dir 'the runtime config directory does not exist' 69
-    paths
-    lock_host
+    with_sums=$4
+    owner_enter
+    owner_prepare
+    inspect_current
+    probe_intact=false
+    if [ "$prev_kind" = link ] && [ "$prev_digest" = "$sha" ] && [ -d "$store/$name@$sha" ]; then
+        checked=''
+        [ -n "$with_sums" ] && check_trees
+        intact "$name@$sha" && probe_intact=true
+    fi
+    printf 'ok probe %s %s %s\n' "$prev_kind" "${prev_digest:--}" "$probe_intact"
+}
+
+# owner-apply CONFIG_DIR NAME SHA (stdin: the verified archive; fd 4: where
+# the new tree's sums go). Reports "changing" before the first change, then
+#   ok applied KIND DIGEST|-   (what was replaced)
+owner_apply() {
+    [ "$#" -eq 3 ] || usage 'owner-apply takes 3 arguments'
+    check_config_dir "$1"
+    check_name "$2"
+    valid_sha "$3" || usage 'digest must be 64 lowercase hex characters'
+    sha=$3
+    owner_enter
     inspect_current
     new_store="$store/$name@$sha"
-    if [ "$prev_kind" = link ] && [ "$prev_digest" = "$sha" ] && [ -d "$new_store" ] &&
-        tree_intact "$name@$sha"; then
-        # Already there: leave stdin unread and the runtime alone, unless
-        # an earlier run was cut off before its restart.
-        restarted=false
-        if [ -e "$state/restart-pending" ] && [ -n "$restart_cmd" ]; then
-            restarted=$(restart_runtime) || fail restart_failed 'the runtime restart command failed' 70
-        fi
-        done_ok unchanged "$sha" "$sha" "$restarted"
-    fi
-
     work=$(mktemp -d "$staging/install.XXXXXX") || fail internal 'cannot create a staging directory' 1
-    if [ -n "${PLUGIN_ARCHIVE_URL-}" ]; then
-        fetch_archive "$work/archive"
-    else
-        # A cut connection just ends stdin early; the digest check catches it.
-        cat >"$work/archive" || fail internal 'cannot read the archive' 1
-    fi
-    got=$(sha256sum <"$work/archive") || fail internal 'cannot hash the archive' 1
-    [ "${got%% *}" = "$sha" ] || fail digest_mismatch 'archive digest does not match' 65
     mkdir "$work/tree" || fail internal 'cannot create a staging directory' 1
-    tar -xzf "$work/archive" -C "$work/tree" --no-same-owner >&2 ||
+    tar -xzf - -C "$work/tree" --no-same-owner >&2 ||
         fail bad_archive 'archive could not be extracted' 66
-    rm -f "$work/archive"
     # Plugins are plain files and directories; anything else is not ours.
     [ -z "$(find "$work/tree" ! -type d ! -type f)" ] ||
         fail bad_archive 'archive holds entries other than files and directories' 66
-    chown -R "$owner" "$work/tree" || fail internal 'cannot set the owner of the plugin files' 1
-    (cd "$work/tree" && find . -type f -exec sha256sum {} +) >"$work/sums" ||
+    (cd "$work/tree" && find . -type f -exec sha256sum {} +) >&4 ||
         fail internal 'cannot hash the plugin files' 1
 
-    if [ ! -d "$cfg/plugins" ]; then
-        mkdir "$cfg/plugins" || fail internal 'cannot create the plugins directory' 1
-        chown "$owner" "$cfg/plugins" || fail internal 'cannot create the plugins directory' 1
+    if [ ! -d plugins ]; then
+        mkdir plugins || fail internal 'cannot create the plugins directory' 1
     fi
+    printf 'changing\n'
     # Upgrade rule: the runtime wires only what is not wired yet, so remove
     # what the old version wired; the restart then wires the new one.
     if [ "$prev_kind" != none ]; then
@@ -636,21 +981,17 @@ op_install() {
     fi
     # A store dir of this digest that no link points to is a stale leftover.
     rm -rf "$new_store" || fail internal 'cannot remove a stale store directory' 1
-    mkdir -p "$state/sums" || fail internal 'cannot create the state directory' 1
-    mv "$work/sums" "$state/sums/$name@$sha" || fail internal 'cannot record the plugin file sums' 1
     mv "$work/tree" "$new_store" || fail internal 'cannot move the plugin into the store' 1
     ln -s "$STORE_REL/$name@$sha" "$work/link" || fail internal 'cannot create the plugin link' 1
-    chown -h "$owner" "$work/link" || fail internal 'cannot create the plugin link' 1
     if [ "$prev_kind" = legacy ]; then
         # A legacy install is a real directory, which rename(2) cannot replace
         # with a link: move it aside first (outside staging, so a run killed
         # right here loses nothing: recover_aside puts it back). Only legacy
         # installs see this gap.
-        mkdir -p "$state/aside" || fail internal 'cannot move the legacy plugin aside' 1
-        mv "$link" "$state/aside/$name" || fail internal 'cannot move the legacy plugin aside' 1
-        aside="$state/aside/$name"
+        mkdir -p "$STATE_REL/aside" || fail internal 'cannot move the legacy plugin aside' 1
+        mv "$link" "$STATE_REL/aside/$name" || fail internal 'cannot move the legacy plugin aside' 1
+        aside="$STATE_REL/aside/$name"
     fi
-    : >"$state/restart-pending" || say 'could not record the pending restart'
     mv -T "$work/link" "$link" || fail internal 'cannot switch the plugin link' 1
     if [ -n "$aside" ]; then
         rm -rf "$aside" || say 'could not remove the replaced legacy directory'
@@ -658,31 +999,23 @@ op_install() {
     fi
     cleanup
     prune_store "$new_store"
-
-    restarted=$(restart_runtime) || fail restart_failed 'the runtime restart command failed' 70
-    done_ok installed "$sha" "$prev_digest" "$restarted"
+    printf 'ok applied %s %s\n' "$prev_kind" "${prev_digest:--}"
 }
 
-op_uninstall() {
-    [ "$#" -eq 5 ] || usage 'uninstall takes 5 arguments'
+# owner-remove CONFIG_DIR NAME. Reports "changing" before the first change:
+#   ok absent | ok removed KIND DIGEST|-
+owner_remove() {
+    [ "$#" -eq 2 ] || usage 'owner-remove takes 2 arguments'
     check_config_dir "$1"
     check_name "$2"
-    check_owner_wait "$3" "$4"
-    restart_cmd=$5
-    [ -d "$cfg" ] || done_ok absent '' '' false
-    paths
-    lock_host
+    owner_enter
+    owner_prepare
     inspect_current
     if [ "$prev_kind" = none ]; then
-        # Nothing to remove, but an earlier run's missed restart is owed.
-        restarted=false
-        if [ -e "$state/restart-pending" ] && [ -n "$restart_cmd" ]; then
-            restarted=$(restart_runtime) || fail restart_failed 'the runtime restart command failed' 70
-        fi
-        done_ok absent '' '' "$restarted"
+        printf 'ok absent\n'
+        return 0
     fi
-
-    : >"$state/restart-pending" || say 'could not record the pending restart'
+    printf 'changing\n'
     unwire "$link"
     if [ "$prev_kind" = legacy ]; then
         # Move first so the path disappears in one step, then delete.
@@ -693,41 +1026,31 @@ op_uninstall() {
         rm -f "$link" || fail internal 'cannot remove the plugin link' 1
     fi
     prune_store ''
-
-    restarted=$(restart_runtime) || fail restart_failed 'the runtime restart command failed' 70
-    done_ok uninstalled '' "$prev_digest" "$restarted"
+    printf 'ok removed %s %s\n' "$prev_kind" "${prev_digest:--}"
 }
 
-op_restart() {
-    [ "$#" -eq 3 ] || usage 'restart takes 3 arguments'
-    check_config_dir "$1"
-    valid_wait "$2" || usage 'lock wait must be a whole number of seconds'
-    lock_wait=$2
-    restart_cmd=$3
-    [ -d "$cfg" ] || fail no_config_dir 'the runtime config directory does not exist' 69
-    name=''
-    paths
-    lock_host
-    restarted=$(restart_runtime) || fail restart_failed 'the runtime restart command failed' 70
-    done_ok restarted '' '' "$restarted"
-}
-
-op_inventory() {
-    [ "$#" -eq 1 ] || usage 'inventory takes 1 argument'
+# owner-list CONFIG_DIR WITH_SUMS (stdin: root's sums of the trees named in
+# WITH_SUMS). Reports the inventory's JSON entries:
+#   ok list {"name":N,"digest":D},...
+owner_list() {
+    [ "$#" -eq 2 ] || usage 'owner-list takes 2 arguments'
     check_config_dir "$1"
     name=''
-    paths
+    with_sums=$2
+    owner_enter
+    checked=''
+    [ -n "$with_sums" ] && check_trees
     inv=''
-    for entry in "$cfg/plugins"/*; do
+    for entry in plugins/*; do
         n=${entry##*/}
         # Names we could not have installed (and could not quote) are skipped.
         valid_name "$n" || continue
         if [ -L "$entry" ]; then
             d=$(link_digest "$entry" "$n")
-            # A dangling link, or a tree changed by hand, is reported without
-            # a digest so it is reinstalled.
+            # A dangling link, or a tree changed on the host, is reported
+            # without a digest so it is reinstalled.
             [ -d "$entry" ] || d=''
-            if [ -n "$d" ] && ! tree_intact "$n@$d"; then d=''; fi
+            if [ -n "$d" ] && ! intact "$n@$d"; then d=''; fi
         elif [ -d "$entry" ]; then
             d=''
         else
@@ -735,18 +1058,192 @@ op_inventory() {
         fi
         inv="$inv${inv:+,}{\"name\":\"$n\",\"digest\":\"$d\"}"
     done
+    printf 'ok list %s\n' "$inv"
+}
+
+# ----------------------------------------------------------- root: operations
+
+# Root's state is touched only once the config dir passed inspection.
+start_root() {
+    case $self in
+        '#!/bin/sh'*) ;;
+        *) usage 'the script text must come first' ;;
+    esac
+    [ -O / ] || say 'not running as root: the owner steps will fail'
+    cd / || fail internal 'cannot change to the root directory' 1
+}
+
+# Set the pending-restart marker before a change; pending_ours says this
+# operation set it (owner_step takes it back when nothing changed).
+mark_pending() {
+    pending_ours=false
+    [ -e "$book/restart-pending" ] && return 0
+    : >"$book/restart-pending" || fail internal 'cannot record the pending restart' 1
+    pending_ours=true
+}
+
+unmark_pending() {
+    if [ "${pending_ours-}" = true ] && ! report_changed; then
+        rm -f "$book/restart-pending"
+    fi
+    pending_ours=false
+}
+
+# Splits the report's last line into $1... (set -f: no globbing).
+report_words() {
+    set -f
+    # shellcheck disable=SC2086 # split on purpose; every word is checked
+    set -- ${report##*"$NL"}
+    set +f
+    rw_kind=${3-}
+    rw_digest=${4-}
+    rw_flag=${5-}
+    [ "$rw_digest" = - ] && rw_digest=''
+    case $rw_kind in
+        none | link | legacy | '') ;;
+        *) fail internal 'the step run as the workspace user gave an odd result' 1 ;;
+    esac
+    [ -z "$rw_digest" ] || valid_sha "$rw_digest" ||
+        fail internal 'the step run as the workspace user gave an odd result' 1
+}
+
+op_install() {
+    [ "$#" -eq 6 ] || usage 'install takes 6 arguments'
+    check_config_dir "$1"
+    check_name "$2"
+    valid_sha "$3" || usage 'digest must be 64 lowercase hex characters'
+    sha=$3
+    check_owner "$4"
+    check_wait "$5"
+    restart_cmd=$6
+    inspect_config_dir || fail no_config_dir 'the runtime config directory does not exist' 69
+    find_book
+    open_book
+    with_sums=''
+    [ -f "$book/sums/$name@$sha" ] && with_sums="$name@$sha"
+    step_sums=$with_sums
+    owner_step owner-probe "$cfg" "$name" "$sha" "$with_sums"
+    report_ok probe
+    report_words
+    if [ "$rw_flag" = true ]; then
+        # Already there: leave stdin unread and the runtime alone, unless
+        # an earlier run was cut off before its restart.
+        restart_if_owed
+        done_ok unchanged "$sha" "$sha" "$restarted"
+    fi
+
+    # Root reads and verifies the archive before the owner sees a byte.
+    if [ -n "${PLUGIN_ARCHIVE_URL-}" ]; then
+        fetch_archive "$rwork/archive"
+    else
+        # A cut connection just ends stdin early; the digest check catches it.
+        cat >"$rwork/archive" || fail internal 'cannot read the archive' 1
+    fi
+    got=$(sha256sum <"$rwork/archive") || fail internal 'cannot hash the archive' 1
+    [ "${got%% *}" = "$sha" ] || fail digest_mismatch 'archive digest does not match' 65
+
+    mark_pending
+    owner_step owner-apply "$cfg" "$name" "$sha" <"$rwork/archive" 4>"$rwork/sums"
+    report_ok applied
+    report_words
+    mv "$rwork/sums" "$book/sums/$name@$sha" || say 'could not record the plugin file sums'
+    prune_sums "$sha"
+    restarted=$(restart_runtime) || fail restart_failed 'the runtime restart command failed' 70
+    done_ok installed "$sha" "$rw_digest" "$restarted"
+}
+
+op_uninstall() {
+    [ "$#" -eq 5 ] || usage 'uninstall takes 5 arguments'
+    check_config_dir "$1"
+    check_name "$2"
+    check_owner "$3"
+    check_wait "$4"
+    restart_cmd=$5
+    inspect_config_dir || done_ok absent '' '' false
+    find_book
+    open_book
+    mark_pending
+    owner_step owner-remove "$cfg" "$name"
+    report_ok ''
+    case ${report##*"$NL"} in
+        'ok absent')
+            # Nothing to remove, but an earlier run's missed restart is owed.
+            unmark_pending
+            restart_if_owed
+            done_ok absent '' '' "$restarted"
+            ;;
+    esac
+    report_ok removed
+    report_words
+    prune_sums ''
+    restarted=$(restart_runtime) || fail restart_failed 'the runtime restart command failed' 70
+    done_ok uninstalled '' "$rw_digest" "$restarted"
+}
+
+op_restart() {
+    [ "$#" -eq 4 ] || usage 'restart takes 4 arguments'
+    check_config_dir "$1"
+    check_owner "$2"
+    check_wait "$3"
+    restart_cmd=$4
+    inspect_config_dir || fail no_config_dir 'the runtime config directory does not exist' 69
+    find_book
+    open_book
+    restarted=$(restart_runtime) || fail restart_failed 'the runtime restart command failed' 70
+    done_ok restarted '' '' "$restarted"
+}
+
+op_inventory() {
+    [ "$#" -eq 2 ] || usage 'inventory takes 2 arguments'
+    check_config_dir "$1"
+    check_owner "$2"
+    name=''
+    if ! inspect_config_dir; then
+        printf '%s {"status":"inventory","plugins":[],"pending_restart":false}\n' "$MARKER"
+        exit 0
+    fi
+    find_book
+    # Reads take no lock, unless this host still has to be migrated.
+    if [ ! -e "$book/migrated" ]; then
+        lock_wait=${PLUGIN_LOCK_WAIT_SECS:-20}
+        check_wait "$lock_wait"
+        open_book
+    fi
+    with_sums=''
+    for iv_sums in "$book/sums"/*@*; do
+        [ -f "$iv_sums" ] && with_sums="$with_sums ${iv_sums##*/}"
+    done
+    with_sums=${with_sums# }
+    step_sums=$with_sums
+    owner_step owner-list "$cfg" "$with_sums"
+    report_ok list
+    iv_items=${report##*"$NL"}
+    iv_items=${iv_items#ok list}
+    iv_items=${iv_items# }
+    case $iv_items in
+        *[!"$LOWER$DIGITS"'{}":,._@-']*)
+            fail internal 'the step run as the workspace user gave an odd result' 1 ;;
+    esac
     iv_pending=false
-    [ -e "$state/restart-pending" ] && iv_pending=true
-    printf '%s {"status":"inventory","plugins":[%s],"pending_restart":%s}\n' "$MARKER" "$inv" "$iv_pending"
+    [ -e "$book/restart-pending" ] && iv_pending=true
+    cleanup
+    printf '%s {"status":"inventory","plugins":[%s],"pending_restart":%s}\n' "$MARKER" "$iv_items" "$iv_pending"
     exit 0
 }
 
 op=${1-}
 [ "$#" -gt 0 ] && shift
 case $op in
+    install | uninstall | inventory | restart) start_root ;;
+esac
+case $op in
     install) op_install "$@" ;;
     uninstall) op_uninstall "$@" ;;
     inventory) op_inventory "$@" ;;
     restart) op_restart "$@" ;;
+    owner-probe) owner_probe "$@" ;;
+    owner-apply) owner_apply "$@" ;;
+    owner-remove) owner_remove "$@" ;;
+    owner-list) owner_list "$@" ;;
     *) usage 'unknown operation' ;;
 esac

@@ -34,8 +34,12 @@ pub struct Config {
     /// Overrides of the built-in runtime profiles, by runtime name;
     /// the key `default` replaces the fallback profile.
     pub profiles: BTreeMap<String, RuntimeProfile>,
-    /// Owner of the installed files on the host.
+    /// Owner of the installed files on the host: numeric `uid:gid`, never
+    /// root's. Everything the host script does in the config dir runs as it.
     pub owner: String,
+    /// Directories a `molecule:config-dir` tag may name (or lie under),
+    /// beside the runtime profiles' own dirs.
+    pub config_dir_roots: Vec<String>,
     pub operation_timeout: Duration,
     pub connect_timeout: Duration,
     pub max_tree_bytes: u64,
@@ -83,6 +87,10 @@ impl Config {
             command_prefix: "sudo -n".into(),
             profiles: BTreeMap::new(),
             owner: "1000:1000".into(),
+            config_dir_roots: DEFAULT_CONFIG_DIR_ROOTS
+                .iter()
+                .map(|r| r.to_string())
+                .collect(),
             operation_timeout: Duration::from_secs(25),
             connect_timeout: Duration::from_secs(10),
             max_tree_bytes: 100 * 1024 * 1024,
@@ -127,7 +135,26 @@ impl Config {
                 .map_err(|e| Error::internal(format!("PLUGIN_RUNTIME_PROFILES: {e}")))?;
         }
         if let Some(v) = var("PLUGIN_OWNER") {
-            c.owner = v;
+            if !valid_owner(v.trim()) {
+                return Err(Error::internal(
+                    "PLUGIN_OWNER must be a numeric uid:gid other than root's",
+                ));
+            }
+            c.owner = v.trim().to_string();
+        }
+        if let Some(v) = var("PLUGIN_CONFIG_DIR_ROOTS") {
+            let roots: Vec<String> = v
+                .split([',', ':'])
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .map(str::to_string)
+                .collect();
+            if let Some(bad) = roots.iter().find(|r| !plain_dir(r)) {
+                return Err(Error::internal(format!(
+                    "PLUGIN_CONFIG_DIR_ROOTS: {bad:?} is not an absolute, normalised directory other than /"
+                )));
+            }
+            c.config_dir_roots = roots;
         }
         if let Some(v) = var("PLUGIN_OPERATION_TIMEOUT_SECS") {
             c.operation_timeout = Duration::from_secs(parse(&v, "PLUGIN_OPERATION_TIMEOUT_SECS")?);
@@ -201,13 +228,42 @@ impl Config {
     }
 
     /// The profile for a host: its runtime's, with the instance's own
-    /// config dir (tag) when it has one.
-    pub fn host_profile(&self, host: &crate::fleet::Host) -> RuntimeProfile {
+    /// config dir (tag) when it has one. A tag cannot aim the host script
+    /// anywhere else: it must name a profile's dir or one under
+    /// `config_dir_roots`, checked before the host is contacted.
+    pub fn host_profile(&self, host: &crate::fleet::Host) -> Result<RuntimeProfile> {
         let mut p = self.profile(&host.runtime);
         if let Some(dir) = &host.config_dir {
+            if !self.config_dir_allowed(dir) {
+                return Err(Error::host_failed(format!(
+                    "the instance's {} tag names a directory outside the allowed config roots",
+                    crate::fleet::TAG_CONFIG_DIR
+                ))
+                .with_detail(format!(
+                    "instance {}: config dir {dir:?}, roots {:?}",
+                    host.instance_id, self.config_dir_roots
+                )));
+            }
             p.config_dir = dir.clone();
         }
-        p
+        Ok(p)
+    }
+
+    /// A profile's own dir, or a plain dir under one of the roots.
+    pub fn config_dir_allowed(&self, dir: &str) -> bool {
+        if !plain_dir(dir) {
+            return false;
+        }
+        let profile_dirs = self.profiles.values().map(|p| p.config_dir.clone()).chain(
+            ["claude-code", "hermes", "default"]
+                .iter()
+                .map(|r| self.profile(r).config_dir),
+        );
+        let under = |root: &str| {
+            dir.strip_prefix(root)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        };
+        profile_dirs.into_iter().any(|d| d == dir) || self.config_dir_roots.iter().any(|r| under(r))
     }
 
     /// The profile of a runtime: configuration first, then the built-ins.
@@ -226,6 +282,40 @@ impl Config {
                 restart: "systemctl restart molecule-runtime.service".into(),
             })
     }
+}
+
+/// Where operators keep runtime config dirs unless told otherwise.
+pub const DEFAULT_CONFIG_DIR_ROOTS: [&str; 4] = ["/configs", "/opt", "/home", "/srv"];
+
+/// An absolute path of plain characters, normalised (no `.`, `..` or empty
+/// component, no trailing `/`) and not `/` itself: what the host script
+/// accepts as a config dir.
+pub fn plain_dir(dir: &str) -> bool {
+    let Some(rest) = dir.strip_prefix('/') else {
+        return false;
+    };
+    dir.len() <= 512
+        && !rest.is_empty()
+        && rest
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+        && dir
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b))
+}
+
+/// Numeric `uid:gid`, neither of them 0.
+pub fn valid_owner(owner: &str) -> bool {
+    let Some((u, g)) = owner.split_once(':') else {
+        return false;
+    };
+    let id = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 10
+            && s.bytes().all(|b| b.is_ascii_digit())
+            && s.parse::<u32>().is_ok_and(|n| n > 0)
+    };
+    id(u) && id(g)
 }
 
 fn builtin_profile(runtime: &str) -> Option<RuntimeProfile> {
@@ -265,5 +355,49 @@ mod tests {
         );
         assert_eq!(c.profile("langgraph").config_dir, "/srv/cfg");
         assert_eq!(c.profile("claude-code").config_dir, "/configs");
+    }
+
+    #[test]
+    fn config_dir_tags_stay_inside_the_allowed_roots() {
+        let mut c = Config::new("b");
+        c.profiles.insert(
+            "lab".into(),
+            RuntimeProfile {
+                config_dir: "/tmp/lab-cfg".into(),
+                restart: "true".into(),
+            },
+        );
+        for ok in [
+            "/configs",
+            "/home/ubuntu/.hermes",
+            "/opt/configs",
+            "/srv/agent/cfg",
+            "/tmp/lab-cfg",
+        ] {
+            assert!(c.config_dir_allowed(ok), "{ok}");
+        }
+        for bad in [
+            "/etc",
+            "/",
+            "/root",
+            "/var/lib/plugin-delivery",
+            "/configs/../etc",
+            "/home//x",
+            "/home/x/",
+            "/home/./x",
+            "/configsx",
+            "/tmp/lab-cfg/sub",
+            "/home/a b",
+            "/home/$(x)",
+            "relative",
+        ] {
+            assert!(!c.config_dir_allowed(bad), "{bad}");
+        }
+        assert!(valid_owner("1000:1000") && valid_owner("1:2"));
+        for bad in [
+            "0:0", "1000:0", "0:1000", "1000", "a:b", ":1", "1:", "1:2:3",
+        ] {
+            assert!(!valid_owner(bad), "{bad}");
+        }
     }
 }

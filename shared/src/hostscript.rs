@@ -1,8 +1,10 @@
 //! The host side of every operation is one POSIX sh script
 //! (`shared/host/plugin-host.sh`), embedded here and run remotely as
-//! `<prefix> sh -c '<script>' plugin-host <op> <args>`. Sending the script
-//! with each call means hosts need nothing pre-installed and never run a
-//! stale copy; every transport runs the same file.
+//! `<prefix> sh -c 'eval "$1"' plugin-host '<script>' <op> <args>`. Sending
+//! the script with each call means hosts need nothing pre-installed and never
+//! run a stale copy; every transport runs the same file. The text travels as
+//! an argument so the script can start itself again as the config dir's
+//! owner for everything it does inside that dir (privilege separation).
 
 use serde::Deserialize;
 
@@ -11,6 +13,8 @@ use crate::error::{Error, Result};
 
 pub const SCRIPT: &str = include_str!("../host/plugin-host.sh");
 pub const RESULT_MARKER: &str = "@@plugin-delivery-result ";
+/// How the script is started: its text is `$1`, then the operation.
+pub const SCRIPT_LAUNCH: &str = "sh -c 'eval \"$1\"' plugin-host ";
 
 /// One invocation of the host script.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,20 +73,21 @@ impl HostCommand {
         Self::install(&quiet, name, digest, owner, lock_wait)
     }
 
-    pub fn restart(p: &RuntimeProfile, lock_wait: u64) -> Self {
+    pub fn restart(p: &RuntimeProfile, owner: &str, lock_wait: u64) -> Self {
         HostCommand {
             args: vec![
                 "restart".into(),
                 p.config_dir.clone(),
+                owner.into(),
                 lock_wait.to_string(),
                 p.restart.clone(),
             ],
         }
     }
 
-    pub fn inventory(p: &RuntimeProfile) -> Self {
+    pub fn inventory(p: &RuntimeProfile, owner: &str) -> Self {
         HostCommand {
-            args: vec!["inventory".into(), p.config_dir.clone()],
+            args: vec!["inventory".into(), p.config_dir.clone(), owner.into()],
         }
     }
 
@@ -105,9 +110,8 @@ impl HostCommand {
             cmd.push_str(&shell_quote(v));
             cmd.push(' ');
         }
-        cmd.push_str("sh -c ");
+        cmd.push_str(SCRIPT_LAUNCH);
         cmd.push_str(&shell_quote(SCRIPT));
-        cmd.push_str(" plugin-host");
         for a in &self.args {
             cmd.push(' ');
             cmd.push_str(&shell_quote(a));
@@ -235,6 +239,15 @@ pub fn interpret(out: &HostOutput) -> Result<HostResult> {
         "unwire_failed" => {
             Error::host_failed("the host could not remove what the previous version had wired")
         }
+        "bad_config_dir" => Error::host_failed(
+            "the runtime's config directory on the host is not a plain directory owned by the workspace user; nothing was changed",
+        ),
+        "no_privilege_drop" => Error::host_failed(
+            "the host cannot run steps as the workspace user (setpriv from util-linux is missing); nothing was changed",
+        ),
+        "migrate_failed" => Error::host_failed(
+            "the host could not move its plugin bookkeeping to the current layout; nothing was changed",
+        ),
         "fetch_failed" => Error::host_failed(
             "the host could not download the plugin archive (its link may have expired); nothing was changed",
         ),
@@ -289,6 +302,26 @@ mod tests {
             .output()
             .unwrap();
         assert_eq!(String::from_utf8(out.stdout).unwrap(), weird);
+    }
+
+    #[test]
+    fn the_rendered_command_starts_the_script() {
+        // The launch line hands the script its own text: an unknown operation
+        // is answered by the script itself, not by the shell.
+        let cmd = HostCommand {
+            args: vec!["no-such-op".into()],
+        };
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd.render(""))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(out.status.code(), Some(64), "{stdout}");
+        assert!(
+            stdout.starts_with(RESULT_MARKER) && stdout.contains("unknown operation"),
+            "{stdout}"
+        );
     }
 
     #[test]

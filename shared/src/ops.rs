@@ -269,7 +269,7 @@ pub async fn install_as(
     } = prepare(deps, workspace, &source, pin.as_deref()).await?;
     let mut t = std::time::Instant::now();
 
-    let profile = cfg.host_profile(&host);
+    let profile = cfg.host_profile(&host)?;
     let cmd = HostCommand::install(
         &profile,
         &name,
@@ -359,7 +359,7 @@ pub async fn uninstall_as(
     validate_name(name)?;
     let cfg = &deps.config;
     let host = deps.fleet.locate(workspace).await?;
-    let profile = cfg.host_profile(&host);
+    let profile = cfg.host_profile(&host)?;
     let cmd = HostCommand::uninstall(&profile, name, &cfg.owner, cfg.lock_wait_secs);
     let mut rec = OperationRecord::start(Kind::Uninstall, Trigger::Api, Some(workspace));
     if let Some(id) = op_id {

@@ -135,7 +135,7 @@ pub async fn install_set(
     readiness: Readiness,
 ) -> Result<SetOutcome> {
     let cfg = &deps.config;
-    let profile = cfg.host_profile(host);
+    let profile = cfg.host_profile(host)?;
     let mut plugins = Vec::new();
     let mut changed = false;
     let mut ready = false;
@@ -216,7 +216,7 @@ pub async fn install_set(
             .transport
             .run(
                 host,
-                &HostCommand::restart(&profile, cfg.lock_wait_secs),
+                &HostCommand::restart(&profile, &cfg.owner, cfg.lock_wait_secs),
                 None,
             )
             .await?;
@@ -334,10 +334,14 @@ pub async fn repair_workspace(
             other => other?,
         };
         rec.transport = Some(host.access.as_str().into());
-        let profile = deps.config.host_profile(&host);
+        let profile = deps.config.host_profile(&host)?;
         let out = deps
             .transport
-            .run(&host, &HostCommand::inventory(&profile), None)
+            .run(
+                &host,
+                &HostCommand::inventory(&profile, &deps.config.owner),
+                None,
+            )
             .await?;
         let inv = interpret(&out)?;
         let on_host: BTreeMap<String, String> = inv
@@ -379,7 +383,11 @@ pub async fn repair_workspace(
                     .transport
                     .run(
                         &host,
-                        &HostCommand::restart(&profile, deps.config.lock_wait_secs),
+                        &HostCommand::restart(
+                            &profile,
+                            &deps.config.owner,
+                            deps.config.lock_wait_secs,
+                        ),
                         None,
                     )
                     .await?;
@@ -772,7 +780,7 @@ async fn rollout_one(
         return Ok(serde_json::json!({ "status": NOT_STARTED }));
     }
     let cfg = &deps.config;
-    let profile = cfg.host_profile(&host);
+    let profile = cfg.host_profile(&host)?;
     let cmd = HostCommand::install(
         &profile,
         &info.name,

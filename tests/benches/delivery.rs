@@ -482,7 +482,7 @@ async fn fleet() {
         let ws = format!("{}-f{i:03}", f.workspace);
         let h = Host::start(&f.ec2, &ws, "claude-code").await;
         let dir = f.dir.path().join(format!("f{i:03}"));
-        std::fs::create_dir_all(&dir).unwrap();
+        agent_dir(&dir);
         set_tag(
             &f.ec2,
             &h.instance_id,
@@ -506,7 +506,10 @@ async fn fleet() {
         &envfile,
         &f.bucket,
         &profiles,
-        "PLUGIN_ROLLOUT_CONCURRENCY='20'\n",
+        &format!(
+            "PLUGIN_ROLLOUT_CONCURRENCY='20'\nPLUGIN_CONFIG_DIR_ROOTS='{}'\n",
+            f.dir.path().display()
+        ),
     );
     let port = "9124";
     let mut watch = serve_release(&envfile, port);

@@ -94,6 +94,8 @@ configs="$demo/configs"
 hermes="$demo/hermes"
 mkdir -p "$configs" "$hermes"
 chmod 0755 "$demo" "$configs" "$hermes"
+# The config dirs belong to the agent user, as on a real host.
+chown 1000:1000 "$configs" "$hermes"
 profiles=$(jq -cn --arg dir "$configs" --arg restart "python3 $repo/tests/stack/fake-runtime.py $configs" \
     --arg hdir "$hermes" --arg hrestart "python3 $repo/tests/stack/fake-runtime.py $hermes" \
     '{"claude-code": {config_dir: $dir, restart: $restart}, "hermes": {config_dir: $hdir, restart: $hrestart}}')

@@ -22,7 +22,8 @@ Like the runtime it is idempotent: a plugin whose "# Plugin: N / " marker is
 already in CLAUDE.md is not appended again, and an equal hook group is not
 added twice. plugin-host.sh's unwire step is the exact inverse of this file.
 Each run also appends a timestamp line to CONFIG_DIR.restarts (a sibling
-file), so tests can count restarts.
+file), so tests can count restarts. Started as root, it does the wiring as
+the config dir's owner, as the real runtime runs as the agent user.
 """
 
 import json
@@ -140,6 +141,15 @@ def main():
         cfg = os.environ["PLUGIN_CONFIG_DIR"]
     else:
         sys.exit("usage: fake-runtime.py [CONFIG_DIR]  (default: $PLUGIN_CONFIG_DIR)")
+    # The count of restarts sits beside the config dir, where only root may
+    # write: open it first, then become the config dir's owner, as the real
+    # runtime (in its container) only ever is.
+    restarts = open(os.path.abspath(cfg) + ".restarts", "a")
+    st = os.stat(cfg)
+    if os.getuid() == 0 and st.st_uid != 0:
+        os.setgroups([])
+        os.setgid(st.st_gid)
+        os.setuid(st.st_uid)
     claude_dir = os.path.join(os.path.abspath(cfg), ".claude")
     plugins = os.path.join(cfg, "plugins")
     for n in entries(plugins):
@@ -151,7 +161,7 @@ def main():
         wire_files(claude_dir, p, "hooks", "")
         wire_files(claude_dir, p, "commands", ".md")
         wire_settings(claude_dir, p)
-    with open(os.path.abspath(cfg) + ".restarts", "a") as f:
+    with restarts as f:
         f.write("%.6f\n" % time.time())
 
 

@@ -4,9 +4,9 @@
 # Instance Connect emulator and the SSM Run Command emulator, plus the sshd
 # hosts tests start with sshd-host.sh under <state-dir>/hosts/<name>/.
 #
-#   stack.sh install             apt packages (openssh-server sudo shellcheck)
-#                                and <repo>/.venv (moto[server] cargo-lambda
-#                                awscli boto3); does nothing if all present
+#   stack.sh install             apt packages (APT_PACKAGES) and <repo>/.venv
+#                                (PIP_PACKAGES, pinned by requirements.lock);
+#                                a no-op if all present and the lock unchanged
 #   stack.sh up [state-dir]      start moto + emulators (default <repo>/.stack),
 #                                write <state-dir>/env, print its path
 #   stack.sh down [state-dir]    stop the sshd hosts, emulators and moto it
@@ -30,8 +30,12 @@ readonly EIC_PORT=${PLUGIN_STACK_EIC_PORT:-5001}
 readonly SSM_PORT=${PLUGIN_STACK_SSM_PORT:-5002}
 readonly REGION=${PLUGIN_STACK_REGION:-us-east-1}
 readonly VENV=${PLUGIN_STACK_VENV:-$REPO_ROOT/.venv}
-readonly APT_PACKAGES=(openssh-server sudo shellcheck openssl curl jq python3)
+readonly APT_PACKAGES=(openssh-server openssh-client sudo shellcheck openssl curl jq python3 python3-venv busybox util-linux wget iproute2)
 readonly PIP_PACKAGES=('moto[server]' cargo-lambda awscli boto3 cfn-lint aws-sam-cli)
+# pip constraints pinning PIP_PACKAGES and all they pull in; its sha256 is kept
+# in the venv so a changed lock means a reinstall.
+readonly PIP_LOCK=$SCRIPT_DIR/requirements.lock
+readonly VENV_LOCK_STAMP=$VENV/.plugin-delivery-lock.sha256
 readonly START_TIMEOUT=${PLUGIN_STACK_START_TIMEOUT:-60}
 # Nothing the stack talks to may go through a proxy.
 readonly NO_PROXY_LIST=127.0.0.1,localhost,::1
@@ -86,17 +90,24 @@ cmd_install() {
         fi
     fi
 
+    [[ -f $PIP_LOCK ]] || die "$PIP_LOCK is missing"
+    local lock_sum
+    lock_sum=$(sha256sum "$PIP_LOCK" | cut -d' ' -f1)
     if [[ ! -x $VENV/bin/python ]]; then
         log "creating $VENV"
         python3 -m venv "$VENV"
     fi
-    if [[ -x $VENV/bin/moto_server && -x $VENV/bin/cargo-lambda && -x $VENV/bin/aws &&
+    if [[ -f $VENV_LOCK_STAMP && $(<"$VENV_LOCK_STAMP") == "$lock_sum" &&
+        -x $VENV/bin/moto_server && -x $VENV/bin/cargo-lambda && -x $VENV/bin/aws &&
         -x $VENV/bin/cfn-lint && -x $VENV/bin/sam ]] &&
         "$VENV/bin/python" -c 'import boto3, moto, flask' 2>/dev/null; then
         :
     else
-        log "installing ${PIP_PACKAGES[*]} into $VENV"
-        "$VENV/bin/python" -m pip install --disable-pip-version-check -q "${PIP_PACKAGES[@]}"
+        log "installing ${PIP_PACKAGES[*]} into $VENV (pinned by $PIP_LOCK)"
+        rm -f "$VENV_LOCK_STAMP"
+        "$VENV/bin/python" -m pip install --disable-pip-version-check -q \
+            -c "$PIP_LOCK" "${PIP_PACKAGES[@]}"
+        printf '%s\n' "$lock_sum" >"$VENV_LOCK_STAMP"
     fi
     ensure_login_user
     log "install: done"

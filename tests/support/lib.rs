@@ -8,6 +8,7 @@
 //! real AWS even if the shell has no endpoint variables.
 
 use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -390,9 +391,10 @@ impl Fixture {
             .unwrap();
         // The runtime (uid 1000) must be able to traverse to its config dir.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        // The runtime's config dir exists on a real host before we arrive.
+        // The runtime's config dir exists on a real host before we arrive,
+        // and belongs to the agent user.
         let config_dir = dir.path().join("configs");
-        std::fs::create_dir(&config_dir).unwrap();
+        agent_dir(&config_dir);
         Fixture {
             s3,
             ec2,
@@ -413,6 +415,8 @@ impl Fixture {
         c.ssh_user = LOGIN_USER.into();
         c.command_prefix = "sudo -n".into();
         c.address_tag = Some("molecule:local-address".into());
+        // Config dirs named by tags live in this fixture's temp dir.
+        c.config_dir_roots = vec![self.dir.path().to_string_lossy().into_owned()];
         c.profiles.insert(
             "claude-code".into(),
             RuntimeProfile {
@@ -440,6 +444,16 @@ impl Fixture {
             self.ssm.clone(),
         )
         .expect("app")
+    }
+
+    /// Root's own state for this config dir on the host.
+    pub fn book(&self) -> PathBuf {
+        book_of(&self.config_dir)
+    }
+
+    /// Files the test set up in the config dir as root are the agent's.
+    pub fn give_to_agent(&self) {
+        give_to_agent(&self.config_dir);
     }
 
     pub fn plugin_dir(&self, name: &str) -> PathBuf {
@@ -766,4 +780,295 @@ pub async fn deliver_queue(app: &App, sqs: &aws_sdk_sqs::Client, queue_url: &str
 /// An SQS client on the local stack (moto).
 pub async fn sqs() -> aws_sdk_sqs::Client {
     aws_sdk_sqs::Client::new(&sdk().await)
+}
+
+/// The hourly EventBridge "Scheduled Event" that starts drift repair.
+pub fn scheduled_event() -> Value {
+    json!({
+        "version": "0",
+        "id": "5e0b1d2c-0000-4000-8000-000000000002",
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": "123456789012",
+        "time": "2026-11-25T20:00:00Z",
+        "region": "us-east-1",
+        "resources": ["arn:aws:events:us-east-1:123456789012:rule/plugin-delivery-drift"],
+        "detail": {}
+    })
+}
+
+/// A tool a test runs: when it is missing, say which and how to get it,
+/// rather than fail later on a side effect.
+pub fn need(path: &str) {
+    assert!(
+        Path::new(path).exists(),
+        "{path} is missing: tests/stack/stack.sh install installs every tool the tests use"
+    );
+}
+
+// ------------------------------------------------------------ the agent user
+
+/// The agent user: owner of every config dir, an AI agent running arbitrary
+/// code on the host.
+pub const AGENT_UID: u32 = 1000;
+
+/// Where the host script keeps root's state for `config_dir` on the hosts
+/// of this machine (`/var/lib/plugin-delivery/<sha256 of the path>`).
+pub fn book_of(config_dir: &Path) -> PathBuf {
+    Path::new("/var/lib/plugin-delivery").join(sha256_hex(config_dir.to_str().unwrap().as_bytes()))
+}
+
+/// Creates `dir` (and parents) as a config dir: owned by the agent user.
+pub fn agent_dir(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::os::unix::fs::chown(dir, Some(AGENT_UID), Some(AGENT_UID)).unwrap();
+}
+
+/// Hands everything under `root` to the agent user, as if it had made it.
+pub fn give_to_agent(root: &Path) {
+    let st = std::process::Command::new("chown")
+        .args(["-R", "-h", "1000:1000"])
+        .arg(root)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Runs `script` with `sh -c` as the agent user (uid and gid 1000, no
+/// supplementary groups) in `dir`: a real unprivileged process.
+pub fn as_agent(dir: &Path, script: &str) -> std::process::Output {
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=1000",
+            "--regid=1000",
+            "--clear-groups",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .current_dir(dir)
+        .output()
+        .expect("setpriv (util-linux) is needed: run tests/stack/stack.sh install");
+    out
+}
+
+/// Entries under `root` (links not followed) owned by root, relative.
+pub fn root_owned(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let path = e.path();
+            let Ok(md) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if md.uid() == 0 || md.gid() == 0 {
+                out.push(path.strip_prefix(root).unwrap().display().to_string());
+            }
+            if md.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A tree of root-owned files outside every config dir, for planted links
+/// to aim at: a file only root may read, a file anyone may read, a directory
+/// with a file, an empty directory, all root's, plus a dir named like the
+/// paths the script creates. Any change to it (content, mode, owner, a file
+/// added or removed) fails `assert_unchanged`.
+pub struct Canary {
+    dir: tempfile::TempDir,
+    before: BTreeMap<String, (String, u32, u32, u32, Vec<u8>)>,
+}
+
+impl Canary {
+    pub fn new() -> Canary {
+        let dir = tempfile::Builder::new()
+            .prefix("pd-canary-")
+            .tempdir()
+            .unwrap();
+        let root = dir.path();
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let file = |rel: &str, body: &str, mode: u32| {
+            std::fs::write(root.join(rel), body).unwrap();
+            std::fs::set_permissions(root.join(rel), std::fs::Permissions::from_mode(mode))
+                .unwrap();
+        };
+        file("ld.so.preload", "", 0o644);
+        file("shadow", "root:secret\n", 0o600);
+        std::fs::create_dir(root.join("etc")).unwrap();
+        file("etc/passwd", "root:x:0:0\n", 0o644);
+        std::fs::create_dir(root.join("empty")).unwrap();
+        std::fs::create_dir(root.join("plugins")).unwrap();
+        file("plugins/keep.md", "keep\n", 0o644);
+        let before = Self::scan(root);
+        Canary { dir, before }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Each entry: kind, mode, uid, gid, content (file) or target (link).
+    fn scan(root: &Path) -> BTreeMap<String, (String, u32, u32, u32, Vec<u8>)> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).unwrap().flatten() {
+                let path = e.path();
+                let md = std::fs::symlink_metadata(&path).unwrap();
+                let rel = path.strip_prefix(root).unwrap().display().to_string();
+                let (kind, body) = if md.file_type().is_symlink() {
+                    (
+                        "link",
+                        std::fs::read_link(&path)
+                            .unwrap()
+                            .into_os_string()
+                            .into_vec(),
+                    )
+                } else if md.is_dir() {
+                    stack.push(path.clone());
+                    ("dir", Vec::new())
+                } else {
+                    ("file", std::fs::read(&path).unwrap())
+                };
+                out.insert(rel, (kind.to_string(), md.mode(), md.uid(), md.gid(), body));
+            }
+        }
+        let md = std::fs::symlink_metadata(root).unwrap();
+        out.insert(
+            ".".into(),
+            ("dir".into(), md.mode(), md.uid(), md.gid(), Vec::new()),
+        );
+        out
+    }
+
+    pub fn assert_unchanged(&self, what: &str) {
+        let now = Self::scan(self.dir.path());
+        assert_eq!(
+            now, self.before,
+            "the canary outside the config dir changed: {what}"
+        );
+    }
+}
+
+impl Default for Canary {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Every path under a config dir that the host script, or the runtime's
+/// unwiring it does, touches for plugin `name`: a link planted at any of
+/// them must not lead root anywhere. `{store}` is the store dir of `name`
+/// at digest `sha`.
+pub fn planted_paths(name: &str, sha: &str, skill: &str) -> Vec<String> {
+    let mut v: Vec<String> = [
+        ".plugin-delivery",
+        ".plugin-delivery/lock",
+        ".plugin-delivery/restart-pending",
+        ".plugin-delivery/sums",
+        ".plugin-delivery/staging",
+        ".plugin-delivery/store",
+        ".plugin-delivery/aside",
+        "plugins",
+        "skills",
+        ".claude",
+        ".claude/hooks",
+        ".claude/commands",
+        ".claude/settings.json",
+        "CLAUDE.md",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.push(format!(".plugin-delivery/sums/{name}@{sha}"));
+    v.push(format!(".plugin-delivery/aside/{name}"));
+    v.push(format!(".plugin-delivery/store/{name}@{sha}"));
+    v.push(format!("plugins/{name}"));
+    v.push(format!("skills/{skill}"));
+    v
+}
+
+/// As the agent: replace `rel` in `cfg` (whatever is there) with a symlink
+/// to `target`, creating its parent dirs.
+pub fn plant_link(cfg: &Path, rel: &str, target: &Path) {
+    let script = format!(
+        "mkdir -p \"$(dirname '{rel}')\" && rm -rf '{rel}' && ln -s '{}' '{rel}'",
+        target.display()
+    );
+    let out = as_agent(cfg, &script);
+    assert!(
+        out.status.success(),
+        "planting {rel}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A uid-1000 process that, until dropped, keeps swapping each of `dirs`
+/// (relative to `cfg`) for a symlink to `target` and back, as fast as a
+/// shell loop can: a race against every check-then-act of the host script.
+pub struct Racer {
+    child: std::process::Child,
+    cfg: PathBuf,
+    dirs: Vec<String>,
+}
+
+impl Racer {
+    pub fn start(cfg: &Path, dirs: &[&str], target: &Path) -> Racer {
+        let list = dirs.join(" ");
+        let script = format!(
+            "while :; do for d in {list}; do \
+               if [ -d \"$d\" ] && [ ! -L \"$d\" ] && mv \"$d\" \"$d.racer\" 2>/dev/null; then \
+                 ln -s '{t}' \"$d\" 2>/dev/null; rm -f \"$d\"; mv \"$d.racer\" \"$d\" 2>/dev/null; \
+               fi; \
+             done; done",
+            t = target.display()
+        );
+        let child = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=1000",
+                "--regid=1000",
+                "--clear-groups",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ])
+            .current_dir(cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("setpriv (util-linux) is needed");
+        Racer {
+            child,
+            cfg: cfg.to_path_buf(),
+            dirs: dirs.iter().map(|d| d.to_string()).collect(),
+        }
+    }
+}
+
+impl Drop for Racer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Put back a dir the loop was killed in the middle of swapping.
+        for d in &self.dirs {
+            let real = self.cfg.join(format!("{d}.racer"));
+            let path = self.cfg.join(d);
+            if real.exists() {
+                if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+                    let _ = std::fs::remove_file(&path);
+                }
+                let _ = std::fs::rename(&real, &path);
+            }
+        }
+    }
 }

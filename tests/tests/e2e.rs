@@ -82,6 +82,8 @@ async fn install_unchanged_upgrade_list_uninstall(access: Access) {
     )
     .unwrap();
 
+    f.give_to_agent();
+
     // Install.
     let (s, b) = install(&app, &f.workspace, r#"{"source": "local://hello"}"#).await;
     assert_eq!(s, 200, "{b}");

@@ -227,7 +227,8 @@ async fn run_probe(
     );
     let host = fleet.locate(&f.workspace).await.unwrap();
     let profile = f.config().profile("claude-code");
-    t.run(&host, &HostCommand::inventory(&profile), None).await
+    t.run(&host, &HostCommand::inventory(&profile, "1000:1000"), None)
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

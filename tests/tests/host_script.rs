@@ -1,7 +1,10 @@
 //! Tests of the host script (`shared/host/plugin-host.sh`) as the hosts run
-//! it: the system `sh` (dash on Debian), real files in a temp config dir, and
-//! `tests/stack/fake-runtime.py` as the runtime restart command. Every test
-//! has its own temp dir, so they run in parallel.
+//! it: the system `sh` (dash on Debian) started the way the transports start
+//! it, as root, on a real temp config dir owned by the workspace user (uid
+//! 1000), with `tests/stack/fake-runtime.py` (which drops to that user, as
+//! the real runtime runs as it) as the restart command. Every test has its
+//! own temp dir and root state dir, so they run in parallel. After every run
+//! in a config dir, no file in it may belong to root.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -15,6 +18,10 @@ use flate2::{write::GzEncoder, Compression};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
+
+use acceptance::{
+    as_agent, give_to_agent, need, plant_link, planted_paths, root_owned, Canary, Racer,
+};
 
 /// Tests run as root; the plugin files must end up owned by the workspace user.
 const OWNER: &str = "1000:1000";
@@ -31,6 +38,9 @@ fn runtime() -> PathBuf {
 fn sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
+
+/// The agent user that owns the config dir.
+const AGENT: u32 = 1000;
 
 // ------------------------------------------------------------ plugin trees
 
@@ -155,9 +165,45 @@ fn run_script_env(
     path_env: Option<&Path>,
     env: &[(&str, &str)],
 ) -> Run {
+    // The config dir (when the arguments name one of a test Host's): its
+    // contents are the agent's before the run, and no file in it may be
+    // root's after it.
+    let cfg = args
+        .get(1)
+        .map(Path::new)
+        .filter(|p| p.is_absolute() && p.ends_with("cfg") && p.is_dir());
+    if let Some(cfg) = cfg {
+        give_to_agent(cfg);
+    }
+    let run = launch(args, stdin, path_env, env);
+    if let Some(cfg) = cfg {
+        assert_eq!(
+            root_owned(cfg),
+            Vec::<String>::new(),
+            "root-owned files after {args:?}"
+        );
+    }
+    run
+}
+
+/// Runs the script as the transports do (`sh -c 'eval "$1"' plugin-host
+/// TEXT OP ARGS`), with root's state under the config dir's temp dir.
+fn launch(
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    path_env: Option<&Path>,
+    env: &[(&str, &str)],
+) -> Run {
+    let text = fs::read_to_string(script()).unwrap();
     let mut cmd = Command::new("sh");
     cmd.envs(env.iter().copied());
-    cmd.arg(script())
+    if let Some(state) = args.get(1).map(Path::new).and_then(Path::parent) {
+        if state.is_absolute() {
+            cmd.env("PLUGIN_STATE_ROOT", state.join("state"));
+        }
+    }
+    cmd.args(["-c", "eval \"$1\"", "plugin-host"])
+        .arg(text)
         .args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -229,9 +275,21 @@ struct Host {
 impl Host {
     fn new() -> Self {
         let tmp = tempfile::tempdir().unwrap();
+        // The agent user must be able to reach its config dir.
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
         let cfg = tmp.path().join("cfg");
         fs::create_dir(&cfg).unwrap();
+        std::os::unix::fs::chown(&cfg, Some(AGENT), Some(AGENT)).unwrap();
         Host { _tmp: tmp, cfg }
+    }
+
+    /// Root's own state for this config dir (the script's "book").
+    fn book(&self) -> PathBuf {
+        self.cfg
+            .parent()
+            .unwrap()
+            .join("state")
+            .join(sha256(self.cfg().as_bytes()))
     }
 
     fn cfg(&self) -> &str {
@@ -256,8 +314,10 @@ impl Host {
         format!("python3 '{}' '{}'", runtime().display(), self.cfg.display())
     }
 
-    /// Runs the fake runtime the way the restart command does.
+    /// Runs the fake runtime the way the restart command does (on files the
+    /// test set up for the agent).
     fn restart(&self) {
+        give_to_agent(&self.cfg);
         let st = Command::new("sh")
             .arg("-c")
             .arg(self.restart_cmd())
@@ -298,7 +358,7 @@ impl Host {
     }
 
     fn inventory(&self) -> Value {
-        let r = run_script(&["inventory", self.cfg()], None, None);
+        let r = run_script(&["inventory", self.cfg(), OWNER], None, None);
         r.assert_ok("inventory");
         r.result["plugins"].clone()
     }
@@ -900,7 +960,7 @@ fn corrupt_or_foreign_archives_are_bad_archives() {
 #[test]
 fn a_held_lock_makes_mutations_busy() {
     let h = Host::new();
-    let lock = h.path(".plugin-delivery/lock");
+    let lock = h.book().join("lock");
     fs::create_dir_all(lock.parent().unwrap()).unwrap();
     // The holder keeps the lock until its stdin closes.
     let mut holder = Command::new("flock")
@@ -974,8 +1034,16 @@ fn bad_arguments_are_usage_errors() {
         vec![],
         vec!["frobnicate".into(), cfg.into()],
         vec!["inventory".into()],
-        vec!["inventory".into(), "relative/cfg".into()],
-        vec!["inventory".into(), cfg.into(), "extra".into()],
+        vec!["inventory".into(), cfg.into()],
+        vec!["inventory".into(), "relative/cfg".into(), OWNER.into()],
+        vec!["inventory".into(), cfg.into(), OWNER.into(), "extra".into()],
+        vec!["restart".into(), cfg.into(), OWNER.into(), "5".into()],
+        vec!["owner-probe".into(), cfg.into(), "alpha".into()],
+        install("/", "alpha", &sha, OWNER, "5"),
+        install("/etc/../tmp", "alpha", &sha, OWNER, "5"),
+        install(&format!("{cfg}/"), "alpha", &sha, OWNER, "5"),
+        install(&format!("{cfg}/./x"), "alpha", &sha, OWNER, "5"),
+        install("/tmp/a b", "alpha", &sha, OWNER, "5"),
         vec![
             "uninstall".into(),
             cfg.into(),
@@ -1015,6 +1083,10 @@ fn bad_arguments_are_usage_errors() {
     }
     for owner in [
         "root",
+        "0:0",
+        "1000:0",
+        "0:1000",
+        "00:1000",
         "1000",
         "1000:",
         ":1000",
@@ -1237,8 +1309,10 @@ impl Host {
 /// only downloader (minimal hardened images).
 fn path_for(tool: &str) -> Option<TempDir> {
     if tool == "curl" {
+        need("/usr/bin/curl");
         return None;
     }
+    need("/usr/bin/wget");
     let bin = tempfile::tempdir().unwrap();
     for e in fs::read_dir("/usr/bin").unwrap() {
         let name = e.unwrap().file_name();
@@ -1248,6 +1322,7 @@ fn path_for(tool: &str) -> Option<TempDir> {
         }
     }
     if tool == "busybox" {
+        need("/usr/bin/busybox");
         symlink("/usr/bin/busybox", bin.path().join("wget")).unwrap();
     }
     Some(bin)
@@ -1393,4 +1468,354 @@ fn an_uninstall_of_an_absent_plugin_still_makes_up_a_missed_restart() {
     assert_eq!(r.result["restarted"], true);
     assert_eq!(r.result["pending_restart"], false);
     assert_eq!(h.restarts(), 1);
+}
+
+// ------------------------------------------------- the agent as an attacker
+//
+// The config dir belongs to the agent user (uid 1000), an AI agent running
+// arbitrary code. Whatever it plants there, the script (run as root) must
+// change nothing outside the config dir and leave no root-owned file in it.
+
+impl Host {
+    fn restart_op(&self) -> Run {
+        run_script(
+            &["restart", self.cfg(), OWNER, "5", &self.restart_cmd()],
+            None,
+            None,
+        )
+    }
+
+    /// Every operation once, in the order a workspace sees them: upgrade,
+    /// inventory (repair's look), uninstall, install again, restart. Results
+    /// may be errors; each must be one clean result line, and after each the
+    /// canary is unchanged (run_script checks for root-owned files).
+    fn every_operation(&self, canary: &Canary, what: &str) {
+        let (v1, v2) = (alpha_v1(), alpha_v2());
+        let runs = [
+            ("upgrade", self.install("alpha", &v2)),
+            (
+                "inventory",
+                run_script(&["inventory", self.cfg(), OWNER], None, None),
+            ),
+            ("uninstall", self.uninstall("alpha")),
+            ("install", self.install("alpha", &v1)),
+            ("restart", self.restart_op()),
+        ];
+        for (op, run) in runs {
+            assert!(run.result["status"].is_string(), "{what}: {op}: {run:#?}");
+            canary.assert_unchanged(&format!("{what}: {op}"));
+        }
+    }
+}
+
+#[test]
+fn links_planted_at_every_path_lead_nowhere() {
+    let canary = Canary::new();
+    let sha = alpha_v1().archive.sha;
+    for rel in planted_paths("alpha", &sha, "alpha-skill") {
+        for target in [canary.path("etc"), canary.path("ld.so.preload")] {
+            let h = Host::new();
+            write_user_files(&h);
+            h.install("alpha", &alpha_v1()).assert_ok("installed");
+            plant_link(&h.cfg, &rel, &target);
+            h.every_operation(&canary, &format!("{rel} -> {}", target.display()));
+        }
+    }
+}
+
+#[test]
+fn a_symlinked_skills_dir_with_a_skill_named_passwd_deletes_nothing() {
+    // The uninstall's unwire step removes skills/<s> for every skill the
+    // plugin names; with skills/ pointing at /etc and `skills: [passwd]`
+    // that was `rm -rf /etc/passwd` as root.
+    let canary = Canary::new();
+    let h = Host::new();
+    let p = plugin(&[
+        ("plugin.yaml", "name: evil\nskills: [passwd]\n"),
+        ("skills/passwd/SKILL.md", "x\n"),
+    ]);
+    h.install("evil", &p).assert_ok("installed");
+    plant_link(&h.cfg, "skills", &canary.path("etc"));
+    let r = h.uninstall("evil");
+    assert!(r.result["status"].is_string(), "{r:#?}");
+    canary.assert_unchanged("uninstall through a symlinked skills dir");
+    assert_eq!(
+        fs::read_to_string(canary.path("etc/passwd")).unwrap(),
+        "root:x:0:0\n"
+    );
+}
+
+#[test]
+fn a_racing_agent_swapping_dirs_for_links_changes_nothing_outside() {
+    let canary = Canary::new();
+    let h = Host::new();
+    write_user_files(&h);
+    give_to_agent(&h.cfg);
+    let (v1, v2) = (alpha_v1(), alpha_v2());
+    h.install("alpha", &v1).assert_ok("installed");
+    let racer = Racer::start(
+        &h.cfg,
+        &[
+            "plugins",
+            "skills",
+            ".claude",
+            ".claude/hooks",
+            ".plugin-delivery",
+            ".plugin-delivery/store",
+            ".plugin-delivery/staging",
+        ],
+        &canary.path("etc"),
+    );
+    let args = |op: &str, p: &Plugin| -> Vec<String> {
+        match op {
+            "install" => vec![
+                "install".into(),
+                h.cfg().into(),
+                "alpha".into(),
+                p.archive.sha.clone(),
+                OWNER.into(),
+                "5".into(),
+                h.restart_cmd(),
+            ],
+            "uninstall" => vec![
+                "uninstall".into(),
+                h.cfg().into(),
+                "alpha".into(),
+                OWNER.into(),
+                "5".into(),
+                h.restart_cmd(),
+            ],
+            _ => vec!["inventory".into(), h.cfg().into(), OWNER.into()],
+        }
+    };
+    let mut statuses = BTreeMap::new();
+    for round in 0..12 {
+        for (op, p) in [
+            ("install", &v2),
+            ("inventory", &v2),
+            ("install", &v1),
+            ("uninstall", &v1),
+        ] {
+            let a = args(op, p);
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            let stdin = (op == "install").then_some(p.archive.bytes.as_slice());
+            // No give_to_agent here: the racer owns the tree while it runs.
+            let run = launch(&a, stdin, None, &[]);
+            *statuses
+                .entry(format!(
+                    "{op}:{}",
+                    run.result["status"].as_str().unwrap_or("?")
+                ))
+                .or_insert(0) += 1;
+            canary.assert_unchanged(&format!("round {round}: {op}"));
+        }
+    }
+    drop(racer);
+    assert_eq!(root_owned(&h.cfg), Vec::<String>::new());
+    canary.assert_unchanged("after the race");
+    // The race really reached the script: some operations saw it.
+    eprintln!("statuses under the race: {statuses:?}");
+    // And the host still works once the agent stops.
+    h.install("alpha", &v2).assert_ok("installed");
+}
+
+#[test]
+fn owner_steps_refuse_to_run_as_root() {
+    let h = Host::new();
+    let sha = alpha_v1().archive.sha;
+    let r = launch(
+        &["owner-probe", h.cfg(), "alpha", &sha, ""],
+        None,
+        None,
+        &[],
+    );
+    r.assert_error("internal", 1);
+    assert!(
+        r.result["message"].as_str().unwrap().contains("root"),
+        "{r:#?}"
+    );
+    assert_eq!(h.listing(""), Vec::<String>::new());
+}
+
+#[test]
+fn a_config_dir_that_is_a_link_or_not_the_agents_is_refused() {
+    let canary = Canary::new();
+    let p = alpha_v1();
+    let tmp = tempfile::tempdir().unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    // The agent's real dir, reached through a link.
+    let real = tmp.path().join("real");
+    fs::create_dir(&real).unwrap();
+    std::os::unix::fs::chown(&real, Some(AGENT), Some(AGENT)).unwrap();
+    symlink(&real, tmp.path().join("cfg-link")).unwrap();
+    // A dir under a symlinked parent.
+    symlink(tmp.path(), tmp.path().join("parent-link")).unwrap();
+    // Root's own dir (what a tag naming /etc would be).
+    let roots = tmp.path().join("roots");
+    fs::create_dir(&roots).unwrap();
+    // A file, not a dir.
+    fs::write(tmp.path().join("file"), "x").unwrap();
+    // And a link to the canary.
+    symlink(canary.path("etc"), tmp.path().join("to-canary")).unwrap();
+    for cfg in ["cfg-link", "parent-link/real", "roots", "file", "to-canary"] {
+        let cfg = tmp.path().join(cfg);
+        let cfg = cfg.to_str().unwrap();
+        for args in [
+            vec!["install", cfg, "alpha", &p.archive.sha, OWNER, "5", "true"],
+            vec!["uninstall", cfg, "alpha", OWNER, "5", "true"],
+            vec!["inventory", cfg, OWNER],
+            vec!["restart", cfg, OWNER, "5", "true"],
+        ] {
+            let r = launch(&args, Some(&p.archive.bytes), None, &[]);
+            r.assert_error("bad_config_dir", 77);
+        }
+    }
+    // Nothing was created anywhere: not in the dirs, not in root's state.
+    assert_eq!(fs::read_dir(&real).unwrap().count(), 0);
+    assert_eq!(fs::read_dir(&roots).unwrap().count(), 0);
+    assert!(!tmp.path().join("state").exists());
+    canary.assert_unchanged("bad config dirs");
+}
+
+/// A PATH with every tool of /usr/bin except those named.
+fn path_without(tools: &[&str]) -> TempDir {
+    let bin = tempfile::tempdir().unwrap();
+    fs::set_permissions(bin.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    for e in fs::read_dir("/usr/bin").unwrap() {
+        let name = e.unwrap().file_name();
+        if !tools.iter().any(|t| name == *t) {
+            symlink(Path::new("/usr/bin").join(&name), bin.path().join(&name)).unwrap();
+        }
+    }
+    bin
+}
+
+#[test]
+fn without_setpriv_the_script_refuses_and_changes_nothing() {
+    let h = Host::new();
+    let p = alpha_v1();
+    let bin = path_without(&["setpriv"]);
+    let r = run_script_env(
+        &[
+            "install",
+            h.cfg(),
+            "alpha",
+            &p.archive.sha,
+            OWNER,
+            "5",
+            &h.restart_cmd(),
+        ],
+        Some(&p.archive.bytes),
+        Some(bin.path()),
+        &[],
+    );
+    r.assert_error("no_privilege_drop", 72);
+    assert_eq!(h.listing(""), Vec::<String>::new());
+    assert_eq!(h.restarts(), 0);
+}
+
+#[test]
+fn a_host_of_the_earlier_layout_migrates_without_a_gap() {
+    // Built the way the earlier script left a host: root-owned
+    // .plugin-delivery with root's lock, sums and restart marker, a store
+    // dir of root's holding the agent's tree, and root's leftovers in staging.
+    let h = Host::new();
+    let p = alpha_v1();
+    h.install("alpha", &p).assert_ok("installed");
+    let book = h.book();
+    let state = h.path(".plugin-delivery");
+    let sums_name = format!("alpha@{}", p.archive.sha);
+    fs::create_dir(state.join("sums")).unwrap();
+    fs::copy(
+        book.join("sums").join(&sums_name),
+        state.join("sums").join(&sums_name),
+    )
+    .unwrap();
+    fs::write(state.join("lock"), "").unwrap();
+    fs::write(state.join("restart-pending"), "").unwrap();
+    fs::create_dir_all(state.join("staging/install.AbC123/tree")).unwrap();
+    fs::write(state.join("staging/install.AbC123/archive"), "partial").unwrap();
+    fs::remove_dir_all(&book).unwrap();
+    for d in [
+        "",
+        "/store",
+        "/staging",
+        "/staging/install.AbC123",
+        "/staging/install.AbC123/tree",
+        "/sums",
+    ] {
+        std::os::unix::fs::chown(format!("{}{d}", state.display()), Some(0), Some(0)).unwrap();
+    }
+    for f in ["lock", "restart-pending", "staging/install.AbC123/archive"] {
+        std::os::unix::fs::chown(state.join(f), Some(0), Some(0)).unwrap();
+    }
+    std::os::unix::fs::chown(state.join("sums").join(&sums_name), Some(0), Some(0)).unwrap();
+    // The file the runtime reads must be there at every moment.
+    let probe = h.path("plugins/alpha/plugin.yaml");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                fs::read(&probe).expect("plugins/alpha readable throughout");
+                reads += 1;
+            }
+            reads
+        })
+    };
+    // Not run_script: the earlier layout is root's on purpose.
+    let r = launch(
+        &[
+            "install",
+            h.cfg(),
+            "alpha",
+            &p.archive.sha,
+            OWNER,
+            "5",
+            &h.restart_cmd(),
+        ],
+        None,
+        None,
+        &[],
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(reader.join().unwrap() > 0);
+    // Unchanged, and the restart the earlier layout owed was made up for.
+    r.assert_ok("unchanged");
+    assert_eq!(r.result["restarted"], true);
+    assert_eq!(h.restarts(), 2);
+    assert_eq!(root_owned(&h.cfg), Vec::<String>::new());
+    assert_eq!(h.listing(".plugin-delivery"), ["staging", "store"]);
+    assert_eq!(h.listing(".plugin-delivery/staging"), Vec::<String>::new());
+    assert!(book.join("sums").join(&sums_name).is_file());
+    h.assert_installed("alpha", &p);
+    // The sums came along: a change on the host is still found.
+    fs::write(h.path("plugins/alpha/GUIDE.md"), "changed").unwrap();
+    assert_eq!(h.inventory()[0]["digest"], "");
+}
+
+#[test]
+fn the_agents_edit_to_its_plugin_is_repaired_as_the_agent() {
+    // The drift repair path needs no API call: the agent edits its plugin,
+    // inventory reports drift, an install runs. Planting a link inside the
+    // store tree gets it nothing either.
+    let canary = Canary::new();
+    let h = Host::new();
+    let p = alpha_v1();
+    h.install("alpha", &p).assert_ok("installed");
+    let out = as_agent(
+        &h.cfg,
+        &format!(
+            "rm -f plugins/alpha/GUIDE.md && ln -s '{}' plugins/alpha/GUIDE.md && rm -rf plugins/alpha/skills && ln -s '{}' plugins/alpha/skills",
+            canary.path("shadow").display(),
+            canary.path("etc").display()
+        ),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(h.inventory()[0]["digest"], "");
+    h.install("alpha", &p).assert_ok("installed");
+    h.assert_installed("alpha", &p);
+    h.uninstall("alpha").assert_ok("uninstalled");
+    canary.assert_unchanged("repair of an edited plugin");
 }

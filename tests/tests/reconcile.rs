@@ -63,7 +63,7 @@ struct Extra {
 async fn extra_host(f: &Fixture, workspace: &str, access: Access, name: &str) -> Extra {
     let host = Host::start_with(&f.ec2, workspace, "claude-code", access).await;
     let dir = f.dir.path().join(name);
-    std::fs::create_dir_all(&dir).unwrap();
+    agent_dir(&dir);
     set_tag(
         &f.ec2,
         &host.instance_id,
@@ -113,17 +113,7 @@ fn request(detail: Value) -> Value {
 }
 
 fn scheduled() -> Value {
-    json!({
-        "version": "0",
-        "id": "5e0b1d2c-0000-4000-8000-000000000002",
-        "detail-type": "Scheduled Event",
-        "source": "aws.events",
-        "account": "123456789012",
-        "time": "2026-11-25T20:00:00Z",
-        "region": "us-east-1",
-        "resources": ["arn:aws:events:us-east-1:123456789012:rule/plugin-delivery-drift"],
-        "detail": {}
-    })
+    scheduled_event()
 }
 
 async fn handle(app: &plugin_delivery::App, ev: Value) -> Result<Value, String> {
@@ -548,6 +538,7 @@ async fn drift_is_repaired_on_the_schedule_and_extras_reported(access: Access) {
     let extra = f.config_dir.join("plugins/stowaway");
     std::fs::create_dir_all(&extra).unwrap();
     std::fs::write(extra.join("plugin.yaml"), "name: stowaway\n").unwrap();
+    f.give_to_agent();
     let restarts = f.restarts();
 
     let out = handle(&app, scheduled()).await.unwrap();

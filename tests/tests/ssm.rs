@@ -73,7 +73,8 @@ struct LockHolder(Child);
 
 impl LockHolder {
     fn take(f: &Fixture) -> LockHolder {
-        let lock = f.config_dir.join(".plugin-delivery/lock");
+        // Root's lock for this config dir, where the host script keeps it.
+        let lock = f.book().join("lock");
         std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
         // -o: the sleeping child does not inherit the lock, so killing
         // flock releases it.
