@@ -388,7 +388,7 @@ async fn a_mixed_fleet_lists_and_installs_alike() {
     let ssm_ws = unique("ws");
     let ssm_host = Host::start_with(&f.ec2, &ssm_ws, "hermes", Access::Ssm).await;
     let ssm_dir = f.dir.path().join("hermes");
-    std::fs::create_dir(&ssm_dir).unwrap();
+    agent_dir(&ssm_dir);
     let mut cfg = f.config();
     cfg.profiles.insert(
         "hermes".into(),
