@@ -9,9 +9,10 @@
 #             or downloaded from $PLUGIN_ARCHIVE_URL when that is set)
 #   uninstall CONFIG_DIR NAME OWNER LOCK_WAIT RESTART_CMD
 #   inventory CONFIG_DIR OWNER
-#   restart   CONFIG_DIR LOCK_WAIT RESTART_CMD   (after a batch installed with
-#             an empty RESTART_CMD: the runtime restarts once for the set)
-# OWNER is the numeric uid:gid the config dir belongs to (never 0).
+#   restart   CONFIG_DIR OWNER LOCK_WAIT RESTART_CMD   (after a batch installed
+#             with an empty RESTART_CMD: the runtime restarts once for the set)
+# OWNER is the numeric uid:gid the config dir belongs to (neither 0, each
+# at most 9 digits).
 # Diagnostics go to stderr. stdout carries exactly one line, the result:
 #   @@plugin-delivery-result {"status":...}
 # Exit codes: 0 ok, 64 usage, 65 digest_mismatch, 66 bad_archive,
@@ -26,7 +27,9 @@
 #
 # Privilege separation. The config dir belongs to the agent user (OWNER), an
 # AI agent that runs arbitrary code, so no path under it is ever followed,
-# created, written, moved or removed as root. Root (this run) only:
+# created, written, moved or removed as root (the one exception, the
+# migration of the earlier layout, works on directory descriptors opened
+# with O_NOFOLLOW and touches only what root itself made). Root only:
 #   - checks CONFIG_DIR: a real directory, no symlink on its path, owned by
 #     OWNER (else bad_config_dir, nothing changes);
 #   - keeps its own state in $PLUGIN_STATE_ROOT/<sha256 of CONFIG_DIR>/
@@ -35,19 +38,28 @@
 #       sums/NAME@SHA    sha256sum list of each installed tree, so a tree
 #                        changed on the host is found and repaired
 #       restart-pending  a change landed that the runtime was not restarted for
-#       work/            this operation's archive, verified before use
+#       work/            this operation's archive (verified before use), the
+#                        new tree's sums and the owner step's report
 #   - reads (stdin) or downloads the archive and verifies its digest;
 #   - runs the restart command.
 # Everything inside CONFIG_DIR is done by this same script started again as
-# OWNER (setpriv --reuid --regid --clear-groups --nnp, util-linux): the kernel
-# then refuses whatever the agent user could not do itself, whatever links it
-# plants. Without setpriv the script refuses (no_privilege_drop) and changes
-# nothing. The owner steps (owner-probe, owner-apply, owner-remove,
-# owner-list) print one report line to root; root relays their errors.
+# OWNER (setpriv --reuid --regid --clear-groups --nnp, util-linux; a clean
+# environment, stdin and fds only as each step needs, a time limit): the
+# kernel then refuses whatever the agent user could not do itself, whatever
+# links it plants. Without a setpriv that can do that the script refuses
+# (no_privilege_drop) and changes nothing. The owner steps (owner-probe,
+# owner-apply, owner-remove, owner-list) write a report to a file of root's:
+# a "changing" line before their first change, then one "ok ..." line or an
+# error result. Root trusts none of it: every word is checked, an error is
+# reported by its code with root's own fixed message. The drift check itself
+# runs as OWNER (root must not read the agent's files), so against the agent
+# it is advisory: it can hide its own edits from repair, nothing more.
 #
 # Layout under CONFIG_DIR, all OWNER's (one filesystem, so every mv is a
 # rename(2)):
-#   plugins/NAME -> ../.plugin-delivery/store/NAME@SHA   (relative symlink)
+#   plugins/NAME -> ../.plugin-delivery/store/NAME@SHA   (relative symlink;
+#                   NAME@SHA-r when a damaged tree of the same digest is
+#                   replaced, so the live tree is never removed first)
 #   .plugin-delivery/staging/  scratch space, one mktemp dir per operation
 #   .plugin-delivery/store/    plugin trees, one per installed digest
 #   .plugin-delivery/aside/    a legacy plugin dir during its replacement only
@@ -60,6 +72,8 @@
 # caller's umask back (restart_runtime).
 caller_umask=$(umask)
 umask 022
+
+unset CDPATH
 
 # Character classes are spelled out, not ranges like a-z: ranges follow the
 # locale's collation in some shells, and the runtime must keep its locale.
@@ -147,11 +161,14 @@ valid_sha() {
 valid_owner() {
     case $1 in
         '' | *[!"$DIGITS":]* | :* | *: | *:*:*) return 1 ;;
-        *:*) [ "${#1}" -le 21 ] || return 1 ;;
+        *:*) [ "${#1}" -le 19 ] || return 1 ;;
         *) return 1 ;;
     esac
-    case ${1%%:*} in *[!0]*) ;; *) return 1 ;; esac
-    case ${1#*:} in *[!0]*) ;; *) return 1 ;; esac
+    vo_uid=${1%%:*}
+    vo_gid=${1#*:}
+    [ "${#vo_uid}" -le 9 ] && [ "${#vo_gid}" -le 9 ] || return 1
+    case $vo_uid in *[!0]*) ;; *) return 1 ;; esac
+    case $vo_gid in *[!0]*) ;; *) return 1 ;; esac
 }
 
 valid_wait() {
@@ -238,12 +255,16 @@ find_book() {
     book=$state_root/${fb_key%% *}
 }
 
-# Create root's state, take the host lock, migrate the earlier layout.
-open_book() {
+make_book() {
     if [ ! -d "$book/sums" ]; then
         (umask 077 && mkdir -p "$book/sums") || fail internal 'cannot create the state directory' 1
         printf '%s\n' "$cfg" >"$book/config-dir" || say 'could not record the config dir'
     fi
+}
+
+# Create root's state, take the host lock, migrate the earlier layout.
+open_book() {
+    make_book
     # fd-based so the lock lives exactly as long as this shell. "command"
     # keeps a failed redirection from killing the shell before it can report.
     command exec 9>>"$book/lock" || fail internal 'cannot open the lock file' 1
@@ -260,9 +281,14 @@ open_book() {
 # the sums and the marker here and hands the dir to OWNER, with plugins/NAME
 # resolving throughout. Python works through directory descriptors opened
 # without following links (O_NOFOLLOW), so nothing planted can redirect it.
+# A root-owned .plugin-delivery: only root can have made it, so only the
+# earlier layout. Checked on every operation: no marker can skip it.
+legacy_layout() {
+    [ -d "$cfg/$STATE_REL" ] && [ ! -L "$cfg/$STATE_REL" ] && [ -O "$cfg/$STATE_REL" ]
+}
+
 migrate_legacy() {
-    [ -e "$book/migrated" ] && return 0
-    if [ -d "$cfg/$STATE_REL" ] && [ ! -L "$cfg/$STATE_REL" ] && [ -O "$cfg/$STATE_REL" ]; then
+    if legacy_layout; then
         command -v python3 >/dev/null 2>&1 ||
             fail migrate_failed 'python3 is needed once to migrate this host' 73
         python3 -I - "$cfg" "$uid" "$gid" "$book" >&2 9>&- <<'PY' ||
@@ -360,7 +386,6 @@ os.fchown(sfd, uid, gid)
 PY
             fail migrate_failed 'the host could not migrate its plugin state' 73
     fi
-    : >"$book/migrated" || fail internal 'cannot record the migration' 1
 }
 
 # The sums of the trees named (NAME@SHA...) that root has, as one stream for
@@ -391,6 +416,8 @@ restart_runtime() {
         return 0
     fi
     umask "$caller_umask"
+    # The runtime it starts must not inherit the archive's presigned URL.
+    unset PLUGIN_ARCHIVE_URL
     # The marker (set before a change) goes only once the restart
     # succeeded: a run killed in between leaves it for the next one.
     # fd 9 closed: a daemon started here must not inherit (and keep) the lock.
@@ -457,43 +484,58 @@ fetch_archive() {
 
 # --------------------------------------------------------- root: owner steps
 
-# This script again, as OWNER. The URL and HOME are root's business; fd 9
-# (the lock) stays with root.
+# This script again, as OWNER: a clean environment (nothing of root's, the
+# presigned URL least of all), no lock descriptor, bounded in time (a step
+# the agent stops must not hold the lock for ever).
 as_owner() {
-    # shellcheck disable=SC2016 # $1 is expanded by the new shell
-    HOME=/ PLUGIN_ARCHIVE_URL='' setpriv --reuid="$uid" --regid="$gid" \
-        --clear-groups --nnp -- sh -c 'eval "$1"' plugin-host "$self" "$@" 9>&-
+    ao_limit=${PLUGIN_STEP_MAX_SECS:-900}
+    valid_wait "$ao_limit" || usage 'step time limit must be a whole number of seconds'
+    if command -v timeout >/dev/null 2>&1; then
+        set -- timeout -s KILL "$ao_limit" "$@"
+    fi
+    env -i PATH="$PATH" LC_ALL=C HOME=/ "$@" 9>&-
 }
 
-# owner_step OP ARGS...: as_owner with the caller's redirections, or with
-# the sums of the trees in $step_sums on stdin. Sets report (what the step
-# printed) and step_rc. A step that failed printed its error result as its
-# last line: relay it and stop.
+# owner_step OP ARGS...: this script again as OWNER. stdin is the sums of the
+# trees in $step_sums, else $step_in (default /dev/null); fd 4 as the caller
+# redirects it. The report goes to a file of root's (a pipe would let a
+# child of the step hold root up), of which root reads 1 MiB at most, into
+# $report. A failed step: its error code (checked) with root's own message.
 owner_step() {
-    command -v setpriv >/dev/null 2>&1 ||
-        fail no_privilege_drop 'setpriv (util-linux) is needed to act as the workspace user' 72
+    os_out=$rwork/report
+    # shellcheck disable=SC2016 # $1 is expanded by the new shell
+    set -- setpriv --reuid="$uid" --regid="$gid" --clear-groups --nnp -- \
+        sh -c 'eval "$1"' plugin-host "$self" "$@"
     step_rc=0
     if [ -n "${step_sums-}" ]; then
         # shellcheck disable=SC2086 # validated NAME@SHA words
-        report=$(send_sums $step_sums | as_owner "$@") || step_rc=$?
+        send_sums $step_sums | as_owner "$@" >"$os_out" || step_rc=$?
     else
-        report=$(as_owner "$@") || step_rc=$?
+        as_owner "$@" <"${step_in:-/dev/null}" >"$os_out" || step_rc=$?
     fi
     step_sums=''
+    step_in=''
+    report=$(head -c 1048576 "$os_out") || report=''
     [ "$step_rc" -eq 0 ] && return 0
     os_last=${report##*"$NL"}
     case $os_last in
         "$MARKER {\"status\":\"error\","*)
-            unmark_pending
-            cleanup
-            printf '%s\n' "$os_last"
-            case $step_rc in
-                6[4-9] | 7[0-7]) exit "$step_rc" ;;
-                *) exit 1 ;;
+            os_code=${os_last#*\"code\":\"}
+            case ${os_code%%\"*} in
+                bad_archive) fail bad_archive 'archive could not be extracted' 66 ;;
+                unwire_failed) fail unwire_failed 'could not remove what the previous version wired' 71 ;;
+                bad_config_dir) fail bad_config_dir 'the workspace user cannot use its config directory' 77 ;;
             esac
+            fail internal 'a step run as the workspace user failed' 1
             ;;
     esac
-    fail internal 'the step run as the workspace user did not finish' 1
+    # No report at all: was it setpriv (BusyBox's has no --reuid; no
+    # CAP_SETUID in a container) that could not start the step?
+    if [ -z "$report" ] && ! env -i PATH="$PATH" setpriv --reuid="$uid" --regid="$gid" \
+        --clear-groups --nnp -- true >/dev/null 2>&1; then
+        fail no_privilege_drop 'setpriv (util-linux) cannot act as the workspace user here' 72
+    fi
+    fail internal 'a step run as the workspace user did not finish' 1
 }
 
 # The word after "ok" on the report's last line, checked against a pattern.
@@ -501,7 +543,7 @@ report_ok() {
     ro_last=${report##*"$NL"}
     case $ro_last in
         "ok $1"*) ;;
-        *) fail internal 'the step run as the workspace user gave no result' 1 ;;
+        *) fail internal 'a step run as the workspace user gave no result' 1 ;;
     esac
 }
 
@@ -519,7 +561,7 @@ report_changed() {
 # Enter CONFIG_DIR as OWNER; relative paths from here on.
 owner_enter() {
     # A step started as root would defeat the point: refuse.
-    [ -O / ] && fail internal 'owner steps must not run as root' 1
+    { [ -O / ] || [ -G / ]; } && fail internal 'owner steps must not run as root' 1
     cd "$cfg" 2>/dev/null ||
         fail bad_config_dir 'the workspace user cannot enter its config directory' 77
     [ -O . ] || fail bad_config_dir 'the config directory is not owned by the workspace user' 77
@@ -553,24 +595,34 @@ recover_aside() {
     done
 }
 
-# Digest encoded in one of our links, or nothing for any other target.
+# link_digest LINK NAME: for one of our links (exactly STORE_REL/NAME@SHA or
+# STORE_REL/NAME@SHA-r) sets ld_sha and ld_dir (the store dir's name); for any
+# other target both are empty.
 link_digest() {
+    ld_sha=''
+    ld_dir=''
     ld_target=$(readlink "$1") || return 0
-    case $ld_target in
-        "$STORE_REL/$2@"*)
-            ld_sha=${ld_target##*@}
-            if valid_sha "$ld_sha"; then printf '%s' "$ld_sha"; fi
-            ;;
+    ld_rest=${ld_target#"$STORE_REL/$2@"}
+    [ "$ld_rest" != "$ld_target" ] || return 0
+    case $ld_rest in
+        *-r-r) return 0 ;;
     esac
+    valid_sha "${ld_rest%-r}" || return 0
+    ld_sha=${ld_rest%-r}
+    ld_dir=$2@$ld_rest
 }
 
-# Sets prev_kind (none | link | legacy) and prev_digest for plugins/NAME.
+# Sets prev_kind (none | link | legacy), prev_digest and prev_dir (its store
+# dir) for plugins/NAME.
 inspect_current() {
     prev_kind='none'
     prev_digest=''
+    prev_dir=''
     if [ -L "$link" ]; then
         prev_kind='link'
-        prev_digest=$(link_digest "$link" "$name")
+        link_digest "$link" "$name"
+        prev_digest=$ld_sha
+        prev_dir=$ld_dir
     elif [ -d "$link" ]; then
         prev_kind='legacy'
     elif [ -e "$link" ]; then
@@ -886,37 +938,43 @@ PY
         fail unwire_failed 'could not remove what the previous version wired' 71
 }
 
-# Reads root's sums stream (send_sums) on stdin and sets checked: one line
-# "good NAME@SHA" or "bad NAME@SHA" per tree it covers. A tree is bad when a
-# file it was installed with is gone or has other bytes; files added later
-# (a runtime's __pycache__) do not count: the runtime may write into its
-# plugins. One `sha256sum -c` for all trees, run in the store on
-# "HASH  NAME@SHA/path" lines (a leading backslash is sha256sum's mark of an
-# escaped name). Plain `-c`: BusyBox has no --quiet.
+# check_trees DIR...: reads root's sums stream (send_sums) on stdin and sets
+# checked: "good NAME@SHA" or "bad NAME@SHA" for each tree it covers, checked
+# in the store dir given for it (NAME@SHA or NAME@SHA-r, the one the link
+# points at). A tree is bad when a file it was installed with is gone or has
+# other bytes; files added later (a runtime's __pycache__) do not count: the
+# runtime may write into its plugins. One `sha256sum -c` for all trees, run
+# in the store on "HASH  DIR/path" lines (a leading backslash is sha256sum's
+# mark of an escaped name). Plain `-c`: BusyBox has no --quiet.
 check_trees() {
-    checked=$(awk '
-        /^== / { tree = substr($0, 4); next }
-        tree != "" {
+    checked=$(awk -v dirs=" $* " '
+        /^== / {
+            tree = substr($0, 4); dir = ""
+            if (index(dirs, " " tree " ")) dir = tree
+            else if (index(dirs, " " tree "-r ")) dir = tree "-r"
+            next
+        }
+        dir != "" {
             esc = ""; l = $0
             if (substr(l, 1, 1) == "\\") { esc = "\\"; l = substr(l, 2) }
             r = substr(l, 67); sub(/^\.\//, "", r)
-            print esc substr(l, 1, 64) "  " tree "/" r
+            print esc substr(l, 1, 64) "  " dir "/" r
         }' |
         (cd "$store" 2>/dev/null && sha256sum -c 2>/dev/null) |
         awk '{
-            l = $0; sub(/^\\/, "", l); sub(/\/.*/, "", l)
+            l = $0; sub(/^\\/, "", l); sub(/\/.*/, "", l); sub(/-r$/, "", l)
             if ($0 !~ /: OK$/) bad[l] = 1; seen[l] = 1
         }
         END { for (t in seen) print (t in bad ? "bad " : "good ") t }')
 }
 
-# intact NAME@SHA: the tree has no sums (installed before sums existed) or
-# every file of its sums checked good. A tree root has sums for but that no
-# check reported on is not intact: a check that could not run fails closed.
+# intact NAME@SHA: root has sums for the tree and every file of them checked
+# good. A tree without sums, or one no check reported on, is not intact:
+# a check that could not be made fails closed (the tree is reinstalled).
 intact() {
     case " $with_sums " in
         *" $1 "*) ;;
-        *) return 0 ;;
+        *) return 1 ;;
     esac
     case $NL$checked$NL in
         *"${NL}good $1$NL"*) return 0 ;;
@@ -940,9 +998,9 @@ owner_probe() {
     owner_prepare
     inspect_current
     probe_intact=false
-    if [ "$prev_kind" = link ] && [ "$prev_digest" = "$sha" ] && [ -d "$store/$name@$sha" ]; then
+    if [ "$prev_kind" = link ] && [ "$prev_digest" = "$sha" ] && [ -d "$link" ]; then
         checked=''
-        [ -n "$with_sums" ] && check_trees
+        [ -n "$with_sums" ] && check_trees "$prev_dir"
         intact "$name@$sha" && probe_intact=true
     fi
     printf 'ok probe %s %s %s\n' "$prev_kind" "${prev_digest:--}" "$probe_intact"
@@ -959,7 +1017,11 @@ owner_apply() {
     sha=$3
     owner_enter
     inspect_current
-    new_store="$store/$name@$sha"
+    # Never the dir the link points at now: a damaged tree of the same
+    # digest stays live until the link moves to its replacement.
+    new_dir=$name@$sha
+    [ "$prev_dir" = "$new_dir" ] && new_dir=$name@$sha-r
+    new_store=$store/$new_dir
     work=$(mktemp -d "$staging/install.XXXXXX") || fail internal 'cannot create a staging directory' 1
     mkdir "$work/tree" || fail internal 'cannot create a staging directory' 1
     tar -xzf - -C "$work/tree" --no-same-owner >&2 ||
@@ -982,7 +1044,7 @@ owner_apply() {
     # A store dir of this digest that no link points to is a stale leftover.
     rm -rf "$new_store" || fail internal 'cannot remove a stale store directory' 1
     mv "$work/tree" "$new_store" || fail internal 'cannot move the plugin into the store' 1
-    ln -s "$STORE_REL/$name@$sha" "$work/link" || fail internal 'cannot create the plugin link' 1
+    ln -s "$STORE_REL/$new_dir" "$work/link" || fail internal 'cannot create the plugin link' 1
     if [ "$prev_kind" = legacy ]; then
         # A legacy install is a real directory, which rename(2) cannot replace
         # with a link: move it aside first (outside staging, so a run killed
@@ -1038,26 +1100,36 @@ owner_list() {
     name=''
     with_sums=$2
     owner_enter
-    checked=''
-    [ -n "$with_sums" ] && check_trees
-    inv=''
+    # Our links first (NAME DIGEST DIR), then one check for all their trees.
+    found=''
+    dirs=''
     for entry in plugins/*; do
         n=${entry##*/}
         # Names we could not have installed (and could not quote) are skipped.
         valid_name "$n" || continue
         if [ -L "$entry" ]; then
-            d=$(link_digest "$entry" "$n")
-            # A dangling link, or a tree changed on the host, is reported
-            # without a digest so it is reinstalled.
-            [ -d "$entry" ] || d=''
-            if [ -n "$d" ] && ! intact "$n@$d"; then d=''; fi
+            link_digest "$entry" "$n"
+            # A dangling link is reported without a digest: it is reinstalled.
+            [ -d "$entry" ] || ld_sha=''
+            found="$found$n ${ld_sha:--}$NL"
+            [ -n "$ld_sha" ] && dirs="$dirs $ld_dir"
         elif [ -d "$entry" ]; then
-            d=''
-        else
-            continue
+            found="$found$n -$NL"
         fi
-        inv="$inv${inv:+,}{\"name\":\"$n\",\"digest\":\"$d\"}"
     done
+    checked=''
+    # shellcheck disable=SC2086 # validated NAME@SHA words
+    [ -n "$with_sums" ] && [ -n "$dirs" ] && check_trees $dirs
+    inv=''
+    while read -r n d; do
+        [ -n "$n" ] || continue
+        [ "$d" = - ] && d=''
+        # A tree changed on the host is reported without a digest too.
+        if [ -n "$d" ] && ! intact "$n@$d"; then d=''; fi
+        inv="$inv${inv:+,}{\"name\":\"$n\",\"digest\":\"$d\"}"
+    done <<EOF
+$found
+EOF
     printf 'ok list %s\n' "$inv"
 }
 
@@ -1101,10 +1173,10 @@ report_words() {
     [ "$rw_digest" = - ] && rw_digest=''
     case $rw_kind in
         none | link | legacy | '') ;;
-        *) fail internal 'the step run as the workspace user gave an odd result' 1 ;;
+        *) fail internal 'a step run as the workspace user gave an odd result' 1 ;;
     esac
     [ -z "$rw_digest" ] || valid_sha "$rw_digest" ||
-        fail internal 'the step run as the workspace user gave an odd result' 1
+        fail internal 'a step run as the workspace user gave an odd result' 1
 }
 
 op_install() {
@@ -1143,7 +1215,10 @@ op_install() {
     [ "${got%% *}" = "$sha" ] || fail digest_mismatch 'archive digest does not match' 65
 
     mark_pending
-    owner_step owner-apply "$cfg" "$name" "$sha" <"$rwork/archive" 4>"$rwork/sums"
+    # The URL has served: nothing started from here on may see it.
+    unset PLUGIN_ARCHIVE_URL
+    step_in=$rwork/archive
+    owner_step owner-apply "$cfg" "$name" "$sha" 4>"$rwork/sums"
     report_ok applied
     report_words
     mv "$rwork/sums" "$book/sums/$name@$sha" || say 'could not record the plugin file sums'
@@ -1204,10 +1279,13 @@ op_inventory() {
     fi
     find_book
     # Reads take no lock, unless this host still has to be migrated.
-    if [ ! -e "$book/migrated" ]; then
+    if legacy_layout; then
         lock_wait=${PLUGIN_LOCK_WAIT_SECS:-20}
         check_wait "$lock_wait"
         open_book
+    else
+        make_book
+        rwork=$(mktemp -d "$book/inventory.XXXXXX") || fail internal 'cannot create the state directory' 1
     fi
     with_sums=''
     for iv_sums in "$book/sums"/*@*; do
@@ -1217,13 +1295,30 @@ op_inventory() {
     step_sums=$with_sums
     owner_step owner-list "$cfg" "$with_sums"
     report_ok list
-    iv_items=${report##*"$NL"}
-    iv_items=${iv_items#ok list}
-    iv_items=${iv_items# }
-    case $iv_items in
-        *[!"$LOWER$DIGITS"'{}":,._@-']*)
-            fail internal 'the step run as the workspace user gave an odd result' 1 ;;
-    esac
+    # Root writes the list itself, from names and digests it checked.
+    iv_rest=${report##*"$NL"}
+    iv_rest=${iv_rest#ok list}
+    iv_rest=${iv_rest# }
+    iv_items=''
+    iv_seen=' '
+    while [ -n "$iv_rest" ]; do
+        iv_entry=${iv_rest%%\}*}
+        iv_rest=${iv_rest#"$iv_entry"\}}
+        iv_rest=${iv_rest#,}
+        iv_n=${iv_entry#\{\"name\":\"}
+        iv_n=${iv_n%%\"*}
+        iv_d=${iv_entry#*\"digest\":\"}
+        iv_d=${iv_d%\"}
+        if ! { [ "$iv_entry" = "{\"name\":\"$iv_n\",\"digest\":\"$iv_d\"" ] &&
+            valid_name "$iv_n" && { [ -z "$iv_d" ] || valid_sha "$iv_d"; }; }; then
+            fail internal 'a step run as the workspace user gave an odd result' 1
+        fi
+        case $iv_seen in
+            *" $iv_n "*) fail internal 'a step run as the workspace user gave an odd result' 1 ;;
+        esac
+        iv_seen="$iv_seen$iv_n "
+        iv_items="$iv_items${iv_items:+,}{\"name\":\"$iv_n\",\"digest\":\"$iv_d\"}"
+    done
     iv_pending=false
     [ -e "$book/restart-pending" ] && iv_pending=true
     cleanup

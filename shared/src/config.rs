@@ -304,14 +304,15 @@ pub fn plain_dir(dir: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b))
 }
 
-/// Numeric `uid:gid`, neither of them 0.
+/// Numeric `uid:gid`, neither of them 0, each at most 9 digits (so never
+/// the 4294967295 that `setresgid` reads as "leave unchanged").
 pub fn valid_owner(owner: &str) -> bool {
     let Some((u, g)) = owner.split_once(':') else {
         return false;
     };
     let id = |s: &str| {
         !s.is_empty()
-            && s.len() <= 10
+            && s.len() <= 9
             && s.bytes().all(|b| b.is_ascii_digit())
             && s.parse::<u32>().is_ok_and(|n| n > 0)
     };
@@ -395,7 +396,15 @@ mod tests {
         }
         assert!(valid_owner("1000:1000") && valid_owner("1:2"));
         for bad in [
-            "0:0", "1000:0", "0:1000", "1000", "a:b", ":1", "1:", "1:2:3",
+            "0:0",
+            "1000:0",
+            "0:1000",
+            "1000",
+            "a:b",
+            ":1",
+            "1:",
+            "1:2:3",
+            "1000:4294967295",
         ] {
             assert!(!valid_owner(bad), "{bad}");
         }

@@ -806,6 +806,19 @@ pub fn need(path: &str) {
     );
 }
 
+/// The host script's state for this fixture's config dirs (root's, outside
+/// them) goes with the fixture, as the dirs themselves do.
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.book());
+        if let Ok(rd) = std::fs::read_dir(self.dir.path()) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_dir_all(book_of(&e.path()));
+            }
+        }
+    }
+}
+
 // ------------------------------------------------------------ the agent user
 
 /// The agent user: owner of every config dir, an AI agent running arbitrary

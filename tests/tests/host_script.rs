@@ -388,6 +388,17 @@ impl Host {
         );
     }
 
+    /// Installed at this digest, in whichever of its two store dirs.
+    fn assert_installed_at(&self, name: &str, p: &Plugin) {
+        let target = self.link_target(name);
+        let want = format!("../.plugin-delivery/store/{name}@{}", p.archive.sha);
+        assert!(target == want || target == format!("{want}-r"), "{target}");
+        assert_eq!(
+            snapshot(&self.path(&format!("plugins/{name}"))),
+            snapshot(p.dir.path())
+        );
+    }
+
     fn assert_no_leftovers(&self) {
         assert_eq!(
             self.listing(".plugin-delivery/staging"),
@@ -1091,6 +1102,7 @@ fn bad_arguments_are_usage_errors() {
         "1000:",
         ":1000",
         "1000:1000:1",
+        "1000:4294967295",
         "user:group",
     ] {
         cases.push(install(cfg, "alpha", &sha, owner, "5"));
@@ -1815,7 +1827,107 @@ fn the_agents_edit_to_its_plugin_is_repaired_as_the_agent() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(h.inventory()[0]["digest"], "");
     h.install("alpha", &p).assert_ok("installed");
-    h.assert_installed("alpha", &p);
+    h.assert_installed_at("alpha", &p);
     h.uninstall("alpha").assert_ok("uninstalled");
     canary.assert_unchanged("repair of an edited plugin");
+}
+
+#[test]
+fn a_tree_the_agent_made_is_never_taken_for_ours() {
+    // The agent builds a store dir and link of the expected name and digest
+    // itself (the digest is visible in the process table): root has no sums
+    // for it, so it is not "unchanged" and not reported at that digest.
+    let h = Host::new();
+    let p = alpha_v1();
+    let dir = format!(".plugin-delivery/store/alpha@{}", p.archive.sha);
+    let out = as_agent(
+        &h.cfg,
+        &format!(
+            "mkdir -p plugins '{dir}' && echo evil > '{dir}/hook.sh' && ln -s '../{dir}' plugins/alpha"
+        ),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(h.inventory(), json!([{"name": "alpha", "digest": ""}]));
+    h.install("alpha", &p).assert_ok("installed");
+    h.assert_installed_at("alpha", &p);
+    assert!(!h.path("plugins/alpha/hook.sh").exists());
+
+    // A link that only starts like ours is not ours either.
+    let out = as_agent(
+        &h.cfg,
+        &format!(
+            "mkdir -p evil && ln -sfn '../.plugin-delivery/store/alpha@/../../evil/x@{}' plugins/alpha",
+            p.archive.sha
+        ),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(h.inventory(), json!([{"name": "alpha", "digest": ""}]));
+    h.install("alpha", &p).assert_ok("installed");
+    h.assert_installed_at("alpha", &p);
+}
+
+#[test]
+fn repairing_a_damaged_tree_of_the_same_digest_never_removes_the_live_one() {
+    let h = Host::new();
+    let p = alpha_v1();
+    h.install("alpha", &p).assert_ok("installed");
+    fs::write(h.path("plugins/alpha/GUIDE.md"), "damaged").unwrap();
+    // plugins/alpha/plugin.yaml must be readable at every moment.
+    let probe = h.path("plugins/alpha/plugin.yaml");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                fs::read(&probe).expect("plugins/alpha readable throughout");
+                reads += 1;
+            }
+            reads
+        })
+    };
+    for _ in 0..3 {
+        fs::write(h.path("plugins/alpha/GUIDE.md"), "damaged").unwrap();
+        h.install("alpha", &p).assert_ok("installed");
+        h.assert_installed_at("alpha", &p);
+        assert_eq!(h.listing(".plugin-delivery/store").len(), 1);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(reader.join().unwrap() > 0);
+    h.install("alpha", &p).assert_ok("unchanged");
+    assert_eq!(h.inventory()[0]["digest"], p.archive.sha.as_str());
+}
+
+#[test]
+fn the_restart_never_sees_the_archive_url() {
+    let h = Host::new();
+    let p = alpha_v1();
+    let (url, _) = http_server(200, p.archive.bytes.clone());
+    let env_out = h.cfg.parent().unwrap().join("restart.env");
+    let restart = format!("env > '{}'", env_out.display());
+    for _ in 0..2 {
+        // Installed, then unchanged with a restart still owed.
+        let r = run_script_env(
+            &[
+                "install",
+                h.cfg(),
+                "alpha",
+                &p.archive.sha,
+                OWNER,
+                "5",
+                &restart,
+            ],
+            None,
+            None,
+            &[(
+                "PLUGIN_ARCHIVE_URL",
+                &format!("{url}/x?X-Amz-Signature=s3cret"),
+            )],
+        );
+        assert!(r.result["status"].is_string(), "{r:#?}");
+        let env = fs::read_to_string(&env_out).unwrap();
+        assert!(!env.contains("s3cret"), "{env}");
+        fs::remove_file(&env_out).unwrap();
+        fs::write(h.book().join("restart-pending"), "").unwrap();
+    }
 }
