@@ -847,23 +847,59 @@ pub fn give_to_agent(root: &Path) {
     assert!(st.success());
 }
 
-/// Runs `script` with `sh -c` as the agent user (uid and gid 1000, no
-/// supplementary groups) in `dir`: a real unprivileged process.
+/// `sh -c script` as the agent user (uid and gid 1000, no supplementary
+/// groups) in `dir`: a real unprivileged process, not yet started.
+pub fn agent_command(dir: &Path, script: &str) -> Command {
+    need("/usr/bin/setpriv");
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=1000",
+        "--regid=1000",
+        "--clear-groups",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ])
+    .current_dir(dir);
+    cmd
+}
+
+/// Runs `script` as the agent user in `dir` (see `agent_command`).
 pub fn as_agent(dir: &Path, script: &str) -> std::process::Output {
-    let out = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=1000",
-            "--regid=1000",
-            "--clear-groups",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ])
-        .current_dir(dir)
-        .output()
-        .expect("setpriv (util-linux) is needed: run tests/stack/stack.sh install");
-    out
+    agent_command(dir, script).output().unwrap()
+}
+
+/// Reads `path` in a loop on a thread until `stop` is called, which
+/// panics if any read failed and returns how many succeeded: proof that a
+/// file stayed readable throughout what ran in between.
+pub struct KeepReading {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl KeepReading {
+    pub fn start(path: PathBuf) -> KeepReading {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !flag.load(Ordering::Relaxed) {
+                std::fs::read(&path)
+                    .unwrap_or_else(|e| panic!("{} unreadable: {e}", path.display()));
+                reads += 1;
+            }
+            reads
+        });
+        KeepReading { stop, thread }
+    }
+
+    pub fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let reads = self.thread.join().expect("the file stayed readable");
+        assert!(reads > 0);
+        reads
+    }
 }
 
 /// Entries under `root` (links not followed) owned by root, relative.
@@ -1045,17 +1081,7 @@ impl Racer {
              done; done",
             t = target.display()
         );
-        let child = std::process::Command::new("setpriv")
-            .args([
-                "--reuid=1000",
-                "--regid=1000",
-                "--clear-groups",
-                "--",
-                "sh",
-                "-c",
-                &script,
-            ])
-            .current_dir(cfg)
+        let child = agent_command(cfg, &script)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

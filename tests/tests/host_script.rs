@@ -20,7 +20,8 @@ use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
 use acceptance::{
-    as_agent, give_to_agent, need, plant_link, planted_paths, root_owned, Canary, Racer,
+    as_agent, give_to_agent, need, plant_link, planted_paths, root_owned, Canary, KeepReading,
+    Racer,
 };
 
 /// Tests run as root; the plugin files must end up owned by the workspace user.
@@ -1763,19 +1764,7 @@ fn a_host_of_the_earlier_layout_migrates_without_a_gap() {
     }
     std::os::unix::fs::chown(state.join("sums").join(&sums_name), Some(0), Some(0)).unwrap();
     // The file the runtime reads must be there at every moment.
-    let probe = h.path("plugins/alpha/plugin.yaml");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut reads = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                fs::read(&probe).expect("plugins/alpha readable throughout");
-                reads += 1;
-            }
-            reads
-        })
-    };
+    let reader = KeepReading::start(h.path("plugins/alpha/plugin.yaml"));
     // Not run_script: the earlier layout is root's on purpose.
     let r = launch(
         &[
@@ -1791,8 +1780,7 @@ fn a_host_of_the_earlier_layout_migrates_without_a_gap() {
         None,
         &[],
     );
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    assert!(reader.join().unwrap() > 0);
+    reader.stop();
     // Unchanged, and the restart the earlier layout owed was made up for.
     r.assert_ok("unchanged");
     assert_eq!(r.result["restarted"], true);
@@ -1873,27 +1861,14 @@ fn repairing_a_damaged_tree_of_the_same_digest_never_removes_the_live_one() {
     h.install("alpha", &p).assert_ok("installed");
     fs::write(h.path("plugins/alpha/GUIDE.md"), "damaged").unwrap();
     // plugins/alpha/plugin.yaml must be readable at every moment.
-    let probe = h.path("plugins/alpha/plugin.yaml");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut reads = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                fs::read(&probe).expect("plugins/alpha readable throughout");
-                reads += 1;
-            }
-            reads
-        })
-    };
+    let reader = KeepReading::start(h.path("plugins/alpha/plugin.yaml"));
     for _ in 0..3 {
         fs::write(h.path("plugins/alpha/GUIDE.md"), "damaged").unwrap();
         h.install("alpha", &p).assert_ok("installed");
         h.assert_installed_at("alpha", &p);
         assert_eq!(h.listing(".plugin-delivery/store").len(), 1);
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    assert!(reader.join().unwrap() > 0);
+    reader.stop();
     h.install("alpha", &p).assert_ok("unchanged");
     assert_eq!(h.inventory()[0]["digest"], p.archive.sha.as_str());
 }
