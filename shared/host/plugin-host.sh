@@ -32,7 +32,7 @@
 # with O_NOFOLLOW and touches only what root itself made). Root only:
 #   - checks CONFIG_DIR: a real directory, no symlink on its path, owned by
 #     OWNER (else bad_config_dir, nothing changes);
-#   - keeps its own state in $PLUGIN_STATE_ROOT/<sha256 of CONFIG_DIR>/
+#   - keeps its own state in $PLUGIN_STATE_ROOT/<CONFIG_DIR, "/" as "%">/
 #     (default /var/lib/plugin-delivery, every dir 0700 root):
 #       lock             flock file serialising mutating operations
 #       sums/NAME@SHA    sha256sum list of each installed tree, so a tree
@@ -47,10 +47,11 @@
 # environment, stdin and fds only as each step needs, a time limit): the
 # kernel then refuses whatever the agent user could not do itself, whatever
 # links it plants. Without a setpriv that can do that the script refuses
-# (no_privilege_drop) and changes nothing. The owner steps (owner-probe,
-# owner-apply, owner-remove, owner-list) write a report to a file of root's:
-# a "changing" line before their first change, then one "ok ..." line or an
-# error result. Root trusts none of it: every word is checked, an error is
+# (no_privilege_drop) and changes nothing. The owner steps (owner-install,
+# owner-remove, owner-list; one per operation) write a report to a file of
+# root's: a "changing" line before their first change, then one "ok ..."
+# line or an error result (owner-install also tells root through a FIFO
+# what is installed before root reads the archive). Root trusts none of it: every word is checked, an error is
 # reported by its code with root's own fixed message. The drift check itself
 # runs as OWNER (root must not read the agent's files), so against the agent
 # it is advisory: it can hide its own edits from repair, nothing more.
@@ -117,6 +118,12 @@ cleanup() {
 # fail CODE MESSAGE EXIT: MESSAGE is a fixed text, safe to embed in JSON.
 fail() {
     [ -n "${book-}" ] && unmark_pending
+    if [ -n "${step_pid-}" ]; then
+        # A waiting install step hears no "go" and ends.
+        exec 6>&-
+        wait "$step_pid" || :
+        step_pid=''
+    fi
     cleanup
     printf '%s {"status":"error","plugin":"%s","code":"%s","message":"%s"}\n' \
         "$MARKER" "$plugin" "$1" "$2"
@@ -189,7 +196,7 @@ check_config_dir() {
         / | */ | *//* | */./* | */. | */../* | */.. | *[!"$LOWER$UPPER$DIGITS"/._-]*)
             usage 'config dir must be a plain normalised path' ;;
     esac
-    [ "${#1}" -le 512 ] || usage 'config dir must be a plain normalised path'
+    [ "${#1}" -le 240 ] || usage 'config dir must be a plain normalised path'
     cfg=$1
 }
 
@@ -251,8 +258,20 @@ find_book() {
     case $state_root/ in
         "$cfg"/*) usage 'the config dir cannot hold the state root' ;;
     esac
-    fb_key=$(printf '%s' "$cfg" | sha256sum) || fail internal 'cannot hash the config dir path' 1
-    book=$state_root/${fb_key%% *}
+    # The path with "/" as "%" (no component holds a "%"): one name per
+    # config dir, readable, and no process to compute it.
+    fb_rest=${cfg#/}
+    fb_key=''
+    while :; do
+        case $fb_rest in
+            */*)
+                fb_key=$fb_key${fb_rest%%/*}%
+                fb_rest=${fb_rest#*/}
+                ;;
+            *) break ;;
+        esac
+    done
+    book=$state_root/$fb_key$fb_rest
 }
 
 make_book() {
@@ -496,26 +515,31 @@ as_owner() {
     env -i PATH="$PATH" LC_ALL=C HOME=/ "$@" 9>&-
 }
 
-# owner_step OP ARGS...: this script again as OWNER. stdin is the sums of the
-# trees in $step_sums, else $step_in (default /dev/null); fd 4 as the caller
-# redirects it. The report goes to a file of root's (a pipe would let a
-# child of the step hold root up), of which root reads 1 MiB at most, into
-# $report. A failed step: its error code (checked) with root's own message.
+# owner_step OP ARGS...: this script again as OWNER, to its end. stdin is
+# the sums of the trees in $step_sums, else /dev/null. Then owner_finish.
 owner_step() {
-    os_out=$rwork/report
-    # shellcheck disable=SC2016 # $1 is expanded by the new shell
-    set -- setpriv --reuid="$uid" --regid="$gid" --clear-groups --nnp -- \
-        sh -c 'eval "$1"' plugin-host "$self" "$@"
     step_rc=0
     if [ -n "${step_sums-}" ]; then
         # shellcheck disable=SC2086 # validated NAME@SHA words
-        send_sums $step_sums | as_owner "$@" >"$os_out" || step_rc=$?
+        send_sums $step_sums | as_owner_sh "$@" >"$rwork/report" || step_rc=$?
     else
-        as_owner "$@" <"${step_in:-/dev/null}" >"$os_out" || step_rc=$?
+        as_owner_sh "$@" </dev/null >"$rwork/report" || step_rc=$?
     fi
     step_sums=''
-    step_in=''
-    report=$(head -c 1048576 "$os_out") || report=''
+    owner_finish
+}
+
+as_owner_sh() {
+    # shellcheck disable=SC2016 # $1 is expanded by the new shell
+    as_owner setpriv --reuid="$uid" --regid="$gid" --clear-groups --nnp -- \
+        sh -c 'eval "$1"' plugin-host "$self" "$@"
+}
+
+# After a step ended with $step_rc: its report (a file of root's, not a
+# pipe a child of the step could hold open; 1 MiB at most) into $report. A
+# failed step: its error code (checked) with root's own message.
+owner_finish() {
+    report=$(head -c 1048576 "$rwork/report") || report=''
     [ "$step_rc" -eq 0 ] && return 0
     os_last=${report##*"$NL"}
     case $os_last in
@@ -938,7 +962,8 @@ PY
         fail unwire_failed 'could not remove what the previous version wired' 71
 }
 
-# check_trees DIR...: reads root's sums stream (send_sums) on stdin and sets
+# check_trees DIR...: reads root's sums stream (send_sums; or one bare sums
+# file of the tree $first_tree) on stdin and sets
 # checked: "good NAME@SHA" or "bad NAME@SHA" for each tree it covers, checked
 # in the store dir given for it (NAME@SHA or NAME@SHA-r, the one the link
 # points at). A tree is bad when a file it was installed with is gone or has
@@ -947,7 +972,12 @@ PY
 # in the store on "HASH  DIR/path" lines (a leading backslash is sha256sum's
 # mark of an escaped name). Plain `-c`: BusyBox has no --quiet.
 check_trees() {
-    checked=$(awk -v dirs=" $* " '
+    checked=$(awk -v dirs=" $* " -v tree="${first_tree-}" '
+        BEGIN {
+            dir = ""
+            if (tree != "" && index(dirs, " " tree " ")) dir = tree
+            else if (tree != "" && index(dirs, " " tree "-r ")) dir = tree "-r"
+        }
         /^== / {
             tree = substr($0, 4); dir = ""
             if (index(dirs, " " tree " ")) dir = tree
@@ -984,11 +1014,17 @@ intact() {
 
 # ---------------------------------------------------------- owner: the steps
 
-# owner-probe CONFIG_DIR NAME SHA WITH_SUMS (stdin: the sums of NAME@SHA when
-# WITH_SUMS is NAME@SHA). Clears leftovers, then reports the current install:
+# owner-install CONFIG_DIR NAME SHA WITH_SUMS: one step for a whole install.
+# fd 7 holds root's sums of NAME@SHA when WITH_SUMS is NAME@SHA. The step
+# clears leftovers and writes what is there now to fd 3 (a FIFO root reads):
 #   ok probe KIND DIGEST|- INTACT
-owner_probe() {
-    [ "$#" -eq 4 ] || usage 'owner-probe takes 4 arguments'
+# then waits for root's word on stdin (a FIFO): "go" once root has verified
+# the archive, which it then reads from fd 5; anything else (or nothing: root
+# closed it) ends the step with "ok stopped". New sums go to fd 4. The report
+# on stdout: "changing" before the first change, then
+#   ok applied KIND DIGEST|-   (what was replaced)
+owner_install() {
+    [ "$#" -eq 4 ] || usage 'owner-install takes 4 arguments'
     check_config_dir "$1"
     check_name "$2"
     valid_sha "$3" || usage 'digest must be 64 lowercase hex characters'
@@ -1000,23 +1036,25 @@ owner_probe() {
     probe_intact=false
     if [ "$prev_kind" = link ] && [ "$prev_digest" = "$sha" ] && [ -d "$link" ]; then
         checked=''
-        [ -n "$with_sums" ] && check_trees "$prev_dir"
+        first_tree=$name@$sha
+        [ -n "$with_sums" ] && check_trees "$prev_dir" <&7
         intact "$name@$sha" && probe_intact=true
     fi
-    printf 'ok probe %s %s %s\n' "$prev_kind" "${prev_digest:--}" "$probe_intact"
+    exec 7<&-
+    printf 'ok probe %s %s %s\n' "$prev_kind" "${prev_digest:--}" "$probe_intact" >&3
+    exec 3>&-
+    oi_word=''
+    read -r oi_word || oi_word=''
+    if [ "$oi_word" != go ]; then
+        printf 'ok stopped\n'
+        return 0
+    fi
+    apply_archive <&5
 }
 
-# owner-apply CONFIG_DIR NAME SHA (stdin: the verified archive; fd 4: where
-# the new tree's sums go). Reports "changing" before the first change, then
-#   ok applied KIND DIGEST|-   (what was replaced)
-owner_apply() {
-    [ "$#" -eq 3 ] || usage 'owner-apply takes 3 arguments'
-    check_config_dir "$1"
-    check_name "$2"
-    valid_sha "$3" || usage 'digest must be 64 lowercase hex characters'
-    sha=$3
-    owner_enter
-    inspect_current
+# apply_archive (stdin: the verified archive; fd 4: the new tree's sums), as
+# OWNER in CONFIG_DIR after inspect_current.
+apply_archive() {
     # Never the dir the link points at now: a damaged tree of the same
     # digest stays live until the link moves to its replacement.
     new_dir=$name@$sha
@@ -1192,39 +1230,75 @@ op_install() {
     find_book
     open_book
     with_sums=''
-    [ -f "$book/sums/$name@$sha" ] && with_sums="$name@$sha"
-    step_sums=$with_sums
-    owner_step owner-probe "$cfg" "$name" "$sha" "$with_sums"
-    report_ok probe
+    sums_in=/dev/null
+    if [ -f "$book/sums/$name@$sha" ]; then
+        with_sums=$name@$sha
+        sums_in=$book/sums/$with_sums
+    fi
+    # One owner step for the whole install (one privilege drop): it says
+    # what is there through the verdict FIFO, then waits on the ctl FIFO
+    # while root reads and verifies the archive into the file it holds open.
+    mkfifo -m 0600 "$rwork/verdict" "$rwork/ctl" || fail internal 'cannot create the step channels' 1
+    : >"$rwork/archive" || fail internal 'cannot create the archive file' 1
+    as_owner_sh owner-install "$cfg" "$name" "$sha" "$with_sums" <"$rwork/ctl" \
+        3>"$rwork/verdict" 4>"$rwork/sums" 5<"$rwork/archive" 7<"$sums_in" \
+        >"$rwork/report" &
+    step_pid=$!
+    # Opened in the order the step opens them: ctl, then verdict.
+    exec 6>"$rwork/ctl" || fail internal 'cannot open the step channels' 1
+    exec 8<"$rwork/verdict" || fail internal 'cannot open the step channels' 1
+    verdict=''
+    read -r verdict <&8 || verdict=''
+    exec 8<&-
+    case $verdict in
+        'ok probe '*) ;;
+        *)
+            step_end
+            fail internal 'a step run as the workspace user gave no result' 1
+            ;;
+    esac
+    report=$verdict
     report_words
     if [ "$rw_flag" = true ]; then
+        step_end
         # Already there: leave stdin unread and the runtime alone, unless
         # an earlier run was cut off before its restart.
         restart_if_owed
         done_ok unchanged "$sha" "$sha" "$restarted"
     fi
 
-    # Root reads and verifies the archive before the owner sees a byte.
+    # Root reads and verifies the archive before the owner is told to go.
     if [ -n "${PLUGIN_ARCHIVE_URL-}" ]; then
         fetch_archive "$rwork/archive"
     else
         # A cut connection just ends stdin early; the digest check catches it.
         cat >"$rwork/archive" || fail internal 'cannot read the archive' 1
     fi
+    # The URL has served: nothing started from here on may see it.
+    unset PLUGIN_ARCHIVE_URL
     got=$(sha256sum <"$rwork/archive") || fail internal 'cannot hash the archive' 1
     [ "${got%% *}" = "$sha" ] || fail digest_mismatch 'archive digest does not match' 65
 
     mark_pending
-    # The URL has served: nothing started from here on may see it.
-    unset PLUGIN_ARCHIVE_URL
-    step_in=$rwork/archive
-    owner_step owner-apply "$cfg" "$name" "$sha" 4>"$rwork/sums"
+    printf 'go\n' >&6 || true
+    step_end
     report_ok applied
     report_words
     mv "$rwork/sums" "$book/sums/$name@$sha" || say 'could not record the plugin file sums'
     prune_sums "$sha"
     restarted=$(restart_runtime) || fail restart_failed 'the runtime restart command failed' 70
     done_ok installed "$sha" "$rw_digest" "$restarted"
+}
+
+# Let the background install step go (closing ctl tells it to stop unless
+# it was told "go"), wait for it, and read its report.
+step_end() {
+    [ -n "${step_pid-}" ] || return 0
+    exec 6>&-
+    step_rc=0
+    wait "$step_pid" || step_rc=$?
+    step_pid=''
+    owner_finish
 }
 
 op_uninstall() {
@@ -1336,8 +1410,7 @@ case $op in
     uninstall) op_uninstall "$@" ;;
     inventory) op_inventory "$@" ;;
     restart) op_restart "$@" ;;
-    owner-probe) owner_probe "$@" ;;
-    owner-apply) owner_apply "$@" ;;
+    owner-install) owner_install "$@" ;;
     owner-remove) owner_remove "$@" ;;
     owner-list) owner_list "$@" ;;
     *) usage 'unknown operation' ;;

@@ -826,9 +826,16 @@ impl Drop for Fixture {
 pub const AGENT_UID: u32 = 1000;
 
 /// Where the host script keeps root's state for `config_dir` on the hosts
-/// of this machine (`/var/lib/plugin-delivery/<sha256 of the path>`).
+/// of this machine (`/var/lib/plugin-delivery/<the path, "/" as "%">`).
 pub fn book_of(config_dir: &Path) -> PathBuf {
-    Path::new("/var/lib/plugin-delivery").join(sha256_hex(config_dir.to_str().unwrap().as_bytes()))
+    Path::new("/var/lib/plugin-delivery").join(book_key(config_dir))
+}
+
+/// The name of root's state dir for a config dir: its path without the
+/// leading "/", each further "/" written "%".
+pub fn book_key(config_dir: &Path) -> String {
+    let path = config_dir.to_str().unwrap();
+    path.strip_prefix('/').unwrap_or(path).replace('/', "%")
 }
 
 /// Creates `dir` (and parents) as a config dir: owned by the agent user.

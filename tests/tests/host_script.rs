@@ -20,8 +20,8 @@ use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
 use acceptance::{
-    as_agent, give_to_agent, need, plant_link, planted_paths, root_owned, Canary, KeepReading,
-    Racer,
+    as_agent, book_key, give_to_agent, need, plant_link, planted_paths, root_owned, Canary,
+    KeepReading, Racer,
 };
 
 /// Tests run as root; the plugin files must end up owned by the workspace user.
@@ -290,7 +290,7 @@ impl Host {
             .parent()
             .unwrap()
             .join("state")
-            .join(sha256(self.cfg().as_bytes()))
+            .join(book_key(&self.cfg))
     }
 
     fn cfg(&self) -> &str {
@@ -1636,17 +1636,18 @@ fn a_racing_agent_swapping_dirs_for_links_changes_nothing_outside() {
 fn owner_steps_refuse_to_run_as_root() {
     let h = Host::new();
     let sha = alpha_v1().archive.sha;
-    let r = launch(
-        &["owner-probe", h.cfg(), "alpha", &sha, ""],
-        None,
-        None,
-        &[],
-    );
-    r.assert_error("internal", 1);
-    assert!(
-        r.result["message"].as_str().unwrap().contains("root"),
-        "{r:#?}"
-    );
+    for args in [
+        vec!["owner-install", h.cfg(), "alpha", &sha, ""],
+        vec!["owner-remove", h.cfg(), "alpha"],
+        vec!["owner-list", h.cfg(), ""],
+    ] {
+        let r = launch(&args, None, None, &[]);
+        r.assert_error("internal", 1);
+        assert!(
+            r.result["message"].as_str().unwrap().contains("root"),
+            "{r:#?}"
+        );
+    }
     assert_eq!(h.listing(""), Vec::<String>::new());
 }
 
