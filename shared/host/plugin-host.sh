@@ -117,12 +117,20 @@ cleanup() {
 
 # fail CODE MESSAGE EXIT: MESSAGE is a fixed text, safe to embed in JSON.
 fail() {
-    [ -n "${book-}" ] && unmark_pending
     if [ -n "${step_pid-}" ]; then
-        # A waiting install step hears no "go" and ends.
+        # A waiting install step hears no "go" and ends; one that is
+        # applying finishes first (its time limit bounds the wait).
         exec 6>&-
         wait "$step_pid" || :
         step_pid=''
+    fi
+    # What the last step said it changed decides whether the pending
+    # restart stays; the report is read afresh (a signal can land between
+    # a step's end and root's reading it). When unsure, it stays.
+    if [ -n "${book-}" ]; then
+        [ -n "$rwork" ] && [ -f "$rwork/report" ] &&
+            report=$(head -c 1048576 "$rwork/report" 2>/dev/null)
+        unmark_pending
     fi
     cleanup
     printf '%s {"status":"error","plugin":"%s","code":"%s","message":"%s"}\n' \
@@ -506,13 +514,21 @@ fetch_archive() {
 # This script again, as OWNER: a clean environment (nothing of root's, the
 # presigned URL least of all), no lock descriptor, bounded in time (a step
 # the agent stops must not hold the lock for ever).
+# as_owner IN OUT CMD...: stdin from IN ("-": as it is), stdout to OUT,
+# set on this command alone, so that root's own stdout never points
+# anywhere else (a signal's result line must reach the caller).
 as_owner() {
-    ao_limit=${PLUGIN_STEP_MAX_SECS:-900}
-    valid_wait "$ao_limit" || usage 'step time limit must be a whole number of seconds'
-    if command -v timeout >/dev/null 2>&1; then
-        set -- timeout -s KILL "$ao_limit" "$@"
+    ao_in=$1
+    ao_out=$2
+    shift 2
+    if [ -n "$step_timeout" ]; then
+        set -- timeout -s KILL "$step_limit" "$@"
     fi
-    env -i PATH="$PATH" LC_ALL=C HOME=/ "$@" 9>&-
+    if [ "$ao_in" = - ]; then
+        env -i PATH="$PATH" LC_ALL=C HOME=/ "$@" >"$ao_out" 9>&-
+    else
+        env -i PATH="$PATH" LC_ALL=C HOME=/ "$@" <"$ao_in" >"$ao_out" 9>&-
+    fi
 }
 
 # owner_step OP ARGS...: this script again as OWNER, to its end. stdin is
@@ -521,17 +537,21 @@ owner_step() {
     step_rc=0
     if [ -n "${step_sums-}" ]; then
         # shellcheck disable=SC2086 # validated NAME@SHA words
-        send_sums $step_sums | as_owner_sh "$@" >"$rwork/report" || step_rc=$?
+        send_sums $step_sums | as_owner_sh - "$rwork/report" "$@" || step_rc=$?
     else
-        as_owner_sh "$@" </dev/null >"$rwork/report" || step_rc=$?
+        as_owner_sh /dev/null "$rwork/report" "$@" || step_rc=$?
     fi
     step_sums=''
     owner_finish
 }
 
+# as_owner_sh IN OUT OP ARGS...: this script, as OWNER.
 as_owner_sh() {
+    aos_in=$1
+    aos_out=$2
+    shift 2
     # shellcheck disable=SC2016 # $1 is expanded by the new shell
-    as_owner setpriv --reuid="$uid" --regid="$gid" --clear-groups --nnp -- \
+    as_owner "$aos_in" "$aos_out" setpriv --reuid="$uid" --regid="$gid" --clear-groups --nnp -- \
         sh -c 'eval "$1"' plugin-host "$self" "$@"
 }
 
@@ -1064,9 +1084,11 @@ apply_archive() {
     mkdir "$work/tree" || fail internal 'cannot create a staging directory' 1
     tar -xzf - -C "$work/tree" --no-same-owner >&2 ||
         fail bad_archive 'archive could not be extracted' 66
-    # Plugins are plain files and directories; anything else is not ours.
+    # Plugins are plain files and directories, plugin.yaml among them;
+    # anything else is not ours.
     [ -z "$(find "$work/tree" ! -type d ! -type f)" ] ||
         fail bad_archive 'archive holds entries other than files and directories' 66
+    [ -f "$work/tree/plugin.yaml" ] || fail bad_archive 'archive holds no plugin.yaml' 66
     (cd "$work/tree" && find . -type f -exec sha256sum {} +) >&4 ||
         fail internal 'cannot hash the plugin files' 1
 
@@ -1181,6 +1203,12 @@ start_root() {
     esac
     [ -O / ] || say 'not running as root: the owner steps will fail'
     cd / || fail internal 'cannot change to the root directory' 1
+    # Every owner step is bounded in time (timeout from coreutils or
+    # BusyBox; without one, only the transport's own deadline bounds it).
+    step_limit=${PLUGIN_STEP_MAX_SECS:-900}
+    valid_wait "$step_limit" || usage 'step time limit must be a whole number of seconds'
+    step_timeout=''
+    command -v timeout >/dev/null 2>&1 && step_timeout=timeout
 }
 
 # Set the pending-restart marker before a change; pending_ours says this
@@ -1240,13 +1268,14 @@ op_install() {
     # while root reads and verifies the archive into the file it holds open.
     mkfifo -m 0600 "$rwork/verdict" "$rwork/ctl" || fail internal 'cannot create the step channels' 1
     : >"$rwork/archive" || fail internal 'cannot create the archive file' 1
-    as_owner_sh owner-install "$cfg" "$name" "$sha" "$with_sums" <"$rwork/ctl" \
-        3>"$rwork/verdict" 4>"$rwork/sums" 5<"$rwork/archive" 7<"$sums_in" \
-        >"$rwork/report" &
+    as_owner_sh "$rwork/ctl" "$rwork/report" owner-install "$cfg" "$name" "$sha" \
+        "$with_sums" 3>"$rwork/verdict" 4>"$rwork/sums" 5<"$rwork/archive" 7<"$sums_in" &
     step_pid=$!
-    # Opened in the order the step opens them: ctl, then verdict.
-    exec 6>"$rwork/ctl" || fail internal 'cannot open the step channels' 1
-    exec 8<"$rwork/verdict" || fail internal 'cannot open the step channels' 1
+    # Opened in the order the step opens them: verdict, then ctl. ctl is
+    # opened for reading too, so a write to it never raises SIGPIPE when the
+    # step is gone; closing it is the step's EOF.
+    command exec 8<"$rwork/verdict" || fail internal 'cannot open the step channels' 1
+    command exec 6<>"$rwork/ctl" || fail internal 'cannot open the step channels' 1
     verdict=''
     read -r verdict <&8 || verdict=''
     exec 8<&-
@@ -1280,7 +1309,7 @@ op_install() {
     [ "${got%% *}" = "$sha" ] || fail digest_mismatch 'archive digest does not match' 65
 
     mark_pending
-    printf 'go\n' >&6 || true
+    printf 'go\n' >&6 || :
     step_end
     report_ok applied
     report_words

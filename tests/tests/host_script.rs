@@ -754,6 +754,7 @@ fn uninstall_removes_exactly_what_the_plugin_wired() {
 fn memory_blocks_are_removed_one_by_one_when_the_chunk_was_split() {
     let h = Host::new();
     let p = plugin(&[
+        ("plugin.yaml", "name: alpha\n"),
         ("rules/a.md", "Rule A.\n\nSecond paragraph.\n"),
         ("NOTES.md", "Notes.\n"),
     ]);
@@ -866,6 +867,7 @@ fn files_shipped_or_listed_by_another_plugin_stay() {
         ("hooks/common.sh", "#!/bin/sh\n"),
     ]);
     let b = plugin(&[
+        ("plugin.yaml", "name: beta\n"),
         ("skills/common/SKILL.md", "common from beta\n"),
         ("hooks/common.sh", "#!/bin/sh\n"),
     ]);
@@ -1906,4 +1908,125 @@ fn the_restart_never_sees_the_archive_url() {
         fs::remove_file(&env_out).unwrap();
         fs::write(h.book().join("restart-pending"), "").unwrap();
     }
+}
+
+/// Starts the script as `launch` does but returns the child, stdin open.
+fn spawn_script(
+    args: &[&str],
+    env: &[(&str, &str)],
+    path_env: Option<&Path>,
+) -> std::process::Child {
+    let text = fs::read_to_string(script()).unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.envs(env.iter().copied());
+    if let Some(p) = path_env {
+        cmd.env("PATH", p);
+    }
+    let state = Path::new(args[1]).parent().unwrap().join("state");
+    cmd.env("PLUGIN_STATE_ROOT", state)
+        .args(["-c", "eval \"$1\"", "plugin-host"])
+        .arg(text)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The single result line of a finished child.
+fn result_of(child: std::process::Child) -> (i32, Value) {
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "one result line: {stdout:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = serde_json::from_str(lines[0].strip_prefix(MARKER).unwrap()).unwrap();
+    (out.status.code().unwrap(), v)
+}
+
+#[test]
+fn an_install_step_gone_while_root_reads_the_archive_still_gets_a_result() {
+    // The step waits for root's word while root reads stdin; it is killed
+    // meanwhile (here by its time limit). Root must still answer, and
+    // nothing may change.
+    let h = Host::new();
+    let p = alpha_v1();
+    let mut child = spawn_script(
+        &[
+            "install",
+            h.cfg(),
+            "alpha",
+            &p.archive.sha,
+            OWNER,
+            "5",
+            &h.restart_cmd(),
+        ],
+        &[("PLUGIN_STEP_MAX_SECS", "1")],
+        None,
+    );
+    let mut stdin = child.stdin.take().unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let _ = stdin.write_all(&p.archive.bytes);
+    drop(stdin);
+    let (code, r) = result_of(child);
+    assert_eq!((code, r["code"].as_str()), (1, Some("internal")), "{r}");
+    assert!(fs::symlink_metadata(h.path("plugins/alpha")).is_err());
+    assert!(!h.book().join("restart-pending").exists());
+    assert_eq!(h.restarts(), 0);
+}
+
+#[test]
+fn a_signal_during_a_step_still_gives_one_result_and_keeps_the_owed_restart() {
+    // python3 (the unwire step) made slow; root is told to stop while the
+    // step runs: one result line still reaches the caller, and as the step
+    // had started changing the config dir, the pending restart stays.
+    let h = Host::new();
+    let p = alpha_v1();
+    h.install_raw("alpha", &p.archive.sha, &p.archive.bytes, "")
+        .assert_ok("installed");
+    fs::remove_file(h.book().join("restart-pending")).unwrap();
+    let bin = tempfile::tempdir().unwrap();
+    fs::set_permissions(bin.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let slow = bin.path().join("python3");
+    fs::write(&slow, "#!/bin/sh\nsleep 2\nexec /usr/bin/python3 \"$@\"\n").unwrap();
+    fs::set_permissions(&slow, fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", bin.path().display());
+    let child = spawn_script(
+        &["uninstall", h.cfg(), "alpha", OWNER, "5", ""],
+        &[],
+        Some(Path::new(&path)),
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let (code, r) = result_of(child);
+    assert_eq!((code, r["code"].as_str()), (1, Some("internal")), "{r}");
+    assert!(h.book().join("restart-pending").exists());
+}
+
+#[test]
+fn a_bad_step_time_limit_is_a_usage_error_with_a_result() {
+    let h = Host::new();
+    let child = spawn_script(
+        &["uninstall", h.cfg(), "alpha", OWNER, "5", ""],
+        &[("PLUGIN_STEP_MAX_SECS", "abc")],
+        None,
+    );
+    let (code, r) = result_of(child);
+    assert_eq!((code, r["code"].as_str()), (64, Some("usage")), "{r}");
+}
+
+#[test]
+fn an_archive_without_plugin_yaml_is_a_bad_archive() {
+    let h = Host::new();
+    let p = plugin(&[("rules/x.md", "x\n")]);
+    h.install("nameless", &p).assert_error("bad_archive", 66);
+    assert!(fs::symlink_metadata(h.path("plugins/nameless")).is_err());
 }
