@@ -187,14 +187,10 @@ fn run_script_env(
     run
 }
 
-/// Runs the script as the transports do (`sh -c 'eval "$1"' plugin-host
-/// TEXT OP ARGS`), with root's state under the config dir's temp dir.
-fn launch(
-    args: &[&str],
-    stdin: Option<&[u8]>,
-    path_env: Option<&Path>,
-    env: &[(&str, &str)],
-) -> Run {
+/// The script as the transports start it (`sh -c 'eval "$1"' plugin-host
+/// TEXT OP ARGS`), with root's state under the config dir's temp dir,
+/// stdout and stderr piped.
+fn script_command(args: &[&str], env: &[(&str, &str)], path_env: Option<&Path>) -> Command {
     let text = fs::read_to_string(script()).unwrap();
     let mut cmd = Command::new("sh");
     cmd.envs(env.iter().copied());
@@ -203,19 +199,31 @@ fn launch(
             cmd.env("PLUGIN_STATE_ROOT", state.join("state"));
         }
     }
-    cmd.args(["-c", "eval \"$1\"", "plugin-host"])
-        .arg(text)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
     if let Some(p) = path_env {
         cmd.env("PATH", p);
     }
+    cmd.args(["-c", "eval \"$1\"", "plugin-host"])
+        .arg(text)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Runs the script as the transports do (`sh -c 'eval "$1"' plugin-host
+/// TEXT OP ARGS`), with root's state under the config dir's temp dir.
+fn launch(
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    path_env: Option<&Path>,
+    env: &[(&str, &str)],
+) -> Run {
+    let mut cmd = script_command(args, env, path_env);
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
     let mut child = cmd.spawn().expect("run sh");
     let writer = stdin.map(|bytes| {
         let mut pipe = child.stdin.take().unwrap();
@@ -1916,20 +1924,8 @@ fn spawn_script(
     env: &[(&str, &str)],
     path_env: Option<&Path>,
 ) -> std::process::Child {
-    let text = fs::read_to_string(script()).unwrap();
-    let mut cmd = Command::new("sh");
-    cmd.envs(env.iter().copied());
-    if let Some(p) = path_env {
-        cmd.env("PATH", p);
-    }
-    let state = Path::new(args[1]).parent().unwrap().join("state");
-    cmd.env("PLUGIN_STATE_ROOT", state)
-        .args(["-c", "eval \"$1\"", "plugin-host"])
-        .arg(text)
-        .args(args)
+    script_command(args, env, path_env)
         .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap()
 }
