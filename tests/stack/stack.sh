@@ -30,6 +30,8 @@ readonly EIC_PORT=${PLUGIN_STACK_EIC_PORT:-5001}
 readonly SSM_PORT=${PLUGIN_STACK_SSM_PORT:-5002}
 readonly REGION=${PLUGIN_STACK_REGION:-us-east-1}
 readonly VENV=${PLUGIN_STACK_VENV:-$REPO_ROOT/.venv}
+# util-linux brings setpriv (the host script's privilege drop) and flock;
+# busybox and wget are downloaders the host-script tests use.
 readonly APT_PACKAGES=(openssh-server openssh-client sudo shellcheck openssl curl jq python3 python3-venv busybox util-linux wget iproute2)
 readonly PIP_PACKAGES=('moto[server]' cargo-lambda awscli boto3 cfn-lint aws-sam-cli)
 # pip constraints pinning PIP_PACKAGES and all they pull in; its sha256 is kept
