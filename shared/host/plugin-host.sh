@@ -214,6 +214,11 @@ check_name() {
     plugin=$1
 }
 
+check_sha() {
+    valid_sha "$1" || usage 'digest must be 64 lowercase hex characters'
+    sha=$1
+}
+
 check_owner() {
     valid_owner "$1" || usage 'owner must be numeric uid:gid other than root'
     uid=${1%%:*}
@@ -311,7 +316,9 @@ open_book() {
 # A root-owned .plugin-delivery: only root can have made it, so only the
 # earlier layout. Checked on every operation: no marker can skip it.
 legacy_layout() {
-    [ -d "$cfg/$STATE_REL" ] && [ ! -L "$cfg/$STATE_REL" ] && [ -O "$cfg/$STATE_REL" ]
+    # Link first: the two tests after it only read metadata, and Python
+    # re-checks everything through O_NOFOLLOW descriptors before acting.
+    [ ! -L "$cfg/$STATE_REL" ] && [ -d "$cfg/$STATE_REL" ] && [ -O "$cfg/$STATE_REL" ]
 }
 
 migrate_legacy() {
@@ -1047,8 +1054,7 @@ owner_install() {
     [ "$#" -eq 4 ] || usage 'owner-install takes 4 arguments'
     check_config_dir "$1"
     check_name "$2"
-    valid_sha "$3" || usage 'digest must be 64 lowercase hex characters'
-    sha=$3
+    check_sha "$3"
     with_sums=$4
     owner_enter
     owner_prepare
@@ -1249,8 +1255,7 @@ op_install() {
     [ "$#" -eq 6 ] || usage 'install takes 6 arguments'
     check_config_dir "$1"
     check_name "$2"
-    valid_sha "$3" || usage 'digest must be 64 lowercase hex characters'
-    sha=$3
+    check_sha "$3"
     check_owner "$4"
     check_wait "$5"
     restart_cmd=$6
