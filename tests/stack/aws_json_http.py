@@ -17,6 +17,16 @@ JSON_CT = "application/x-amz-json-1.1"
 MAX_BODY = 1 << 20
 
 
+class ApiError(Exception):
+    """An error answered the way the service answers it."""
+
+    def __init__(self, name, message, status=400):
+        super().__init__(message)
+        self.name = name
+        self.message = message
+        self.status = status
+
+
 class AwsJsonHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "aws-emulator"
@@ -57,7 +67,7 @@ class AwsJsonHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _send_aws_error(self, err, request_id):
-        """`err` has `status`, `name` and `message` (each emulator's ApiError)."""
+        """`err` is an ApiError (or has its `status`, `name` and `message`)."""
         self._send(err.status, {"__type": err.name, "message": err.message}, JSON_CT,
                    {"x-amzn-ErrorType": err.name, "x-amzn-RequestId": request_id})
 

@@ -24,7 +24,6 @@ Only the standard library and boto3 are used.
 
 import argparse
 import base64
-import ipaddress
 import json
 import os
 import re
@@ -35,22 +34,17 @@ import threading
 import time
 import urllib.parse
 import uuid
-from http.server import ThreadingHTTPServer
 
-from aws_json_http import JSON_CT, AwsJsonHandler
+import stack_server
+from aws_json_http import JSON_CT, ApiError, AwsJsonHandler
 
 try:
     import boto3
     import botocore.config
     import botocore.exceptions
 except ImportError:  # pragma: no cover - fall back to the repo's venv
-    _venv_python = os.path.join(
-        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-        ".venv", "bin", "python3")
-    if os.path.exists(_venv_python) and os.path.realpath(sys.executable) != os.path.realpath(_venv_python):
-        os.execv(_venv_python, [_venv_python, os.path.abspath(__file__)] + sys.argv[1:])
-    sys.stderr.write("eic-emulator: boto3 is not installed (run tests/stack/stack.sh install)\n")
-    sys.exit(2)
+    stack_server.run_in_venv(
+        __file__, "eic-emulator: boto3 is not installed (run tests/stack/stack.sh install)")
 
 SERVICE = "eic-emulator"
 TARGET_PREFIX = "AWSEC2InstanceConnectService."
@@ -74,20 +68,7 @@ ECDSA_CURVES = {
 MIN_RSA_BITS = 2048
 
 
-class ApiError(Exception):
-    """An error answered the way the service answers it."""
-
-    def __init__(self, name, message, status=400):
-        super().__init__(message)
-        self.name = name
-        self.message = message
-        self.status = status
-
-
-def log(msg):
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-    sys.stderr.write("%s eic-emulator %s\n" % (stamp, msg))
-    sys.stderr.flush()
+log = stack_server.make_log(SERVICE)
 
 
 # --------------------------------------------------------------------------
@@ -479,26 +460,9 @@ class Handler(AwsJsonHandler):
             % (desc, expiry, request_id, (time.time() - started) * 1000))
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-
-def _is_loopback_url(url):
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Local EC2 Instance Connect emulator")
-    parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
-    parser.add_argument("--port", type=int, default=5001)
+    stack_server.add_listen_args(parser, 5001)
     parser.add_argument("--keys-dir", required=True)
     parser.add_argument("--ec2-endpoint", default="http://127.0.0.1:5000")
     parser.add_argument("--region", default=None,
@@ -506,12 +470,8 @@ def main(argv=None):
                              "(default: $AWS_REGION, $AWS_DEFAULT_REGION or us-east-1)")
     args = parser.parse_args(argv)
 
-    try:
-        if not ipaddress.ip_address(args.host).is_loopback:
-            parser.error("--host must be a loopback address")
-    except ValueError:
-        parser.error("--host must be an IP address")
-    if not _is_loopback_url(args.ec2_endpoint):
+    stack_server.check_loopback_host(parser, args.host)
+    if not stack_server.is_loopback_url(args.ec2_endpoint):
         parser.error("--ec2-endpoint must point at a loopback address")
 
     # Never let botocore look for credentials or regions off this machine.
@@ -524,16 +484,11 @@ def main(argv=None):
     os.chmod(keys_dir, 0o755)
 
     state = State(keys_dir, args.ec2_endpoint.rstrip("/"), region)
-    server = Server((args.host, args.port), Handler)
+    server = stack_server.Server((args.host, args.port), Handler)
     server.state = state
-    log("listening on http://%s:%d keys_dir=%s ec2_endpoint=%s region=%s"
-        % (args.host, args.port, keys_dir, state.ec2_endpoint, region))
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    banner = ("listening on http://%s:%d keys_dir=%s ec2_endpoint=%s region=%s"
+              % (args.host, args.port, keys_dir, state.ec2_endpoint, region))
+    stack_server.serve(server, banner, log)
     return 0
 
 

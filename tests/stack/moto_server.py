@@ -27,7 +27,6 @@ stack scripts can tell this launcher from a plain moto_server.
 
 import argparse
 import calendar
-import ipaddress
 import json
 import os
 import re
@@ -38,6 +37,8 @@ import urllib.parse
 import uuid
 from xml.sax.saxutils import escape
 
+import stack_server
+
 try:
     from werkzeug.serving import run_simple
     from moto.moto_server.werkzeug_app import (
@@ -46,14 +47,8 @@ try:
         create_backend_app,
     )
 except ImportError:  # pragma: no cover - fall back to the repo's venv
-    _venv = os.path.join(
-        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".venv")
-    _venv_python = os.path.join(_venv, "bin", "python3")
-    # A venv's python is a symlink to the system one: compare prefixes, not binaries.
-    if os.path.exists(_venv_python) and os.path.realpath(sys.prefix) != os.path.realpath(_venv):
-        os.execv(_venv_python, [_venv_python, os.path.abspath(__file__)] + sys.argv[1:])
-    sys.stderr.write("moto_server.py: moto[server] is not installed (run tests/stack/stack.sh install)\n")
-    sys.exit(2)
+    stack_server.run_in_venv(
+        __file__, "moto_server.py: moto[server] is not installed (run tests/stack/stack.sh install)")
 
 SERVICE = "moto-wrapper"
 WRAPPER_PATH = "/_stack/moto-wrapper"
@@ -63,10 +58,7 @@ SIGV4_MARKERS = ("X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Signature",
                  "X-Amz-SignedHeaders")
 
 
-def log(msg):
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-    sys.stderr.write("%s moto-wrapper %s\n" % (stamp, msg))
-    sys.stderr.flush()
+log = stack_server.make_log(SERVICE)
 
 
 def _iso(t):
@@ -176,27 +168,16 @@ class PresignExpiry:
         return [data]
 
 
-def _signal_handler(signum, frame):
-    sys.exit(0)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="moto server with presigned-URL expiry enforced")
-    parser.add_argument("-H", "--host", default="127.0.0.1", help="loopback address to bind")
-    parser.add_argument("-p", "--port", type=int,
-                        default=int(os.environ.get("MOTO_PORT", 5000)))
+    stack_server.add_listen_args(parser, int(os.environ.get("MOTO_PORT", 5000)), short=True)
     args = parser.parse_args(argv)
-    try:
-        if not ipaddress.ip_address(args.host).is_loopback:
-            parser.error("--host must be a loopback address")
-    except ValueError:
-        parser.error("--host must be an IP address")
+    stack_server.check_loopback_host(parser, args.host)
 
     # moto builds some URLs (e.g. SQS queue URLs) from MOTO_PORT.
     os.environ.setdefault("MOTO_PORT", str(args.port))
-    signal.signal(signal.SIGINT, _signal_handler)
-    signal.signal(signal.SIGTERM, _signal_handler)
+    stack_server.exit_on(signal.SIGINT, signal.SIGTERM)
 
     moto_app = DomainDispatcherApplication(create_backend_app)
     moto_app.debug = True

@@ -52,10 +52,12 @@ import threading
 import time
 import traceback
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+import stack_server
 
 PROG = "source-server"
-HOST = "127.0.0.1"
+HOST = stack_server.LOOPBACK
 
 # Every entry of a generated tarball carries this mtime, so the same fixture
 # always yields the same bytes (2024-01-01T00:00:00Z).
@@ -72,9 +74,7 @@ SHA_RE = re.compile(r"^[0-9a-fA-F]{40}$")
 MAX_RECORDED = 10000
 
 
-def log(msg):
-    sys.stderr.write(f"{PROG}: {msg}\n")
-    sys.stderr.flush()
+log = stack_server.make_log(PROG, stamped=False)
 
 
 class NotFound(Exception):
@@ -447,8 +447,7 @@ class Handler(BaseHTTPRequestHandler):
         raise NotFound()
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
+class Server(stack_server.Server):
     request_queue_size = 64
 
     def __init__(self, app, port, tls_context):

@@ -35,7 +35,6 @@ import argparse
 import base64
 import datetime
 import http.client
-import ipaddress
 import json
 import os
 import re
@@ -46,9 +45,9 @@ import threading
 import time
 import urllib.parse
 import uuid
-from http.server import ThreadingHTTPServer
 
-from aws_json_http import JSON_CT, AwsJsonHandler
+import stack_server
+from aws_json_http import JSON_CT, ApiError, AwsJsonHandler
 
 SERVICE = "ssm-emulator"
 TARGET_PREFIX = "AmazonSSM."
@@ -102,20 +101,7 @@ TERMINAL = ("Success", "Failed", "TimedOut", "Cancelled")
 NOT_EMULATED = ("ListCommands", "ListCommandInvocations")
 
 
-class ApiError(Exception):
-    """An error answered the way the service answers it."""
-
-    def __init__(self, name, message, status=400):
-        super().__init__(message)
-        self.name = name
-        self.message = message
-        self.status = status
-
-
-def log(msg):
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-    sys.stderr.write("%s ssm-emulator %s\n" % (stamp, msg))
-    sys.stderr.flush()
+log = stack_server.make_log(SERVICE)
 
 
 def epoch(t):
@@ -1170,26 +1156,9 @@ def _with_desc(err, desc):
     return err
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-
-def _is_loopback_url(url):
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Local SSM Run Command emulator")
-    parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
-    parser.add_argument("--port", type=int, default=5002)
+    stack_server.add_listen_args(parser, 5002)
     parser.add_argument("--state-dir", required=True,
                         help="where delivered commands are written and run")
     parser.add_argument("--moto-endpoint", default="http://127.0.0.1:5000",
@@ -1199,12 +1168,8 @@ def main(argv=None):
                              "$AWS_DEFAULT_REGION or us-east-1)")
     args = parser.parse_args(argv)
 
-    try:
-        if not ipaddress.ip_address(args.host).is_loopback:
-            parser.error("--host must be a loopback address")
-    except ValueError:
-        parser.error("--host must be an IP address")
-    if not _is_loopback_url(args.moto_endpoint) \
+    stack_server.check_loopback_host(parser, args.host)
+    if not stack_server.is_loopback_url(args.moto_endpoint) \
             or urllib.parse.urlsplit(args.moto_endpoint).scheme != "http":
         parser.error("--moto-endpoint must be an http:// URL on a loopback address")
     region = (args.region or os.environ.get("AWS_REGION")
@@ -1214,23 +1179,16 @@ def main(argv=None):
     _mkdir_private(state_dir)
 
     state = State(state_dir, args.moto_endpoint.rstrip("/"), region)
-    server = Server((args.host, args.port), Handler)
+    server = stack_server.Server((args.host, args.port), Handler)
     server.state = state
     threading.Thread(target=state.scheduler, daemon=True, name="scheduler").start()
 
-    def _terminate(signum, frame):
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, _terminate)
-    log("listening on http://%s:%d state_dir=%s moto_endpoint=%s region=%s"
-        % (args.host, args.port, state_dir, state.moto_endpoint, region))
+    stack_server.exit_on(signal.SIGTERM)
+    banner = ("listening on http://%s:%d state_dir=%s moto_endpoint=%s region=%s"
+              % (args.host, args.port, state_dir, state.moto_endpoint, region))
     try:
-        server.serve_forever()
-    except (KeyboardInterrupt, SystemExit):
-        pass
+        stack_server.serve(server, banner, log, on_stop=state.stop_all)
     finally:
-        state.stop_all()
-        server.server_close()
         log("stopped")
     return 0
 
