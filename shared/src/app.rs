@@ -1,18 +1,25 @@
-//! Wires the real adapters (S3, EC2, EC2 Instance Connect + SSH, SSM) once per
-//! cold start.
+//! The top of the crate: wires the real adapters (S3, EC2, EC2 Instance
+//! Connect + SSH, SSM, SQS, https) into `Deps` once per cold start, and
+//! runs a function's Lambda loop over an entrypoint (`serve` for the API
+//! functions, `serve_events` for the reinstall function).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use aws_config::BehaviorVersion;
 
-use crate::config::Config;
-use crate::error::Result;
-use crate::fetch::Remote;
-use crate::fleet::Ec2Fleet;
-use crate::ops::Deps;
-use crate::store::S3Store;
-use crate::transport::{ByAccess, EicKeyPusher, SshTransport, SsmSettings, SsmTransport};
+use crate::adapters::by_access::ByAccess;
+use crate::adapters::clock::SystemClock;
+use crate::adapters::ec2::Ec2Fleet;
+use crate::adapters::https::Remote;
+use crate::adapters::s3::S3Store;
+use crate::adapters::sqs::SqsHandoff;
+use crate::adapters::ssh::{EicKeyPusher, SshTransport};
+use crate::adapters::ssm::{SsmSettings, SsmTransport};
+use crate::domain::config::Config;
+use crate::domain::error::Result;
+use crate::entry::events;
+use crate::ports::Deps;
 
 pub struct App {
     pub deps: Deps,
@@ -50,7 +57,7 @@ impl App {
     /// Enables the 202 path when an operations queue is configured.
     pub fn with_queue(&mut self, sqs: aws_sdk_sqs::Client) {
         if let Some(url) = &self.deps.config.operation_queue_url {
-            self.deps.handoff = Some(Arc::new(crate::background::SqsHandoff::new(sqs, url)));
+            self.deps.handoff = Some(Arc::new(SqsHandoff::new(sqs, url)));
         }
     }
 
@@ -111,7 +118,8 @@ impl App {
                 transport,
                 allowlists: store.clone(),
                 records: store,
-                remote,
+                fetcher: remote,
+                clock: Arc::new(SystemClock),
                 handoff: None,
             },
         })
@@ -122,14 +130,47 @@ impl App {
 /// start (clients and config are reused across invocations), the runtime loop.
 pub async fn serve<F, Fut>(handler: F) -> Result<(), lambda_http::Error>
 where
-    F: Fn(&'static App, lambda_http::Request) -> Fut,
+    F: Fn(&'static Deps, lambda_http::Request) -> Fut,
     Fut: std::future::Future<Output = lambda_http::Response<lambda_http::Body>> + Send,
 {
-    crate::telemetry::init();
+    init_logging();
     let app: &'static App = Box::leak(Box::new(App::from_env().await?));
     lambda_http::run(lambda_http::service_fn(move |req| {
-        let resp = handler(app, req);
+        let resp = handler(&app.deps, req);
         async move { Ok::<_, lambda_http::Error>(resp.await) }
     }))
     .await
+}
+
+/// The whole `main` of the reinstall function (EventBridge and the
+/// operations queue).
+pub async fn serve_events() -> Result<(), lambda_runtime::Error> {
+    init_logging();
+    let app: &'static App = Box::leak(Box::new(App::from_env().await?));
+    lambda_runtime::run(lambda_runtime::service_fn(
+        move |ev: lambda_runtime::LambdaEvent<serde_json::Value>| async move {
+            // Boxed: the reconcile futures nest deeply; the binary's own
+            // future stays small for the compiler's layout queries.
+            match Box::pin(events::handle(&app.deps, ev.payload)).await {
+                Ok(v) => Ok(v),
+                Err(e) => {
+                    tracing::error!(error = %e, detail = ?e.detail, "event failed");
+                    Err(lambda_runtime::Error::from(e.message))
+                }
+            }
+        },
+    ))
+    .await
+}
+
+/// JSON log lines to stdout, which Lambda ships to CloudWatch.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_current_span(false)
+        .without_time()
+        .try_init();
 }

@@ -1,31 +1,30 @@
 //! Plugin Delivery: install, uninstall and list agent plugins on EC2 workspaces.
 //!
-//! Hexagonal layout: the domain (`plugin`, `archive`, `ops`) works over small
-//! port traits (`store`, `fleet`, `transport`); AWS and SSH adapters implement
-//! them; `api` is the API Gateway entrypoint; `app` wires real adapters.
+//! The layers, each importing only from those below it:
+//!
+//! - `domain`: plugins, sources, archives, the host script's protocol,
+//!   records, hosts, configuration, the error type; no AWS, no network.
+//! - `ports`: the traits the use cases need (stores, fleet, host transport,
+//!   hand-off, fetcher, clock) and `Deps`, the bundle of them.
+//! - `usecases`: install, uninstall, list, download, allowlists, the
+//!   background hand-off, reinstall, repair, rollout, record queries;
+//!   written against `ports` only.
+//! - `adapters`: the ports implemented on S3, EC2, EC2 Instance Connect +
+//!   SSH, SSM, SQS and https, and in memory (`adapters::memory`).
+//! - `entry`: API Gateway and EventBridge/SQS events in, use cases called,
+//!   responses out.
+//! - `app`: wiring real adapters into `Deps` and the functions' `main`.
+//!
+//! `shared/tests/layers.rs` fails the build's tests when an import points up
+//! or two modules import each other.
 
-pub mod api;
+pub mod adapters;
 pub mod app;
-pub mod archive;
-pub mod background;
-pub mod catalog;
-pub mod config;
-pub mod deadline;
-pub mod error;
-pub mod events;
-pub mod fetch;
-pub mod fleet;
-pub mod hostscript;
-pub mod intake;
-pub mod ops;
-pub mod plugin;
-pub mod reconcile;
-pub mod records;
-pub mod source;
-pub mod store;
-pub mod telemetry;
-pub mod transport;
+pub mod domain;
+pub mod entry;
+pub mod ports;
+pub mod usecases;
 
 pub use app::App;
-pub use config::Config;
-pub use error::{Error, ErrorKind};
+pub use domain::config::Config;
+pub use domain::error::{Error, ErrorKind, Result};

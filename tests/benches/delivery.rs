@@ -594,7 +594,7 @@ async fn main() {
     // PLUGIN_BENCH_LOG=debug shows the per-stage timings of each install.
     if let Ok(level) = std::env::var("PLUGIN_BENCH_LOG") {
         std::env::set_var("RUST_LOG", format!("plugin_delivery={level}"));
-        plugin_delivery::telemetry::init();
+        plugin_delivery::app::init_logging();
     }
     let args: Vec<String> = std::env::args().collect();
     let parts = ["latency", "large", "fleet"];

@@ -18,8 +18,8 @@ use std::sync::OnceLock;
 use aws_config::BehaviorVersion;
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 use lambda_http::{Body, Request};
-use plugin_delivery::config::RuntimeProfile;
-pub use plugin_delivery::fleet::Access;
+use plugin_delivery::domain::config::RuntimeProfile;
+pub use plugin_delivery::domain::host::Access;
 use plugin_delivery::{App, Config};
 use serde_json::{json, Value};
 
@@ -603,7 +603,9 @@ pub async fn catalog(
     params: Value,
     query: &str,
 ) -> (u16, Value) {
-    parts(plugin_delivery::api::catalog(app, get_req(route, path, params, query)).await)
+    parts(
+        plugin_delivery::entry::api::catalog(&app.deps, get_req(route, path, params, query)).await,
+    )
 }
 
 pub fn allowlist_req(method: &str, org: &str, body: Option<&str>) -> Request {
@@ -617,7 +619,7 @@ pub fn allowlist_req(method: &str, org: &str, body: Option<&str>) -> Request {
 }
 
 pub async fn allowlist(app: &App, method: &str, org: &str, body: Option<&str>) -> (u16, Value) {
-    parts(plugin_delivery::api::allowlist(app, allowlist_req(method, org, body)).await)
+    parts(plugin_delivery::entry::api::allowlist(&app.deps, allowlist_req(method, org, body)).await)
 }
 
 pub fn install_req(ws: &str, body: &str) -> Request {
@@ -662,15 +664,15 @@ pub fn parts(resp: lambda_http::Response<Body>) -> (u16, Value) {
 }
 
 pub async fn install(app: &App, ws: &str, body: &str) -> (u16, Value) {
-    parts(plugin_delivery::api::install(app, install_req(ws, body)).await)
+    parts(plugin_delivery::entry::api::install(&app.deps, install_req(ws, body)).await)
 }
 
 pub async fn uninstall(app: &App, ws: &str, name: &str) -> (u16, Value) {
-    parts(plugin_delivery::api::uninstall(app, uninstall_req(ws, name)).await)
+    parts(plugin_delivery::entry::api::uninstall(&app.deps, uninstall_req(ws, name)).await)
 }
 
 pub async fn list(app: &App, ws: &str) -> (u16, Value) {
-    parts(plugin_delivery::api::list(app, list_req(ws)).await)
+    parts(plugin_delivery::entry::api::list(&app.deps, list_req(ws)).await)
 }
 
 /// Every regular file under `dir` (following the top-level symlink):
@@ -763,7 +765,10 @@ pub async fn deliver_queue(app: &App, sqs: &aws_sdk_sqs::Client, queue_url: &str
             "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:operations",
             "awsRegion": "us-east-1"
         }]});
-        if plugin_delivery::events::handle(app, event).await.is_ok() {
+        if plugin_delivery::entry::events::handle(&app.deps, event)
+            .await
+            .is_ok()
+        {
             sqs.delete_message()
                 .queue_url(queue_url)
                 .receipt_handle(m.receipt_handle().unwrap_or_default())

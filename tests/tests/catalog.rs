@@ -213,7 +213,7 @@ async fn download_redirects_to_the_staged_archive() {
             json!({"id": f.workspace, "name": name}),
             query,
         );
-        plugin_delivery::api::download(&app, req)
+        plugin_delivery::entry::api::download(&app.deps, req)
     };
     let resp = call("cc-only", "").await;
     assert_eq!(resp.status().as_u16(), 302);

@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use acceptance::*;
 use async_trait_free::NoPush;
-use plugin_delivery::fleet::{Ec2Fleet, Fleet};
-use plugin_delivery::hostscript::HostCommand;
-use plugin_delivery::transport::{EicKeyPusher, HostTransport, KeyPusher, SshTransport};
+use plugin_delivery::adapters::ec2::Ec2Fleet;
+use plugin_delivery::adapters::ssh::{EicKeyPusher, KeyPusher, SshTransport};
+use plugin_delivery::domain::hostscript::HostCommand;
+use plugin_delivery::ports::{Fleet, HostTransport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn small_plugin(name: &str) -> Vec<(String, Vec<u8>)> {
@@ -173,10 +174,10 @@ mod async_trait_free {
     impl KeyPusher for NoPush {
         async fn push(
             &self,
-            _: &plugin_delivery::fleet::Host,
+            _: &plugin_delivery::domain::host::Host,
             _: &str,
             _: &str,
-        ) -> plugin_delivery::error::Result<()> {
+        ) -> plugin_delivery::Result<()> {
             Ok(())
         }
     }
@@ -188,10 +189,10 @@ struct StalePush(EicKeyPusher);
 impl KeyPusher for StalePush {
     async fn push(
         &self,
-        h: &plugin_delivery::fleet::Host,
+        h: &plugin_delivery::domain::host::Host,
         u: &str,
         k: &str,
-    ) -> plugin_delivery::error::Result<()> {
+    ) -> plugin_delivery::Result<()> {
         self.0.push(h, u, k).await?;
         tokio::time::sleep(Duration::from_secs(61)).await;
         Ok(())
@@ -218,7 +219,7 @@ fn transport(f: &Fixture, pusher: Arc<dyn KeyPusher>, user: &str) -> SshTranspor
 async fn run_probe(
     f: &Fixture,
     t: &SshTransport,
-) -> plugin_delivery::error::Result<plugin_delivery::hostscript::HostOutput> {
+) -> plugin_delivery::Result<plugin_delivery::domain::hostscript::HostOutput> {
     let fleet = Ec2Fleet::new(
         f.ec2.clone(),
         22,

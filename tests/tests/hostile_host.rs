@@ -57,7 +57,7 @@ async fn every_operation(f: &Fixture, app: &plugin_delivery::App, canary: &Canar
     check("upgrade", s, &b);
     let (s, b) = list(app, &f.workspace).await;
     check("list", s, &b);
-    let out = plugin_delivery::events::handle(app, scheduled_event()).await;
+    let out = plugin_delivery::entry::events::handle(&app.deps, scheduled_event()).await;
     check(
         "repair",
         if out.is_ok() { 200 } else { 502 },

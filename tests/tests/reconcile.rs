@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use acceptance::*;
-use plugin_delivery::config::RuntimeProfile;
+use plugin_delivery::domain::config::RuntimeProfile;
 use serde_json::{json, Value};
 
 fn files(name: &str, version: &str) -> Vec<(String, Vec<u8>)> {
@@ -117,7 +117,7 @@ fn scheduled() -> Value {
 }
 
 async fn handle(app: &plugin_delivery::App, ev: Value) -> Result<Value, String> {
-    plugin_delivery::events::handle(app, ev)
+    plugin_delivery::entry::events::handle(&app.deps, ev)
         .await
         .map_err(|e| e.message)
 }
@@ -125,8 +125,8 @@ async fn handle(app: &plugin_delivery::App, ev: Value) -> Result<Value, String> 
 /// `GET /workspaces/{ws}/plugins/operations[?query]`.
 async fn operations(app: &plugin_delivery::App, ws: &str, query: &str) -> (u16, Value) {
     parts(
-        plugin_delivery::api::operations(
-            app,
+        plugin_delivery::entry::api::operations(
+            &app.deps,
             get_req(
                 "/workspaces/{id}/plugins/operations",
                 &format!("/workspaces/{ws}/plugins/operations"),
@@ -140,8 +140,8 @@ async fn operations(app: &plugin_delivery::App, ws: &str, query: &str) -> (u16, 
 
 async fn operation(app: &plugin_delivery::App, ws: &str, id: &str) -> (u16, Value) {
     parts(
-        plugin_delivery::api::operations(
-            app,
+        plugin_delivery::entry::api::operations(
+            &app.deps,
             get_req(
                 "/workspaces/{id}/plugins/operations/{op_id}",
                 &format!("/workspaces/{ws}/plugins/operations/{id}"),

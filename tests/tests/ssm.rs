@@ -7,7 +7,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use acceptance::*;
-use plugin_delivery::config::RuntimeProfile;
+use plugin_delivery::domain::config::RuntimeProfile;
 use serde_json::{json, Value};
 
 fn plugin(name: &str, version: &str) -> Vec<(String, Vec<u8>)> {

@@ -3,5 +3,5 @@
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
-    plugin_delivery::app::serve(plugin_delivery::api::catalog).await
+    plugin_delivery::app::serve(plugin_delivery::entry::api::catalog).await
 }

@@ -2,5 +2,5 @@
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
-    plugin_delivery::app::serve(plugin_delivery::api::download).await
+    plugin_delivery::app::serve(plugin_delivery::entry::api::download).await
 }

@@ -3,5 +3,5 @@
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    plugin_delivery::events::serve().await
+    plugin_delivery::app::serve_events().await
 }

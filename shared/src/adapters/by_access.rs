@@ -1,0 +1,32 @@
+//! One host transport over the two real ones: each host goes to the
+//! transport its access mode (`molecule:access` tag) names.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::domain::error::Result;
+use crate::domain::host::{Access, Host};
+use crate::domain::hostscript::{HostCommand, HostOutput};
+use crate::ports::{HostTransport, Payload};
+
+/// Routes each host to the transport its access mode names.
+pub struct ByAccess {
+    pub ssh: Arc<dyn HostTransport>,
+    pub ssm: Arc<dyn HostTransport>,
+}
+
+#[async_trait]
+impl HostTransport for ByAccess {
+    async fn run(
+        &self,
+        host: &Host,
+        cmd: &HostCommand,
+        payload: Option<&Payload<'_>>,
+    ) -> Result<HostOutput> {
+        match host.access {
+            Access::Ssh => self.ssh.run(host, cmd, payload).await,
+            Access::Ssm => self.ssm.run(host, cmd, payload).await,
+        }
+    }
+}

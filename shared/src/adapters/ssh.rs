@@ -1,0 +1,388 @@
+//! The SSH adapter, for hosts with sshd: a fresh ed25519 key per operation,
+//! pushed with EC2 Instance Connect (valid 60 s), then one SSH session
+//! verified against the host key the instance published. The archive
+//! streams over the session's stdin.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_ec2instanceconnect::error::ProvideErrorMetadata;
+use russh::client;
+use russh::keys::ssh_key::private::Ed25519Keypair;
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey};
+use russh::ChannelMsg;
+use tokio::io::AsyncWriteExt;
+
+use crate::domain::error::{Error, Result};
+use crate::domain::host::Host;
+use crate::domain::hostscript::{HostCommand, HostOutput};
+use crate::ports::{Fleet, HostTransport, Payload};
+
+/// Delivers a public key that the host's sshd will accept for a short time.
+#[async_trait]
+pub trait KeyPusher: Send + Sync {
+    async fn push(&self, host: &Host, os_user: &str, public_key: &str) -> Result<()>;
+}
+
+/// EC2 Instance Connect `SendSSHPublicKey`.
+pub struct EicKeyPusher {
+    client: aws_sdk_ec2instanceconnect::Client,
+}
+
+impl EicKeyPusher {
+    /// Key pushes are rate limited per account: a burst (a fleet rollout)
+    /// gets `ThrottlingException`. The SDK's standard retry (exponential
+    /// backoff with jitter) is the one retry mechanism; it gets more
+    /// attempts and a shorter first delay than the default, so a throttled
+    /// push still fits the operation's deadline.
+    pub fn new(client: aws_sdk_ec2instanceconnect::Client) -> Self {
+        let retry = aws_config::retry::RetryConfig::standard()
+            .with_max_attempts(6)
+            .with_initial_backoff(Duration::from_millis(100))
+            .with_max_backoff(Duration::from_secs(2));
+        let conf = client.config().to_builder().retry_config(retry).build();
+        EicKeyPusher {
+            client: aws_sdk_ec2instanceconnect::Client::from_conf(conf),
+        }
+    }
+}
+
+#[async_trait]
+impl KeyPusher for EicKeyPusher {
+    async fn push(&self, host: &Host, os_user: &str, public_key: &str) -> Result<()> {
+        let mut req = self
+            .client
+            .send_ssh_public_key()
+            .instance_id(&host.instance_id)
+            .instance_os_user(os_user)
+            .ssh_public_key(public_key);
+        if let Some(az) = &host.availability_zone {
+            req = req.availability_zone(az);
+        }
+        let err = match req.send().await {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        let code = err.code().unwrap_or_default().to_string();
+        let detail = format!("SendSSHPublicKey {code}: {err:?}");
+        Err(match code.as_str() {
+            "EC2InstanceNotFoundException"
+            | "EC2InstanceStateInvalidException"
+            | "EC2InstanceUnavailableException" => Error::unavailable(
+                "the workspace's instance is not reachable through EC2 Instance Connect",
+            ),
+            "ThrottlingException" => Error::unavailable(
+                "EC2 Instance Connect is throttling key pushes; try again shortly",
+            ),
+            "InvalidArgsException" => Error::host_failed(
+                "EC2 Instance Connect refused the key push (check the configured OS user)",
+            ),
+            _ => crate::adapters::aws::aws_error("EC2 Instance Connect", "SendSSHPublicKey", &err),
+        }
+        .with_detail(detail))
+    }
+}
+
+pub struct SshTransport {
+    pusher: Arc<dyn KeyPusher>,
+    fleet: Arc<dyn Fleet>,
+    user: String,
+    prefix: String,
+    insecure_ignore_host_key: bool,
+    connect_timeout: Duration,
+}
+
+impl SshTransport {
+    pub fn new(
+        pusher: Arc<dyn KeyPusher>,
+        fleet: Arc<dyn Fleet>,
+        user: impl Into<String>,
+        prefix: impl Into<String>,
+        insecure_ignore_host_key: bool,
+        connect_timeout: Duration,
+    ) -> Self {
+        SshTransport {
+            pusher,
+            fleet,
+            user: user.into(),
+            prefix: prefix.into(),
+            insecure_ignore_host_key,
+            connect_timeout,
+        }
+    }
+}
+
+/// A key that exists only in this process's memory for one operation.
+fn ephemeral_key() -> PrivateKey {
+    let seed: [u8; 32] = rand::random();
+    PrivateKey::from(Ed25519Keypair::from_seed(&seed))
+}
+
+/// Accepts the server only if its key is one the instance published.
+struct Verifier {
+    trusted: Vec<PublicKey>,
+    insecure: bool,
+    /// Set when the server presented a key we do not trust.
+    rejected: Arc<Mutex<Option<String>>>,
+}
+
+impl client::Handler for Verifier {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        server: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        if self.insecure {
+            return Ok(true);
+        }
+        let russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } = server else {
+            *self.rejected.lock().unwrap() = Some("host certificate (not supported)".into());
+            return Ok(false);
+        };
+        let ok = self.trusted.iter().any(|t| t.key_data() == key.key_data());
+        if !ok {
+            *self.rejected.lock().unwrap() =
+                Some(key.fingerprint(russh::keys::HashAlg::Sha256).to_string());
+        }
+        Ok(ok)
+    }
+}
+
+const STDOUT_KEEP: usize = 64 * 1024;
+const STDERR_KEEP: usize = 16 * 1024;
+
+/// Keeps the last `cap` bytes: the result line is printed last.
+fn keep_tail(buf: &mut Vec<u8>, data: &[u8], cap: usize) {
+    buf.extend_from_slice(data);
+    if buf.len() > cap {
+        let cut = buf.len() - cap;
+        buf.drain(..cut);
+    }
+}
+
+impl SshTransport {
+    /// Opens an SSH connection whose host key is one the instance published
+    /// (fail closed), ready for authentication.
+    async fn connect(&self, host: &Host) -> Result<client::Handle<Verifier>> {
+        let keys = if self.insecure_ignore_host_key {
+            Vec::new()
+        } else {
+            self.fleet.host_keys(host).await?
+        };
+        let trusted: Vec<PublicKey> = keys
+            .iter()
+            .filter_map(|line| PublicKey::from_openssh(line.trim()).ok())
+            .collect();
+        if trusted.is_empty() && !self.insecure_ignore_host_key {
+            return Err(Error::host_failed(
+                "the instance has no published SSH host key, so its identity cannot be verified",
+            )
+            .with_detail(format!(
+                "instance {} published {} unusable key lines",
+                host.instance_id,
+                keys.len()
+            )));
+        }
+
+        let rejected = Arc::new(Mutex::new(None));
+        let verifier = Verifier {
+            trusted,
+            insecure: self.insecure_ignore_host_key,
+            rejected: Arc::clone(&rejected),
+        };
+        if self.insecure_ignore_host_key {
+            tracing::warn!(instance = %host.instance_id, "host key NOT verified (insecure switch on; local experiments only)");
+        }
+        let mut config = client::Config {
+            inactivity_timeout: Some(Duration::from_secs(120)),
+            // A host that vanishes silently is noticed within seconds, not
+            // at the operation deadline.
+            keepalive_interval: Some(Duration::from_secs(3)),
+            keepalive_max: 2,
+            nodelay: true,
+            ..Default::default()
+        };
+        // Ask only for the host key types the instance published: a host
+        // with both ed25519 and ECDSA keys must present the one we can check.
+        if !verifier.trusted.is_empty() {
+            let published: Vec<_> = config
+                .preferred
+                .key
+                .iter()
+                .filter(|a| verifier.trusted.iter().any(|k| &k.algorithm() == *a))
+                .cloned()
+                .collect();
+            if !published.is_empty() {
+                config.preferred.key = published.into();
+            }
+        }
+        let config = Arc::new(config);
+        let addr = (host.address.as_str(), host.port);
+        let connected = tokio::time::timeout(
+            self.connect_timeout,
+            client::connect(config, addr, verifier),
+        )
+        .await;
+        match connected {
+            Err(_) => Err(
+                Error::unavailable("the workspace's host did not answer on SSH in time")
+                    .with_detail(format!("connect {}:{} timed out", host.address, host.port)),
+            ),
+            Ok(Err(e)) => {
+                if let Some(fp) = rejected.lock().unwrap().take() {
+                    return Err(Error::host_failed(
+                        "the host's SSH key does not match the key published for the instance; refusing to connect",
+                    )
+                    .with_detail(format!("instance {} presented {fp}", host.instance_id)));
+                }
+                Err(
+                    Error::unavailable("the workspace's host is unreachable over SSH")
+                        .with_detail(format!("connect {}:{}: {e:?}", host.address, host.port)),
+                )
+            }
+            Ok(Ok(s)) => Ok(s),
+        }
+    }
+}
+
+#[async_trait]
+impl HostTransport for SshTransport {
+    async fn run(
+        &self,
+        host: &Host,
+        cmd: &HostCommand,
+        payload: Option<&Payload<'_>>,
+    ) -> Result<HostOutput> {
+        let stdin: Option<&Path> = payload.map(|p| p.path);
+        let t0 = std::time::Instant::now();
+        let key = ephemeral_key();
+        let public_line = key
+            .public_key()
+            .to_openssh()
+            .map_err(|e| Error::internal(format!("encode public key: {e}")))?;
+
+        // The key push and the connection (host-key lookup, TCP, key
+        // exchange, host-key check) are independent until authentication:
+        // overlap them.
+        let (pushed, session) = tokio::join!(
+            self.pusher.push(host, &self.user, &public_line),
+            self.connect(host)
+        );
+        pushed?;
+        let mut session = session?;
+        let connect_ms = t0.elapsed().as_millis() as u64;
+
+        let auth = session
+            .authenticate_publickey(&self.user, PrivateKeyWithHashAlg::new(Arc::new(key), None))
+            .await
+            .map_err(|e| {
+                Error::unavailable("the SSH session to the host failed")
+                    .with_detail(format!("auth: {e:?}"))
+            })?;
+        if !auth.success() {
+            return Err(Error::host_failed(format!(
+                "the host refused the key pushed through EC2 Instance Connect for OS user {:?}; \
+                 a wrong OS user is the usual cause",
+                self.user
+            ))
+            .with_detail(format!(
+                "instance {}: publickey auth failed",
+                host.instance_id
+            )));
+        }
+
+        let auth_ms = t0.elapsed().as_millis() as u64;
+        let lost = |e: russh::Error| {
+            Error::unavailable("the connection to the host was lost during the operation")
+                .with_detail(format!("{e:?}"))
+        };
+        let channel = session.channel_open_session().await.map_err(lost)?;
+        // want_reply: if sshd refuses to run the command, a Failure says so.
+        channel
+            .exec(true, cmd.render(&self.prefix))
+            .await
+            .map_err(lost)?;
+        let (mut rx, tx) = channel.split();
+
+        // Stream stdin and collect output in one future: if the operation is
+        // cancelled (its deadline) both stop with the session, and nothing
+        // keeps feeding the host behind the caller's back.
+        let file = match stdin {
+            Some(path) => Some(
+                tokio::fs::File::open(path)
+                    .await
+                    .map_err(|e| Error::internal(format!("open archive: {e}")))?,
+            ),
+            None => None,
+        };
+        let write = async move {
+            let mut w = tx.make_writer();
+            // 256 KiB reads so each SSH packet is full-size (32 KiB).
+            let copied = match file {
+                Some(f) => tokio::io::copy_buf(
+                    &mut tokio::io::BufReader::with_capacity(256 * 1024, f),
+                    &mut w,
+                )
+                .await
+                .map(|_| ()),
+                None => Ok(()),
+            };
+            // EOF even after a failed copy: the host's digest check then
+            // refuses the truncated archive instead of waiting for more.
+            let _ = w.shutdown().await;
+            copied
+        };
+        let read = async {
+            let mut out = HostOutput::default();
+            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+            while let Some(msg) = rx.wait().await {
+                match msg {
+                    ChannelMsg::Data { data } => keep_tail(&mut stdout, &data, STDOUT_KEEP),
+                    ChannelMsg::ExtendedData { data, ext: 1 } => {
+                        keep_tail(&mut stderr, &data, STDERR_KEEP)
+                    }
+                    ChannelMsg::ExitStatus { exit_status } => out.exit_status = Some(exit_status),
+                    ChannelMsg::ExitSignal { signal_name, .. } => {
+                        out.exit_signal = Some(format!("{signal_name:?}"))
+                    }
+                    // sshd refused to run the command at all.
+                    ChannelMsg::Failure => out.exec_refused = true,
+                    ChannelMsg::Close => break,
+                    _ => {}
+                }
+            }
+            out.stdout = String::from_utf8_lossy(&stdout).into_owned();
+            out.stderr = String::from_utf8_lossy(&stderr).into_owned();
+            out
+        };
+        tokio::pin!(write, read);
+        let mut writing = true;
+        let out = loop {
+            tokio::select! {
+                // The script may finish without reading (`unchanged`): a
+                // failed write is then expected, and the output decides.
+                r = &mut write, if writing => {
+                    writing = false;
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "stdin stream ended early");
+                    }
+                }
+                out = &mut read => break out,
+            }
+        };
+        let _ = session
+            .disconnect(russh::Disconnect::ByApplication, "", "en")
+            .await;
+        tracing::debug!(
+            instance = %host.instance_id,
+            connect_ms,
+            auth_ms,
+            total_ms = t0.elapsed().as_millis() as u64,
+            "ssh timings"
+        );
+        Ok(out)
+    }
+}

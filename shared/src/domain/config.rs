@@ -1,0 +1,413 @@
+//! Deployment configuration, read once at cold start from the environment.
+//! Endpoints are not configured here: the AWS SDK reads the standard
+//! `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_<SERVICE>` variables itself.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::domain::error::{Error, Result};
+use crate::domain::host::{Access, Host, TAG_CONFIG_DIR};
+use crate::domain::rollout::Threshold;
+
+/// Where a runtime keeps its config and how to restart it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct RuntimeProfile {
+    pub config_dir: String,
+    pub restart: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bucket: String,
+    /// OS user the ephemeral key is pushed for and SSH logs in as.
+    pub ssh_user: String,
+    pub ssh_port: u16,
+    /// When set, the SSH address (`host` or `host:port`) is read from this
+    /// instance tag instead of the private IP (the local stack uses it).
+    pub address_tag: Option<String>,
+    /// Local experiments only: accept any host key.
+    pub insecure_ignore_host_key: bool,
+    /// Run the host script through this (default `sudo -n`; empty when the
+    /// login user is already root).
+    pub command_prefix: String,
+    /// Overrides of the built-in runtime profiles, by runtime name;
+    /// the key `default` replaces the fallback profile.
+    pub profiles: BTreeMap<String, RuntimeProfile>,
+    /// Owner of the installed files on the host: numeric `uid:gid`, never
+    /// root's. Everything the host script does in the config dir runs as it.
+    pub owner: String,
+    /// Directories a `molecule:config-dir` tag may name (or lie under),
+    /// beside the runtime profiles' own dirs.
+    pub config_dir_roots: Vec<String>,
+    pub operation_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_tree_bytes: u64,
+    /// How long the host script waits for the per-config-dir lock.
+    pub lock_wait_secs: u64,
+    /// GitHub API base URL (GitHub Enterprise, or the tests' own server).
+    pub github_api: String,
+    /// `github://owner/repo` without `#ref` is refused unless this is set.
+    pub allow_unpinned: bool,
+    /// SSM SecureString parameter holding a token for private repositories.
+    pub github_token_parameter: Option<String>,
+    /// Extra trusted CA certificates (PEM) for private mirrors.
+    pub extra_ca_pem: Option<Vec<u8>>,
+    /// Deadline of one remote fetch.
+    pub fetch_timeout: Duration,
+    /// Transport of instances without a `molecule:access` tag.
+    pub default_access: Access,
+    /// Lifetime of the presigned archive URL an SSM host downloads from.
+    pub ssm_url_ttl: Duration,
+    /// How long a reinstall waits for a new host to become reachable.
+    pub ready_budget: Duration,
+    /// `source` of the custom "Plugin Reinstall Requested" events we accept.
+    pub event_source: String,
+    /// Rollout defaults: hosts at once, hosts at once per VPC, and the error
+    /// threshold (a count, or a percentage like `10%`).
+    pub rollout_concurrency: usize,
+    pub rollout_per_vpc: usize,
+    pub rollout_error_threshold: String,
+    /// SQS queue for API operations that outlast the deadline (202).
+    pub operation_queue_url: Option<String>,
+}
+
+/// The longest presigned URL lifetime we hand to a host.
+pub const MAX_SSM_URL_TTL: Duration = Duration::from_secs(300);
+
+impl Config {
+    /// Defaults for everything but the bucket.
+    pub fn new(bucket: impl Into<String>) -> Self {
+        Config {
+            bucket: bucket.into(),
+            ssh_user: "ubuntu".into(),
+            ssh_port: 22,
+            address_tag: None,
+            insecure_ignore_host_key: false,
+            command_prefix: "sudo -n".into(),
+            profiles: BTreeMap::new(),
+            owner: "1000:1000".into(),
+            config_dir_roots: DEFAULT_CONFIG_DIR_ROOTS
+                .iter()
+                .map(|r| r.to_string())
+                .collect(),
+            operation_timeout: Duration::from_secs(25),
+            connect_timeout: Duration::from_secs(10),
+            max_tree_bytes: 100 * 1024 * 1024,
+            lock_wait_secs: 20,
+            github_api: "https://api.github.com".into(),
+            allow_unpinned: false,
+            github_token_parameter: None,
+            extra_ca_pem: None,
+            fetch_timeout: Duration::from_secs(300),
+            default_access: Access::Ssh,
+            ssm_url_ttl: MAX_SSM_URL_TTL,
+            ready_budget: Duration::from_secs(600),
+            event_source: "molecule.plugin-delivery".into(),
+            rollout_concurrency: 10,
+            // An EC2 Instance Connect Endpoint takes at most 20 connections.
+            rollout_per_vpc: 20,
+            rollout_error_threshold: "0".into(),
+            operation_queue_url: None,
+        }
+    }
+
+    pub fn from_env() -> Result<Self> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let bucket =
+            var("PLUGIN_BUCKET").ok_or_else(|| Error::internal("PLUGIN_BUCKET is not set"))?;
+        let mut c = Config::new(bucket);
+        if let Some(v) = var("PLUGIN_SSH_USER") {
+            c.ssh_user = v;
+        }
+        if let Some(v) = var("PLUGIN_SSH_PORT") {
+            c.ssh_port = parse(&v, "PLUGIN_SSH_PORT")?;
+        }
+        c.address_tag = var("PLUGIN_SSH_ADDRESS_TAG");
+        c.insecure_ignore_host_key = var("PLUGIN_SSH_INSECURE_IGNORE_HOST_KEY")
+            .is_some_and(|v| matches!(v.as_str(), "1" | "true" | "yes"));
+        // An explicitly empty prefix is meaningful (root login), so read raw.
+        if let Ok(v) = std::env::var("PLUGIN_HOST_COMMAND_PREFIX") {
+            c.command_prefix = v.trim().to_string();
+        }
+        if let Some(v) = var("PLUGIN_RUNTIME_PROFILES") {
+            c.profiles = serde_json::from_str(&v)
+                .map_err(|e| Error::internal(format!("PLUGIN_RUNTIME_PROFILES: {e}")))?;
+        }
+        if let Some(v) = var("PLUGIN_OWNER") {
+            if !valid_owner(v.trim()) {
+                return Err(Error::internal(
+                    "PLUGIN_OWNER must be a numeric uid:gid other than root's",
+                ));
+            }
+            c.owner = v.trim().to_string();
+        }
+        if let Some(v) = var("PLUGIN_CONFIG_DIR_ROOTS") {
+            let roots: Vec<String> = v
+                .split([',', ':'])
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .map(str::to_string)
+                .collect();
+            if let Some(bad) = roots.iter().find(|r| !plain_dir(r)) {
+                return Err(Error::internal(format!(
+                    "PLUGIN_CONFIG_DIR_ROOTS: {bad:?} is not an absolute, normalised directory other than /"
+                )));
+            }
+            c.config_dir_roots = roots;
+        }
+        if let Some(v) = var("PLUGIN_OPERATION_TIMEOUT_SECS") {
+            c.operation_timeout = Duration::from_secs(parse(&v, "PLUGIN_OPERATION_TIMEOUT_SECS")?);
+        }
+        if let Some(v) = var("PLUGIN_MAX_TREE_BYTES") {
+            c.max_tree_bytes = parse(&v, "PLUGIN_MAX_TREE_BYTES")?;
+        }
+        if let Some(v) = var("PLUGIN_LOCK_WAIT_SECS") {
+            c.lock_wait_secs = parse(&v, "PLUGIN_LOCK_WAIT_SECS")?;
+        }
+        if let Some(v) = var("PLUGIN_GITHUB_API_URL") {
+            c.github_api = v;
+        }
+        c.allow_unpinned = var("PLUGIN_ALLOW_UNPINNED")
+            .is_some_and(|v| matches!(v.as_str(), "1" | "true" | "yes"));
+        c.github_token_parameter = var("PLUGIN_GITHUB_TOKEN_PARAMETER");
+        // PEM text, or the path of a PEM file.
+        if let Some(v) = var("PLUGIN_EXTRA_CA_CERTS") {
+            c.extra_ca_pem = Some(if v.contains("-----BEGIN") {
+                v.into_bytes()
+            } else {
+                std::fs::read(&v)
+                    .map_err(|e| Error::internal(format!("PLUGIN_EXTRA_CA_CERTS {v}: {e}")))?
+            });
+        }
+        if let Some(v) = var("PLUGIN_FETCH_TIMEOUT_SECS") {
+            c.fetch_timeout = Duration::from_secs(parse(&v, "PLUGIN_FETCH_TIMEOUT_SECS")?);
+        }
+        if let Some(v) = var("PLUGIN_DEFAULT_ACCESS") {
+            c.default_access = Access::parse(&v).ok_or_else(|| {
+                Error::internal(format!(
+                    "PLUGIN_DEFAULT_ACCESS must be ssh or ssm, got {v:?}"
+                ))
+            })?;
+        }
+        if let Some(v) = var("PLUGIN_SSM_URL_TTL_SECS") {
+            let secs: u64 = parse(&v, "PLUGIN_SSM_URL_TTL_SECS")?;
+            if secs == 0 || Duration::from_secs(secs) > MAX_SSM_URL_TTL {
+                return Err(Error::internal(
+                    "PLUGIN_SSM_URL_TTL_SECS must be between 1 and 300",
+                ));
+            }
+            c.ssm_url_ttl = Duration::from_secs(secs);
+        }
+        c.operation_queue_url = var("PLUGIN_OPERATION_QUEUE_URL");
+        if let Some(v) = var("PLUGIN_READY_BUDGET_SECS") {
+            c.ready_budget = Duration::from_secs(parse(&v, "PLUGIN_READY_BUDGET_SECS")?);
+        }
+        if let Some(v) = var("PLUGIN_EVENT_SOURCE") {
+            c.event_source = v;
+        }
+        if let Some(v) = var("PLUGIN_ROLLOUT_CONCURRENCY") {
+            c.rollout_concurrency = parse(&v, "PLUGIN_ROLLOUT_CONCURRENCY")?;
+        }
+        if let Some(v) = var("PLUGIN_ROLLOUT_PER_VPC") {
+            c.rollout_per_vpc = parse(&v, "PLUGIN_ROLLOUT_PER_VPC")?;
+        }
+        if let Some(v) = var("PLUGIN_ROLLOUT_ERROR_THRESHOLD") {
+            Threshold::parse(&v).map_err(|_| {
+                Error::internal("PLUGIN_ROLLOUT_ERROR_THRESHOLD must be a count or a percentage")
+            })?;
+            c.rollout_error_threshold = v;
+        }
+        if c.insecure_ignore_host_key {
+            tracing::warn!(
+                "PLUGIN_SSH_INSECURE_IGNORE_HOST_KEY is on: host keys are NOT verified. \
+                 Local experiments only; never deploy this."
+            );
+        }
+        Ok(c)
+    }
+
+    /// The profile for a host: its runtime's, with the instance's own
+    /// config dir (tag) when it has one. A tag cannot aim the host script
+    /// anywhere else: it must name a profile's dir or one under
+    /// `config_dir_roots`, checked before the host is contacted.
+    pub fn host_profile(&self, host: &Host) -> Result<RuntimeProfile> {
+        let mut p = self.profile(&host.runtime);
+        if let Some(dir) = &host.config_dir {
+            if !self.config_dir_allowed(dir) {
+                return Err(Error::host_failed(format!(
+                    "the instance's {} tag names a directory outside the allowed config roots",
+                    TAG_CONFIG_DIR
+                ))
+                .with_detail(format!(
+                    "instance {}: config dir {dir:?}, roots {:?}",
+                    host.instance_id, self.config_dir_roots
+                )));
+            }
+            p.config_dir = dir.clone();
+        }
+        Ok(p)
+    }
+
+    /// A profile's own dir, or a plain dir under one of the roots.
+    pub fn config_dir_allowed(&self, dir: &str) -> bool {
+        if !plain_dir(dir) {
+            return false;
+        }
+        let profile_dirs = self.profiles.values().map(|p| p.config_dir.clone()).chain(
+            ["claude-code", "hermes", "default"]
+                .iter()
+                .map(|r| self.profile(r).config_dir),
+        );
+        let under = |root: &str| {
+            dir.strip_prefix(root)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        };
+        profile_dirs.into_iter().any(|d| d == dir) || self.config_dir_roots.iter().any(|r| under(r))
+    }
+
+    /// The profile of a runtime: configuration first, then the built-ins.
+    pub fn profile(&self, runtime: &str) -> RuntimeProfile {
+        if let Some(p) = self.profiles.get(runtime) {
+            return p.clone();
+        }
+        if let Some(p) = builtin_profile(runtime) {
+            return p;
+        }
+        self.profiles
+            .get("default")
+            .cloned()
+            .unwrap_or_else(|| RuntimeProfile {
+                config_dir: "/opt/configs".into(),
+                restart: "systemctl restart molecule-runtime.service".into(),
+            })
+    }
+}
+
+/// Where operators keep runtime config dirs unless told otherwise.
+pub const DEFAULT_CONFIG_DIR_ROOTS: [&str; 4] = ["/configs", "/opt", "/home", "/srv"];
+
+/// An absolute path of plain characters, normalised (no `.`, `..` or empty
+/// component, no trailing `/`) and not `/` itself: what the host script
+/// accepts as a config dir.
+pub fn plain_dir(dir: &str) -> bool {
+    let Some(rest) = dir.strip_prefix('/') else {
+        return false;
+    };
+    dir.len() <= 512
+        && !rest.is_empty()
+        && rest
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+        && dir
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b))
+}
+
+/// Numeric `uid:gid`, neither of them 0, each at most 9 digits (so never
+/// the 4294967295 that `setresgid` reads as "leave unchanged").
+pub fn valid_owner(owner: &str) -> bool {
+    let Some((u, g)) = owner.split_once(':') else {
+        return false;
+    };
+    let id = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 9
+            && s.bytes().all(|b| b.is_ascii_digit())
+            && s.parse::<u32>().is_ok_and(|n| n > 0)
+    };
+    id(u) && id(g)
+}
+
+fn builtin_profile(runtime: &str) -> Option<RuntimeProfile> {
+    let (dir, unit) = match runtime {
+        "claude-code" => ("/configs", "claude-code.service"),
+        "hermes" => ("/home/ubuntu/.hermes", "hermes.service"),
+        _ => return None,
+    };
+    Some(RuntimeProfile {
+        config_dir: dir.into(),
+        restart: format!("systemctl restart {unit}"),
+    })
+}
+
+fn parse<T: std::str::FromStr>(v: &str, key: &str) -> Result<T> {
+    v.trim()
+        .parse()
+        .map_err(|_| Error::internal(format!("{key} is not a valid number: {v:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles_fall_back_to_builtins_then_default() {
+        let mut c = Config::new("b");
+        assert_eq!(c.profile("claude-code").config_dir, "/configs");
+        assert_eq!(c.profile("hermes").config_dir, "/home/ubuntu/.hermes");
+        assert_eq!(c.profile("langgraph").config_dir, "/opt/configs");
+        c.profiles.insert(
+            "default".into(),
+            RuntimeProfile {
+                config_dir: "/srv/cfg".into(),
+                restart: "true".into(),
+            },
+        );
+        assert_eq!(c.profile("langgraph").config_dir, "/srv/cfg");
+        assert_eq!(c.profile("claude-code").config_dir, "/configs");
+    }
+
+    #[test]
+    fn config_dir_tags_stay_inside_the_allowed_roots() {
+        let mut c = Config::new("b");
+        c.profiles.insert(
+            "lab".into(),
+            RuntimeProfile {
+                config_dir: "/tmp/lab-cfg".into(),
+                restart: "true".into(),
+            },
+        );
+        for ok in [
+            "/configs",
+            "/home/ubuntu/.hermes",
+            "/opt/configs",
+            "/srv/agent/cfg",
+            "/tmp/lab-cfg",
+        ] {
+            assert!(c.config_dir_allowed(ok), "{ok}");
+        }
+        for bad in [
+            "/etc",
+            "/",
+            "/root",
+            "/var/lib/plugin-delivery",
+            "/configs/../etc",
+            "/home//x",
+            "/home/x/",
+            "/home/./x",
+            "/configsx",
+            "/tmp/lab-cfg/sub",
+            "/home/a b",
+            "/home/$(x)",
+            "relative",
+        ] {
+            assert!(!c.config_dir_allowed(bad), "{bad}");
+        }
+        assert!(valid_owner("1000:1000") && valid_owner("1:2"));
+        for bad in [
+            "0:0",
+            "1000:0",
+            "0:1000",
+            "1000",
+            "a:b",
+            ":1",
+            "1:",
+            "1:2:3",
+            "1000:4294967295",
+        ] {
+            assert!(!valid_owner(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The ports: every trait the use cases need from the outside world, and
+//! `Deps`, the bundle of them an operation runs with. Use cases see only
+//! these traits; `adapters` implements them for AWS, SSH and HTTPS (and in
+//! memory, for unit tests and simulations); `app` picks the adapters.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncBufRead, AsyncRead};
+
+use crate::domain::archive::ArchiveFile;
+use crate::domain::config::Config;
+use crate::domain::error::Result;
+use crate::domain::host::Host;
+use crate::domain::hostscript::{HostCommand, HostOutput};
+use crate::domain::job::Job;
+use crate::domain::plugin::{Allowlist, DesiredState};
+use crate::domain::records::OperationRecord;
+use crate::domain::source::RegistryFile;
+
+/// Everything an operation needs. `app` builds it from the real adapters;
+/// unit tests and the fleet simulation from `adapters::memory`.
+#[derive(Clone)]
+pub struct Deps {
+    pub config: Arc<Config>,
+    pub registry: Arc<dyn Registry>,
+    pub archives: Arc<dyn ArchiveStore>,
+    pub state: Arc<dyn StateStore>,
+    pub fleet: Arc<dyn Fleet>,
+    pub transport: Arc<dyn HostTransport>,
+    pub allowlists: Arc<dyn AllowlistStore>,
+    pub records: Arc<dyn RecordStore>,
+    pub fetcher: Arc<dyn Fetcher>,
+    pub clock: Arc<dyn Clock>,
+    /// Where API operations that outlast the deadline go on (optional:
+    /// without it they answer 504).
+    pub handoff: Option<Arc<dyn Handoff>>,
+}
+
+// ---- S3: registry, staged archives, desired state, allowlists, records
+
+/// A file being read from the registry.
+pub struct RegistryObject {
+    pub body: Box<dyn AsyncBufRead + Send + Unpin>,
+    /// Unix mode from `x-amz-meta-mode` when the publisher set it.
+    pub mode: Option<u32>,
+}
+
+#[async_trait]
+pub trait Registry: Send + Sync {
+    /// The plugin's files, unsorted; empty when the plugin is not published.
+    async fn list(&self, name: &str) -> Result<Vec<RegistryFile>>;
+    async fn open(&self, file: &RegistryFile) -> Result<RegistryObject>;
+    /// Names of the published plugins (the folders under `registry/`).
+    async fn names(&self) -> Result<Vec<String>>;
+    /// A published plugin's `plugin.yaml`, if it has one.
+    async fn manifest(&self, name: &str) -> Result<Option<Vec<u8>>>;
+}
+
+#[async_trait]
+pub trait ArchiveStore: Send + Sync {
+    /// Uploads the archive under its digest unless it is already there.
+    async fn stage(&self, digest: &str, path: &Path) -> Result<()>;
+    /// The staged archive recorded for a source fingerprint, downloaded to a
+    /// local file and verified against its digest; `None` on any miss.
+    async fn recall(&self, fingerprint: &str) -> Result<Option<ArchiveFile>>;
+    /// A staged archive by digest, downloaded and verified; `None` when it
+    /// is missing or its bytes do not match.
+    async fn fetch_staged(&self, digest: &str) -> Result<Option<ArchiveFile>>;
+    /// Records that `fingerprint` produced `archive` (already staged).
+    async fn remember(&self, fingerprint: &str, archive: &ArchiveFile) -> Result<()>;
+    /// A presigned GET URL of a staged archive, valid for `ttl`.
+    async fn presign(&self, digest: &str, ttl: std::time::Duration) -> Result<String>;
+}
+
+/// The stored desired state and the version token to write against.
+pub struct Versioned {
+    pub state: DesiredState,
+    /// `None` when the document does not exist yet.
+    pub etag: Option<String>,
+}
+
+#[async_trait]
+pub trait StateStore: Send + Sync {
+    async fn load(&self, workspace: &str) -> Result<Versioned>;
+    /// Conditional write: `Ok(false)` when someone else wrote first (412),
+    /// so the caller re-reads and re-applies its change.
+    async fn save(&self, workspace: &str, state: &DesiredState, etag: Option<&str>)
+        -> Result<bool>;
+    /// Every workspace that has a desired state (fleet operations).
+    async fn workspaces(&self) -> Result<Vec<String>>;
+}
+
+#[async_trait]
+pub trait AllowlistStore: Send + Sync {
+    async fn load_allowlist(&self, org: &str) -> Result<(Allowlist, Option<String>)>;
+    /// Conditional write, as `StateStore::save`.
+    async fn save_allowlist(&self, org: &str, list: &Allowlist, etag: Option<&str>)
+        -> Result<bool>;
+}
+
+/// A page of records, newest first, and where the next page starts.
+pub struct Page {
+    pub records: Vec<OperationRecord>,
+    pub next: Option<String>,
+}
+
+#[async_trait]
+pub trait RecordStore: Send + Sync {
+    /// Writes (or overwrites) a record: a workspace's, or a rollout parent.
+    async fn put_record(&self, record: &OperationRecord) -> Result<()>;
+    async fn get_record(
+        &self,
+        workspace: Option<&str>,
+        id: &str,
+    ) -> Result<Option<OperationRecord>>;
+    /// Newest first, `limit` at most, starting after the id `after`.
+    async fn list_records(
+        &self,
+        workspace: &str,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Page>;
+}
+
+// ---- EC2: the fleet
+
+#[async_trait]
+pub trait Fleet: Send + Sync {
+    /// 404 when no running instance carries the tag, 409 when several do.
+    async fn locate(&self, workspace: &str) -> Result<Host>;
+    /// `locate` for many workspaces at once (fleet operations).
+    async fn locate_all(&self, workspaces: &[String]) -> Result<BTreeMap<String, Result<Host>>>;
+    /// The host keys published for the instance: the tag, else the keys
+    /// cloud-init printed to the console. Empty when none were published.
+    async fn host_keys(&self, host: &Host) -> Result<Vec<String>>;
+    /// The workspace an instance serves (its workspace tag), if any.
+    async fn workspace_of(&self, instance_id: &str) -> Result<Option<String>>;
+}
+
+// ---- the host: SSH or SSM
+
+/// The plugin archive an install delivers: already staged in S3 under its
+/// digest, and on local disk for transports that stream it.
+#[derive(Debug, Clone, Copy)]
+pub struct Payload<'a> {
+    pub path: &'a Path,
+    pub sha256: &'a str,
+}
+
+impl<'a> From<&'a ArchiveFile> for Payload<'a> {
+    fn from(a: &'a ArchiveFile) -> Self {
+        Payload {
+            path: a.path(),
+            sha256: &a.sha256,
+        }
+    }
+}
+
+#[async_trait]
+pub trait HostTransport: Send + Sync {
+    /// Runs the host script with `cmd`, delivering `payload` (if any) to it,
+    /// and returns its output; the caller interprets it.
+    async fn run(
+        &self,
+        host: &Host,
+        cmd: &HostCommand,
+        payload: Option<&Payload<'_>>,
+    ) -> Result<HostOutput>;
+}
+
+// ---- the background queue
+
+/// The port: somewhere a job survives until a worker runs it.
+#[async_trait]
+pub trait Handoff: Send + Sync {
+    async fn hand_off(&self, job: &Job) -> Result<()>;
+}
+
+// ---- fetching from outside: GitHub and pinned https URLs
+
+/// A response body as a byte stream.
+pub type Body = Box<dyn AsyncRead + Send + Unpin>;
+
+#[async_trait]
+pub trait Fetcher: Send + Sync {
+    /// The tarball of `owner/repo` at `reference` (GitHub's tarball
+    /// endpoint). `source` names the plugin source in errors.
+    async fn github_tarball(
+        &self,
+        owner: &str,
+        repo: &str,
+        reference: &str,
+        source: &str,
+    ) -> Result<Body>;
+    /// The body of an https URL.
+    async fn https(&self, url: &str, source: &str) -> Result<Body>;
+}
+
+// ---- time
+
+/// Time as the use cases see it: waits between retries and how long
+/// something took. Tests and simulations swap in a clock that does not
+/// really wait.
+#[async_trait]
+pub trait Clock: Send + Sync {
+    /// A monotonic instant.
+    fn now(&self) -> std::time::Instant;
+    async fn sleep(&self, d: Duration);
+}

@@ -1,0 +1,352 @@
+//! Install, uninstall and download of one plugin on one workspace, as the
+//! API asks for them. Order of checks (each refuses before anything later
+//! happens): the request's own shape (400), the workspace's host and the
+//! plugin, found side by side (404), the org allowlist (403), the sha256
+//! pin and the manifest (422); only then is the archive staged, a record
+//! started and the host contacted; the desired state is written last.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::domain::archive::{sha256_hex, ArchiveFile};
+use crate::domain::error::{Error, Result};
+use crate::domain::host::Host;
+use crate::domain::hostscript::{interpret, HostCommand, HostResult, HostStatus};
+use crate::domain::intake::Skipped;
+use crate::domain::plugin::{
+    validate_name, validate_workspace_id, InstalledPlugin, Manifest, PluginInfo,
+};
+use crate::domain::records::{now_rfc3339, Kind, OperationRecord, Trigger};
+use crate::domain::source::{NameFrom, Resolved, Source};
+use crate::ports::{Deps, Payload};
+use crate::usecases::{allowlist, record, resolve, state};
+
+#[derive(Debug, Clone)]
+pub struct InstallRequest {
+    pub source: String,
+    /// SHA-256 of the plugin's `plugin.yaml`, to pin what gets installed.
+    pub sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstallStatus {
+    Installed,
+    Unchanged,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InstallOutcome {
+    pub status: InstallStatus,
+    pub plugin: String,
+    /// What decided the name: `registry`, `plugin.yaml` or `source`.
+    pub name_from: NameFrom,
+    /// Links dropped from a fetched archive.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<Skipped>,
+    pub source: String,
+    pub version: String,
+    pub digest: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UninstallStatus {
+    Uninstalled,
+    Absent,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UninstallOutcome {
+    pub status: UninstallStatus,
+    pub plugin: String,
+}
+
+/// What the host said of an install: `unchanged` when the same digest was
+/// already live, `installed` otherwise.
+pub fn install_status(r: &HostResult) -> InstallStatus {
+    if r.status == HostStatus::Unchanged {
+        InstallStatus::Unchanged
+    } else {
+        InstallStatus::Installed
+    }
+}
+
+/// Milliseconds since `t`, restarting the stopwatch (per-stage timings).
+fn lap(deps: &Deps, t: &mut Instant) -> u64 {
+    let now = deps.clock.now();
+    let ms = now.saturating_duration_since(*t).as_millis() as u64;
+    *t = now;
+    ms
+}
+
+/// The optional `sha256` pin of an install request, normalised.
+fn parse_pin(raw: Option<&str>) -> Result<Option<String>> {
+    match raw.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(s) if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Ok(Some(s.to_ascii_lowercase()))
+        }
+        Some(_) => Err(Error::bad_request(
+            "sha256 must be 64 hexadecimal characters",
+        )),
+    }
+}
+
+/// What install and download share: the host found, the plugin fetched,
+/// checked (allowlist, pin, manifest) and staged.
+struct Prepared {
+    host: Host,
+    resolved: Resolved,
+    manifest: Manifest,
+    resolve_ms: u64,
+    stage_ms: u64,
+}
+
+async fn prepare(
+    deps: &Deps,
+    workspace: &str,
+    source: &Source,
+    pin: Option<&str>,
+) -> Result<Prepared> {
+    let early_name = source.known_name().map(str::to_string);
+    let mut t = deps.clock.now();
+    // Finding the host and building the archive are independent; neither
+    // writes anything, so a bad workspace or plugin leaves no trace. The
+    // first failure cancels the other.
+    let (host, resolved) = tokio::try_join!(
+        async {
+            let host = deps.fleet.locate(workspace).await?;
+            // As soon as name and org are known: a refusal cancels the fetch.
+            if let Some(name) = &early_name {
+                allowlist::check(deps, &host, name).await?;
+            }
+            Ok(host)
+        },
+        resolve::resolve(deps, source)
+    )?;
+    if early_name.is_none() {
+        // Fetched sources name themselves: checked before anything is staged.
+        allowlist::check(deps, &host, &resolved.name).await?;
+    }
+    let manifest = checked_manifest(&resolved.archive, pin)?;
+    let resolve_ms = lap(deps, &mut t);
+    resolve::stage(deps, &resolved).await?;
+    let stage_ms = lap(deps, &mut t);
+    Ok(Prepared {
+        host,
+        resolved,
+        manifest,
+        resolve_ms,
+        stage_ms,
+    })
+}
+
+/// The archive's `plugin.yaml`, checked against the pin when there is one.
+fn checked_manifest(archive: &ArchiveFile, pin: Option<&str>) -> Result<Manifest> {
+    let bytes = archive.manifest.as_deref();
+    if let Some(pin) = pin {
+        let Some(bytes) = bytes else {
+            return Err(Error::unprocessable(
+                "the plugin has no plugin.yaml to check sha256 against",
+            ));
+        };
+        let actual = sha256_hex(bytes);
+        if actual != pin {
+            return Err(
+                Error::unprocessable("sha256 does not match the plugin's plugin.yaml")
+                    .with_field("expected", serde_json::json!(pin))
+                    .with_field("actual", serde_json::json!(actual)),
+            );
+        }
+    }
+    match bytes {
+        Some(b) => Manifest::parse(b),
+        None => Ok(Manifest::default()),
+    }
+}
+
+pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Result<InstallOutcome> {
+    install_as(deps, workspace, req, None).await
+}
+
+/// `install`, finishing the operation record `op_id` (a background job)
+/// instead of starting a new one.
+pub async fn install_as(
+    deps: &Deps,
+    workspace: &str,
+    req: InstallRequest,
+    op_id: Option<&str>,
+) -> Result<InstallOutcome> {
+    validate_workspace_id(workspace)?;
+    let source = Source::parse(&req.source)?;
+    let pin = parse_pin(req.sha256.as_deref())?;
+    let started = deps.clock.now();
+    let p = prepare(deps, workspace, &source, pin.as_deref()).await?;
+    let mut t = deps.clock.now();
+    let (name, archive) = (&p.resolved.name, &p.resolved.archive);
+    let cfg = &deps.config;
+    let profile = cfg.host_profile(&p.host)?;
+    let cmd = HostCommand::install(
+        &profile,
+        name,
+        &archive.sha256,
+        &cfg.owner,
+        cfg.lock_wait_secs,
+    );
+    // From here on the operation touches the host: it gets a record (bad
+    // requests, unknown workspaces and refused plugins do not).
+    let mut rec = record::start_on(Kind::Install, Trigger::Api, workspace, &p.host, op_id);
+    rec.plugin = Some(name.clone());
+    rec.source = Some(source.canonical());
+    rec.digest = Some(archive.sha256.clone());
+    let result =
+        match run_on_host(deps, &p.host, &cmd, Some(&Payload::from(archive)), &mut rec).await {
+            Ok(r) => r,
+            Err(e) => return Err(record::fail(deps.records.as_ref(), &mut rec, e).await),
+        };
+    let host_ms = lap(deps, &mut t);
+    let entry = InstalledPlugin {
+        info: PluginInfo::from_manifest(name, p.manifest.clone()),
+        digest: archive.sha256.clone(),
+        source: source.canonical(),
+        installed_at: now_rfc3339(),
+    };
+    if let Err(e) =
+        state::record_installed(deps.state.as_ref(), deps.clock.as_ref(), workspace, &entry).await
+    {
+        return Err(record::fail(deps.records.as_ref(), &mut rec, e).await);
+    }
+    // Where the time goes, per install, in the log.
+    tracing::info!(
+        plugin = %name,
+        resolve_ms = p.resolve_ms,
+        stage_ms = p.stage_ms,
+        host_ms,
+        state_ms = lap(deps, &mut t),
+        total_ms = deps.clock.now().saturating_duration_since(started).as_millis() as u64,
+        "install timings"
+    );
+    let outcome = InstallOutcome {
+        status: install_status(&result),
+        plugin: name.clone(),
+        name_from: p.resolved.name_from,
+        skipped: p.resolved.skipped,
+        source: source.canonical(),
+        version: entry.info.version,
+        digest: archive.sha256.clone(),
+    };
+    record::succeed(deps.records.as_ref(), &mut rec, &outcome).await;
+    Ok(outcome)
+}
+
+/// Runs `cmd` on the host, keeps the end of its stderr in the record and
+/// turns its output into a result or an error.
+pub async fn run_on_host(
+    deps: &Deps,
+    host: &Host,
+    cmd: &HostCommand,
+    payload: Option<&Payload<'_>>,
+    rec: &mut OperationRecord,
+) -> Result<HostResult> {
+    let out = deps.transport.run(host, cmd, payload).await?;
+    if let Some(tail) = out.stderr_tail() {
+        rec.host_output = Some(tail);
+    }
+    interpret(&out)
+}
+
+pub async fn uninstall(deps: &Deps, workspace: &str, name: &str) -> Result<UninstallOutcome> {
+    uninstall_as(deps, workspace, name, None).await
+}
+
+/// `uninstall`, finishing the operation record `op_id` (a background job).
+pub async fn uninstall_as(
+    deps: &Deps,
+    workspace: &str,
+    name: &str,
+    op_id: Option<&str>,
+) -> Result<UninstallOutcome> {
+    validate_workspace_id(workspace)?;
+    validate_name(name)?;
+    let cfg = &deps.config;
+    let host = deps.fleet.locate(workspace).await?;
+    let profile = cfg.host_profile(&host)?;
+    let cmd = HostCommand::uninstall(&profile, name, &cfg.owner, cfg.lock_wait_secs);
+    let mut rec = record::start_on(Kind::Uninstall, Trigger::Api, workspace, &host, op_id);
+    rec.plugin = Some(name.to_string());
+    let result = async {
+        let result = run_on_host(deps, &host, &cmd, None, &mut rec).await?;
+        let on_host = match result.status {
+            HostStatus::Uninstalled => UninstallStatus::Uninstalled,
+            HostStatus::Absent => UninstallStatus::Absent,
+            _ => {
+                return Err(
+                    Error::host_failed("the host reported an unexpected uninstall result")
+                        .with_detail(format!("{result:?}")),
+                )
+            }
+        };
+        let was_desired =
+            state::record_removed(deps.state.as_ref(), deps.clock.as_ref(), workspace, name)
+                .await?;
+        let removed = on_host == UninstallStatus::Uninstalled || was_desired;
+        Ok(UninstallOutcome {
+            status: if removed {
+                UninstallStatus::Uninstalled
+            } else {
+                UninstallStatus::Absent
+            },
+            plugin: name.to_string(),
+        })
+    }
+    .await;
+    match result {
+        Ok(o) => {
+            record::succeed(deps.records.as_ref(), &mut rec, &o).await;
+            Ok(o)
+        }
+        Err(e) => Err(record::fail(deps.records.as_ref(), &mut rec, e).await),
+    }
+}
+
+/// Presigned download URLs live long enough to start a download, no more.
+const DOWNLOAD_URL_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Resolves and stages a plugin as install does, for a workspace, and
+/// returns a short-lived presigned URL of its canonical archive (plugins
+/// over Lambda's 6 MB response limit still download).
+pub async fn download(
+    deps: &Deps,
+    workspace: &str,
+    name: &str,
+    source: Option<&str>,
+) -> Result<String> {
+    validate_workspace_id(workspace)?;
+    validate_name(name)?;
+    let raw = source
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("local://{name}"));
+    let source = Source::parse(&raw)?;
+    if let Some(known) = source.known_name() {
+        if known != name {
+            return Err(name_mismatch(known, name));
+        }
+    }
+    let p = prepare(deps, workspace, &source, None).await?;
+    if p.resolved.name != name {
+        return Err(name_mismatch(&p.resolved.name, name));
+    }
+    deps.archives
+        .presign(&p.resolved.archive.sha256, DOWNLOAD_URL_TTL)
+        .await
+}
+
+pub fn name_mismatch(resolved: &str, requested: &str) -> Error {
+    Error::bad_request(format!(
+        "the source resolves to plugin {resolved:?}, not {requested:?}"
+    ))
+    .with_field("resolved_name", serde_json::json!(resolved))
+    .with_field("requested_name", serde_json::json!(requested))
+}

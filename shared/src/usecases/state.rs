@@ -1,0 +1,108 @@
+//! Changing a workspace's desired state (`plugins.json`) safely while other
+//! operations change it too: read, change, conditional write, and again on
+//! a conflict, so no update is ever lost.
+
+use std::time::Duration;
+
+use crate::domain::error::{Error, Result};
+use crate::domain::plugin::{DesiredState, InstalledPlugin};
+use crate::ports::{Clock, StateStore};
+
+/// Max attempts at a conditional write. Each conflict means another writer
+/// succeeded, so progress is guaranteed overall.
+pub const STATE_ATTEMPTS: u32 = 50;
+
+/// Read-modify-write of a workspace's desired state with optimistic
+/// concurrency. `change` returns false when there is nothing to write.
+pub async fn update_state<F>(
+    state: &dyn StateStore,
+    clock: &dyn Clock,
+    workspace: &str,
+    mut change: F,
+) -> Result<()>
+where
+    F: FnMut(&mut DesiredState) -> bool,
+{
+    for attempt in 0..STATE_ATTEMPTS {
+        let mut current = state.load(workspace).await?;
+        if !change(&mut current.state) {
+            return Ok(());
+        }
+        if state
+            .save(workspace, &current.state, current.etag.as_deref())
+            .await?
+        {
+            return Ok(());
+        }
+        clock.sleep(backoff(attempt)).await;
+    }
+    Err(Error::conflict(
+        "the workspace's plugin list is changing too fast; try again",
+    ))
+}
+
+/// A small randomized pause, growing with the attempt, so racing writers
+/// spread out.
+fn backoff(attempt: u32) -> Duration {
+    let ms = 5 + rand::random::<u64>() % (10 * (attempt as u64 + 1)).min(200);
+    Duration::from_millis(ms)
+}
+
+/// Whether `entry` would change what the state holds for its plugin: a new
+/// digest or source does; the same ones keep the original install time.
+fn differs(current: Option<&InstalledPlugin>, entry: &InstalledPlugin) -> bool {
+    !matches!(current, Some(cur) if cur.digest == entry.digest && cur.source == entry.source)
+}
+
+/// Records an installed plugin in the workspace's desired state.
+pub async fn record_installed(
+    state: &dyn StateStore,
+    clock: &dyn Clock,
+    workspace: &str,
+    entry: &InstalledPlugin,
+) -> Result<()> {
+    let name = &entry.info.name;
+    update_state(state, clock, workspace, |s| {
+        let change = differs(s.plugins.get(name), entry);
+        if change {
+            s.plugins.insert(name.clone(), entry.clone());
+        }
+        change
+    })
+    .await
+}
+
+/// As `record_installed`, unless the plugin is no longer desired at all
+/// (uninstalled meanwhile): a rollout never adds a plugin back.
+pub async fn record_if_present(
+    state: &dyn StateStore,
+    clock: &dyn Clock,
+    workspace: &str,
+    entry: &InstalledPlugin,
+) -> Result<()> {
+    let name = &entry.info.name;
+    update_state(state, clock, workspace, |s| {
+        let change = s.plugins.contains_key(name) && differs(s.plugins.get(name), entry);
+        if change {
+            s.plugins.insert(name.clone(), entry.clone());
+        }
+        change
+    })
+    .await
+}
+
+/// Removes a plugin from the desired state; whether it was there.
+pub async fn record_removed(
+    state: &dyn StateStore,
+    clock: &dyn Clock,
+    workspace: &str,
+    name: &str,
+) -> Result<bool> {
+    let mut was_desired = false;
+    update_state(state, clock, workspace, |s| {
+        was_desired = s.plugins.remove(name).is_some();
+        was_desired
+    })
+    .await?;
+    Ok(was_desired)
+}
