@@ -99,7 +99,7 @@ struct Stored {
     /// fingerprint → (digest, plugin.yaml)
     index: HashMap<String, (String, Option<Vec<u8>>)>,
     states: BTreeMap<String, (DesiredState, u64)>,
-    allowlists: HashMap<String, (Allowlist, u64)>,
+    allowlists: BTreeMap<String, (Allowlist, u64)>,
     /// (workspace or none for a rollout parent, id) → record
     records: BTreeMap<(Option<String>, String), OperationRecord>,
     version: u64,
@@ -151,6 +151,30 @@ impl MemoryStore {
         self.conflicts
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
+    }
+
+    /// A conditional write as S3 does it: `etag` must be the stored
+    /// version (`None`: nothing stored yet), else `false`.
+    fn put_if<T>(
+        &self,
+        etag: Option<&str>,
+        table: impl FnOnce(&mut Stored) -> &mut BTreeMap<String, (T, u64)>,
+        key: &str,
+        value: T,
+    ) -> Result<bool> {
+        self.count();
+        if self.lose_race() {
+            return Ok(false);
+        }
+        let mut d = lock(&self.data);
+        d.version += 1;
+        let v = d.version;
+        let map = table(&mut d);
+        if map.get(key).map(|(_, v)| v.to_string()).as_deref() != etag {
+            return Ok(false);
+        }
+        map.insert(key.to_string(), (value, v));
+        Ok(true)
     }
 
     pub fn state_of(&self, ws: &str) -> DesiredState {
@@ -339,19 +363,7 @@ impl StateStore for MemoryStore {
         state: &DesiredState,
         etag: Option<&str>,
     ) -> Result<bool> {
-        self.count();
-        if self.lose_race() {
-            return Ok(false);
-        }
-        let mut d = lock(&self.data);
-        let current = d.states.get(workspace).map(|(_, v)| v.to_string());
-        if current.as_deref() != etag {
-            return Ok(false);
-        }
-        d.version += 1;
-        let v = d.version;
-        d.states.insert(workspace.to_string(), (state.clone(), v));
-        Ok(true)
+        self.put_if(etag, |d| &mut d.states, workspace, state.clone())
     }
 
     async fn workspaces(&self) -> Result<Vec<String>> {
@@ -379,19 +391,7 @@ impl AllowlistStore for MemoryStore {
         list: &Allowlist,
         etag: Option<&str>,
     ) -> Result<bool> {
-        self.count();
-        if self.lose_race() {
-            return Ok(false);
-        }
-        let mut d = lock(&self.data);
-        let current = d.allowlists.get(org).map(|(_, v)| v.to_string());
-        if current.as_deref() != etag {
-            return Ok(false);
-        }
-        d.version += 1;
-        let v = d.version;
-        d.allowlists.insert(org.to_string(), (list.clone(), v));
-        Ok(true)
+        self.put_if(etag, |d| &mut d.allowlists, org, list.clone())
     }
 }
 

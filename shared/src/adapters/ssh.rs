@@ -3,7 +3,6 @@
 //! verified against the host key the instance published. The archive
 //! streams over the session's stdin.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -248,25 +247,21 @@ impl SshTransport {
     }
 }
 
-#[async_trait]
-impl HostTransport for SshTransport {
-    async fn run(
+impl SshTransport {
+    /// A fresh key pushed with EC2 Instance Connect, beside the connection
+    /// (host-key lookup, TCP, key exchange, host-key check): the two are
+    /// independent until authentication, so they overlap. An authenticated
+    /// session, and when it connected and authenticated (ms since `t0`).
+    async fn session(
         &self,
         host: &Host,
-        cmd: &HostCommand,
-        payload: Option<&Payload<'_>>,
-    ) -> Result<HostOutput> {
-        let stdin: Option<&Path> = payload.map(|p| p.path);
-        let t0 = std::time::Instant::now();
+        t0: std::time::Instant,
+    ) -> Result<(client::Handle<Verifier>, u64, u64)> {
         let key = ephemeral_key();
         let public_line = key
             .public_key()
             .to_openssh()
             .map_err(|e| Error::internal(format!("encode public key: {e}")))?;
-
-        // The key push and the connection (host-key lookup, TCP, key
-        // exchange, host-key check) are independent until authentication:
-        // overlap them.
         let (pushed, session) = tokio::join!(
             self.pusher.push(host, &self.user, &public_line),
             self.connect(host)
@@ -274,7 +269,6 @@ impl HostTransport for SshTransport {
         pushed?;
         let mut session = session?;
         let connect_ms = t0.elapsed().as_millis() as u64;
-
         let auth = session
             .authenticate_publickey(&self.user, PrivateKeyWithHashAlg::new(Arc::new(key), None))
             .await
@@ -293,71 +287,90 @@ impl HostTransport for SshTransport {
                 host.instance_id
             )));
         }
+        Ok((session, connect_ms, t0.elapsed().as_millis() as u64))
+    }
+}
 
-        let auth_ms = t0.elapsed().as_millis() as u64;
-        let lost = |e: russh::Error| {
-            Error::unavailable("the connection to the host was lost during the operation")
-                .with_detail(format!("{e:?}"))
-        };
+fn lost(e: russh::Error) -> Error {
+    Error::unavailable("the connection to the host was lost during the operation")
+        .with_detail(format!("{e:?}"))
+}
+
+/// Streams the archive (if any) into the command's stdin, then EOF.
+async fn send_stdin(
+    tx: russh::ChannelWriteHalf<client::Msg>,
+    file: Option<tokio::fs::File>,
+) -> std::io::Result<()> {
+    let mut w = tx.make_writer();
+    // 256 KiB reads so each SSH packet is full-size (32 KiB).
+    let copied = match file {
+        Some(f) => tokio::io::copy_buf(
+            &mut tokio::io::BufReader::with_capacity(256 * 1024, f),
+            &mut w,
+        )
+        .await
+        .map(|_| ()),
+        None => Ok(()),
+    };
+    // EOF even after a failed copy: the host's digest check then refuses
+    // the truncated archive instead of waiting for more.
+    let _ = w.shutdown().await;
+    copied
+}
+
+/// The command's output, exit status or signal, until the channel closes.
+async fn collect_output(mut rx: russh::ChannelReadHalf) -> HostOutput {
+    let mut out = HostOutput::default();
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    while let Some(msg) = rx.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => keep_tail(&mut stdout, &data, STDOUT_KEEP),
+            ChannelMsg::ExtendedData { data, ext: 1 } => keep_tail(&mut stderr, &data, STDERR_KEEP),
+            ChannelMsg::ExitStatus { exit_status } => out.exit_status = Some(exit_status),
+            ChannelMsg::ExitSignal { signal_name, .. } => {
+                out.exit_signal = Some(format!("{signal_name:?}"))
+            }
+            // sshd refused to run the command at all.
+            ChannelMsg::Failure => out.exec_refused = true,
+            ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    out.stdout = String::from_utf8_lossy(&stdout).into_owned();
+    out.stderr = String::from_utf8_lossy(&stderr).into_owned();
+    out
+}
+
+#[async_trait]
+impl HostTransport for SshTransport {
+    async fn run(
+        &self,
+        host: &Host,
+        cmd: &HostCommand,
+        payload: Option<&Payload<'_>>,
+    ) -> Result<HostOutput> {
+        let t0 = std::time::Instant::now();
+        let (session, connect_ms, auth_ms) = self.session(host, t0).await?;
         let channel = session.channel_open_session().await.map_err(lost)?;
         // want_reply: if sshd refuses to run the command, a Failure says so.
         channel
             .exec(true, cmd.render(&self.prefix))
             .await
             .map_err(lost)?;
-        let (mut rx, tx) = channel.split();
-
-        // Stream stdin and collect output in one future: if the operation is
-        // cancelled (its deadline) both stop with the session, and nothing
-        // keeps feeding the host behind the caller's back.
-        let file = match stdin {
-            Some(path) => Some(
-                tokio::fs::File::open(path)
+        let (rx, tx) = channel.split();
+        let file = match payload {
+            Some(p) => Some(
+                tokio::fs::File::open(p.path)
                     .await
                     .map_err(|e| Error::internal(format!("open archive: {e}")))?,
             ),
             None => None,
         };
-        let write = async move {
-            let mut w = tx.make_writer();
-            // 256 KiB reads so each SSH packet is full-size (32 KiB).
-            let copied = match file {
-                Some(f) => tokio::io::copy_buf(
-                    &mut tokio::io::BufReader::with_capacity(256 * 1024, f),
-                    &mut w,
-                )
-                .await
-                .map(|_| ()),
-                None => Ok(()),
-            };
-            // EOF even after a failed copy: the host's digest check then
-            // refuses the truncated archive instead of waiting for more.
-            let _ = w.shutdown().await;
-            copied
-        };
-        let read = async {
-            let mut out = HostOutput::default();
-            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-            while let Some(msg) = rx.wait().await {
-                match msg {
-                    ChannelMsg::Data { data } => keep_tail(&mut stdout, &data, STDOUT_KEEP),
-                    ChannelMsg::ExtendedData { data, ext: 1 } => {
-                        keep_tail(&mut stderr, &data, STDERR_KEEP)
-                    }
-                    ChannelMsg::ExitStatus { exit_status } => out.exit_status = Some(exit_status),
-                    ChannelMsg::ExitSignal { signal_name, .. } => {
-                        out.exit_signal = Some(format!("{signal_name:?}"))
-                    }
-                    // sshd refused to run the command at all.
-                    ChannelMsg::Failure => out.exec_refused = true,
-                    ChannelMsg::Close => break,
-                    _ => {}
-                }
-            }
-            out.stdout = String::from_utf8_lossy(&stdout).into_owned();
-            out.stderr = String::from_utf8_lossy(&stderr).into_owned();
-            out
-        };
+        // Stream stdin and collect output in one future: if the operation
+        // is cancelled (its deadline) both stop with the session, and
+        // nothing keeps feeding the host behind the caller's back.
+        let write = send_stdin(tx, file);
+        let read = collect_output(rx);
         tokio::pin!(write, read);
         let mut writing = true;
         let out = loop {

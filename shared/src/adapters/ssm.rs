@@ -282,19 +282,16 @@ fn next_delay(d: Duration) -> Duration {
     (d.mul_f32(1.6)).min(Duration::from_secs(1))
 }
 
-#[async_trait]
-impl HostTransport for SsmTransport {
-    async fn run(
+impl SsmTransport {
+    /// Sends the command: the archive as a short-lived presigned URL (SSM
+    /// keeps command parameters in its history for 30 days; the URL is never
+    /// logged). Run Command runs as root: no privilege prefix.
+    async fn start(
         &self,
         host: &Host,
         cmd: &HostCommand,
         payload: Option<&Payload<'_>>,
-    ) -> Result<HostOutput> {
-        let t0 = Instant::now();
-        self.check_online(host).await?;
-
-        // Only a short-lived URL goes into the command (SSM keeps command
-        // parameters in its history for 30 days); it is never logged.
+    ) -> Result<CancelOnDrop> {
         let mut env = Vec::new();
         if let Some(p) = payload {
             let url = self
@@ -303,19 +300,26 @@ impl HostTransport for SsmTransport {
                 .await?;
             env.push(("PLUGIN_ARCHIVE_URL", url));
         }
-        // Run Command runs as root: no privilege prefix.
         let script = cmd.render_with_env("", &env);
         let command_id = self.send(host, cmd, script).await?;
-        let mut guard = CancelOnDrop {
+        Ok(CancelOnDrop {
             client: self.client.clone(),
-            command_id: command_id.clone(),
+            command_id,
             instance_id: host.instance_id.clone(),
             armed: true,
-        };
-        let sent_ms = t0.elapsed().as_millis() as u64;
+        })
+    }
 
-        // Stop polling early enough to cancel before the operation's own
-        // deadline answers: the caller's 504 then means "nothing changed".
+    /// Polls until the command ends, backing off. Stops early enough to
+    /// cancel before the operation's own deadline answers: the caller's 504
+    /// then means "nothing changed". The invocation and the number of polls.
+    async fn wait(
+        &self,
+        host: &Host,
+        guard: &mut CancelOnDrop,
+        t0: Instant,
+    ) -> Result<(Invocation, u32)> {
+        let command_id = guard.command_id.clone();
         let (stop_at, limit) = match crate::domain::deadline::current() {
             Some((at, limit)) => (at.checked_sub(CANCEL_MARGIN).unwrap_or(at), limit),
             None => (t0 + self.settings.max_wait, self.settings.max_wait),
@@ -326,12 +330,13 @@ impl HostTransport for SsmTransport {
         // Seen running: a command never picked up is the agent's fault (503),
         // one that ran too long is the host's (504).
         let mut started = false;
-        let inv = loop {
+        loop {
             let now = Instant::now();
             if now >= stop_at {
-                break self
-                    .give_up(host, &command_id, &mut guard, started, limit)
+                let inv = self
+                    .give_up(host, &command_id, guard, started, limit)
                     .await?;
+                return Ok((inv, polls));
             }
             tokio::time::sleep(delay.min(stop_at - now)).await;
             delay = next_delay(delay);
@@ -349,32 +354,28 @@ impl HostTransport for SsmTransport {
                 | None => continue,
                 Some(CommandInvocationStatus::InProgress | CommandInvocationStatus::Cancelling) => {
                     started = true;
-                    continue;
                 }
-                Some(_) => break inv,
+                Some(_) => return Ok((inv, polls)),
             }
-        };
-        guard.armed = false;
-        let status = inv
-            .status()
-            .map(|s| s.as_str())
-            .unwrap_or_default()
-            .to_string();
-        let details = inv.status_details().unwrap_or_default().to_string();
-        let detail = format!(
-            "command {command_id} on {}: {status}/{details} exit {}",
-            host.instance_id,
-            inv.response_code()
-        );
-        tracing::debug!(
-            instance = %host.instance_id,
-            sent_ms,
-            polls,
-            total_ms = t0.elapsed().as_millis() as u64,
-            status = %status,
-            "ssm timings"
-        );
-        let output = || HostOutput {
+        }
+    }
+}
+
+/// What an ended invocation means: the script's output (its result line
+/// decides, exactly as over SSH), or the service's own verdict.
+fn outcome(inv: &Invocation, detail: String) -> Result<HostOutput> {
+    let status = inv.status().map(|s| s.as_str()).unwrap_or_default();
+    let details = inv.status_details().unwrap_or_default();
+    let timed_out = || {
+        Error::deadline("the host did not finish the operation in time (the command timed out)")
+            .with_detail(detail.clone())
+    };
+    match (status, details) {
+        // Details first: an undeliverable command may carry any status.
+        (_, "Undeliverable" | "DeliveryTimedOut") => Err(SsmTransport::not_reachable(detail)),
+        (_, "ExecutionTimedOut") => Err(timed_out()),
+        // A failed command still reports busy, digest_mismatch, ...
+        ("Success" | "Failed", _) => Ok(HostOutput {
             exit_status: u32::try_from(inv.response_code()).ok(),
             exit_signal: None,
             exec_refused: false,
@@ -383,27 +384,47 @@ impl HostTransport for SsmTransport {
                 .unwrap_or_default()
                 .to_string(),
             stderr: inv.standard_error_content().unwrap_or_default().to_string(),
-        };
-        match (status.as_str(), details.as_str()) {
-            // Details first: an undeliverable command may carry any status.
-            (_, "Undeliverable" | "DeliveryTimedOut") => Err(Self::not_reachable(detail)),
-            (_, "ExecutionTimedOut") => Err(Error::deadline(
-                "the host did not finish the operation in time (the command timed out)",
-            )
-            .with_detail(detail)),
-            // The script's result line decides, exactly as over SSH: a
-            // failed command still reports busy, digest_mismatch, ...
-            ("Success" | "Failed", _) => Ok(output()),
-            ("TimedOut", _) => Err(Error::deadline(
-                "the host did not finish the operation in time (the command timed out)",
-            )
-            .with_detail(detail)),
-            ("Cancelled", _) => Err(Error::host_failed(
-                "the command was cancelled on the host before it finished",
-            )
-            .with_detail(detail)),
-            _ => Err(Error::host_failed("the host command did not complete").with_detail(detail)),
-        }
+        }),
+        ("TimedOut", _) => Err(timed_out()),
+        ("Cancelled", _) => Err(Error::host_failed(
+            "the command was cancelled on the host before it finished",
+        )
+        .with_detail(detail)),
+        _ => Err(Error::host_failed("the host command did not complete").with_detail(detail)),
+    }
+}
+
+#[async_trait]
+impl HostTransport for SsmTransport {
+    async fn run(
+        &self,
+        host: &Host,
+        cmd: &HostCommand,
+        payload: Option<&Payload<'_>>,
+    ) -> Result<HostOutput> {
+        let t0 = Instant::now();
+        self.check_online(host).await?;
+        let mut guard = self.start(host, cmd, payload).await?;
+        let sent_ms = t0.elapsed().as_millis() as u64;
+        let (inv, polls) = self.wait(host, &mut guard, t0).await?;
+        guard.armed = false;
+        let status = inv.status().map(|s| s.as_str()).unwrap_or_default();
+        tracing::debug!(
+            instance = %host.instance_id,
+            sent_ms,
+            polls,
+            total_ms = t0.elapsed().as_millis() as u64,
+            status = %status,
+            "ssm timings"
+        );
+        let detail = format!(
+            "command {} on {}: {status}/{} exit {}",
+            guard.command_id,
+            host.instance_id,
+            inv.status_details().unwrap_or_default(),
+            inv.response_code()
+        );
+        outcome(&inv, detail)
     }
 }
 

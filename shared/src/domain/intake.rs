@@ -274,199 +274,252 @@ fn read_entries<R: Read>(
     limits: &IntakeLimits,
     staging: &Path,
 ) -> Result<Tree> {
-    use tar::EntryType as T;
-
-    let mut items = Vec::new();
-    let mut top: Option<String> = None;
-    let mut pending = Pending::default();
-    let mut metadata_bytes = 0u64;
-    let mut count = 0usize;
-    // Data announced by headers, checked before reading it; and file bytes
-    // actually read, checked as they arrive.
-    let mut announced = 0u64;
-    let mut received = 0u64;
-    let mut slots = 0usize;
-    let mut buf = vec![0u8; 64 * 1024];
-
-    // Raw entries: the resolving iterator reads PAX headers and
-    // GNU long names whole into memory with no cap, so a hostile archive could
-    // make it allocate gigabytes. They are resolved below instead, under caps,
+    let mut r = EntryReader {
+        strip,
+        limits,
+        staging,
+        items: Vec::new(),
+        top: None,
+        pending: Pending::default(),
+        metadata_bytes: 0,
+        count: 0,
+        announced: 0,
+        received: 0,
+        slots: 0,
+        buf: vec![0u8; 64 * 1024],
+    };
+    // Raw entries: the resolving iterator reads PAX headers and GNU long
+    // names whole into memory with no cap, so a hostile archive could make
+    // it allocate gigabytes. They are resolved here instead, under caps,
     // with the same meaning the tar crate gives them.
     for entry in tar.entries().map_err(corrupt)?.raw(true) {
-        let mut entry = entry.map_err(corrupt)?;
-        let kind = entry.header().entry_type();
-        let size = entry.header().entry_size().map_err(corrupt)?;
-
-        if matches!(
-            kind,
-            T::GNULongName | T::GNULongLink | T::XHeader | T::XGlobalHeader
-        ) {
-            metadata_bytes = metadata_bytes
-                .saturating_add(2 * BLOCK)
-                .saturating_add(size);
-            if size > MAX_METADATA_ENTRY_BYTES || metadata_bytes > MAX_METADATA_TOTAL_BYTES {
-                return Err(Error::unprocessable(
-                    "the archive's metadata (PAX headers or GNU long names) is too large",
-                ));
-            }
-            let mut data = Vec::with_capacity(size as usize);
-            (&mut entry)
-                .take(size)
-                .read_to_end(&mut data)
-                .map_err(corrupt)?;
-            if data.len() as u64 != size {
-                return Err(truncated());
-            }
-            let twice = || {
-                Error::unprocessable(
-                    "the archive has two metadata entries of one kind for a single entry",
-                )
-            };
-            match kind {
-                T::GNULongName => {
-                    if pending.long_name.replace(data).is_some() {
-                        return Err(twice());
-                    }
-                }
-                // Link targets are never needed: links are not shipped.
-                T::GNULongLink => {
-                    if std::mem::replace(&mut pending.long_link, true) {
-                        return Err(twice());
-                    }
-                }
-                T::XHeader => {
-                    check_pax_syntax(&data)?;
-                    if pending.pax.replace(data).is_some() {
-                        return Err(twice());
-                    }
-                }
-                // Global headers (GitHub's `comment=<commit>`) describe the
-                // archive, not an entry; like the tar crate, ignore them.
-                _ => check_pax_syntax(&data)?,
-            }
-            continue;
-        }
-
-        let meta = std::mem::take(&mut pending);
-        count += 1;
-        if count > limits.max_entries {
-            return Err(Error::unprocessable(format!(
-                "the archive has more than {} entries",
-                limits.max_entries
-            )));
-        }
-
-        let raw = entry_path(entry.header(), &meta)?.into_owned();
-        let path = normalise(&raw, limits)?;
-        if let Some(pax) = &meta.pax {
-            check_pax_for_entry(pax, size, &raw)?;
-        }
-
-        // Old (v7) archives mark directories as regular entries whose name
-        // ends in '/'.
-        let is_dir = kind == T::Directory || (kind == T::Regular && raw.ends_with(b"/"));
-        let item_kind = match kind {
-            _ if is_dir => Kind::Dir,
-            T::Regular => Kind::File {
-                slot: 0,
-                size,
-                mode: entry.header().mode().map_err(corrupt)?,
-            },
-            T::Symlink => Kind::Link("symlink"),
-            T::Link => Kind::Link("hardlink"),
-            // Everything else, known or not: devices, FIFOs, GNU sparse and
-            // contiguous files (whose data the raw reader would not lay out
-            // correctly), and types we have never heard of.
-            other => {
-                return Err(refuse(
-                    &raw,
-                    format_args!("is {}, which a plugin cannot contain", describe(other)),
-                ))
-            }
-        };
-
-        // Before reading a byte of data: a gzip bomb announces its size here.
-        // Data on non-file entries counts too, because skipping it still
-        // means inflating it.
-        announced = announced.saturating_add(size);
-        if announced > limits.max_tree_bytes {
-            return Err(archive::too_large(limits.max_tree_bytes));
-        }
-
-        if path.is_empty() {
-            // "./" or ".": the root itself. Nothing to keep.
-            if is_dir {
-                continue;
-            }
-            return Err(refuse(&raw, "has an empty path"));
-        }
-
-        if strip {
-            let first = path.split('/').next().unwrap_or_default();
-            match &top {
-                None => top = Some(first.to_string()),
-                Some(t) if t != first => {
-                    return Err(Error::unprocessable(format!(
-                        "the archive must contain exactly one top-level directory, but has {:?} and {:?}",
-                        shown(t.as_bytes()),
-                        shown(first.as_bytes())
-                    )))
-                }
-                Some(_) => {}
-            }
-            if path == first && !is_dir {
-                return Err(refuse(
-                    &raw,
-                    "is at the top level, where the archive must contain exactly one directory",
-                ));
-            }
-        }
-
-        let item_kind = match item_kind {
-            Kind::File { size, mode, .. } => {
-                let slot = slots;
-                slots += 1;
-                // Staging names are our own numbers, never the entry's name:
-                // nothing in the archive can point a write outside this
-                // directory, and `create_new` makes any reuse an error.
-                let mut out = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(staging.join(slot.to_string()))
-                    .map_err(Error::internal)?;
-                let mut copied = 0u64;
-                loop {
-                    let n = match entry.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(corrupt(e)),
-                    };
-                    copied += n as u64;
-                    received += n as u64;
-                    if received > limits.max_tree_bytes {
-                        return Err(archive::too_large(limits.max_tree_bytes));
-                    }
-                    out.write_all(&buf[..n]).map_err(Error::internal)?;
-                }
-                if copied != size {
-                    return Err(refuse(&raw, "is truncated"));
-                }
-                Kind::File { slot, size, mode }
-            }
-            k => k,
-        };
-        items.push(Item {
-            path,
-            kind: item_kind,
-        });
+        r.entry(&mut entry.map_err(corrupt)?)?;
     }
-    if !pending.is_empty() {
+    if !r.pending.is_empty() {
         return Err(Error::unprocessable(
             "the archive ends with metadata (PAX header or GNU long name) but no entry for it",
         ));
     }
-    Ok(Tree { items, top })
+    Ok(Tree {
+        items: r.items,
+        top: r.top,
+    })
+}
+
+/// The walk over an archive's raw entries and everything it counts.
+struct EntryReader<'a> {
+    strip: bool,
+    limits: &'a IntakeLimits,
+    staging: &'a Path,
+    items: Vec<Item>,
+    /// The one top-level directory, when stripping.
+    top: Option<String>,
+    /// Metadata entries waiting for the entry they describe.
+    pending: Pending,
+    metadata_bytes: u64,
+    count: usize,
+    /// Data announced by headers, checked before reading it; and file
+    /// bytes actually read, checked as they arrive.
+    announced: u64,
+    received: u64,
+    slots: usize,
+    buf: Vec<u8>,
+}
+
+impl EntryReader<'_> {
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<()> {
+        use tar::EntryType as T;
+        let kind = entry.header().entry_type();
+        let size = entry.header().entry_size().map_err(corrupt)?;
+        if matches!(
+            kind,
+            T::GNULongName | T::GNULongLink | T::XHeader | T::XGlobalHeader
+        ) {
+            return self.metadata(entry, kind, size);
+        }
+        let meta = std::mem::take(&mut self.pending);
+        self.count += 1;
+        if self.count > self.limits.max_entries {
+            return Err(Error::unprocessable(format!(
+                "the archive has more than {} entries",
+                self.limits.max_entries
+            )));
+        }
+        let raw = entry_path(entry.header(), &meta)?.into_owned();
+        let path = normalise(&raw, self.limits)?;
+        if let Some(pax) = &meta.pax {
+            check_pax_for_entry(pax, size, &raw)?;
+        }
+        // Old (v7) archives mark directories as regular entries whose name
+        // ends in '/'.
+        let is_dir = kind == T::Directory || (kind == T::Regular && raw.ends_with(b"/"));
+        let item_kind = item_kind(entry.header(), kind, is_dir, size, &raw)?;
+        // Before reading a byte of data: a gzip bomb announces its size
+        // here. Data on non-file entries counts too, because skipping it
+        // still means inflating it.
+        self.announced = self.announced.saturating_add(size);
+        if self.announced > self.limits.max_tree_bytes {
+            return Err(archive::too_large(self.limits.max_tree_bytes));
+        }
+        if path.is_empty() {
+            // "./" or ".": the root itself. Nothing to keep.
+            if is_dir {
+                return Ok(());
+            }
+            return Err(refuse(&raw, "has an empty path"));
+        }
+        if self.strip {
+            self.check_top(&path, &raw, is_dir)?;
+        }
+        let kind = match item_kind {
+            Kind::File { size, mode, .. } => {
+                let slot = self.stage_file(entry, size, &raw)?;
+                Kind::File { slot, size, mode }
+            }
+            k => k,
+        };
+        self.items.push(Item { path, kind });
+        Ok(())
+    }
+
+    /// A PAX header or GNU long name/link: read whole (under caps) and kept
+    /// for the entry it describes.
+    fn metadata<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        kind: tar::EntryType,
+        size: u64,
+    ) -> Result<()> {
+        use tar::EntryType as T;
+        self.metadata_bytes = self
+            .metadata_bytes
+            .saturating_add(2 * BLOCK)
+            .saturating_add(size);
+        if size > MAX_METADATA_ENTRY_BYTES || self.metadata_bytes > MAX_METADATA_TOTAL_BYTES {
+            return Err(Error::unprocessable(
+                "the archive's metadata (PAX headers or GNU long names) is too large",
+            ));
+        }
+        let mut data = Vec::with_capacity(size as usize);
+        entry.take(size).read_to_end(&mut data).map_err(corrupt)?;
+        if data.len() as u64 != size {
+            return Err(truncated());
+        }
+        let twice = || {
+            Error::unprocessable(
+                "the archive has two metadata entries of one kind for a single entry",
+            )
+        };
+        let pending = &mut self.pending;
+        match kind {
+            T::GNULongName => {
+                if pending.long_name.replace(data).is_some() {
+                    return Err(twice());
+                }
+            }
+            // Link targets are never needed: links are not shipped.
+            T::GNULongLink => {
+                if std::mem::replace(&mut pending.long_link, true) {
+                    return Err(twice());
+                }
+            }
+            T::XHeader => {
+                check_pax_syntax(&data)?;
+                if pending.pax.replace(data).is_some() {
+                    return Err(twice());
+                }
+            }
+            // Global headers (GitHub's `comment=<commit>`) describe the
+            // archive, not an entry; like the tar crate, ignore them.
+            _ => check_pax_syntax(&data)?,
+        }
+        Ok(())
+    }
+
+    /// Stripping needs exactly one top-level directory and nothing beside it.
+    fn check_top(&mut self, path: &str, raw: &[u8], is_dir: bool) -> Result<()> {
+        let first = path.split('/').next().unwrap_or_default();
+        match &self.top {
+            None => self.top = Some(first.to_string()),
+            Some(t) if t != first => return Err(Error::unprocessable(format!(
+                "the archive must contain exactly one top-level directory, but has {:?} and {:?}",
+                shown(t.as_bytes()),
+                shown(first.as_bytes())
+            ))),
+            Some(_) => {}
+        }
+        if path == first && !is_dir {
+            return Err(refuse(
+                raw,
+                "is at the top level, where the archive must contain exactly one directory",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Copies a file's data into the next staging slot, counting it against
+    /// the cap as it arrives. Staging names are our own numbers, never the
+    /// entry's name: nothing in the archive can point a write outside this
+    /// directory, and `create_new` makes any reuse an error.
+    fn stage_file<R: Read>(&mut self, entry: &mut R, size: u64, raw: &[u8]) -> Result<usize> {
+        let slot = self.slots;
+        self.slots += 1;
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(self.staging.join(slot.to_string()))
+            .map_err(Error::internal)?;
+        let mut copied = 0u64;
+        loop {
+            let n = match entry.read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(corrupt(e)),
+            };
+            copied += n as u64;
+            self.received += n as u64;
+            if self.received > self.limits.max_tree_bytes {
+                return Err(archive::too_large(self.limits.max_tree_bytes));
+            }
+            out.write_all(&self.buf[..n]).map_err(Error::internal)?;
+        }
+        if copied != size {
+            return Err(refuse(raw, "is truncated"));
+        }
+        Ok(slot)
+    }
+}
+
+/// What an entry becomes: a directory, a file (its slot filled in when
+/// staged), or a link (dropped, reported); anything else is refused.
+fn item_kind(
+    header: &tar::Header,
+    kind: tar::EntryType,
+    is_dir: bool,
+    size: u64,
+    raw: &[u8],
+) -> Result<Kind> {
+    use tar::EntryType as T;
+    Ok(match kind {
+        _ if is_dir => Kind::Dir,
+        T::Regular => Kind::File {
+            slot: 0,
+            size,
+            mode: header.mode().map_err(corrupt)?,
+        },
+        T::Symlink => Kind::Link("symlink"),
+        T::Link => Kind::Link("hardlink"),
+        // Everything else, known or not: devices, FIFOs, GNU sparse and
+        // contiguous files (whose data the raw reader would not lay out
+        // correctly), and types we have never heard of.
+        other => {
+            return Err(refuse(
+                raw,
+                format_args!("is {}, which a plugin cannot contain", describe(other)),
+            ))
+        }
+    })
 }
 
 /// The entry's path with the meaning the tar crate's `entries()` gives it:

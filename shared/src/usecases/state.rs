@@ -61,15 +61,7 @@ pub async fn record_installed(
     workspace: &str,
     entry: &InstalledPlugin,
 ) -> Result<()> {
-    let name = &entry.info.name;
-    update_state(state, clock, workspace, |s| {
-        let change = differs(s.plugins.get(name), entry);
-        if change {
-            s.plugins.insert(name.clone(), entry.clone());
-        }
-        change
-    })
-    .await
+    put_entry(state, clock, workspace, entry, true).await
 }
 
 /// As `record_installed`, unless the plugin is no longer desired at all
@@ -80,9 +72,20 @@ pub async fn record_if_present(
     workspace: &str,
     entry: &InstalledPlugin,
 ) -> Result<()> {
+    put_entry(state, clock, workspace, entry, false).await
+}
+
+async fn put_entry(
+    state: &dyn StateStore,
+    clock: &dyn Clock,
+    workspace: &str,
+    entry: &InstalledPlugin,
+    add: bool,
+) -> Result<()> {
     let name = &entry.info.name;
     update_state(state, clock, workspace, |s| {
-        let change = s.plugins.contains_key(name) && differs(s.plugins.get(name), entry);
+        let current = s.plugins.get(name);
+        let change = (add || current.is_some()) && differs(current, entry);
         if change {
             s.plugins.insert(name.clone(), entry.clone());
         }
