@@ -1,32 +1,36 @@
-//! The architecture, checked: every `crate::` path in `src/` is resolved to
-//! the module file it names, and the test fails when an import points up a
-//! layer (domain < ports < adapters | use cases < entry < app; adapters and
-//! use cases never see each other) or when two modules import each other,
-//! directly or around a loop. Test code (`tests.rs`, `#[cfg(test)]`
-//! sections) may wire anything and is left out.
+//! The architecture, checked: every `crate::` and `super::` path in `src/`
+//! (and `lib.rs`'s re-exports) is resolved to the module file it names, and
+//! the test fails when an import points up or across a layer (`allowed`:
+//! entry → use cases → ports ← adapters, domain at the bottom, app on top)
+//! or when two modules import each other, directly or around a loop. Test
+//! modules (`#[cfg(test)] mod tests`) may wire anything and are left out.
+//! It reads source text, not the compiler's view: paths through macros or
+//! `use crate as x;` aliases are not seen.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 const SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src");
 
-/// A module's place: its layer's rank, and the layer's name.
-fn layer(module: &str) -> (u8, &'static str) {
-    let top = module.split("::").next().unwrap_or_default();
-    match top {
-        "domain" => (0, "domain"),
-        "ports" => (1, "ports"),
-        "adapters" => (2, "adapters"),
-        "usecases" => (2, "usecases"),
-        "entry" => (3, "entry"),
-        "app" => (4, "app"),
-        _ => (5, "crate root"),
+/// A module's layer: the first segment of its path.
+fn layer(module: &str) -> &str {
+    match module.split("::").next().unwrap_or_default() {
+        "" => "crate root",
+        top => top,
     }
 }
 
+/// Which layers each layer may import (its own included).
 fn allowed(from: &str, to: &str) -> bool {
-    let ((rf, lf), (rt, lt)) = (layer(from), layer(to));
-    rt < rf || (rt == rf && lf == lt)
+    let may: &[&str] = match layer(from) {
+        "domain" => &["domain"],
+        "ports" => &["ports", "domain"],
+        "adapters" => &["adapters", "ports", "domain"],
+        "usecases" => &["usecases", "ports", "domain"],
+        "entry" => &["entry", "usecases", "ports", "domain"],
+        _ => return true,
+    };
+    may.contains(&layer(to))
 }
 
 /// Every `.rs` file under `dir` with its module path (`usecases::install`).
@@ -52,33 +56,71 @@ fn modules(dir: &Path, prefix: &str, out: &mut BTreeMap<String, PathBuf>) {
     }
 }
 
-/// The code of a file without its test sections.
+/// The code of a file without its test module (`#[cfg(test)] mod tests`).
 fn production_code(text: &str) -> &str {
-    match text.find("#[cfg(test)]") {
+    match text.find("#[cfg(test)]\nmod tests") {
         Some(i) => &text[..i],
         None => text,
     }
 }
 
+/// `lib.rs`'s re-exports (`pub use app::App;`): name → the path it stands for.
+fn reexports(lib: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for line in lib.lines() {
+        let Some(path) = line
+            .trim()
+            .strip_prefix("pub use ")
+            .and_then(|l| l.strip_suffix(';'))
+        else {
+            continue;
+        };
+        match path.split_once("::{") {
+            Some((head, items)) => {
+                for item in items.trim_end_matches('}').split(',') {
+                    out.insert(item.trim().to_string(), format!("{head}::{}", item.trim()));
+                }
+            }
+            None => {
+                let name = path.rsplit("::").next().unwrap_or_default();
+                out.insert(name.to_string(), path.to_string());
+            }
+        }
+    }
+    out
+}
+
 /// Every path written after `crate::`, with `{a, b::c}` groups expanded.
 fn crate_paths(code: &str) -> Vec<String> {
+    paths_after(code, "crate::")
+}
+
+/// Every path written after `marker`, with `{a, b::c}` groups expanded.
+fn paths_after(code: &str, marker: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = code;
-    while let Some(i) = rest.find("crate::") {
-        rest = &rest[i + "crate::".len()..];
+    while let Some(i) = rest.find(marker) {
+        rest = &rest[i + marker.len()..];
         let end = rest
             .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
             .unwrap_or(rest.len());
         let head = rest[..end].trim_end_matches(':');
-        if rest[end..].starts_with('{') && rest[..end].ends_with("::") {
+        if rest[end..].starts_with('{') && (head.is_empty() || rest[..end].ends_with("::")) {
             let close = rest[end..].find('}').map(|j| end + j).unwrap_or(rest.len());
             for item in rest[end + 1..close].split(',') {
                 let item = item.trim().split(" as ").next().unwrap_or_default();
+                let item = item.trim_end_matches("::{").trim();
                 if !item.is_empty() && item != "self" {
-                    out.push(format!("{head}::{item}"));
+                    out.push(if head.is_empty() {
+                        item.to_string()
+                    } else {
+                        format!("{head}::{item}")
+                    });
                 }
             }
-            out.push(head.to_string());
+            if !head.is_empty() {
+                out.push(head.to_string());
+            }
         } else {
             out.push(head.to_string());
         }
@@ -95,21 +137,52 @@ fn resolve(path: &str, known: &BTreeMap<String, PathBuf>) -> Option<String> {
         .find(|m| known.contains_key(m))
 }
 
+/// A `tests.rs` declared as `#[cfg(test)] mod tests;` by its parent.
+fn test_only(path: &Path) -> bool {
+    let Some(dir) = path.parent() else {
+        return false;
+    };
+    path.file_name().is_some_and(|n| n == "tests.rs")
+        && std::fs::read_to_string(dir.join("mod.rs"))
+            .is_ok_and(|m| m.contains("#[cfg(test)]\nmod tests;"))
+}
+
+/// The modules each module imports: `crate::` paths, `super::` paths and
+/// `lib.rs`'s re-exports, resolved to module files.
 fn graph() -> BTreeMap<String, BTreeSet<String>> {
     let mut known = BTreeMap::new();
     modules(Path::new(SRC), "", &mut known);
+    let lib = std::fs::read_to_string(Path::new(SRC).join("lib.rs")).unwrap();
+    let re = reexports(&lib);
     let mut g = BTreeMap::new();
     for (module, path) in &known {
-        if path.file_name().is_some_and(|n| n == "tests.rs") || module.is_empty() {
+        if module.is_empty() || test_only(path) {
             continue;
         }
         let text = std::fs::read_to_string(path).unwrap();
-        let deps: BTreeSet<String> = crate_paths(production_code(&text))
-            .iter()
-            .filter_map(|p| resolve(p, &known))
+        let code = production_code(&text);
+        let parent = module.rsplit_once("::").map(|(p, _)| p).unwrap_or("");
+        let mut paths = crate_paths(code);
+        paths.extend(paths_after(code, "super::").into_iter().map(|p| {
+            if parent.is_empty() {
+                p
+            } else {
+                format!("{parent}::{p}")
+            }
+        }));
+        let deps: BTreeSet<String> = paths
+            .into_iter()
+            .map(|p| {
+                let first = p.split("::").next().unwrap_or_default().to_string();
+                match re.get(&first) {
+                    Some(full) => p.replacen(&first, full, 1),
+                    None => p,
+                }
+            })
+            .filter_map(|p| resolve(&p, &known))
             .filter(|m| m != module && !m.is_empty())
             // A parent module's index (`mod.rs`) names its children.
-            .filter(|m| !module.is_empty() && !m.starts_with(&format!("{module}::")))
+            .filter(|m| !m.starts_with(&format!("{module}::")))
             .collect();
         g.insert(module.clone(), deps);
     }
@@ -124,11 +197,7 @@ fn imports_only_point_down() {
     for (from, deps) in &g {
         for to in deps {
             if !allowed(from, to) {
-                wrong.push(format!(
-                    "{from} ({}) imports {to} ({})",
-                    layer(from).1,
-                    layer(to).1
-                ));
+                wrong.push(format!("{from} imports {to}"));
             }
         }
     }
