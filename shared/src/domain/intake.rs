@@ -441,11 +441,13 @@ impl EntryReader<'_> {
         let first = path.split('/').next().unwrap_or_default();
         match &self.top {
             None => self.top = Some(first.to_string()),
-            Some(t) if t != first => return Err(Error::unprocessable(format!(
+            Some(t) if t != first => {
+                return Err(Error::unprocessable(format!(
                 "the archive must contain exactly one top-level directory, but has {:?} and {:?}",
                 shown(t.as_bytes()),
                 shown(first.as_bytes())
-            ))),
+            )))
+            }
             Some(_) => {}
         }
         if path == first && !is_dir {

@@ -153,19 +153,20 @@ async fn resolve_named(deps: &Deps, source: &Source, plugin: &str) -> Result<Res
     Ok(resolved)
 }
 
+/// Desired states read at once while looking for targets: one by one,
+/// 100,000 workspaces would take longer than an invocation may run.
+const TARGET_READS: usize = 64;
+
 /// Every workspace whose desired state has the plugin, sorted.
 async fn targets(deps: &Deps, plugin: &str) -> Result<Vec<String>> {
     let mut targets = Vec::new();
-    for ws in deps.state.workspaces().await? {
-        if deps
-            .state
-            .load(&ws)
-            .await?
-            .state
-            .plugins
-            .contains_key(plugin)
-        {
-            targets.push(ws);
+    for chunk in deps.state.workspaces().await?.chunks(TARGET_READS) {
+        let states =
+            futures_util::future::join_all(chunk.iter().map(|ws| deps.state.load(ws))).await;
+        for (ws, state) in chunk.iter().zip(states) {
+            if state?.state.plugins.contains_key(plugin) {
+                targets.push(ws.clone());
+            }
         }
     }
     targets.sort();
@@ -384,8 +385,13 @@ impl Run {
         sem.acquire_owned().await.map_err(Error::internal)
     }
 
+    /// The new version into `ws`'s desired state, installed now.
     async fn record(&self, ws: &str) -> Result<()> {
         let deps = &self.deps;
-        state::record_if_present(deps.state.as_ref(), deps.clock.as_ref(), ws, &self.entry).await
+        let entry = InstalledPlugin {
+            installed_at: now_rfc3339(),
+            ..self.entry.clone()
+        };
+        state::record_if_present(deps.state.as_ref(), deps.clock.as_ref(), ws, &entry).await
     }
 }
