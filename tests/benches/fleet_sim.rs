@@ -7,7 +7,10 @@
 //!
 //! For each concurrency: wall time against the ideal (hosts x mean latency
 //! / concurrency), the store requests the rollout made (what S3 would
-//! bill), the process's CPU time per host, and its peak RSS.
+//! bill), the process's CPU time per host, and its RSS before the rollout
+//! (the simulated fleet's states and hosts, already in memory) and at its
+//! peak (which adds what the rollout holds, and the records and host call
+//! log the in-memory stores keep).
 //!
 //! Host latency is scaled by `PLUGIN_SIM_SCALE` (default 0.1, so 10,000
 //! hosts at concurrency 10 take ~25 s instead of ~4 min); the ratio to the
@@ -73,17 +76,23 @@ fn cpu_secs() -> f64 {
     (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) as f64 / 100.0
 }
 
-/// Peak RSS since the last reset, in MiB; resets it.
-fn peak_rss_mib_and_reset() -> f64 {
+/// A `/proc/self/status` figure (`VmRSS`, `VmHWM`), in MiB.
+fn status_mib(field: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let kib: f64 = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
     kib / 1024.0
+}
+
+/// Peak RSS since the last reset, in MiB; resets it to the current RSS.
+fn peak_rss_mib_and_reset() -> f64 {
+    let peak = status_mib("VmHWM:");
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    peak
 }
 
 async fn simulate(hosts: usize, concurrency: usize, scale: f64) {
@@ -139,6 +148,8 @@ async fn simulate(hosts: usize, concurrency: usize, scale: f64) {
     };
     let requests0 = m.store.requests();
     peak_rss_mib_and_reset();
+    // The simulated fleet's own data (states, hosts) is in memory already.
+    let before = status_mib("VmRSS:");
     let cpu0 = cpu_secs();
     let t = Instant::now();
     let parent = rollout(&deps, &req, limits).await.expect("rollout");
@@ -148,7 +159,7 @@ async fn simulate(hosts: usize, concurrency: usize, scale: f64) {
     let p = parent.progress.unwrap_or_default();
     let ideal = mean_latency(scale).as_secs_f64() * hosts as f64 / concurrency as f64;
     println!(
-        "| {hosts} | {concurrency} | {:.2} s | {:.2} s | {:.3} | {} / {} / {} | {} ({:.2} per host) | {:.3} ms | {:.1} MiB |",
+        "| {hosts} | {concurrency} | {:.2} s | {:.2} s | {:.3} | {} / {} / {} | {} ({:.2} per host) | {:.3} ms | {before:.1} → {:.1} MiB |",
         wall.as_secs_f64(),
         ideal,
         wall.as_secs_f64() / ideal,
@@ -176,7 +187,7 @@ async fn main() {
         "fleet simulation: {hosts} workspaces, host latency median {:.0} ms x {scale} (scaled), 1 % failures",
         MEDIAN_MS
     );
-    println!("| hosts | concurrency | wall | ideal | wall/ideal | done / failed / not started | store requests | CPU per host | peak RSS |");
+    println!("| hosts | concurrency | wall | ideal | wall/ideal | done / failed / not started | store requests | CPU per host | RSS before → peak |");
     println!("|---|---|---|---|---|---|---|---|---|");
     let default = Config::new("bucket").rollout_concurrency;
     for c in [default, MAX_ROLLOUT_CONCURRENCY] {

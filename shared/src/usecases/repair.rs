@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
-use crate::domain::error::{ErrorKind, Result};
+use crate::domain::error::{Error, ErrorKind, Result};
 use crate::domain::host::Host;
 use crate::domain::hostscript::{interpret, HostCommand};
 use crate::domain::plugin::{DesiredState, InstalledPlugin};
@@ -128,35 +128,64 @@ pub async fn repair_all(deps: &Deps, concurrency: usize) -> Result<(usize, Vec<O
     let mut hosts = deps.fleet.locate_all(&workspaces).await?;
     let sem = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut set = tokio::task::JoinSet::new();
+    let mut tally = Tally::default();
     for ws in workspaces {
-        let (deps, sem) = (deps.clone(), sem.clone());
+        // A slot before the task: only `concurrency` of them exist at once.
+        let permit = sem.clone().acquire_owned().await.map_err(Error::internal)?;
+        let deps = deps.clone();
         let host = hosts.remove(&ws);
         set.spawn(async move {
-            let _permit = sem.acquire_owned().await;
-            let state = deps.state.load(&ws).await;
-            if matches!(&state, Ok(s) if s.state.plugins.is_empty()) {
-                return None;
-            }
-            match repair_workspace(&deps, &ws, Trigger::Schedule, host).await {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    tracing::warn!(workspace = %ws, error = %e, detail = ?e.detail, "repair failed");
-                    Some(None)
-                }
-            }
+            let _permit = permit;
+            repair_one(&deps, &ws, host).await
         });
+        while let Some(r) = set.try_join_next() {
+            tally.add(r);
+        }
     }
-    let mut out = Vec::new();
-    let mut checked = 0;
     while let Some(r) = set.join_next().await {
+        tally.add(r);
+    }
+    Ok((tally.checked, tally.records))
+}
+
+/// One workspace of the scheduled repair: `None` when it has no plugins
+/// (not checked), `Some(None)` when checked with nothing to report.
+async fn repair_one(
+    deps: &Deps,
+    ws: &str,
+    host: Option<Result<Host>>,
+) -> Option<Option<OperationRecord>> {
+    let state = deps.state.load(ws).await;
+    if matches!(&state, Ok(s) if s.state.plugins.is_empty()) {
+        return None;
+    }
+    match repair_workspace(deps, ws, Trigger::Schedule, host).await {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(workspace = %ws, error = %e, detail = ?e.detail, "repair failed");
+            Some(None)
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    checked: usize,
+    records: Vec<OperationRecord>,
+}
+
+impl Tally {
+    fn add(
+        &mut self,
+        r: std::result::Result<Option<Option<OperationRecord>>, tokio::task::JoinError>,
+    ) {
         match r {
             Ok(Some(Some(rec))) => {
-                checked += 1;
-                out.push(rec);
+                self.checked += 1;
+                self.records.push(rec);
             }
-            Ok(Some(None)) => checked += 1,
+            Ok(Some(None)) => self.checked += 1,
             _ => {}
         }
     }
-    Ok((checked, out))
 }

@@ -244,6 +244,9 @@ impl Run {
                 .unwrap_or_else(|| Err(Error::not_found("workspace has no running instance")));
             let run = self.clone();
             running.spawn(async move { run.one(ws, host, permit).await });
+            // A finished task keeps its memory until joined: reap as we go,
+            // or a large fleet holds one per workspace to the end.
+            while running.try_join_next().is_some() {}
         }
         while running.join_next().await.is_some() {}
         Ok(not_started)
