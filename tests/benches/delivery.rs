@@ -233,22 +233,7 @@ fn pid_of(suffix: &str) -> Option<u32> {
 /// `suffix`, in KiB.
 fn peak_rss_kib(suffix: &str) -> Option<(u32, u64)> {
     let pid = pid_of(suffix)?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let hwm = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib = hwm.split_whitespace().nth(1)?.parse().ok()?;
-    Some((pid, kib))
-}
-
-/// A process's own user + system CPU time (its rusage as proc(5) shows
-/// it, fields 14 and 15, in clock ticks of 1/100 s), in seconds.
-fn process_cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let f: Vec<u64> = after
-        .split_whitespace()
-        .map(|s| s.parse().unwrap_or(0))
-        .collect();
-    (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) as f64 / 100.0
+    Some((pid, process_status_kib(&pid.to_string(), "VmHWM:")?))
 }
 
 /// The release functions served by `cargo lambda watch` on `port`.
@@ -557,13 +542,18 @@ async fn fleet() {
     let ev = work.path().join("rollout.json");
     std::fs::write(&ev, r#"{"detail-type":"Plugin Reinstall Requested","source":"molecule.plugin-delivery","time":"2026-11-25T19:00:00Z","resources":[],"detail":{"plugin":"bench-fleet","source":"local://bench-fleet","max_concurrency":20}}"#).unwrap();
     let function = pid_of("/release/reinstall");
-    let own0 = function.map(process_cpu_secs).unwrap_or(0.0);
+    let own0 = function
+        .map(|p| process_cpu_secs(&p.to_string()))
+        .unwrap_or(0.0);
     let cpu0 = cpu_busy_secs();
     let t = Instant::now();
     let out = invoke(&ev);
     let took = t.elapsed();
     let cpu = cpu_busy_secs() - cpu0;
-    let own = function.map(process_cpu_secs).unwrap_or(0.0) - own0;
+    let own = function
+        .map(|p| process_cpu_secs(&p.to_string()))
+        .unwrap_or(0.0)
+        - own0;
     let rss = peak_rss_kib("/release/reinstall");
     let _ = Command::new("kill").arg(watch.id().to_string()).status();
     let _ = watch.wait();

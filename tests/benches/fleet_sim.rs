@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use acceptance::{process_cpu_secs, process_status_kib};
 use plugin_delivery::adapters::clock::SystemClock;
 use plugin_delivery::adapters::memory::{result_line, Memory};
 use plugin_delivery::domain::config::Config;
@@ -64,28 +65,9 @@ fn mean_latency(scale: f64) -> Duration {
     Duration::from_secs_f64(MEDIAN_MS * 1.05 * scale / 1000.0)
 }
 
-/// This process's user + system CPU time, in seconds.
-fn cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let f: Vec<u64> = after
-        .split_whitespace()
-        .map(|s| s.parse().unwrap_or(0))
-        .collect();
-    // Fields 14 and 15 of proc(5), in clock ticks (100 per second here).
-    (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) as f64 / 100.0
-}
-
-/// A `/proc/self/status` figure (`VmRSS`, `VmHWM`), in MiB.
+/// A `/proc/self/status` figure (`VmRSS:`, `VmHWM:`), in MiB.
 fn status_mib(field: &str) -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib: f64 = status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    kib / 1024.0
+    process_status_kib("self", field).unwrap_or(0) as f64 / 1024.0
 }
 
 /// Peak RSS since the last reset, in MiB; resets it to the current RSS.
@@ -150,11 +132,11 @@ async fn simulate(hosts: usize, concurrency: usize, scale: f64) {
     peak_rss_mib_and_reset();
     // The simulated fleet's own data (states, hosts) is in memory already.
     let before = status_mib("VmRSS:");
-    let cpu0 = cpu_secs();
+    let cpu0 = process_cpu_secs("self");
     let t = Instant::now();
     let parent = rollout(&deps, &req, limits).await.expect("rollout");
     let wall = t.elapsed();
-    let cpu = cpu_secs() - cpu0;
+    let cpu = process_cpu_secs("self") - cpu0;
     let rss = peak_rss_mib_and_reset();
     let p = parent.progress.unwrap_or_default();
     let ideal = mean_latency(scale).as_secs_f64() * hosts as f64 / concurrency as f64;

@@ -1123,3 +1123,23 @@ impl Drop for Racer {
         }
     }
 }
+
+/// A process's own user + system CPU time (`pid` a number or `self`), in
+/// seconds: fields 14 and 15 of `/proc/<pid>/stat` (proc(5)), in clock
+/// ticks of 1/100 s.
+pub fn process_cpu_secs(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|s| s.parse().unwrap_or(0))
+        .collect();
+    (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) as f64 / 100.0
+}
+
+/// A figure of `/proc/<pid>/status` in KiB (`VmRSS:`, `VmHWM:`).
+pub fn process_status_kib(pid: &str, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
