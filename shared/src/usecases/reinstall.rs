@@ -348,3 +348,47 @@ pub async fn finish_set(
     record::save(deps.records.as_ref(), rec).await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::memory::FakeClock;
+
+    #[tokio::test]
+    async fn readiness_retries_only_what_may_pass_later() {
+        let clock = FakeClock::new();
+        let r = Readiness {
+            budget: Duration::from_millis(200),
+            first_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(40),
+        };
+        let mut n = 0;
+        let got = when_ready(&clock, r, || {
+            n += 1;
+            let k = n;
+            async move {
+                if k < 3 {
+                    Err(Error::unavailable("not yet"))
+                } else {
+                    Ok(k)
+                }
+            }
+        })
+        .await;
+        assert_eq!(got.unwrap(), 3);
+        let mut calls = 0;
+        let e = when_ready(&clock, r, || {
+            calls += 1;
+            async { Err::<(), _>(Error::host_failed("no")) }
+        })
+        .await
+        .unwrap_err();
+        assert_eq!((e.status(), calls), (502, 1));
+        let e = when_ready(&clock, r, || async {
+            Err::<(), _>(Error::unavailable("never"))
+        })
+        .await
+        .unwrap_err();
+        assert!(e.message.contains("not ready"), "{}", e.message);
+    }
+}
