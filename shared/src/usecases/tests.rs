@@ -455,6 +455,21 @@ async fn reinstall_waits_for_a_new_host_with_backoff() {
     );
 }
 
+/// A repair of `ws-1` that has something to report: its record and the
+/// host operations it ran.
+async fn repair_ws1(m: &Memory, deps: &Deps) -> (OperationRecord, Vec<String>) {
+    let n = m.hosts.calls().len();
+    let rec = repair::repair_workspace(deps, "ws-1", Trigger::Schedule, None)
+        .await
+        .unwrap()
+        .expect("a record");
+    let ops = m.hosts.calls()[n..]
+        .iter()
+        .map(|c| c.op().to_string())
+        .collect();
+    (rec, ops)
+}
+
 #[tokio::test]
 async fn repair_reinstalls_missing_and_different_reports_extra_and_restarts_once() {
     let (m, deps) = world();
@@ -481,15 +496,7 @@ async fn repair_reinstalls_missing_and_different_reports_extra_and_restarts_once
     h.installed.insert("hello".into(), "0".repeat(64));
     h.installed.insert("extra".into(), "e".repeat(64));
     m.hosts.set_host("i-ws-1", h);
-    let n = m.hosts.calls().len();
-    let rec = repair::repair_workspace(&deps, "ws-1", Trigger::Schedule, None)
-        .await
-        .unwrap()
-        .unwrap();
-    let ops: Vec<_> = m.hosts.calls()[n..]
-        .iter()
-        .map(|c| c.op().to_string())
-        .collect();
+    let (rec, ops) = repair_ws1(&m, &deps).await;
     assert_eq!(ops, ["inventory", "install", "restart"]);
     let found: Vec<_> = rec
         .plugins
@@ -514,25 +521,14 @@ async fn repair_reinstalls_missing_and_different_reports_extra_and_restarts_once
 
     // Missing from the host.
     m.hosts.set_host("i-ws-1", SimHost::default());
-    let rec = repair::repair_workspace(&deps, "ws-1", Trigger::Schedule, None)
-        .await
-        .unwrap()
-        .unwrap();
+    let (rec, _) = repair_ws1(&m, &deps).await;
     assert_eq!(rec.plugins[0].result, PluginState::Missing);
 
     // In line, but a restart an earlier run missed is made up.
     let mut h = m.hosts.host("i-ws-1");
     h.pending_restart = true;
     m.hosts.set_host("i-ws-1", h);
-    let n = m.hosts.calls().len();
-    let rec = repair::repair_workspace(&deps, "ws-1", Trigger::Schedule, None)
-        .await
-        .unwrap()
-        .unwrap();
-    let ops: Vec<_> = m.hosts.calls()[n..]
-        .iter()
-        .map(|c| c.op().to_string())
-        .collect();
+    let (rec, ops) = repair_ws1(&m, &deps).await;
     assert_eq!(ops, ["inventory", "restart"]);
     assert!(rec.plugins.is_empty());
     assert_eq!(rec.result.as_ref().unwrap()["restarted"], true);
