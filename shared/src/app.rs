@@ -1,5 +1,5 @@
 //! The top of the crate: wires the real adapters (S3, EC2, EC2 Instance
-//! Connect + SSH, SSM, SQS, https) into `Deps` once per cold start, and
+//! Connect + SSH, SSM, SQS, https, JWT) into `Deps` once per cold start, and
 //! runs a function's Lambda loop over an entrypoint (`serve` for the API
 //! functions, `serve_events` for the reinstall function).
 
@@ -10,8 +10,10 @@ use aws_config::BehaviorVersion;
 
 use crate::adapters::by_access::ByAccess;
 use crate::adapters::clock::SystemClock;
+use crate::adapters::credentials::SsmCredentials;
 use crate::adapters::ec2::Ec2Fleet;
 use crate::adapters::https::Remote;
+use crate::adapters::jwt::JwtVerifier;
 use crate::adapters::s3::S3Store;
 use crate::adapters::sqs::SqsHandoff;
 use crate::adapters::ssh::{EicKeyPusher, SshTransport};
@@ -103,11 +105,11 @@ impl App {
         });
         let remote = Arc::new(Remote::new(
             &config.github_api,
-            config.github_token_parameter.clone(),
             config.extra_ca_pem.as_deref(),
             config.fetch_timeout,
-            ssm,
         )?);
+        let credentials = Arc::new(SsmCredentials::new(ssm.clone(), &config.org_credentials_path));
+        let auth = Arc::new(JwtVerifier::new(config.tokens.clone(), ssm));
         Ok(App {
             deps: Deps {
                 config: Arc::new(config),
@@ -119,6 +121,8 @@ impl App {
                 allowlists: store.clone(),
                 records: store,
                 fetcher: remote,
+                credentials,
+                auth,
                 clock: Arc::new(SystemClock),
                 handoff: None,
             },

@@ -12,12 +12,14 @@ use async_trait::async_trait;
 use tokio::io::{AsyncBufRead, AsyncRead};
 
 use crate::domain::archive::ArchiveFile;
+use crate::domain::caller::Caller;
 use crate::domain::config::Config;
 use crate::domain::error::Result;
 use crate::domain::host::Host;
 use crate::domain::hostscript::{HostCommand, HostOutput};
 use crate::domain::job::Job;
-use crate::domain::plugin::{Allowlist, DesiredState};
+use crate::domain::allowlist::Allowlist;
+use crate::domain::plugin::DesiredState;
 use crate::domain::records::OperationRecord;
 use crate::domain::source::RegistryFile;
 
@@ -34,6 +36,8 @@ pub struct Deps {
     pub allowlists: Arc<dyn AllowlistStore>,
     pub records: Arc<dyn RecordStore>,
     pub fetcher: Arc<dyn Fetcher>,
+    pub credentials: Arc<dyn Credentials>,
+    pub auth: Arc<dyn Authenticator>,
     pub clock: Arc<dyn Clock>,
     /// Where API operations that outlast the deadline go on (optional:
     /// without it they answer 504).
@@ -139,6 +143,9 @@ pub trait Fleet: Send + Sync {
     async fn host_keys(&self, host: &Host) -> Result<Vec<String>>;
     /// The workspace an instance serves (its workspace tag), if any.
     async fn workspace_of(&self, instance_id: &str) -> Result<Option<String>>;
+    /// The `molecule:org-id` tag of each of the workspace's instances that
+    /// is not terminated (stopped ones too), `None` where it has none.
+    async fn org_tags(&self, workspace: &str) -> Result<Vec<Option<String>>>;
 }
 
 // ---- the host: SSH or SSM
@@ -188,16 +195,36 @@ pub type Body = Box<dyn AsyncRead + Send + Unpin>;
 #[async_trait]
 pub trait Fetcher: Send + Sync {
     /// The tarball of `owner/repo` at `reference` (GitHub's tarball
-    /// endpoint). `source` names the plugin source in errors.
+    /// endpoint), with the org's own `token` for private repositories.
+    /// `source` names the plugin source in errors.
     async fn github_tarball(
         &self,
         owner: &str,
         repo: &str,
         reference: &str,
+        token: Option<&str>,
         source: &str,
     ) -> Result<Body>;
     /// The body of an https URL.
     async fn https(&self, url: &str, source: &str) -> Result<Body>;
+}
+
+/// Each org's own credentials for the sources it fetches from. There is no
+/// deployment-wide one: a caller only ever gets its own org's.
+#[async_trait]
+pub trait Credentials: Send + Sync {
+    /// The org's GitHub token for private repositories, if it stored one.
+    async fn github_token(&self, org: &str) -> Result<Option<String>>;
+}
+
+// ---- who is calling
+
+#[async_trait]
+pub trait Authenticator: Send + Sync {
+    /// The caller an `Authorization` header value proves (a platform-issued
+    /// bearer JWT); 401 when it proves none, 503 when the keys to check it
+    /// cannot be had.
+    async fn authenticate(&self, authorization: Option<&str>) -> Result<Caller>;
 }
 
 // ---- time

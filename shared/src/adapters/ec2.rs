@@ -47,16 +47,24 @@ fn ambiguous(workspace: &str, n: usize) -> Error {
 impl Ec2Fleet {
     /// Running instances matching `filter`, with their workspace tag.
     async fn running(&self, filter: Filter) -> Result<Vec<(Option<String>, Instance)>> {
+        self.in_states(filter, &["running"]).await
+    }
+
+    /// Instances matching `filter` in one of `states`, with their workspace tag.
+    async fn in_states(
+        &self,
+        filter: Filter,
+        states: &[&str],
+    ) -> Result<Vec<(Option<String>, Instance)>> {
+        let mut state_filter = Filter::builder().name("instance-state-name");
+        for s in states {
+            state_filter = state_filter.values(*s);
+        }
         let mut pages = self
             .client
             .describe_instances()
             .filters(filter)
-            .filters(
-                Filter::builder()
-                    .name("instance-state-name")
-                    .values("running")
-                    .build(),
-            )
+            .filters(state_filter.build())
             .into_paginator()
             .send();
         let mut found = Vec::new();
@@ -239,6 +247,29 @@ impl Fleet for Ec2Fleet {
                 ok
             })
             .map(str::to_string))
+    }
+
+    async fn org_tags(&self, workspace: &str) -> Result<Vec<Option<String>>> {
+        let found = self
+            .in_states(
+                Filter::builder()
+                    .name(format!("tag:{TAG_WORKSPACE}"))
+                    .values(workspace)
+                    .build(),
+                &["pending", "running", "stopping", "stopped"],
+            )
+            .await?;
+        Ok(found
+            .iter()
+            .map(|(_, inst)| {
+                inst.tags()
+                    .iter()
+                    .find(|t| t.key() == Some(TAG_ORG))
+                    .and_then(|t| t.value())
+                    .filter(|v| !v.is_empty())
+                    .map(str::to_string)
+            })
+            .collect())
     }
 
     async fn host_keys(&self, host: &Host) -> Result<Vec<String>> {

@@ -9,7 +9,6 @@ use tokio::sync::OnceCell;
 
 use async_trait::async_trait;
 
-use crate::adapters::aws::aws_error;
 use crate::domain::error::{Error, Result};
 use crate::ports::{Body, Fetcher};
 
@@ -20,20 +19,13 @@ pub struct Remote {
     extra_roots: Vec<reqwest::Certificate>,
     fetch_timeout: Duration,
     github_api: String,
-    /// SSM parameter (SecureString) holding a GitHub token, if configured.
-    token_parameter: Option<String>,
-    ssm: aws_sdk_ssm::Client,
-    /// Read once per cold start; never logged.
-    token: OnceCell<Option<String>>,
 }
 
 impl Remote {
     pub fn new(
         github_api: &str,
-        token_parameter: Option<String>,
         extra_ca_pem: Option<&[u8]>,
         fetch_timeout: Duration,
-        ssm: aws_sdk_ssm::Client,
     ) -> Result<Self> {
         // Parsed now, so a bad setting fails the cold start, not a fetch.
         let extra_roots = match extra_ca_pem {
@@ -46,9 +38,6 @@ impl Remote {
             extra_roots,
             fetch_timeout,
             github_api: github_api.trim_end_matches('/').to_string(),
-            token_parameter,
-            ssm,
-            token: OnceCell::new(),
         })
     }
 
@@ -79,26 +68,6 @@ impl Remote {
             .build()
             .map_err(|e| Error::internal(format!("http client: {e}")))
     }
-
-    async fn github_token(&self) -> Result<Option<String>> {
-        let Some(name) = &self.token_parameter else {
-            return Ok(None);
-        };
-        self.token
-            .get_or_try_init(|| async {
-                let out = self
-                    .ssm
-                    .get_parameter()
-                    .name(name)
-                    .with_decryption(true)
-                    .send()
-                    .await
-                    .map_err(|e| aws_error("SSM", "GetParameter (GitHub token)", &e))?;
-                Ok(out.parameter().and_then(|p| p.value()).map(str::to_string))
-            })
-            .await
-            .cloned()
-    }
 }
 
 #[async_trait]
@@ -109,6 +78,7 @@ impl Fetcher for Remote {
         owner: &str,
         repo: &str,
         reference: &str,
+        token: Option<&str>,
         source: &str,
     ) -> Result<Body> {
         let url = format!(
@@ -121,7 +91,7 @@ impl Fetcher for Remote {
             .await?
             .get(&url)
             .header("accept", "application/vnd.github+json");
-        if let Some(token) = self.github_token().await? {
+        if let Some(token) = token {
             req = req.bearer_auth(token);
         }
         let resp = req

@@ -20,12 +20,18 @@ use crate::domain::error::{Error, Result};
 use crate::domain::host::{Access, Host};
 use crate::domain::hostscript::{HostCommand, HostOutput, RESULT_MARKER};
 use crate::domain::job::Job;
-use crate::domain::plugin::{Allowlist, DesiredState};
+use crate::domain::allowlist::Allowlist;
+use crate::domain::plugin::DesiredState;
 use crate::domain::records::{Kind, OperationRecord};
 use crate::domain::source::RegistryFile;
+
+/// The org every simulated host belongs to unless a test says otherwise.
+pub const MEMORY_ORG: &str = "org-1";
+use crate::domain::caller::{unauthorized, Caller};
 use crate::ports::{
-    AllowlistStore, ArchiveStore, Body, Clock, Deps, Fetcher, Fleet, Handoff, HostTransport, Page,
-    Payload, RecordStore, Registry, RegistryObject, StateStore, Versioned,
+    AllowlistStore, ArchiveStore, Authenticator, Body, Clock, Credentials, Deps, Fetcher, Fleet,
+    Handoff, HostTransport, Page, Payload, RecordStore, Registry, RegistryObject, StateStore,
+    Versioned,
 };
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -38,6 +44,8 @@ pub struct Memory {
     pub fleet: Arc<MemoryFleet>,
     pub hosts: Arc<MemoryHosts>,
     pub fetcher: Arc<MemoryFetcher>,
+    pub credentials: Arc<MemoryCredentials>,
+    pub auth: Arc<MemoryAuth>,
     pub handoff: Arc<MemoryHandoff>,
     pub clock: Arc<FakeClock>,
 }
@@ -49,6 +57,8 @@ impl Default for Memory {
             fleet: Arc::default(),
             hosts: Arc::default(),
             fetcher: Arc::default(),
+            credentials: Arc::default(),
+            auth: Arc::default(),
             handoff: Arc::default(),
             clock: Arc::new(FakeClock::new()),
         }
@@ -72,6 +82,8 @@ impl Memory {
             allowlists: self.store.clone(),
             records: self.store.clone(),
             fetcher: self.fetcher.clone(),
+            credentials: self.credentials.clone(),
+            auth: self.auth.clone(),
             clock,
             handoff: None,
         }
@@ -465,7 +477,7 @@ impl MemoryFleet {
             runtime: "claude-code".into(),
             availability_zone: None,
             published_host_key: None,
-            org_id: None,
+            org_id: Some(MEMORY_ORG.into()),
             config_dir: None,
             vpc_id: Some(vpc.to_string()),
         };
@@ -522,6 +534,14 @@ impl Fleet for MemoryFleet {
             .iter()
             .find(|(_, h)| h.instance_id == instance_id)
             .map(|(ws, _)| ws.clone()))
+    }
+
+    async fn org_tags(&self, workspace: &str) -> Result<Vec<Option<String>>> {
+        Ok(lock(&self.hosts)
+            .get(workspace)
+            .map(|h| h.org_id.clone())
+            .into_iter()
+            .collect())
     }
 }
 
@@ -757,6 +777,8 @@ impl Handoff for MemoryHandoff {
 pub struct MemoryFetcher {
     bodies: Mutex<HashMap<String, Vec<u8>>>,
     pub fetches: AtomicUsize,
+    /// The token each GitHub fetch carried.
+    pub github_tokens: Mutex<Vec<Option<String>>>,
 }
 
 impl MemoryFetcher {
@@ -781,13 +803,59 @@ impl Fetcher for MemoryFetcher {
         owner: &str,
         repo: &str,
         reference: &str,
+        token: Option<&str>,
         source: &str,
     ) -> Result<Body> {
+        lock(&self.github_tokens).push(token.map(str::to_string));
         self.get(&format!("{owner}/{repo}#{reference}"), source)
     }
 
     async fn https(&self, url: &str, source: &str) -> Result<Body> {
         self.get(url, source)
+    }
+}
+
+/// Org credentials by org.
+#[derive(Default)]
+pub struct MemoryCredentials {
+    github: Mutex<HashMap<String, String>>,
+}
+
+impl MemoryCredentials {
+    pub fn set_github(&self, org: &str, token: &str) {
+        lock(&self.github).insert(org.to_string(), token.to_string());
+    }
+}
+
+#[async_trait]
+impl Credentials for MemoryCredentials {
+    async fn github_token(&self, org: &str) -> Result<Option<String>> {
+        Ok(lock(&self.github).get(org).cloned())
+    }
+}
+
+/// Bearer tokens that stand for callers, as a verifier would answer.
+#[derive(Default)]
+pub struct MemoryAuth {
+    callers: Mutex<HashMap<String, Caller>>,
+}
+
+impl MemoryAuth {
+    pub fn issue(&self, token: &str, caller: Caller) {
+        lock(&self.callers).insert(token.to_string(), caller);
+    }
+}
+
+#[async_trait]
+impl Authenticator for MemoryAuth {
+    async fn authenticate(&self, authorization: Option<&str>) -> Result<Caller> {
+        let token = authorization
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| unauthorized("no bearer token"))?;
+        lock(&self.callers)
+            .get(token)
+            .cloned()
+            .ok_or_else(|| unauthorized("unknown token"))
     }
 }
 

@@ -1,5 +1,6 @@
 //! Adapters: the ports implemented for the real world (S3, EC2, EC2
-//! Instance Connect + SSH, SSM Run Command, SQS, https) and in memory
+//! Instance Connect + SSH, SSM Run Command and Parameter Store, SQS, https,
+//! JWT verification) and in memory
 //! (`memory`: unit tests of the use cases and the fleet simulation).
 //!
 //! Both host transports run the same embedded host script
@@ -10,8 +11,10 @@
 pub mod aws;
 pub mod by_access;
 pub mod clock;
+pub mod credentials;
 pub mod ec2;
 pub mod https;
+pub mod jwt;
 pub mod memory;
 pub mod s3;
 pub mod sqs;

@@ -17,7 +17,8 @@ use tokio::io::AsyncWriteExt;
 use crate::adapters::aws::aws_error;
 use crate::domain::archive::ArchiveFile;
 use crate::domain::error::{Error, Result};
-use crate::domain::plugin::{Allowlist, DesiredState};
+use crate::domain::allowlist::Allowlist;
+use crate::domain::plugin::DesiredState;
 use crate::domain::records::{Kind, OperationRecord};
 use crate::domain::source::RegistryFile;
 use crate::ports::{

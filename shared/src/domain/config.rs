@@ -50,8 +50,13 @@ pub struct Config {
     pub github_api: String,
     /// `github://owner/repo` without `#ref` is refused unless this is set.
     pub allow_unpinned: bool,
-    /// SSM SecureString parameter holding a token for private repositories.
-    pub github_token_parameter: Option<String>,
+    /// SSM path under which each org keeps its own credentials
+    /// (`<path>/<org>/github-token`). There is no deployment-wide token.
+    pub org_credentials_path: String,
+    /// How caller tokens are verified; `None` refuses every API request.
+    pub tokens: Option<TokenSettings>,
+    /// `source` of rollout events from the platform itself (any org).
+    pub platform_event_source: String,
     /// Extra trusted CA certificates (PEM) for private mirrors.
     pub extra_ca_pem: Option<Vec<u8>>,
     /// Deadline of one remote fetch.
@@ -71,6 +76,63 @@ pub struct Config {
     pub rollout_error_threshold: String,
     /// SQS queue for API operations that outlast the deadline (202).
     pub operation_queue_url: Option<String>,
+}
+
+/// Where the keys that sign caller tokens come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksFrom {
+    /// An https URL serving the JWKS (the issuer's `jwks_uri`).
+    Url(String),
+    /// An SSM parameter holding the JWKS document.
+    Parameter(String),
+    /// The JWKS document itself (local runs).
+    Inline(String),
+}
+
+/// What a caller token must be: from `issuer`, for `audience`, signed by
+/// one of the keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSettings {
+    pub issuer: String,
+    pub audience: String,
+    pub keys: JwksFrom,
+}
+
+impl TokenSettings {
+    /// `PLUGIN_JWT_ISSUER`, `PLUGIN_JWT_AUDIENCE` and one of
+    /// `PLUGIN_JWKS_URL`, `PLUGIN_JWKS_PARAMETER`, `PLUGIN_JWKS`. None of
+    /// them: not configured. Some but not all: a cold-start error.
+    fn from_env(var: &dyn Fn(&str) -> Option<String>) -> Result<Option<TokenSettings>> {
+        let keys = match (
+            var("PLUGIN_JWKS_URL"),
+            var("PLUGIN_JWKS_PARAMETER"),
+            var("PLUGIN_JWKS"),
+        ) {
+            (Some(u), None, None) if u.starts_with("https://") => Some(JwksFrom::Url(u)),
+            (Some(_), None, None) => {
+                return Err(Error::internal("PLUGIN_JWKS_URL must be an https URL"))
+            }
+            (None, Some(p), None) => Some(JwksFrom::Parameter(p)),
+            (None, None, Some(j)) => Some(JwksFrom::Inline(j)),
+            (None, None, None) => None,
+            _ => {
+                return Err(Error::internal(
+                    "set only one of PLUGIN_JWKS_URL, PLUGIN_JWKS_PARAMETER and PLUGIN_JWKS",
+                ))
+            }
+        };
+        match (var("PLUGIN_JWT_ISSUER"), var("PLUGIN_JWT_AUDIENCE"), keys) {
+            (None, None, None) => Ok(None),
+            (Some(issuer), Some(audience), Some(keys)) => Ok(Some(TokenSettings {
+                issuer,
+                audience,
+                keys,
+            })),
+            _ => Err(Error::internal(
+                "caller tokens need PLUGIN_JWT_ISSUER, PLUGIN_JWT_AUDIENCE and a JWKS source",
+            )),
+        }
+    }
 }
 
 /// The longest presigned URL lifetime we hand to a host.
@@ -98,7 +160,9 @@ impl Config {
             lock_wait_secs: 20,
             github_api: "https://api.github.com".into(),
             allow_unpinned: false,
-            github_token_parameter: None,
+            org_credentials_path: "/plugin-delivery/orgs".into(),
+            tokens: None,
+            platform_event_source: "molecule.plugin-delivery.platform".into(),
             extra_ca_pem: None,
             fetch_timeout: Duration::from_secs(300),
             default_access: Access::Ssh,
@@ -171,7 +235,18 @@ impl Config {
         }
         c.allow_unpinned = var("PLUGIN_ALLOW_UNPINNED")
             .is_some_and(|v| matches!(v.as_str(), "1" | "true" | "yes"));
-        c.github_token_parameter = var("PLUGIN_GITHUB_TOKEN_PARAMETER");
+        if let Some(v) = var("PLUGIN_ORG_CREDENTIALS_PATH") {
+            if !v.starts_with('/') || v.contains("//") || v.contains("..") {
+                return Err(Error::internal(
+                    "PLUGIN_ORG_CREDENTIALS_PATH must be an absolute SSM path",
+                ));
+            }
+            c.org_credentials_path = v;
+        }
+        c.tokens = TokenSettings::from_env(&var)?;
+        if let Some(v) = var("PLUGIN_PLATFORM_EVENT_SOURCE") {
+            c.platform_event_source = v;
+        }
         // PEM text, or the path of a PEM file.
         if let Some(v) = var("PLUGIN_EXTRA_CA_CERTS") {
             c.extra_ca_pem = Some(if v.contains("-----BEGIN") {

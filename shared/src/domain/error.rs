@@ -7,7 +7,9 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     BadRequest,
-    /// Refused by policy (the org allowlist).
+    /// No valid caller token.
+    Unauthorized,
+    /// Refused by policy (scope, the org allowlist).
     Forbidden,
     NotFound,
     Conflict,
@@ -26,6 +28,7 @@ impl ErrorKind {
     pub fn status(self) -> u16 {
         match self {
             ErrorKind::BadRequest => 400,
+            ErrorKind::Unauthorized => 401,
             ErrorKind::Forbidden => 403,
             ErrorKind::NotFound => 404,
             ErrorKind::Conflict => 409,

@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::caller::Caller;
+
 use crate::domain::records::Kind;
 
 /// What to run, as the API received it.
@@ -27,6 +29,11 @@ pub struct Job {
     pub workspace: String,
     #[serde(flatten)]
     pub work: Work,
+    /// Who asked: the worker checks the job as this caller, so a job
+    /// handed off before its checks finished is checked all the same.
+    /// A job without one is refused.
+    #[serde(default)]
+    pub caller: Option<Caller>,
 }
 
 impl Work {

@@ -4,7 +4,9 @@
 //! the intake of fetched ones). Nothing here knows about AWS or the network,
 //! and nothing here imports from the layers above.
 
+pub mod allowlist;
 pub mod archive;
+pub mod caller;
 pub mod catalog;
 pub mod config;
 pub mod deadline;

@@ -143,12 +143,6 @@ pub struct DesiredState {
     pub plugins: BTreeMap<String, InstalledPlugin>,
 }
 
-/// An org's plugin allowlist: empty means every plugin is allowed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Allowlist {
-    #[serde(default)]
-    pub plugins: Vec<String>,
-}
 
 #[cfg(test)]
 mod tests {

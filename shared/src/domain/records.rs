@@ -111,6 +111,10 @@ pub struct OperationRecord {
     pub status: Status,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<String>,
+    /// The org of the workspace; on a rollout parent, the org it was
+    /// limited to (none: a platform rollout across orgs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plugin: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -146,6 +150,7 @@ impl OperationRecord {
             trigger,
             status: Status::Running,
             workspace: workspace.map(str::to_string),
+            org_id: None,
             plugin: None,
             source: None,
             digest: None,

@@ -49,6 +49,10 @@ pub const MAX_ROLLOUT_CONCURRENCY: usize = 100;
 pub struct RolloutRequest {
     pub plugin: String,
     pub source: String,
+    /// The one org whose workspaces get it; required unless the request
+    /// comes from the platform (then `None` means every org).
+    #[serde(default)]
+    pub org_id: Option<String>,
     #[serde(default)]
     pub max_concurrency: Option<usize>,
     /// A count (`"2"`) or a percentage (`"10%"`).

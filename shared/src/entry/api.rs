@@ -1,6 +1,8 @@
-//! API Gateway (HTTP API, payload v2) entrypoints: parse, call the
-//! operation under its deadline, render JSON. Every error response is built
-//! in `error_response`, from `ErrorKind::status`.
+//! API Gateway (HTTP API, payload v2) entrypoints: establish the caller
+//! from the bearer token (401 before anything else), parse, call the
+//! operation under its deadline, render JSON. The use cases apply the
+//! caller's scope and tenancy. Every error response is built in
+//! `error_response`, from `ErrorKind::status`.
 
 use std::future::Future;
 
@@ -9,6 +11,8 @@ use lambda_http::{Body, Request, RequestExt, Response};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::domain::caller::{Caller, Scope};
+use crate::domain::allowlist::AllowEntry;
 use crate::domain::error::{Error, Result};
 use crate::domain::job::Work;
 use crate::ports::Deps;
@@ -22,13 +26,16 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub async fn install(deps: &Deps, req: Request) -> Response<Body> {
     let rid = request_id(&req);
     let r = async {
+        let caller = authenticate(deps, &req).await?;
+        caller.require(Scope::Write)?;
         let ws = path_param(&req, "id")?;
         let body = parse_install_body(req.body())?;
         let work = Work::Install {
             source: body.source.clone(),
             sha256: body.sha256.clone(),
         };
-        within_or_hand_off(deps, &ws, work, Box::pin(install::install(deps, &ws, body))).await
+        let op = Box::pin(install::install(deps, &caller, &ws, body));
+        within_or_hand_off(deps, &caller, &ws, work, op).await
     }
     .await;
     respond_done(&rid, "install", r)
@@ -37,18 +44,15 @@ pub async fn install(deps: &Deps, req: Request) -> Response<Body> {
 pub async fn uninstall(deps: &Deps, req: Request) -> Response<Body> {
     let rid = request_id(&req);
     let r = async {
+        let caller = authenticate(deps, &req).await?;
+        caller.require(Scope::Write)?;
         let ws = path_param(&req, "id")?;
         let name = path_param(&req, "name")?;
         let work = Work::Uninstall {
             plugin: name.clone(),
         };
-        within_or_hand_off(
-            deps,
-            &ws,
-            work,
-            Box::pin(install::uninstall(deps, &ws, &name)),
-        )
-        .await
+        let op = Box::pin(install::uninstall(deps, &caller, &ws, &name));
+        within_or_hand_off(deps, &caller, &ws, work, op).await
     }
     .await;
     respond_done(&rid, "uninstall", r)
@@ -72,8 +76,9 @@ fn respond_done<T: Serialize>(rid: &str, op: &str, r: Result<Done<T>>) -> Respon
 pub async fn list(deps: &Deps, req: Request) -> Response<Body> {
     let rid = request_id(&req);
     let r = async {
+        let caller = authenticate(deps, &req).await?;
         let ws = path_param(&req, "id")?;
-        deadline(deps, query::list(deps, &ws)).await
+        deadline(deps, query::list(deps, &caller, &ws)).await
     }
     .await;
     respond(&rid, "list", r)
@@ -84,11 +89,11 @@ pub async fn list(deps: &Deps, req: Request) -> Response<Body> {
 pub async fn operations(deps: &Deps, req: Request) -> Response<Body> {
     let rid = request_id(&req);
     let r: Result<Value> = async {
+        let caller = authenticate(deps, &req).await?;
         let ws = path_param(&req, "id")?;
-        let store = deps.records.as_ref();
         if let Some(op) = req.path_parameters_ref().and_then(|p| p.first("op_id")) {
             let op = percent_decode(op);
-            return to_json(&deadline(deps, query::operation(store, &ws, &op)).await?);
+            return to_json(&deadline(deps, query::operation(deps, &caller, &ws, &op)).await?);
         }
         let limit = match query_param(&req, "limit") {
             None => 20,
@@ -99,7 +104,8 @@ pub async fn operations(deps: &Deps, req: Request) -> Response<Body> {
                 .ok_or_else(|| Error::bad_request("limit must be a number from 1 to 100"))?,
         };
         let next = query_param(&req, "next");
-        let page = deadline(deps, query::operations(store, &ws, limit, next.as_deref())).await?;
+        let next = next.as_deref();
+        let page = deadline(deps, query::operations(deps, &caller, &ws, limit, next)).await?;
         Ok(json!({ "operations": page.records, "next": page.next }))
     }
     .await;
@@ -113,26 +119,30 @@ pub async fn catalog(deps: &Deps, req: Request) -> Response<Body> {
     let rid = request_id(&req);
     let route = route_segments(&req);
     let r: Result<Value> = async {
+        let caller = authenticate(deps, &req).await?;
         match route.as_slice() {
             ["plugins"] => {
+                caller.require(Scope::Read)?;
                 let runtime = query_param(&req, "runtime");
                 to_json(&query::registry(&deps.registry, runtime.as_deref()).await)
             }
             ["plugins", "sources"] => {
+                caller.require(Scope::Read)?;
                 let mut schemes = crate::domain::source::SCHEMES.to_vec();
                 schemes.sort();
                 Ok(json!({ "schemes": schemes }))
             }
             ["workspaces", _, "plugins", "available"] => {
                 let ws = path_param(&req, "id")?;
-                to_json(&deadline(deps, query::available(deps, &ws)).await?)
+                to_json(&deadline(deps, query::available(deps, &caller, &ws)).await?)
             }
             ["workspaces", _, "plugins", "compatibility"] => {
                 let ws = path_param(&req, "id")?;
                 let runtime = query_param(&req, "runtime")
                     .filter(|r| !r.trim().is_empty())
                     .ok_or_else(|| Error::bad_request("missing query parameter \"runtime\""))?;
-                to_json(&deadline(deps, query::compatibility(deps, &ws, &runtime)).await?)
+                let found = query::compatibility(deps, &caller, &ws, &runtime);
+                to_json(&deadline(deps, found).await?)
             }
             _ => Err(Error::not_found("no such route")),
         }
@@ -146,10 +156,13 @@ pub async fn catalog(deps: &Deps, req: Request) -> Response<Body> {
 pub async fn download(deps: &Deps, req: Request) -> Response<Body> {
     let rid = request_id(&req);
     let r = async {
+        let caller = authenticate(deps, &req).await?;
+        caller.require(Scope::Write)?;
         let ws = path_param(&req, "id")?;
         let name = path_param(&req, "name")?;
         let source = query_param(&req, "source");
-        deadline(deps, install::download(deps, &ws, &name, source.as_deref())).await
+        let url = install::download(deps, &caller, &ws, &name, source.as_deref());
+        deadline(deps, url).await
     }
     .await;
     match r {
@@ -170,32 +183,49 @@ pub async fn download(deps: &Deps, req: Request) -> Response<Body> {
 pub async fn allowlist(deps: &Deps, req: Request) -> Response<Body> {
     let rid = request_id(&req);
     let r = async {
+        let caller = authenticate(deps, &req).await?;
         let org = path_param(&req, "id")?;
         if req.method() == lambda_http::http::Method::PUT {
-            let v: Value = serde_json::from_slice(body_bytes(req.body())?)
-                .map_err(|_| Error::bad_request("request body must be a JSON object"))?;
-            let plugins = match v.get("plugins") {
-                Some(Value::Array(items)) => items
-                    .iter()
-                    .map(|i| {
-                        i.as_str()
-                            .map(str::to_string)
-                            .ok_or_else(|| Error::bad_request(format!("invalid plugin name {i}")))
-                    })
-                    .collect::<Result<Vec<_>>>()?,
-                _ => {
-                    return Err(Error::bad_request(
-                        "\"plugins\" must be a list of plugin names",
-                    ))
-                }
-            };
-            deadline(deps, allowlists::put(deps, &org, plugins)).await
+            caller.require(Scope::Admin)?;
+            let entries = parse_allowlist_body(req.body())?;
+            deadline(deps, allowlists::put(deps, &caller, &org, entries)).await
         } else {
-            deadline(deps, allowlists::get(deps, &org)).await
+            deadline(deps, allowlists::get(deps, &caller, &org)).await
         }
     }
     .await;
     respond(&rid, "allowlist", r)
+}
+
+/// `{"plugins": [...]}`, each item a name (the old form) or an entry
+/// object (`domain::allowlist`).
+fn parse_allowlist_body(body: &Body) -> Result<Vec<AllowEntry>> {
+    let v: Value = serde_json::from_slice(body_bytes(body)?)
+        .map_err(|_| Error::bad_request("request body must be a JSON object"))?;
+    let Some(Value::Array(items)) = v.get("plugins") else {
+        return Err(Error::bad_request(
+            "\"plugins\" must be a list of plugin names or entries",
+        ));
+    };
+    items
+        .iter()
+        .map(|i| {
+            serde_json::from_value::<AllowEntry>(i.clone()).map_err(|_| {
+                Error::bad_request(format!(
+                    "invalid allowlist entry {i}: a plugin name, or {{\"name\", \"sources\", \"digest\"}}"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// The caller the request's bearer token proves (401 otherwise).
+async fn authenticate(deps: &Deps, req: &Request) -> Result<Caller> {
+    let header = req
+        .headers()
+        .get(lambda_http::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    deps.auth.authenticate(header).await
 }
 
 /// The route's own path segments, whatever prefix the invoker added
@@ -357,7 +387,14 @@ pub fn error_response(rid: &str, op: &str, e: Error) -> Response<Body> {
             m.entry(k).or_insert(v);
         }
     }
-    json_response(status, &body, rid)
+    let mut resp = json_response(status, &body, rid);
+    if status == 401 {
+        resp.headers_mut().insert(
+            lambda_http::http::header::WWW_AUTHENTICATE,
+            lambda_http::http::HeaderValue::from_static("Bearer"),
+        );
+    }
+    resp
 }
 
 #[cfg(test)]

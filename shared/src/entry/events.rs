@@ -3,12 +3,19 @@
 //! A failure is returned as a Lambda error on purpose: EventBridge invokes
 //! asynchronously, so Lambda retries the event and then hands it to the
 //! on-failure destination (the dead-letter queue) instead of losing it.
+//!
+//! Reinstall requests and rollouts come over the dedicated bus, whose
+//! resource policy admits only configured principals, each with its own
+//! `source`: the tenant server's (`PLUGIN_EVENT_SOURCE`) acts for one org
+//! and must name it (`org_id`); only the platform's
+//! (`PLUGIN_PLATFORM_EVENT_SOURCE`) may roll out across orgs.
 
 use aws_lambda_events::event::cloudwatch_events::ec2::InstanceStateChange;
 use aws_lambda_events::event::cloudwatch_events::CloudWatchEvent;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::domain::caller::{unknown_workspace, workspace_org};
 use crate::domain::error::{Error, Result};
 use crate::domain::job::Job;
 use crate::domain::plugin::validate_workspace_id;
@@ -27,7 +34,11 @@ pub const SCHEDULED: &str = "Scheduled Event";
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum Request {
-    Workspace { workspace_id: String },
+    Workspace {
+        workspace_id: String,
+        #[serde(default)]
+        org_id: Option<String>,
+    },
     Rollout(RolloutRequest),
 }
 
@@ -102,32 +113,64 @@ async fn instance_started(deps: &Deps, event: Value) -> Result<Value> {
     to_value(&rec)
 }
 
-/// "Plugin Reinstall Requested", from our own event source only.
+/// The org a request is limited to: the one it names; a request from the
+/// tenant server's source must name one, only the platform's may not.
+fn scope(deps: &Deps, source: &str, org: Option<&str>) -> Result<Option<String>> {
+    let cfg = &deps.config;
+    let platform = source == cfg.platform_event_source;
+    if !platform && source != cfg.event_source {
+        return Err(Error::bad_request(format!(
+            "reinstall requests are accepted from sources {:?} and {:?}, not {source:?}",
+            cfg.event_source, cfg.platform_event_source
+        )));
+    }
+    match org {
+        Some(o) => {
+            validate_workspace_id(o)
+                .map_err(|_| Error::bad_request(format!("invalid org id {o:?}")))?;
+            Ok(Some(o.to_string()))
+        }
+        None if platform => Ok(None),
+        None => Err(Error::bad_request(format!(
+            "requests from {source:?} act for one org: name it in \"org_id\""
+        ))),
+    }
+}
+
+/// "Plugin Reinstall Requested", from our own event sources only.
 async fn requested(deps: &Deps, event: &Value) -> Result<Value> {
     let cfg = &deps.config;
     let source = event
         .get("source")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    if source != cfg.event_source {
-        return Err(Error::bad_request(format!(
-            "reinstall requests are accepted from source {:?}, not {source:?}",
-            cfg.event_source
-        )));
-    }
     let detail = event.get("detail").cloned().unwrap_or(Value::Null);
     let req: Request = serde_json::from_value(detail).map_err(|_| {
-        Error::bad_request("detail must be {\"workspace_id\"} or {\"plugin\", \"source\"}")
+        Error::bad_request(
+            "detail must be {\"workspace_id\", \"org_id\"} or {\"plugin\", \"source\", \"org_id\"}",
+        )
     })?;
     match req {
-        Request::Workspace { workspace_id } => {
+        Request::Workspace {
+            workspace_id,
+            org_id,
+        } => {
+            let org = scope(deps, source, org_id.as_deref())?;
             validate_workspace_id(&workspace_id)?;
+            if let Some(org) = &org {
+                let actual = workspace_org(&deps.fleet.org_tags(&workspace_id).await?);
+                if actual.as_deref() != Some(org.as_str()) {
+                    return Err(unknown_workspace(&workspace_id)
+                        .with_detail(format!("request for org {org:?}, workspace org {actual:?}")));
+                }
+            }
             let rec =
                 reinstall_workspace(deps, &workspace_id, None, Trigger::Request, readiness(deps))
                     .await?;
             to_value(&rec)
         }
-        Request::Rollout(r) => {
+        Request::Rollout(mut r) => {
+            r.org_id = scope(deps, source, r.org_id.as_deref())?;
             let limits = RolloutLimits {
                 max_concurrency: r.max_concurrency.unwrap_or(cfg.rollout_concurrency),
                 per_vpc: cfg.rollout_per_vpc,

@@ -1,69 +1,85 @@
-//! The org allowlist: which plugins an org's workspaces may get. Read and
-//! replaced through the API; checked (failing closed) before a plugin is
-//! fetched or installed.
+//! The org allowlist: read and replaced through the API (admin scope, own
+//! org), and the gate every install passes in two steps (the rules are in
+//! `domain::allowlist`): the source before anything is fetched, the
+//! archive's own name and digest before anything is staged. The gate fails
+//! closed: an unreadable list, or a workspace without an org, refuses.
 
 use serde::Serialize;
 
+use crate::domain::allowlist::{AllowEntry, Allowlist};
+use crate::domain::caller::{Caller, Scope};
 use crate::domain::error::{Error, ErrorKind, Result};
-use crate::domain::host::Host;
-use crate::domain::plugin::{validate_name, validate_workspace_id, Allowlist};
+use crate::domain::host::{Host, TAG_ORG};
+use crate::domain::plugin::validate_workspace_id;
+use crate::domain::source::Source;
 use crate::ports::Deps;
 use crate::usecases::state::STATE_ATTEMPTS;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AllowlistView {
     pub org_id: String,
-    pub plugins: Vec<String>,
+    pub plugins: Vec<AllowEntry>,
     pub allow_all: bool,
 }
 
 fn view(org: &str, list: Allowlist) -> AllowlistView {
     AllowlistView {
         org_id: org.to_string(),
-        allow_all: list.plugins.is_empty(),
+        allow_all: list.allows_all(),
         plugins: list.plugins,
     }
 }
 
-/// The gate. Fails closed: an unreadable list refuses.
-pub async fn check(deps: &Deps, host: &Host, name: &str) -> Result<()> {
+/// Step one of the gate: the host's org list admits `source`. Returns the
+/// list for step two.
+pub async fn admit_source(deps: &Deps, host: &Host, source: &Source) -> Result<Allowlist> {
     let Some(org) = &host.org_id else {
-        return Ok(());
+        return Err(Error::new(
+            ErrorKind::Forbidden,
+            format!("the workspace's instance has no {TAG_ORG} tag, so no plugin may be installed"),
+        )
+        .with_detail(format!("instance {}", host.instance_id)));
     };
     let (list, _) = deps.allowlists.load_allowlist(org).await.map_err(|e| {
         Error::unavailable("the org allowlist could not be read, so the install is refused")
             .with_detail(format!("org {org}: {} {:?}", e.message, e.detail))
     })?;
-    if list.plugins.is_empty() || list.plugins.iter().any(|p| p == name) {
-        Ok(())
-    } else {
-        Err(Error::new(
-            ErrorKind::Forbidden,
-            format!("plugin \"{name}\" is not in the org allowlist"),
-        ))
-    }
+    list.admit_source(source)?;
+    Ok(list)
+}
+
+/// Both steps at once, for an archive already known (reinstalls and
+/// rollouts of a staged archive).
+pub async fn admit(deps: &Deps, host: &Host, source: &Source, name: &str, digest: &str) -> Result<()> {
+    admit_source(deps, host, source)
+        .await?
+        .admit_archive(source, name, digest)
 }
 
 fn valid_org(org: &str) -> Result<()> {
     validate_workspace_id(org).map_err(|_| Error::bad_request(format!("invalid org id {org:?}")))
 }
 
-pub async fn get(deps: &Deps, org: &str) -> Result<AllowlistView> {
+pub async fn get(deps: &Deps, caller: &Caller, org: &str) -> Result<AllowlistView> {
+    caller.require(Scope::Read)?;
     valid_org(org)?;
+    caller.check_org(org)?;
     let (list, _) = deps.allowlists.load_allowlist(org).await?;
     Ok(view(org, list))
 }
 
-/// Replaces the list (sorted, without duplicates); an empty one allows all.
-pub async fn put(deps: &Deps, org: &str, plugins: Vec<String>) -> Result<AllowlistView> {
+/// Replaces the list; an empty one allows every plugin.
+pub async fn put(
+    deps: &Deps,
+    caller: &Caller,
+    org: &str,
+    entries: Vec<AllowEntry>,
+) -> Result<AllowlistView> {
+    caller.require(Scope::Admin)?;
     valid_org(org)?;
-    for p in &plugins {
-        validate_name(p)?;
-    }
-    let mut plugins = plugins;
-    plugins.sort();
-    plugins.dedup();
-    let list = Allowlist { plugins };
+    caller.check_org(org)?;
+    caller.require_org_wide()?;
+    let list = Allowlist::new(entries)?;
     for _ in 0..STATE_ATTEMPTS {
         let (_, etag) = deps.allowlists.load_allowlist(org).await?;
         if deps

@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use crate::domain::caller::{unauthorized, Caller};
 use crate::domain::deadline;
 use crate::domain::error::{Error, ErrorKind, Result};
 use crate::domain::job::{Job, Work};
@@ -38,6 +39,7 @@ pub enum Done<T> {
 /// deadline answers 504.
 pub async fn within_or_hand_off<T>(
     deps: &Deps,
+    caller: &Caller,
     workspace: &str,
     work: Work,
     fut: impl Future<Output = Result<T>>,
@@ -51,7 +53,7 @@ pub async fn within_or_hand_off<T>(
         .max(Duration::from_secs(1));
     match deadline::within(limit, fut).await {
         Ok(v) => Ok(Done::Finished(v)),
-        Err(e) if deadline::is_exceeded(&e) => match start(deps, handoff, workspace, work).await {
+        Err(e) if deadline::is_exceeded(&e) => match start(deps, handoff, caller, workspace, work).await {
             Ok(id) => Ok(Done::Accepted(id)),
             Err(h) => {
                 tracing::error!(error = %h.message, detail = ?h.detail, "could not hand the operation off");
@@ -66,6 +68,7 @@ pub async fn within_or_hand_off<T>(
 pub async fn start(
     deps: &Deps,
     handoff: &dyn Handoff,
+    caller: &Caller,
     workspace: &str,
     work: Work,
 ) -> Result<String> {
@@ -79,6 +82,7 @@ pub async fn start(
         operation_id: rec.id.clone(),
         workspace: workspace.to_string(),
         work,
+        caller: Some(caller.clone()),
     };
     // Bounded: the answer must still beat API Gateway's 29 s.
     let sent = tokio::time::timeout(HANDOFF_TIMEOUT, handoff.hand_off(&job))
@@ -135,17 +139,21 @@ pub async fn run(deps: &Deps, job: &Job) -> Result<()> {
 
 async fn run_work(deps: &Deps, job: &Job) -> Result<()> {
     let id = Some(job.operation_id.as_str());
+    let caller = job
+        .caller
+        .as_ref()
+        .ok_or_else(|| unauthorized("a queued job without its caller"))?;
     match &job.work {
         Work::Install { source, sha256 } => {
             let req = InstallRequest {
                 source: source.clone(),
                 sha256: sha256.clone(),
             };
-            install::install_as(deps, &job.workspace, req, id)
+            install::install_as(deps, caller, &job.workspace, req, id)
                 .await
                 .map(|_| ())
         }
-        Work::Uninstall { plugin } => install::uninstall_as(deps, &job.workspace, plugin, id)
+        Work::Uninstall { plugin } => install::uninstall_as(deps, caller, &job.workspace, plugin, id)
             .await
             .map(|_| ()),
     }

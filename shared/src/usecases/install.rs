@@ -1,15 +1,18 @@
 //! Install, uninstall and download of one plugin on one workspace, as the
 //! API asks for them. Order of checks (each refuses before anything later
-//! happens): the request's own shape (400), the workspace's host and the
-//! plugin, found side by side (404), the org allowlist (403), the sha256
-//! pin and the manifest (422); only then is the archive staged, a record
-//! started and the host contacted; the desired state is written last.
+//! happens): the caller's scope (403), the request's own shape (400), the
+//! workspace (404 unless it is the caller's and running), the org allowlist
+//! for the source (403), and only then the fetch; then the allowlist for
+//! the name and digest the archive gives itself (403), the sha256 pin and
+//! the manifest (422); only then is the archive staged, a record started
+//! and the host contacted; the desired state is written last.
 
 use std::time::Instant;
 
 use serde::Serialize;
 
 use crate::domain::archive::{sha256_hex, ArchiveFile};
+use crate::domain::caller::{Caller, Scope};
 use crate::domain::error::{Error, Result};
 use crate::domain::host::Host;
 use crate::domain::hostscript::{interpret, HostCommand, HostResult, HostStatus};
@@ -20,7 +23,7 @@ use crate::domain::plugin::{
 use crate::domain::records::{now_rfc3339, Kind, OperationRecord, Trigger};
 use crate::domain::source::{NameFrom, Resolved, Source};
 use crate::ports::{Deps, Payload};
-use crate::usecases::{allowlist, record, resolve, state};
+use crate::usecases::{access, allowlist, record, resolve, state};
 
 #[derive(Debug, Clone)]
 pub struct InstallRequest {
@@ -106,30 +109,19 @@ struct Prepared {
 
 async fn prepare(
     deps: &Deps,
+    caller: &Caller,
     workspace: &str,
     source: &Source,
     pin: Option<&str>,
 ) -> Result<Prepared> {
-    let early_name = source.known_name().map(str::to_string);
     let mut t = deps.clock.now();
-    // Finding the host and building the archive are independent; neither
-    // writes anything, so a bad workspace or plugin leaves no trace. The
-    // first failure cancels the other.
-    let (host, resolved) = tokio::try_join!(
-        async {
-            let host = deps.fleet.locate(workspace).await?;
-            // As soon as name and org are known: a refusal cancels the fetch.
-            if let Some(name) = &early_name {
-                allowlist::check(deps, &host, name).await?;
-            }
-            Ok(host)
-        },
-        resolve::resolve(deps, source)
-    )?;
-    if early_name.is_none() {
-        // Fetched sources name themselves: checked before anything is staged.
-        allowlist::check(deps, &host, &resolved.name).await?;
-    }
+    // Nothing is fetched for a caller who may not act on the workspace, or
+    // from a source its org's allowlist does not admit.
+    let host = access::workspace_host(deps, caller, workspace).await?;
+    let list = allowlist::admit_source(deps, &host, source).await?;
+    let resolved = resolve::resolve(deps, source, host.org_id.as_deref()).await?;
+    // A fetched archive names itself: it may not borrow an admitted name.
+    list.admit_archive(source, &resolved.name, &resolved.archive.sha256)?;
     let manifest = checked_manifest(&resolved.archive, pin)?;
     let resolve_ms = lap(deps, &mut t);
     resolve::stage(deps, &resolved).await?;
@@ -167,23 +159,30 @@ fn checked_manifest(archive: &ArchiveFile, pin: Option<&str>) -> Result<Manifest
     }
 }
 
-pub async fn install(deps: &Deps, workspace: &str, req: InstallRequest) -> Result<InstallOutcome> {
-    install_as(deps, workspace, req, None).await
+pub async fn install(
+    deps: &Deps,
+    caller: &Caller,
+    workspace: &str,
+    req: InstallRequest,
+) -> Result<InstallOutcome> {
+    install_as(deps, caller, workspace, req, None).await
 }
 
 /// `install`, finishing the operation record `op_id` (a background job)
 /// instead of starting a new one.
 pub async fn install_as(
     deps: &Deps,
+    caller: &Caller,
     workspace: &str,
     req: InstallRequest,
     op_id: Option<&str>,
 ) -> Result<InstallOutcome> {
+    caller.require(Scope::Write)?;
     validate_workspace_id(workspace)?;
     let source = Source::parse(&req.source)?;
     let pin = parse_pin(req.sha256.as_deref())?;
     let started = deps.clock.now();
-    let p = prepare(deps, workspace, &source, pin.as_deref()).await?;
+    let p = prepare(deps, caller, workspace, &source, pin.as_deref()).await?;
     let mut t = deps.clock.now();
     let (name, archive) = (&p.resolved.name, &p.resolved.archive);
     let cfg = &deps.config;
@@ -257,21 +256,28 @@ pub async fn run_on_host(
     interpret(&out)
 }
 
-pub async fn uninstall(deps: &Deps, workspace: &str, name: &str) -> Result<UninstallOutcome> {
-    uninstall_as(deps, workspace, name, None).await
+pub async fn uninstall(
+    deps: &Deps,
+    caller: &Caller,
+    workspace: &str,
+    name: &str,
+) -> Result<UninstallOutcome> {
+    uninstall_as(deps, caller, workspace, name, None).await
 }
 
 /// `uninstall`, finishing the operation record `op_id` (a background job).
 pub async fn uninstall_as(
     deps: &Deps,
+    caller: &Caller,
     workspace: &str,
     name: &str,
     op_id: Option<&str>,
 ) -> Result<UninstallOutcome> {
+    caller.require(Scope::Write)?;
     validate_workspace_id(workspace)?;
     validate_name(name)?;
     let cfg = &deps.config;
-    let host = deps.fleet.locate(workspace).await?;
+    let host = access::workspace_host(deps, caller, workspace).await?;
     let profile = cfg.host_profile(&host)?;
     let cmd = HostCommand::uninstall(&profile, name, &cfg.owner, cfg.lock_wait_secs);
     let mut rec = record::start_on(Kind::Uninstall, Trigger::Api, workspace, &host, op_id);
@@ -319,10 +325,13 @@ const DOWNLOAD_URL_TTL: std::time::Duration = std::time::Duration::from_secs(300
 /// over Lambda's 6 MB response limit still download).
 pub async fn download(
     deps: &Deps,
+    caller: &Caller,
     workspace: &str,
     name: &str,
     source: Option<&str>,
 ) -> Result<String> {
+    // It fetches and stages as an install does: the same scope.
+    caller.require(Scope::Write)?;
     validate_workspace_id(workspace)?;
     validate_name(name)?;
     let raw = source
@@ -334,7 +343,7 @@ pub async fn download(
             return Err(name_mismatch(known, name));
         }
     }
-    let p = prepare(deps, workspace, &source, None).await?;
+    let p = prepare(deps, caller, workspace, &source, None).await?;
     if p.resolved.name != name {
         return Err(name_mismatch(&p.resolved.name, name));
     }

@@ -4,6 +4,7 @@
 //!
 //! - `install`: install, uninstall and download of one plugin (API).
 //! - `query`: the read side (desired state, registry, compatibility, records).
+//! - `access`: whose a workspace is, and whether the caller may act on it.
 //! - `allowlist`: the org allowlist and its gate.
 //! - `background`: API operations that outlast the deadline (202 + queue).
 //! - `reinstall`, `repair`, `rollout`: putting hosts in line with their
@@ -11,6 +12,7 @@
 //! - `resolve`, `state`, `record`: steps the others share (fetch and stage a
 //!   plugin, change a desired state, keep an operation record).
 
+pub mod access;
 pub mod allowlist;
 pub mod background;
 pub mod install;

@@ -1,27 +1,36 @@
 //! The read side: a workspace's desired state, the registry as the canvas
 //! shows it, runtime compatibility and the operation records. Nothing here
-//! contacts a host.
+//! contacts a host. Every workspace read needs the read scope and a
+//! workspace of the caller's (`access`); records show the caller's org only.
 
 use std::sync::Arc;
 
+use crate::domain::caller::{Caller, Scope};
 use crate::domain::catalog::{self, supports, Compatibility, WithSupport};
-use crate::domain::error::{Error, ErrorKind, Result};
-use crate::domain::plugin::{validate_workspace_id, InstalledPlugin, Manifest, PluginInfo};
+use crate::domain::error::{Error, Result};
+use crate::domain::plugin::{InstalledPlugin, Manifest, PluginInfo};
 use crate::domain::records::{self, Kind, OperationRecord};
 use crate::ports::{Deps, Page, RecordStore, Registry};
+use crate::usecases::access;
+
+/// 403 without the read scope, 404 unless the workspace is the caller's.
+async fn readable(deps: &Deps, caller: &Caller, workspace: &str) -> Result<()> {
+    caller.require(Scope::Read)?;
+    access::workspace(deps, caller, workspace).await.map(drop)
+}
 
 /// The workspace's desired state, without a host round trip; with
 /// `supported_on_runtime` when the workspace's runtime is known.
-pub async fn list(deps: &Deps, workspace: &str) -> Result<Vec<WithSupport<InstalledPlugin>>> {
-    validate_workspace_id(workspace)?;
+pub async fn list(
+    deps: &Deps,
+    caller: &Caller,
+    workspace: &str,
+) -> Result<Vec<WithSupport<InstalledPlugin>>> {
+    readable(deps, caller, workspace).await?;
     let (current, host) = tokio::join!(deps.state.load(workspace), deps.fleet.locate(workspace));
     let current = current?;
-    let runtime = match host {
-        Ok(h) => Some(h.runtime),
-        // No document and no instance: an unknown workspace.
-        Err(e) if e.kind == ErrorKind::NotFound && current.etag.is_none() => return Err(e),
-        Err(_) => None,
-    };
+    // A stopped workspace lists its desired state without runtime support.
+    let runtime = host.ok().map(|h| h.runtime);
     Ok(current
         .state
         .plugins
@@ -34,22 +43,24 @@ pub async fn list(deps: &Deps, workspace: &str) -> Result<Vec<WithSupport<Instal
 }
 
 /// The registry filtered by the workspace's runtime.
-pub async fn available(deps: &Deps, workspace: &str) -> Result<Vec<WithSupport<PluginInfo>>> {
-    validate_workspace_id(workspace)?;
-    let host = deps.fleet.locate(workspace).await?;
+pub async fn available(
+    deps: &Deps,
+    caller: &Caller,
+    workspace: &str,
+) -> Result<Vec<WithSupport<PluginInfo>>> {
+    caller.require(Scope::Read)?;
+    let host = access::workspace_host(deps, caller, workspace).await?;
     Ok(registry(&deps.registry, Some(&host.runtime)).await)
 }
 
-pub async fn compatibility(deps: &Deps, workspace: &str, runtime: &str) -> Result<Compatibility> {
-    validate_workspace_id(workspace)?;
+pub async fn compatibility(
+    deps: &Deps,
+    caller: &Caller,
+    workspace: &str,
+    runtime: &str,
+) -> Result<Compatibility> {
+    readable(deps, caller, workspace).await?;
     let current = deps.state.load(workspace).await?;
-    if current.etag.is_none() {
-        if let Err(e) = deps.fleet.locate(workspace).await {
-            if e.kind == ErrorKind::NotFound {
-                return Err(e);
-            }
-        }
-    }
     Ok(catalog::compatibility(
         current.state.plugins.values(),
         runtime,
@@ -102,48 +113,76 @@ pub async fn registry(
         .collect()
 }
 
-/// Records for a workspace: a page, newest first.
+/// Records for a workspace: a page, newest first (only the caller's
+/// org's, should the workspace id once have been another org's).
 pub async fn operations(
-    store: &dyn RecordStore,
+    deps: &Deps,
+    caller: &Caller,
     workspace: &str,
     limit: usize,
     after: Option<&str>,
 ) -> Result<Page> {
-    validate_workspace_id(workspace)?;
+    readable(deps, caller, workspace).await?;
     if let Some(a) = after {
         if !records::valid_id(a) {
             return Err(Error::bad_request("invalid next token"));
         }
     }
-    store
+    let mut page = deps
+        .records
         .list_records(workspace, limit.clamp(1, 100), after)
-        .await
+        .await?;
+    page.records.retain(|r| visible(caller, r));
+    Ok(page)
 }
 
-/// One record of a workspace, or a rollout's parent that touched it.
+/// Records written before orgs were recorded belong to their workspace.
+fn visible(caller: &Caller, r: &OperationRecord) -> bool {
+    r.org_id.is_none() || caller.sees_org(r.org_id.as_deref())
+}
+
+/// One record of a workspace, or a rollout's parent that touched it (as
+/// the caller may see it: another org's workspaces are left out).
 pub async fn operation(
-    store: &dyn RecordStore,
+    deps: &Deps,
+    caller: &Caller,
     workspace: &str,
     id: &str,
 ) -> Result<OperationRecord> {
-    validate_workspace_id(workspace)?;
+    readable(deps, caller, workspace).await?;
+    let store = deps.records.as_ref();
     let missing = || Error::not_found(format!("no operation {id:?} for workspace {workspace:?}"));
     if !records::valid_id(id) {
         return Err(missing());
     }
     if let Some(r) = store.get_record(Some(workspace), id).await? {
-        return Ok(r);
+        return if visible(caller, &r) { Ok(r) } else { Err(missing()) };
     }
     match store.get_record(None, id).await? {
         Some(r) if r.kind == Kind::Rollout => {
             if rollout_touched(store, &r, workspace).await? {
-                Ok(r)
+                Ok(parent_as_seen(caller, r, workspace))
             } else {
                 Err(missing())
             }
         }
         _ => Err(missing()),
     }
+}
+
+/// A rollout parent limited to the caller's org is shown whole; one across
+/// orgs (a platform rollout) names no workspace but the one asked about,
+/// unless the platform itself asks.
+fn parent_as_seen(caller: &Caller, mut r: OperationRecord, workspace: &str) -> OperationRecord {
+    let whole = caller.platform || (r.org_id.is_some() && caller.sees_org(r.org_id.as_deref()));
+    if !whole {
+        if let Some(p) = &mut r.progress {
+            for list in [&mut p.not_started, &mut p.failed_workspaces, &mut p.deferred] {
+                list.retain(|w| w == workspace);
+            }
+        }
+    }
+    r
 }
 
 /// Whether a rollout's parent record concerns `workspace`: it failed or was

@@ -30,6 +30,7 @@ pub fn start_on(
         rec.id = id.to_string();
     }
     rec.transport = Some(host.access);
+    rec.org_id = host.org_id.clone();
     rec
 }
 

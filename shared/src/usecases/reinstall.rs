@@ -87,12 +87,16 @@ where
 
 /// The archive of an installed plugin: the staged one by digest, else its
 /// source again, which must still yield the same digest.
-async fn archive_of(deps: &Deps, entry: &InstalledPlugin) -> Result<ArchiveFile> {
+async fn archive_of(
+    deps: &Deps,
+    org: Option<&str>,
+    source: &Source,
+    entry: &InstalledPlugin,
+) -> Result<ArchiveFile> {
     if let Some(a) = deps.archives.fetch_staged(&entry.digest).await? {
         return Ok(a);
     }
-    let source = Source::parse(&entry.source)?;
-    let resolved = resolve::resolve(deps, &source).await?;
+    let resolved = resolve::resolve(deps, source, org).await?;
     if resolved.archive.sha256 != entry.digest {
         return Err(Error::unprocessable(format!(
             "the source of plugin {:?} no longer yields the installed version",
@@ -205,9 +209,12 @@ impl Batch<'_> {
         Ok(())
     }
 
+    /// The archive of a desired plugin, if the org allowlist still admits
+    /// it (source, name and digest) today.
     async fn checked_archive(&self, entry: &InstalledPlugin) -> Result<ArchiveFile> {
-        allowlist::check(self.deps, self.host, &entry.info.name).await?;
-        archive_of(self.deps, entry).await
+        let source = Source::parse(&entry.source)?;
+        allowlist::admit(self.deps, self.host, &source, &entry.info.name, &entry.digest).await?;
+        archive_of(self.deps, self.host.org_id.as_deref(), &source, entry).await
     }
 
     /// Runs a command. The first one waits for the host to be ready, and

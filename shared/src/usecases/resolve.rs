@@ -18,14 +18,15 @@ use crate::domain::intake::{self, IntakeLimits};
 use crate::domain::source::{derive_name, fingerprint, NameFrom, RegistryFile, Resolved, Source};
 use crate::ports::{Body, Deps, Registry};
 
-/// The canonical archive of the plugin `source` names.
-pub async fn resolve(deps: &Deps, source: &Source) -> Result<Resolved> {
+/// The canonical archive of the plugin `source` names, fetched (when it
+/// is remote) with `org`'s own credentials, never another org's.
+pub async fn resolve(deps: &Deps, source: &Source, org: Option<&str>) -> Result<Resolved> {
     if let Source::Local { name } = source {
         return resolve_local(deps, name).await;
     }
     // One deadline over connect, headers, body and checks: a host that
     // trickles bytes cannot hold the operation past it.
-    tokio::time::timeout(deps.config.fetch_timeout, resolve_remote(deps, source))
+    tokio::time::timeout(deps.config.fetch_timeout, resolve_remote(deps, source, org))
         .await
         .unwrap_or_else(|_| {
             Err(Error::deadline(format!(
@@ -50,7 +51,7 @@ pub async fn stage(deps: &Deps, resolved: &Resolved) -> Result<()> {
     Ok(())
 }
 
-async fn resolve_remote(deps: &Deps, source: &Source) -> Result<Resolved> {
+async fn resolve_remote(deps: &Deps, source: &Source, org: Option<&str>) -> Result<Resolved> {
     let canonical = source.canonical();
     let (body, strip, fallback, pin) = match source {
         Source::Local { .. } => {
@@ -69,9 +70,16 @@ async fn resolve_remote(deps: &Deps, source: &Source) -> Result<Resolved> {
                 )));
             }
             let r = reference.as_deref().unwrap_or("");
+            let token = match org {
+                Some(org) => deps.credentials.github_token(org).await.map_err(|e| {
+                    Error::unavailable("the org's GitHub credential could not be read")
+                        .with_detail(format!("org {org}: {} {:?}", e.message, e.detail))
+                })?,
+                None => None,
+            };
             let body = deps
                 .fetcher
-                .github_tarball(owner, repo, r, &canonical)
+                .github_tarball(owner, repo, r, token.as_deref(), &canonical)
                 .await?;
             (body, true, repo.as_str(), None)
         }

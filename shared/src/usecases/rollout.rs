@@ -3,9 +3,12 @@
 //! once and `per_vpc` per VPC (an EC2 Instance Connect Endpoint takes 20
 //! connections), and no new host once failures pass the error threshold
 //! (running ones finish). A parent record shows progress while it runs;
-//! each workspace gets a child record.
+//! each workspace gets a child record. A rollout with an `org_id` touches
+//! that org's workspaces only (the instance's org tag decides, stopped
+//! instances included) and fetches with that org's credentials; only the
+//! platform may send one without.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,7 +19,10 @@ use crate::domain::archive::ArchiveFile;
 use crate::domain::error::{Error, ErrorKind, Result};
 use crate::domain::host::Host;
 use crate::domain::hostscript::{interpret, HostCommand};
-use crate::domain::plugin::{validate_name, InstalledPlugin, Manifest, PluginInfo};
+use crate::domain::caller::workspace_org;
+use crate::domain::plugin::{
+    validate_name, validate_workspace_id, InstalledPlugin, Manifest, PluginInfo,
+};
 use crate::domain::records::{now_rfc3339, Kind, OperationRecord, Progress, Trigger};
 use crate::domain::rollout::{RolloutLimits, RolloutRequest, MAX_ROLLOUT_CONCURRENCY};
 use crate::domain::source::{Resolved, Source};
@@ -78,6 +84,10 @@ pub async fn rollout(
     limits: RolloutLimits,
 ) -> Result<OperationRecord> {
     validate_name(&req.plugin)?;
+    if let Some(org) = &req.org_id {
+        validate_workspace_id(org)
+            .map_err(|_| Error::bad_request(format!("invalid org id {org:?}")))?;
+    }
     let source = Source::parse(&req.source)?;
     if let Some(known) = source.known_name() {
         if known != req.plugin {
@@ -90,8 +100,10 @@ pub async fn rollout(
     let mut parent = OperationRecord::start(Kind::Rollout, Trigger::Request, None);
     parent.plugin = Some(req.plugin.clone());
     parent.source = Some(source.canonical());
+    parent.org_id = req.org_id.clone();
     // One archive for the whole fleet.
-    let resolved = match resolve_named(deps, &source, &req.plugin).await {
+    let org = req.org_id.as_deref();
+    let resolved = match resolve_named(deps, &source, &req.plugin, org).await {
         Ok(r) => r,
         Err(e) => return Err(record::fail(deps.records.as_ref(), &mut parent, e).await),
     };
@@ -112,6 +124,10 @@ pub async fn rollout(
     // Every target's host in one EC2 call (before the parent is saved, so a
     // failure here leaves no record that never ends).
     let hosts = deps.fleet.locate_all(&targets).await?;
+    let (targets, hosts) = match org {
+        Some(org) => in_org(deps, org, targets, hosts).await?,
+        None => (targets, hosts),
+    };
     parent.progress = Some(Progress {
         total: targets.len(),
         pending: targets.len(),
@@ -120,6 +136,7 @@ pub async fn rollout(
     record::save(deps.records.as_ref(), &parent).await;
     let run = Arc::new(Run {
         deps: deps.clone(),
+        source,
         archive,
         entry,
         allowed: limits.threshold.allowed(targets.len()),
@@ -141,9 +158,37 @@ pub async fn rollout(
     Ok(parent)
 }
 
+/// The targets of org `org`: by the org tag of the running host, else (a
+/// stopped workspace) of its other instances.
+async fn in_org(
+    deps: &Deps,
+    org: &str,
+    targets: Vec<String>,
+    mut hosts: BTreeMap<String, Result<Host>>,
+) -> Result<(Vec<String>, BTreeMap<String, Result<Host>>)> {
+    let mut kept = Vec::new();
+    for ws in targets {
+        let ours = match hosts.get(&ws) {
+            Some(Ok(h)) => h.org_id.as_deref() == Some(org),
+            _ => workspace_org(&deps.fleet.org_tags(&ws).await?).as_deref() == Some(org),
+        };
+        if ours {
+            kept.push(ws);
+        } else {
+            hosts.remove(&ws);
+        }
+    }
+    Ok((kept, hosts))
+}
+
 /// The source's archive, which must be the plugin the request names.
-async fn resolve_named(deps: &Deps, source: &Source, plugin: &str) -> Result<Resolved> {
-    let resolved = resolve::resolve(deps, source).await?;
+async fn resolve_named(
+    deps: &Deps,
+    source: &Source,
+    plugin: &str,
+    org: Option<&str>,
+) -> Result<Resolved> {
+    let resolved = resolve::resolve(deps, source, org).await?;
     if resolved.name != plugin {
         return Err(Error::bad_request(format!(
             "the source resolves to plugin {:?}, not {plugin:?}",
@@ -197,6 +242,7 @@ fn finish_parent(parent: &mut OperationRecord, not_started: Vec<String>, allowed
 /// One rollout in progress: what every host task shares.
 struct Run {
     deps: Deps,
+    source: Source,
     archive: ArchiveFile,
     /// The desired-state entry of the new version.
     entry: InstalledPlugin,
@@ -342,7 +388,15 @@ impl Run {
             }
             other => other?,
         };
-        allowlist::check(deps, &host, &self.entry.info.name).await?;
+        allowlist::admit(
+            deps,
+            &host,
+            &self.source,
+            &self.entry.info.name,
+            &self.archive.sha256,
+        )
+        .await?;
+        child.org_id = host.org_id.clone();
         child.transport = Some(host.access);
         let _vpc = self.vpc_slot(&host).await?;
         // Failures may have passed the threshold while this host waited

@@ -6,11 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::adapters::clock::SystemClock;
-use crate::adapters::memory::{result_line, Memory, SimHost};
+use crate::adapters::memory::{result_line, Memory, SimHost, MEMORY_ORG};
+use crate::domain::caller::{Caller, Claims};
 use crate::domain::config::Config;
 use crate::domain::error::{Error, Result};
 use crate::domain::job::Work;
-use crate::domain::plugin::{Allowlist, DesiredState, InstalledPlugin, Manifest, PluginInfo};
+use crate::domain::allowlist::{AllowEntry, Allowlist};
+use crate::domain::plugin::{DesiredState, InstalledPlugin, Manifest, PluginInfo};
 use crate::domain::records::{Kind, OperationRecord, PluginState, Status, Trigger};
 use crate::domain::rollout::{RolloutLimits, RolloutRequest, Threshold};
 use crate::ports::{AllowlistStore, Clock, Deps};
@@ -34,6 +36,16 @@ fn world() -> (Memory, Deps) {
     m.fleet.add("ws-1", "vpc-a");
     let deps = m.deps(Config::new("bucket"));
     (m, deps)
+}
+
+/// A user of the workspaces' org with every scope.
+fn owner() -> Caller {
+    Caller::from_claims(Claims {
+        org_id: Some(MEMORY_ORG.into()),
+        scope: Some("read write admin".into()),
+        ..Default::default()
+    })
+    .unwrap()
 }
 
 fn req(source: &str) -> InstallRequest {
@@ -93,7 +105,7 @@ async fn bad_requests_are_refused_before_anything_is_looked_up() {
         ),
     ];
     for (ws, r, msg) in cases {
-        let e = install::install(&deps, ws, r).await.unwrap_err();
+        let e = install::install(&deps, &owner(), ws, r).await.unwrap_err();
         assert_eq!(e.status(), 400, "{e}");
         assert!(e.message.contains(msg), "{}", e.message);
     }
@@ -109,11 +121,11 @@ async fn bad_requests_are_refused_before_anything_is_looked_up() {
 async fn refusals_leave_no_trace() {
     let (m, deps) = world();
     // Unknown workspace, unknown plugin.
-    let e = install::install(&deps, "ws-9", req("hello"))
+    let e = install::install(&deps, &owner(), "ws-9", req("hello"))
         .await
         .unwrap_err();
     assert_eq!(e.status(), 404);
-    let e = install::install(&deps, "ws-1", req("nope"))
+    let e = install::install(&deps, &owner(), "ws-1", req("nope"))
         .await
         .unwrap_err();
     assert_eq!(
@@ -127,15 +139,15 @@ async fn refusals_leave_no_trace() {
     host.org_id = Some("org-1".into());
     m.fleet.put("ws-1", host);
     let list = Allowlist {
-        plugins: vec!["other".into()],
+        plugins: vec![AllowEntry::registry("other".into())],
     };
     assert!(m.store.save_allowlist("org-1", &list, None).await.unwrap());
-    let e = install::install(&deps, "ws-1", req("hello"))
+    let e = install::install(&deps, &owner(), "ws-1", req("hello"))
         .await
         .unwrap_err();
     assert_eq!(e.status(), 403);
     m.store.set_allowlists_down(true);
-    let e = install::install(&deps, "ws-1", req("hello"))
+    let e = install::install(&deps, &owner(), "ws-1", req("hello"))
         .await
         .unwrap_err();
     assert_eq!(e.status(), 503);
@@ -154,7 +166,7 @@ async fn refusals_leave_no_trace() {
         source: "hello".into(),
         sha256: Some("a".repeat(64)),
     };
-    let e = install::install(&deps, "ws-1", pinned).await.unwrap_err();
+    let e = install::install(&deps, &owner(), "ws-1", pinned).await.unwrap_err();
     assert_eq!(e.status(), 422);
     assert!(m.store.staged_digests().is_empty() && m.hosts.calls().is_empty());
 }
@@ -162,7 +174,7 @@ async fn refusals_leave_no_trace() {
 #[tokio::test]
 async fn install_stages_runs_on_the_host_then_records_the_state() {
     let (m, deps) = world();
-    let out = install::install(&deps, "ws-1", req("hello")).await.unwrap();
+    let out = install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
     assert_eq!(out.status, InstallStatus::Installed);
     assert_eq!(
         (out.plugin.as_str(), out.version.as_str()),
@@ -191,7 +203,7 @@ async fn install_stages_runs_on_the_host_then_records_the_state() {
     let at = m.store.state_of("ws-1").plugins["hello"]
         .installed_at
         .clone();
-    let again = install::install(&deps, "ws-1", req("hello")).await.unwrap();
+    let again = install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
     assert_eq!(again.status, InstallStatus::Unchanged);
     assert_eq!(m.store.state_of("ws-1").plugins["hello"].installed_at, at);
 }
@@ -200,13 +212,13 @@ async fn install_stages_runs_on_the_host_then_records_the_state() {
 async fn host_errors_map_to_statuses_and_leave_the_state_alone() {
     let (m, deps) = world();
     m.hosts.script(|_, _| Some(busy()));
-    let e = install::install(&deps, "ws-1", req("hello"))
+    let e = install::install(&deps, &owner(), "ws-1", req("hello"))
         .await
         .unwrap_err();
     assert_eq!(e.status(), 409);
     m.hosts
         .script(|_, _| Some(Err(Error::unavailable("the host is not reachable"))));
-    let e = install::install(&deps, "ws-1", req("hello"))
+    let e = install::install(&deps, &owner(), "ws-1", req("hello"))
         .await
         .unwrap_err();
     assert_eq!(e.status(), 503);
@@ -216,7 +228,7 @@ async fn host_errors_map_to_statuses_and_leave_the_state_alone() {
             65,
         )))
     });
-    let e = install::install(&deps, "ws-1", req("hello"))
+    let e = install::install(&deps, &owner(), "ws-1", req("hello"))
         .await
         .unwrap_err();
     assert_eq!(e.status(), 502);
@@ -236,27 +248,27 @@ async fn host_errors_map_to_statuses_and_leave_the_state_alone() {
 #[tokio::test]
 async fn uninstall_reports_what_the_host_and_the_state_had() {
     let (m, deps) = world();
-    let out = install::uninstall(&deps, "ws-1", "hello").await.unwrap();
+    let out = install::uninstall(&deps, &owner(), "ws-1", "hello").await.unwrap();
     assert_eq!(out.status, UninstallStatus::Absent);
-    install::install(&deps, "ws-1", req("hello")).await.unwrap();
-    let out = install::uninstall(&deps, "ws-1", "hello").await.unwrap();
+    install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
+    let out = install::uninstall(&deps, &owner(), "ws-1", "hello").await.unwrap();
     assert_eq!(out.status, UninstallStatus::Uninstalled);
     assert!(m.store.state_of("ws-1").plugins.is_empty());
     assert!(m.hosts.host("i-ws-1").installed.is_empty());
     // Desired but already gone from the host: still "uninstalled".
     m.store.set_state("ws-1", state(&[("hello", "d1")]));
-    let out = install::uninstall(&deps, "ws-1", "hello").await.unwrap();
+    let out = install::uninstall(&deps, &owner(), "ws-1", "hello").await.unwrap();
     assert_eq!(out.status, UninstallStatus::Uninstalled);
     // A result the uninstall cannot have: 502, state untouched.
     m.store.set_state("ws-1", state(&[("hello", "d1")]));
     m.hosts
         .script(|_, _| Some(Ok(result_line(r#"{"status":"restarted"}"#, 0))));
-    let e = install::uninstall(&deps, "ws-1", "hello")
+    let e = install::uninstall(&deps, &owner(), "ws-1", "hello")
         .await
         .unwrap_err();
     assert_eq!(e.status(), 502);
     assert!(m.store.state_of("ws-1").plugins.contains_key("hello"));
-    let e = install::uninstall(&deps, "ws-1", "Bad/Name")
+    let e = install::uninstall(&deps, &owner(), "ws-1", "Bad/Name")
         .await
         .unwrap_err();
     assert_eq!(e.status(), 400);
@@ -266,13 +278,13 @@ async fn uninstall_reports_what_the_host_and_the_state_had() {
 async fn desired_state_writes_retry_on_conflicts_and_give_up_with_409() {
     let (m, deps) = world();
     m.store.conflict_next_saves(20);
-    install::install(&deps, "ws-1", req("hello")).await.unwrap();
+    install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
     assert!(m.store.state_of("ws-1").plugins.contains_key("hello"));
     assert_eq!(m.clock.slept().len(), 20, "one backoff per lost race");
 
     m.store.set_state("ws-1", DesiredState::default());
     m.store.conflict_next_saves(1000);
-    let e = install::install(&deps, "ws-1", req("hello"))
+    let e = install::install(&deps, &owner(), "ws-1", req("hello"))
         .await
         .unwrap_err();
     assert_eq!(e.status(), 409);
@@ -302,8 +314,9 @@ async fn slow_operations_are_handed_off_with_202_and_finished_by_the_worker() {
         source: "hello".into(),
         sha256: None,
     };
-    let fut = install::install(&deps, "ws-1", req("hello"));
-    let done = background::within_or_hand_off(&deps, "ws-1", work, fut)
+    let me = owner();
+    let fut = install::install(&deps, &me, "ws-1", req("hello"));
+    let done = background::within_or_hand_off(&deps, &owner(), "ws-1", work, fut)
         .await
         .unwrap();
     let Done::Accepted(id) = done else {
@@ -347,6 +360,7 @@ async fn slow_operations_are_handed_off_with_202_and_finished_by_the_worker() {
     let id2 = background::start(
         &deps,
         m.handoff.as_ref(),
+        &owner(),
         "ws-1",
         Work::Uninstall {
             plugin: "hello".into(),
@@ -375,8 +389,9 @@ async fn slow_operations_are_handed_off_with_202_and_finished_by_the_worker() {
     let work = Work::Uninstall {
         plugin: "hello".into(),
     };
-    let fut = install::uninstall(&deps, "ws-1", "hello");
-    let e = background::within_or_hand_off(&deps, "ws-1", work, fut)
+    let me = owner();
+    let fut = install::uninstall(&deps, &me, "ws-1", "hello");
+    let e = background::within_or_hand_off(&deps, &owner(), "ws-1", work, fut)
         .await
         .unwrap_err();
     assert_eq!(e.status(), 504);
@@ -393,7 +408,7 @@ async fn slow_operations_are_handed_off_with_202_and_finished_by_the_worker() {
 async fn reinstall_waits_for_a_new_host_with_backoff() {
     let (m, deps) = world();
     m.store.set_state("ws-1", state(&[]));
-    install::install(&deps, "ws-1", req("hello")).await.unwrap();
+    install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
     // The replacement instance is empty and not there for three tries.
     m.hosts.set_host("i-ws-1", SimHost::default());
     m.fleet.fail_next([
@@ -473,7 +488,7 @@ async fn repair_ws1(m: &Memory, deps: &Deps) -> (OperationRecord, Vec<String>) {
 #[tokio::test]
 async fn repair_reinstalls_missing_and_different_reports_extra_and_restarts_once() {
     let (m, deps) = world();
-    install::install(&deps, "ws-1", req("hello")).await.unwrap();
+    install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
     let digest = m.store.state_of("ws-1").plugins["hello"].digest.clone();
     // No drift: no record, one inventory call.
     let n = m.hosts.calls().len();
@@ -556,6 +571,7 @@ fn fleet(n: usize, vpcs: usize) -> (Memory, Deps, RolloutRequest) {
     let r = RolloutRequest {
         plugin: "hello".into(),
         source: "local://hello".into(),
+        org_id: None,
         max_concurrency: None,
         error_threshold: None,
     };
@@ -721,7 +737,7 @@ async fn a_fetched_archive_names_itself_and_must_match_its_pin() {
     let src = format!("https://example.test/p.tar.gz#sha256={sha}");
     // The tarball has a top folder only GitHub strips; https keeps it, so
     // plugin.yaml is not at the top and the name comes from the file.
-    let e = install::install(&deps, "ws-1", req(&src)).await;
+    let e = install::install(&deps, &owner(), "ws-1", req(&src)).await;
     let out = e.unwrap();
     assert_eq!(
         (out.plugin.as_str(), out.name_from),
@@ -731,7 +747,7 @@ async fn a_fetched_archive_names_itself_and_must_match_its_pin() {
         "acme/tools#v1",
         tar_gz(&[("acme-tools-abc/plugin.yaml", b"name: fetched\n")]),
     );
-    let out = install::install(&deps, "ws-1", req("github://acme/tools#v1"))
+    let out = install::install(&deps, &owner(), "ws-1", req("github://acme/tools#v1"))
         .await
         .unwrap();
     assert_eq!(
@@ -739,7 +755,7 @@ async fn a_fetched_archive_names_itself_and_must_match_its_pin() {
         ("fetched", crate::domain::source::NameFrom::PluginYaml)
     );
     let bad = format!("https://example.test/p.tar.gz#sha256={}", "0".repeat(64));
-    let e = install::install(&deps, "ws-1", req(&bad))
+    let e = install::install(&deps, &owner(), "ws-1", req(&bad))
         .await
         .unwrap_err();
     assert_eq!(e.status(), 422);
