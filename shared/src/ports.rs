@@ -107,6 +107,7 @@ pub trait AllowlistStore: Send + Sync {
 }
 
 /// A page of records, newest first, and where the next page starts.
+#[derive(Debug)]
 pub struct Page {
     pub records: Vec<OperationRecord>,
     pub next: Option<String>,

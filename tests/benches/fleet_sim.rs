@@ -119,6 +119,7 @@ async fn simulate(hosts: usize, concurrency: usize, scale: f64) {
     let req = RolloutRequest {
         plugin: "fleet".into(),
         source: "local://fleet".into(),
+        org_id: None,
         max_concurrency: Some(concurrency),
         error_threshold: None,
     };

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -18,7 +19,7 @@ use std::sync::OnceLock;
 use aws_config::BehaviorVersion;
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 use lambda_http::{Body, Request};
-use plugin_delivery::domain::config::RuntimeProfile;
+use plugin_delivery::domain::config::{JwksFrom, RuntimeProfile, TokenSettings};
 pub use plugin_delivery::domain::host::Access;
 use plugin_delivery::{App, Config};
 use serde_json::{json, Value};
@@ -264,6 +265,7 @@ impl Host {
                             .value(format!("{ip}:{port}"))
                             .build(),
                     )
+                    .tags(Tag::builder().key("molecule:org-id").value(TEST_ORG).build())
                     .build(),
             )
             .send()
@@ -316,6 +318,7 @@ impl Host {
                     .tags(tag("molecule:workspace-id", workspace))
                     .tags(tag("molecule:runtime", runtime))
                     .tags(tag("molecule:access", "ssm"))
+                    .tags(tag("molecule:org-id", TEST_ORG))
                     .build(),
             )
             .send()
@@ -377,6 +380,7 @@ impl Fixture {
     /// A workspace whose host is reached through `access`.
     pub async fn with(access: Access) -> Fixture {
         let (s3, ec2, eic, ssm) = clients().await;
+        publish_jwks(&ssm).await;
         let bucket = unique("pd-test");
         s3.create_bucket()
             .bucket(&bucket)
@@ -410,6 +414,13 @@ impl Fixture {
 
     pub fn config(&self) -> Config {
         let mut c = Config::new(&self.bucket);
+        // Caller tokens are checked against the test issuer's keys, read
+        // from Parameter Store as a deployment reads them.
+        c.tokens = Some(TokenSettings {
+            issuer: TEST_ISSUER.into(),
+            audience: TEST_AUDIENCE.into(),
+            keys: JwksFrom::Parameter(JWKS_PARAMETER.into()),
+        });
         // The production shape: a normal login user (created by
         // `stack.sh install`) and the script run through `sudo -n`.
         c.ssh_user = LOGIN_USER.into();
@@ -553,6 +564,88 @@ impl Fixture {
     }
 }
 
+// ---- callers
+
+/// The org every test host belongs to (its `molecule:org-id` tag) and the
+/// test issuer's token settings.
+pub const TEST_ORG: &str = "acme";
+pub const TEST_ISSUER: &str = "https://platform.test/";
+pub const TEST_AUDIENCE: &str = "plugin-delivery";
+pub const JWKS_PARAMETER: &str = "/plugin-delivery-test/jwks";
+
+/// Puts the test issuer's public keys where the functions read them.
+pub async fn publish_jwks(ssm: &aws_sdk_ssm::Client) {
+    static DONE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    DONE.get_or_init(|| async {
+        let jwks = std::fs::read_to_string(repo_root().join("tests/fixtures/jwt/jwks.json")).unwrap();
+        ssm.put_parameter()
+            .name(JWKS_PARAMETER)
+            .value(jwks)
+            .r#type(aws_sdk_ssm::types::ParameterType::String)
+            .overwrite(true)
+            .send()
+            .await
+            .expect("put the JWKS parameter");
+    })
+    .await;
+}
+
+fn signing_key(file: &str) -> jsonwebtoken::EncodingKey {
+    let pem = std::fs::read(repo_root().join("tests/fixtures/jwt").join(file)).unwrap();
+    jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap()
+}
+
+/// A token with these claims, signed RS256 by the test issuer's key (or
+/// by `key_file`, an attacker's).
+pub fn sign_token(claims: &Value, key_file: &str) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some("test-2026".into());
+    jsonwebtoken::encode(&header, claims, &signing_key(key_file)).unwrap()
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Standard claims, valid for an hour, for `org` (and `workspace`) with
+/// `scope`.
+pub fn claims(org: &str, workspace: Option<&str>, scope: &str) -> Value {
+    let mut c = json!({
+        "iss": TEST_ISSUER, "aud": TEST_AUDIENCE, "sub": format!("user@{org}"),
+        "org_id": org, "scope": scope,
+        "iat": now_secs(), "exp": now_secs() + 3600,
+    });
+    if let Some(ws) = workspace {
+        c["workspace_id"] = json!(ws);
+    }
+    c
+}
+
+/// A valid token of the issuer.
+pub fn token(org: &str, workspace: Option<&str>, scope: &str) -> String {
+    sign_token(&claims(org, workspace, scope), "platform-test-key.pem")
+}
+
+/// An admin of the test org: every request of the suite carries it unless
+/// a test says otherwise.
+pub fn owner_token() -> &'static str {
+    static T: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    T.get_or_init(|| token(TEST_ORG, None, "read write admin"))
+}
+
+/// `req` sent with `token` instead (`None`: with no Authorization header).
+pub fn as_caller(mut req: Request, token: Option<&str>) -> Request {
+    let h = req.headers_mut();
+    h.remove("authorization");
+    if let Some(t) = token {
+        h.insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    req
+}
+
 /// An API Gateway HTTP API (v2) event, as API Gateway would send it.
 pub fn event(method: &str, route: &str, path: &str, params: Value, body: Option<&str>) -> Request {
     event_with_query(method, route, path, params, body, "")
@@ -577,7 +670,7 @@ pub fn event_with_query(
         "routeKey": format!("{method} {route}"),
         "rawPath": path,
         "rawQueryString": query,
-        "headers": {"content-type": "application/json"},
+        "headers": {"content-type": "application/json", "authorization": format!("Bearer {}", owner_token())},
         "requestContext": {
             "accountId": "123456789012", "apiId": "test", "domainName": "test.local",
             "http": {"method": method, "path": path, "protocol": "HTTP/1.1", "sourceIp": "127.0.0.1", "userAgent": "test"},
@@ -639,6 +732,17 @@ pub fn uninstall_req(ws: &str, name: &str) -> Request {
         &format!("/workspaces/{ws}/plugins/{name}"),
         json!({"id": ws, "name": name}),
         None,
+    )
+}
+
+pub fn download_req(ws: &str, name: &str, source: &str) -> Request {
+    event_with_query(
+        "GET",
+        "/workspaces/{id}/plugins/{name}/download",
+        &format!("/workspaces/{ws}/plugins/{name}/download"),
+        json!({"id": ws, "name": name}),
+        None,
+        &format!("source={source}"),
     )
 }
 
@@ -851,12 +955,17 @@ pub fn agent_dir(dir: &Path) {
 
 /// Hands everything under `root` to the agent user, as if it had made it.
 pub fn give_to_agent(root: &Path) {
-    let st = std::process::Command::new("chown")
+    let out = std::process::Command::new("chown")
         .args(["-R", "-h", "1000:1000"])
         .arg(root)
-        .status()
+        .output()
         .unwrap();
-    assert!(st.success());
+    assert!(
+        out.status.success(),
+        "chown -R {}: {}",
+        root.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `sh -c script` as the agent user (uid and gid 1000, no supplementary
@@ -1093,9 +1202,12 @@ impl Racer {
              done; done",
             t = target.display()
         );
+        // Its own process group, so that stopping it stops the `mv` or
+        // `ln` it may be in the middle of too.
         let child = agent_command(cfg, &script)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
+            .process_group(0)
             .spawn()
             .expect("setpriv (util-linux) is needed");
         Racer {
@@ -1108,6 +1220,9 @@ impl Racer {
 
 impl Drop for Racer {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
         // Put back a dir the loop was killed in the middle of swapping.

@@ -136,8 +136,7 @@ async fn org_allowlist_allows_denies_and_fails_closed() {
     let f = Fixture::new().await;
     let app = f.app();
     seed(&f).await;
-    let org = unique("org");
-    set_tag(&f.ec2, &f.host.instance_id, "molecule:org-id", &org).await;
+    let org = TEST_ORG.to_string();
 
     let (s, b) = allowlist(&app, "GET", &org, None).await;
     assert_eq!(
@@ -161,18 +160,20 @@ async fn org_allowlist_allows_denies_and_fails_closed() {
         (s, b),
         (
             200,
-            json!({"org_id": org, "plugins": ["cc-only"], "allow_all": false})
+            json!({"org_id": org, "plugins": [
+                {"name": "cc-only", "sources": ["local://cc-only"]}
+            ], "allow_all": false})
         )
     );
     let (s, b) = allowlist(&app, "GET", &org, None).await;
-    assert_eq!(b["plugins"], json!(["cc-only"]), "{s} {b}");
+    assert_eq!(b["plugins"][0]["name"], "cc-only", "{s} {b}");
 
     // Denied: 403 with the exact message, nothing staged, nothing on the host.
     let (s, b) = install(&app, &f.workspace, r#"{"source":"anywhere"}"#).await;
     assert_eq!(s, 403, "{b}");
     assert_eq!(
         b["error"],
-        "plugin \"anywhere\" is not in the org allowlist"
+        "the org allowlist admits no plugin from local://anywhere"
     );
     assert!(f.keys("staged/").await.is_empty());
     assert!(!f.touched());

@@ -98,7 +98,11 @@ fn instance_running(instance: &str) -> Value {
     })
 }
 
-fn request(detail: Value) -> Value {
+/// A request from the tenant server for the test org (it must name one).
+fn request(mut detail: Value) -> Value {
+    if detail.get("org_id").is_none() {
+        detail["org_id"] = json!(TEST_ORG);
+    }
     json!({
         "version": "0",
         "id": "d1a2b3c4-0000-4000-8000-000000000001",
@@ -110,6 +114,14 @@ fn request(detail: Value) -> Value {
         "resources": [],
         "detail": detail
     })
+}
+
+/// A request from the platform itself: it may act across orgs.
+fn platform_request(detail: Value) -> Value {
+    let mut ev = request(detail);
+    ev["detail"].as_object_mut().unwrap().remove("org_id");
+    ev["source"] = json!("molecule.plugin-delivery.platform");
+    ev
 }
 
 fn scheduled() -> Value {
@@ -399,9 +411,12 @@ async fn a_rollout_to_20_workspaces_keeps_to_5_at_once() {
     let run = {
         let app = app.clone();
         tokio::spawn(async move {
+            // From the platform: a workspace that has no instance at all
+            // cannot be placed in an org, so only a cross-org rollout
+            // includes it.
             let ev =
                 json!({"plugin": "fleetwide", "source": "local://fleetwide", "max_concurrency": 5});
-            handle(&app, request(ev)).await
+            handle(&app, platform_request(ev)).await
         })
     };
     // Progress is on record while the rollout runs.

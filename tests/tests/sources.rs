@@ -122,11 +122,15 @@ fn tarball(files: &[(&str, &[u8])], symlinks: &[(&str, &str)]) -> Vec<u8> {
     b.into_inner().unwrap().finish().unwrap()
 }
 
-fn app_for(f: &Fixture, srv: &SourceServer, token_param: Option<&str>) -> plugin_delivery::App {
+/// An app fetching from `srv`; orgs keep their credentials under
+/// `credentials` (a path of this test's own) when given.
+fn app_for(f: &Fixture, srv: &SourceServer, credentials: Option<&str>) -> plugin_delivery::App {
     let mut cfg = f.config();
     cfg.github_api = srv.base();
     cfg.extra_ca_pem = Some(std::fs::read(srv.tls.join("ca.pem")).unwrap());
-    cfg.github_token_parameter = token_param.map(str::to_string);
+    if let Some(path) = credentials {
+        cfg.org_credentials_path = path.to_string();
+    }
     f.app_with(cfg)
 }
 
@@ -233,7 +237,7 @@ async fn github_sources_by_tag_branch_and_commit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn private_github_repository_uses_the_token_from_ssm() {
+async fn private_github_repository_uses_the_orgs_own_token_from_ssm() {
     let f = Fixture::new().await;
     let srv = SourceServer::start();
     srv.repo_ref("acme", "secret", "v2", PLUGIN);
@@ -242,33 +246,43 @@ async fn private_github_repository_uses_the_token_from_ssm() {
         "s3cr3t-token",
     )
     .unwrap();
-    let param = format!("/plugin-delivery/{}/github-token", unique("t"));
+    let path = format!("/plugin-delivery-test/{}", unique("creds"));
+    let app = app_for(&f, &srv, Some(&path));
+    let body = r#"{"source":"github://acme/secret#v2"}"#;
+    let (s, b) = install(&app, &f.workspace, body).await;
+    assert_eq!(
+        s, 404,
+        "without the org's token a private repository is not found: {b}"
+    );
     f.ssm
         .put_parameter()
-        .name(&param)
+        .name(format!("{path}/{TEST_ORG}/github-token"))
         .value("s3cr3t-token")
         .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
         .send()
         .await
         .unwrap();
-    let (s, b) = install(
-        &app_for(&f, &srv, None),
-        &f.workspace,
-        r#"{"source":"github://acme/secret#v2"}"#,
-    )
-    .await;
-    assert_eq!(
-        s, 404,
-        "without a token a private repository is not found: {b}"
-    );
-    let (s, b) = install(
-        &app_for(&f, &srv, Some(&param)),
-        &f.workspace,
-        r#"{"source":"github://acme/secret#v2"}"#,
-    )
-    .await;
+    let (s, b) = install(&app, &f.workspace, body).await;
     assert_eq!(s, 200, "{b}");
     assert!(!b.to_string().contains("s3cr3t"));
+
+    // The workspace moves to another org, whose admin asks for the same
+    // repository: fetched without acme's token, so not found; nothing of
+    // it is staged again and the download route answers alike.
+    let (_, uninstalled) = uninstall(&app, &f.workspace, "gh-plugin").await;
+    assert_eq!(uninstalled["status"], "uninstalled");
+    set_tag(&f.ec2, &f.host.instance_id, "molecule:org-id", "globex").await;
+    let globex = token("globex", None, "read write admin");
+    let req = as_caller(install_req(&f.workspace, body), Some(&globex));
+    let (s, b) = parts(plugin_delivery::entry::api::install(&app.deps, req).await);
+    assert_eq!(s, 404, "another org never gets acme's token: {b}");
+    let dl = as_caller(
+        download_req(&f.workspace, "gh-plugin", "github://acme/secret#v2"),
+        Some(&globex),
+    );
+    let (s, b) = parts(plugin_delivery::entry::api::download(&app.deps, dl).await);
+    assert_eq!(s, 404, "{b}");
+    assert!(!f.plugin_dir("gh-plugin").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

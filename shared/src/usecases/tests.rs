@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::adapters::clock::SystemClock;
 use crate::adapters::memory::{result_line, Memory, SimHost, MEMORY_ORG};
-use crate::domain::caller::{Caller, Claims};
+use crate::domain::caller::{unknown_workspace, Caller, Claims};
 use crate::domain::config::Config;
 use crate::domain::error::{Error, Result};
 use crate::domain::job::Work;
@@ -19,7 +19,7 @@ use crate::ports::{AllowlistStore, Clock, Deps};
 use crate::usecases::background::{self, Done};
 use crate::usecases::install::{self, InstallRequest, InstallStatus, UninstallStatus};
 use crate::usecases::reinstall::{reinstall_workspace, Readiness};
-use crate::usecases::{repair, rollout};
+use crate::usecases::{query, repair, rollout};
 
 const MANIFEST: &[u8] = b"name: hello\nversion: 1.2.0\nruntimes: [claude-code]\n";
 
@@ -772,4 +772,135 @@ fn tar_gz(files: &[(&str, &[u8])]) -> Vec<u8> {
         tar.append_data(&mut h, path, *bytes).unwrap();
     }
     tar.into_inner().unwrap().finish().unwrap()
+}
+
+fn caller_of(org: &str, ws: Option<&str>, scope: &str) -> Caller {
+    Caller::from_claims(Claims {
+        org_id: Some(org.into()),
+        workspace_id: ws.map(str::to_string),
+        scope: Some(scope.into()),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn other_tenants_get_the_unknown_workspace_answer_and_touch_nothing() {
+    let (m, deps) = world();
+    m.fetcher.serve("acme/tools#v1", tar_gz(&[("x/plugin.yaml", b"name: tools\n")]));
+    let unknown = install::install(&deps, &owner(), "ws-9", req("hello"))
+        .await
+        .unwrap_err();
+    let strangers = [
+        caller_of("org-2", None, "read write admin"),
+        caller_of(MEMORY_ORG, Some("ws-2"), "read write"),
+    ];
+    for c in &strangers {
+        for source in ["hello", "github://acme/tools#v1"] {
+            let e = install::install(&deps, c, "ws-1", req(source)).await.unwrap_err();
+            assert_eq!((e.status(), &e.message), (404, &unknown_workspace("ws-1").message));
+        }
+        let e = install::uninstall(&deps, c, "ws-1", "hello").await.unwrap_err();
+        assert_eq!(e.status(), 404);
+        let e = install::download(&deps, c, "ws-1", "hello", None).await.unwrap_err();
+        assert_eq!(e.status(), 404);
+        for e in [
+            query::list(&deps, c, "ws-1").await.unwrap_err(),
+            query::operations(&deps, c, "ws-1", 10, None).await.unwrap_err(),
+        ] {
+            assert_eq!((e.status(), &e.message), (404, &unknown_workspace("ws-1").message));
+        }
+    }
+    // Too little scope: 403 before the workspace is even looked up.
+    let reader = caller_of(MEMORY_ORG, None, "read");
+    let e = install::install(&deps, &reader, "ws-1", req("hello")).await.unwrap_err();
+    assert_eq!(e.status(), 403);
+    assert_eq!(query::list(&deps, &caller_of(MEMORY_ORG, None, "write"), "ws-1").await.unwrap_err().status(), 403);
+    // A workspace without an org tag is nobody's, the platform's included.
+    let mut host = m.fleet.add("ws-1", "vpc-a");
+    host.org_id = None;
+    m.fleet.put("ws-1", host);
+    for c in [owner(), Caller::system()] {
+        let e = install::install(&deps, &c, "ws-1", req("hello")).await.unwrap_err();
+        assert_eq!(e.status(), 404);
+    }
+    assert_eq!(m.fetcher.fetches.load(std::sync::atomic::Ordering::Relaxed), 0);
+    untouched(&m);
+    // The workspace token of ws-1 does act on ws-1.
+    m.fleet.add("ws-1", "vpc-a");
+    let own = caller_of(MEMORY_ORG, Some("ws-1"), "read write");
+    install::install(&deps, &own, "ws-1", req("hello")).await.unwrap();
+    assert_eq!(query::list(&deps, &own, "ws-1").await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn an_allowlisted_name_cannot_be_borrowed_and_nothing_is_fetched_first() {
+    let (m, deps) = world();
+    // Only the registry's hello is allowed.
+    let list = Allowlist::new(vec![AllowEntry::registry("hello".into())]).unwrap();
+    assert!(m.store.save_allowlist(MEMORY_ORG, &list, None).await.unwrap());
+    m.fetcher.serve("evil/x#main", tar_gz(&[("x/plugin.yaml", b"name: hello\n")]));
+    let e = install::install(&deps, &owner(), "ws-1", req("github://evil/x#main"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), 403);
+    assert_eq!(m.fetcher.fetches.load(std::sync::atomic::Ordering::Relaxed), 0, "refused before the fetch");
+    untouched(&m);
+    // A prefix admitting github://evil/ for another name: fetched, then
+    // refused for calling itself hello; nothing staged or sent.
+    let list = Allowlist::new(vec![
+        AllowEntry::registry("hello".into()),
+        AllowEntry { name: "tools".into(), sources: vec!["github://evil/".into()], digest: None },
+    ])
+    .unwrap();
+    let (_, etag) = m.store.load_allowlist(MEMORY_ORG).await.unwrap();
+    assert!(m.store.save_allowlist(MEMORY_ORG, &list, etag.as_deref()).await.unwrap());
+    let e = install::install(&deps, &owner(), "ws-1", req("github://evil/x#main"))
+        .await
+        .unwrap_err();
+    assert_eq!((e.status(), e.message.contains("\"hello\"")), (403, true));
+    assert!(m.store.staged_digests().is_empty() && m.hosts.calls().is_empty());
+    // The registry's hello still installs.
+    install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
+}
+
+#[tokio::test]
+async fn github_fetches_carry_the_workspace_orgs_own_token_only() {
+    let (m, deps) = world();
+    m.credentials.set_github(MEMORY_ORG, "token-of-org-1");
+    m.credentials.set_github("org-2", "token-of-org-2");
+    m.fetcher.serve("acme/tools#v1", tar_gz(&[("x/plugin.yaml", b"name: tools\n")]));
+    install::install(&deps, &owner(), "ws-1", req("github://acme/tools#v1"))
+        .await
+        .unwrap();
+    let mut host = m.fleet.add("ws-2", "vpc-a");
+    host.org_id = Some("org-3".into());
+    m.fleet.put("ws-2", host);
+    let org3 = caller_of("org-3", None, "write");
+    install::install(&deps, &org3, "ws-2", req("github://acme/tools#v1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        *m.fetcher.github_tokens.lock().unwrap(),
+        vec![Some("token-of-org-1".to_string()), None]
+    );
+}
+
+#[tokio::test]
+async fn an_org_rollout_touches_that_orgs_workspaces_only() {
+    let (m, deps, mut r) = fleet(4, 1);
+    for ws in ["ws-02", "ws-03"] {
+        let mut host = m.fleet.add(ws, "vpc-0");
+        host.org_id = Some("org-2".into());
+        m.fleet.put(ws, host);
+    }
+    r.org_id = Some(MEMORY_ORG.into());
+    let parent = rollout::rollout(&deps, &r, limits(4, 4, Threshold::Count(0)))
+        .await
+        .unwrap();
+    let p = parent.progress.unwrap();
+    assert_eq!((p.total, p.done, parent.org_id.as_deref()), (2, 2, Some(MEMORY_ORG)));
+    let touched: Vec<String> = m.hosts.calls().iter().map(|c| c.instance.clone()).collect();
+    assert!(touched.iter().all(|i| i == "i-ws-00" || i == "i-ws-01"), "{touched:?}");
+    assert_eq!(m.store.state_of("ws-02").plugins["hello"].digest, "old");
 }
