@@ -696,9 +696,7 @@ pub async fn catalog(
     params: Value,
     query: &str,
 ) -> (u16, Value) {
-    parts(
-        plugin_delivery::entry::api::catalog(&app.deps, get_req(route, path, params, query)).await,
-    )
+    api(app, get_req(route, path, params, query)).await
 }
 
 pub fn allowlist_req(method: &str, org: &str, body: Option<&str>) -> Request {
@@ -712,7 +710,7 @@ pub fn allowlist_req(method: &str, org: &str, body: Option<&str>) -> Request {
 }
 
 pub async fn allowlist(app: &App, method: &str, org: &str, body: Option<&str>) -> (u16, Value) {
-    parts(plugin_delivery::entry::api::allowlist(&app.deps, allowlist_req(method, org, body)).await)
+    api(app, allowlist_req(method, org, body)).await
 }
 
 pub fn install_req(ws: &str, body: &str) -> Request {
@@ -768,15 +766,143 @@ pub fn parts(resp: lambda_http::Response<Body>) -> (u16, Value) {
 }
 
 pub async fn install(app: &App, ws: &str, body: &str) -> (u16, Value) {
-    parts(plugin_delivery::entry::api::install(&app.deps, install_req(ws, body)).await)
+    api(app, install_req(ws, body)).await
 }
 
 pub async fn uninstall(app: &App, ws: &str, name: &str) -> (u16, Value) {
-    parts(plugin_delivery::entry::api::uninstall(&app.deps, uninstall_req(ws, name)).await)
+    api(app, uninstall_req(ws, name)).await
 }
 
 pub async fn list(app: &App, ws: &str) -> (u16, Value) {
-    parts(plugin_delivery::entry::api::list(&app.deps, list_req(ws)).await)
+    api(app, list_req(ws)).await
+}
+
+// ---- the API contract (openapi.yaml)
+
+/// The request's route key (`POST /workspaces/{id}/plugins`), as API
+/// Gateway sets it.
+pub fn route_key(req: &Request) -> String {
+    use lambda_http::request::RequestContext;
+    use lambda_http::RequestExt;
+    match req.request_context_ref() {
+        Some(RequestContext::ApiGatewayV2(c)) => c.route_key.clone().unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+/// Sends `req` to the function API Gateway routes it to (by its route
+/// key), and checks the response against openapi.yaml before handing it
+/// back: every response the suite receives is one the document allows.
+pub async fn send(app: &App, req: Request) -> lambda_http::Response<Body> {
+    use plugin_delivery::entry::api;
+    let key = route_key(&req);
+    let deps = &app.deps;
+    let resp = match key.as_str() {
+        "POST /workspaces/{id}/plugins" => api::install(deps, req).await,
+        "GET /workspaces/{id}/plugins" => api::list(deps, req).await,
+        "DELETE /workspaces/{id}/plugins/{name}" => api::uninstall(deps, req).await,
+        "GET /workspaces/{id}/plugins/{name}/download" => api::download(deps, req).await,
+        "GET /plugins"
+        | "GET /plugins/sources"
+        | "GET /workspaces/{id}/plugins/available"
+        | "GET /workspaces/{id}/plugins/compatibility" => api::catalog(deps, req).await,
+        "GET /orgs/{id}/plugins/allowlist" | "PUT /orgs/{id}/plugins/allowlist" => {
+            api::allowlist(deps, req).await
+        }
+        "GET /workspaces/{id}/plugins/operations"
+        | "GET /workspaces/{id}/plugins/operations/{op_id}" => api::operations(deps, req).await,
+        other => panic!("no function serves route {other:?}"),
+    };
+    if let Err(e) = check_response(&key, &resp) {
+        panic!("{key}: the response breaks openapi.yaml: {e}");
+    }
+    resp
+}
+
+/// `send`, as status and JSON body.
+pub async fn api(app: &App, req: Request) -> (u16, Value) {
+    parts(send(app, req).await)
+}
+
+/// openapi.yaml as JSON.
+pub fn openapi() -> &'static Value {
+    static DOC: OnceLock<Value> = OnceLock::new();
+    DOC.get_or_init(|| {
+        let text = std::fs::read_to_string(repo_root().join("openapi.yaml")).unwrap();
+        serde_yaml::from_str(&text).expect("openapi.yaml parses")
+    })
+}
+
+/// A JSON pointer token, escaped for use inside a `$ref` fragment.
+fn pointer_token(t: &str) -> String {
+    t.replace('~', "~0")
+        .replace('/', "~1")
+        .replace('{', "%7B")
+        .replace('}', "%7D")
+}
+
+/// Whether `resp` is a response the document gives route `key` (`METHOD
+/// /path`): a documented status, its required headers, and a body valid
+/// against its schema (none where it has no content).
+pub fn check_response(key: &str, resp: &lambda_http::Response<Body>) -> Result<(), String> {
+    let doc = openapi();
+    let (method, path) = key.split_once(' ').ok_or("no route key")?;
+    let method = method.to_ascii_lowercase();
+    let status = resp.status().as_u16().to_string();
+    let op = &doc["paths"][path][&method];
+    if op.is_null() {
+        return Err(format!("{key} is not in the document"));
+    }
+    let mut response = &op["responses"][&status];
+    let mut at = format!(
+        "#/paths/{}/{method}/responses/{status}",
+        pointer_token(path)
+    );
+    if response.is_null() {
+        return Err(format!("status {status} is not documented"));
+    }
+    if let Some(r) = response["$ref"].as_str() {
+        at = r.replace("{", "%7B").replace("}", "%7D");
+        let name = r.rsplit('/').next().unwrap();
+        response = &doc["components"]["responses"][name];
+    }
+    if let Some(headers) = response["headers"].as_object() {
+        for (name, h) in headers {
+            if h["required"] == true && !resp.headers().contains_key(name.as_str()) {
+                return Err(format!("required header {name} is missing"));
+            }
+        }
+    }
+    let body = match resp.body() {
+        Body::Text(t) => t.as_bytes().to_vec(),
+        Body::Binary(b) => b.clone(),
+        _ => Vec::new(),
+    };
+    let Some(_) = response["content"]["application/json"]["schema"].as_object() else {
+        return if body.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("status {status} has no body in the document"))
+        };
+    };
+    if resp.headers().get("content-type").and_then(|v| v.to_str().ok()) != Some("application/json") {
+        return Err("content-type is not application/json".into());
+    }
+    let instance: Value =
+        serde_json::from_slice(&body).map_err(|e| format!("body is not JSON: {e}"))?;
+    let mut root = doc.clone();
+    root["$schema"] = json!("https://json-schema.org/draft/2020-12/schema");
+    root["$ref"] = json!(format!("{at}/content/application~1json/schema"));
+    let validator = jsonschema::draft202012::new(&root).map_err(|e| format!("schema: {e}"))?;
+    let errors: Vec<String> = validator
+        .iter_errors(&instance)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} in {instance}", errors.join("; ")))
+    }
 }
 
 /// Every regular file under `dir` (following the top-level symlink):
@@ -1257,4 +1383,115 @@ pub fn process_status_kib(pid: &str, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+// ---- the fetch server (tests/stack/source_server.py)
+
+/// A stand-in for GitHub and https archive hosts on loopback, with its
+/// own test CA.
+pub struct SourceServer {
+    child: std::process::Child,
+    pub root: tempfile::TempDir,
+    pub tls: PathBuf,
+    pub port: u16,
+    pub plain_port: u16,
+}
+
+impl SourceServer {
+    pub fn start() -> SourceServer {
+        let root = tempfile::tempdir().unwrap();
+        let tls = root.path().join("tls");
+        let made = Command::new("bash")
+            .arg(repo_root().join("tests/stack/make-test-ca.sh"))
+            .arg(&tls)
+            .status()
+            .unwrap();
+        assert!(made.success(), "make-test-ca.sh");
+        let child = Command::new("python3")
+            .arg(repo_root().join("tests/stack/source_server.py"))
+            .args(["--port", "0", "--plain-port", "0", "--root"])
+            .arg(root.path())
+            .arg("--tls-dir")
+            .arg(&tls)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("source_server.py");
+        let ports = root.path().join("ports.json");
+        for _ in 0..100 {
+            if let Ok(text) = std::fs::read_to_string(&ports) {
+                if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                    let port = v["port"].as_u64().or_else(|| v["https"].as_u64()).unwrap() as u16;
+                    let plain_port = v["plain_port"]
+                        .as_u64()
+                        .or_else(|| v["http"].as_u64())
+                        .unwrap_or(0) as u16;
+                    return SourceServer {
+                        child,
+                        root,
+                        tls,
+                        port,
+                        plain_port,
+                    };
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("source_server.py did not write {}", ports.display());
+    }
+
+    /// Requests it served, its own `/_server/` ones left out.
+    pub fn requests(&self) -> usize {
+        let out = Command::new("curl")
+            .args(["-sf", &format!("http://127.0.0.1:{}/_server/requests", self.plain_port)])
+            .output()
+            .expect("curl");
+        let v: Value = serde_json::from_slice(&out.stdout).expect("request log");
+        v["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| !r.to_string().contains("/_server/"))
+            .count()
+    }
+
+    pub fn base(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    pub fn repo_ref(&self, owner: &str, repo: &str, reference: &str, files: &[(&str, &[u8])]) {
+        let dir = self
+            .root
+            .path()
+            .join("github")
+            .join(owner)
+            .join(repo)
+            .join("refs")
+            .join(reference);
+        write_tree(&dir, files);
+    }
+
+    pub fn file(&self, path: &str, bytes: &[u8]) {
+        let p = self.root.path().join("files").join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+}
+
+impl Drop for SourceServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn write_tree(dir: &Path, files: &[(&str, &[u8])]) {
+    for (p, d) in files {
+        let path = dir.join(p);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, d).unwrap();
+    }
 }

@@ -214,7 +214,7 @@ async fn download_redirects_to_the_staged_archive() {
             json!({"id": f.workspace, "name": name}),
             query,
         );
-        plugin_delivery::entry::api::download(&app.deps, req)
+        send(&app, req)
     };
     let resp = call("cc-only", "").await;
     assert_eq!(resp.status().as_u16(), 302);

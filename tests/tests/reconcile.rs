@@ -136,33 +136,29 @@ async fn handle(app: &plugin_delivery::App, ev: Value) -> Result<Value, String> 
 
 /// `GET /workspaces/{ws}/plugins/operations[?query]`.
 async fn operations(app: &plugin_delivery::App, ws: &str, query: &str) -> (u16, Value) {
-    parts(
-        plugin_delivery::entry::api::operations(
-            &app.deps,
-            get_req(
-                "/workspaces/{id}/plugins/operations",
-                &format!("/workspaces/{ws}/plugins/operations"),
-                json!({"id": ws}),
-                query,
-            ),
-        )
-        .await,
+    api(
+        app,
+        get_req(
+            "/workspaces/{id}/plugins/operations",
+            &format!("/workspaces/{ws}/plugins/operations"),
+            json!({"id": ws}),
+            query,
+        ),
     )
+    .await
 }
 
 async fn operation(app: &plugin_delivery::App, ws: &str, id: &str) -> (u16, Value) {
-    parts(
-        plugin_delivery::entry::api::operations(
-            &app.deps,
-            get_req(
-                "/workspaces/{id}/plugins/operations/{op_id}",
-                &format!("/workspaces/{ws}/plugins/operations/{id}"),
-                json!({"id": ws, "op_id": id}),
-                "",
-            ),
-        )
-        .await,
+    api(
+        app,
+        get_req(
+            "/workspaces/{id}/plugins/operations/{op_id}",
+            &format!("/workspaces/{ws}/plugins/operations/{id}"),
+            json!({"id": ws, "op_id": id}),
+            "",
+        ),
     )
+    .await
 }
 
 async fn terminate(f: &Fixture, instance: &str) {

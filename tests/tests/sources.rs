@@ -3,103 +3,8 @@
 //! (`tests/stack/source_server.py`, a stand-in for GitHub's tarball
 //! endpoint), and a private repository whose token is in SSM (moto).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-
 use acceptance::*;
-use serde_json::Value;
 
-struct SourceServer {
-    child: Child,
-    root: tempfile::TempDir,
-    tls: PathBuf,
-    port: u16,
-    plain_port: u16,
-}
-
-impl SourceServer {
-    fn start() -> SourceServer {
-        let root = tempfile::tempdir().unwrap();
-        let tls = root.path().join("tls");
-        let made = Command::new("bash")
-            .arg(repo_root().join("tests/stack/make-test-ca.sh"))
-            .arg(&tls)
-            .status()
-            .unwrap();
-        assert!(made.success(), "make-test-ca.sh");
-        let child = Command::new("python3")
-            .arg(repo_root().join("tests/stack/source_server.py"))
-            .args(["--port", "0", "--plain-port", "0", "--root"])
-            .arg(root.path())
-            .arg("--tls-dir")
-            .arg(&tls)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("source_server.py");
-        let ports = root.path().join("ports.json");
-        for _ in 0..100 {
-            if let Ok(text) = std::fs::read_to_string(&ports) {
-                if let Ok(v) = serde_json::from_str::<Value>(&text) {
-                    let port = v["port"].as_u64().or_else(|| v["https"].as_u64()).unwrap() as u16;
-                    let plain_port = v["plain_port"]
-                        .as_u64()
-                        .or_else(|| v["http"].as_u64())
-                        .unwrap_or(0) as u16;
-                    return SourceServer {
-                        child,
-                        root,
-                        tls,
-                        port,
-                        plain_port,
-                    };
-                }
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let mut child = child;
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("source_server.py did not write {}", ports.display());
-    }
-
-    fn base(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
-    }
-
-    fn repo_ref(&self, owner: &str, repo: &str, reference: &str, files: &[(&str, &[u8])]) {
-        let dir = self
-            .root
-            .path()
-            .join("github")
-            .join(owner)
-            .join(repo)
-            .join("refs")
-            .join(reference);
-        write_tree(&dir, files);
-    }
-
-    fn file(&self, path: &str, bytes: &[u8]) {
-        let p = self.root.path().join("files").join(path);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, bytes).unwrap();
-    }
-}
-
-impl Drop for SourceServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn write_tree(dir: &Path, files: &[(&str, &[u8])]) {
-    for (p, d) in files {
-        let path = dir.join(p);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, d).unwrap();
-    }
-}
 
 /// A .tar.gz with `entries`, each (path, bytes) or a symlink (path, target).
 fn tarball(files: &[(&str, &[u8])], symlinks: &[(&str, &str)]) -> Vec<u8> {
@@ -274,13 +179,13 @@ async fn private_github_repository_uses_the_orgs_own_token_from_ssm() {
     set_tag(&f.ec2, &f.host.instance_id, "molecule:org-id", "globex").await;
     let globex = token("globex", None, "read write admin");
     let req = as_caller(install_req(&f.workspace, body), Some(&globex));
-    let (s, b) = parts(plugin_delivery::entry::api::install(&app.deps, req).await);
+    let (s, b) = api(&app, req).await;
     assert_eq!(s, 404, "another org never gets acme's token: {b}");
     let dl = as_caller(
         download_req(&f.workspace, "gh-plugin", "github://acme/secret#v2"),
         Some(&globex),
     );
-    let (s, b) = parts(plugin_delivery::entry::api::download(&app.deps, dl).await);
+    let (s, b) = api(&app, dl).await;
     assert_eq!(s, 404, "{b}");
     assert!(!f.plugin_dir("gh-plugin").exists());
 }
