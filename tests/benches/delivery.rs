@@ -599,6 +599,35 @@ async fn fleet() {
     );
 }
 
+/// What checking the caller's token adds to a request: the verifier of a
+/// function as deployed (JWKS from Parameter Store, RS256, iss/aud/exp),
+/// first call (keys loaded) and then warm, over 2,000 calls.
+async fn auth() {
+    let f = Fixture::new().await;
+    let app = f.app();
+    let header = format!("Bearer {}", owner_token());
+    let t = std::time::Instant::now();
+    app.deps.auth.authenticate(Some(&header)).await.unwrap();
+    let first = t.elapsed();
+    let mut times = Vec::with_capacity(2000);
+    for _ in 0..2000 {
+        let t = std::time::Instant::now();
+        let c = app.deps.auth.authenticate(Some(&header)).await.unwrap();
+        times.push(t.elapsed());
+        assert_eq!(c.org, TEST_ORG);
+    }
+    times.sort();
+    let us = |d: std::time::Duration| d.as_secs_f64() * 1e6;
+    println!(
+        "token verification: first call (JWKS from SSM) {:.2} ms; then median {:.1} us, p99 {:.1} us, max {:.1} us over {} calls",
+        first.as_secs_f64() * 1e3,
+        us(times[times.len() / 2]),
+        us(times[times.len() * 99 / 100]),
+        us(*times.last().unwrap()),
+        times.len()
+    );
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     // PLUGIN_BENCH_LOG=debug shows the per-stage timings of each install.
@@ -607,12 +636,15 @@ async fn main() {
         plugin_delivery::app::init_logging();
     }
     let args: Vec<String> = std::env::args().collect();
-    let parts = ["latency", "large", "fleet"];
+    let parts = ["latency", "auth", "large", "fleet"];
     let want = |part: &str| {
         !args.iter().any(|a| parts.contains(&a.as_str())) || args.iter().any(|a| a == part)
     };
     if want("latency") {
         latency().await;
+    }
+    if want("latency") || want("auth") {
+        auth().await;
     }
     if want("large") {
         large().await;

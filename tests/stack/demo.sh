@@ -19,6 +19,8 @@ demo="$state/demo"
 port="${PLUGIN_DEMO_PORT:-9000}"
 bucket=plugin-delivery-demo
 workspace=ws-demo
+# Both demo workspaces belong to this org (their instances' molecule:org-id).
+org=acme
 hardened=ws-demo-hardened
 host_ip=127.0.0.5
 host_port=2222
@@ -70,7 +72,7 @@ if [ -z "$instance" ] || [ "$instance" = None ]; then
         --query 'Instances[0].InstanceId' --output text)
 fi
 host_key=$("$PLUGIN_STACK_SSHD_HOST" start "$PLUGIN_STACK_HOSTS_DIR/demo" "$host_ip" "$host_port" "$instance" "$PLUGIN_STACK_KEYS_DIR")
-aws ec2 create-tags --resources "$instance" --tags "Key=molecule:ssh-host-key,Value=$host_key"
+aws ec2 create-tags --resources "$instance" --tags "Key=molecule:ssh-host-key,Value=$host_key" "Key=molecule:org-id,Value=$org"
 echo "instance $instance, host key ${host_key%% *} ..."
 
 bold "Seeding: workspace $hardened on a hardened host (no sshd; molecule:access=ssm, runtime hermes)"
@@ -86,6 +88,7 @@ fi
 curl -sS -o /dev/null -X POST -H 'content-type: application/json' \
     --data "{\"instance_id\": \"$hardened_instance\", \"ping\": \"Online\"}" \
     "$PLUGIN_STACK_SSM_URL/_emulator/agents"
+aws ec2 create-tags --resources "$hardened_instance" --tags "Key=molecule:org-id,Value=$org"
 echo "instance $hardened_instance, SSM agent online"
 
 # Each runtime's config dir on its "host", and the runtime restart: the
@@ -111,8 +114,18 @@ envfile="$demo/functions.env"
     printf "PLUGIN_SSH_USER='pd-login'\n"
     printf "PLUGIN_SSH_ADDRESS_TAG='molecule:local-address'\n"
     printf "PLUGIN_RUNTIME_PROFILES='%s'\n" "$profiles"
+    # Caller tokens: the local test issuer, its keys given inline.
+    printf "PLUGIN_JWT_ISSUER='https://platform.test/'\n"
+    printf "PLUGIN_JWT_AUDIENCE='plugin-delivery'\n"
+    printf "PLUGIN_JWKS='%s'\n" "$(jq -c . "$repo/tests/fixtures/jwt/jwks.json")"
     printf "RUST_LOG='info'\n"
 } >"$envfile"
+
+# Tokens: an admin of acme (the demo's org), and one of another org.
+mint() { "$PLUGIN_STACK_VENV/bin/python" "$repo/tests/stack/mint-token.py" "$@"; }
+acme_token=$(mint --org "$org")
+globex_token=$(mint --org globex)
+token=$acme_token
 
 bold "Serving the functions with cargo lambda watch on 127.0.0.1:$port (log: $demo/watch.log)"
 cd "$repo"
@@ -132,6 +145,7 @@ request() {
     printf '\n\033[36m> %s %s\033[0m  (function: %s)\n' "$method" "$path" "$fn"
     [ -n "$body" ] && printf '\033[36m> %s\033[0m\n' "$body"
     out=$(curl -sS -X "$method" -H 'content-type: application/json' \
+        ${token:+-H "authorization: Bearer $token"} \
         ${body:+--data "$body"} -w '\n%{http_code}' "$base/$fn$path")
     code=${out##*$'\n'}
     printf '< %s\n< %s\n' "$code" "$(printf '%s' "${out%$'\n'*}" | jq -c . 2>/dev/null || printf '%s' "${out%$'\n'*}")"
@@ -155,6 +169,14 @@ request POST install "/workspaces/$workspace/plugins" '{"source": "hello-world"}
 bold "Errors are JSON with a request id"
 request POST install "/workspaces/$workspace/plugins" '{"source": "local://../etc"}' 400
 request POST install "/workspaces/ws-unknown/plugins" '{"source": "hello-world"}' 404
+bold "Another org's admin: the same calls are refused, as if the workspace did not exist"
+token=$globex_token
+request POST install "/workspaces/$workspace/plugins" '{"source": "hello-world"}' 404
+request GET list "/workspaces/$workspace/plugins" '' 404
+request PUT allowlist "/orgs/$org/plugins/allowlist" '{"plugins": []}' 404
+token=''
+request GET list "/workspaces/$workspace/plugins" '' 401
+token=$acme_token
 bold "Uninstall"
 request DELETE uninstall "/workspaces/$workspace/plugins/hello-world" '' 200
 echo "left on the host: plugins=[$(ls "$configs/plugins")] skills=[$(ls "$configs/skills")] hooks=[$(ls "$configs/.claude/hooks")]"
@@ -176,9 +198,22 @@ echo "SSM commands sent to $hardened_instance so far: $(curl -sS "$PLUGIN_STACK_
 
 if [ "$check" = 1 ]; then
     bold "events/*.json through cargo lambda invoke"
-    invoke() {
+    # The API events carry a placeholder token: sent as they are, refused;
+    # the checks below send them with a fresh token of the demo's org.
+    invoke_as_is() {
         local fn=$1 file=$2 want=$3 got
         got=$("$PLUGIN_STACK_VENV/bin/cargo-lambda" lambda invoke -A 127.0.0.1 -P "$port" "$fn" --data-file "$file" | jq -r .statusCode)
+        printf '%-28s %-10s -> %s (placeholder token)\n' "$file" "$fn" "$got"
+        if [ "$got" != "$want" ]; then
+            echo "!! expected $want" >&2
+            failures=$((failures + 1))
+        fi
+    }
+    invoke_as_is list events/list.json 401
+    invoke() {
+        local fn=$1 file=$2 want=$3 got
+        jq --arg t "Bearer $acme_token" '.headers.authorization = $t' "$file" >"$demo/event.json"
+        got=$("$PLUGIN_STACK_VENV/bin/cargo-lambda" lambda invoke -A 127.0.0.1 -P "$port" "$fn" --data-file "$demo/event.json" | jq -r .statusCode)
         printf '%-28s %-10s -> %s\n' "$file" "$fn" "$got"
         if [ "$got" != "$want" ]; then
             echo "!! expected $want" >&2
