@@ -3,10 +3,11 @@
 use async_trait::async_trait;
 use std::collections::BTreeMap;
 
-use aws_sdk_ec2::types::{Filter, Instance};
+use aws_sdk_ec2::types::{Filter, Instance, InstanceStateName};
 use aws_sdk_ec2::Client;
 use base64::Engine;
 
+use crate::domain::caller::workspace_org;
 use crate::domain::error::{Error, Result};
 use crate::domain::host::*;
 use crate::ports::Fleet;
@@ -141,6 +142,18 @@ impl Ec2Fleet {
     }
 }
 
+/// Instance states that still belong to their workspace.
+const NOT_GONE: [&str; 4] = ["pending", "running", "stopping", "stopped"];
+
+fn org_tag(inst: &Instance) -> Option<String> {
+    inst.tags()
+        .iter()
+        .find(|t| t.key() == Some(TAG_ORG))
+        .and_then(|t| t.value())
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+}
+
 fn ec2_error<E: std::fmt::Debug>(what: &str, e: E) -> Error {
     Error::unavailable("the EC2 API is not available right now")
         .with_detail(format!("{what}: {e:?}"))
@@ -168,20 +181,35 @@ pub fn split_address(addr: &str, default_port: u16) -> (String, u16) {
 #[async_trait]
 impl Fleet for Ec2Fleet {
     async fn locate(&self, workspace: &str) -> Result<Host> {
+        // Every instance that is not gone, in one call: the running one is
+        // the host, and all of them together say whose the workspace is.
         let found = self
-            .running(
+            .in_states(
                 Filter::builder()
                     .name(format!("tag:{TAG_WORKSPACE}"))
                     .values(workspace)
                     .build(),
+                &NOT_GONE,
             )
             .await?;
-        let mut found: Vec<_> = found.into_iter().map(|(_, i)| i).collect();
-        match found.len() {
+        let orgs: Vec<Option<String>> = found.iter().map(|(_, i)| org_tag(i)).collect();
+        let mut running: Vec<Instance> = found
+            .into_iter()
+            .map(|(_, i)| i)
+            .filter(|i| {
+                i.state().and_then(|s| s.name()) == Some(&InstanceStateName::Running)
+            })
+            .collect();
+        match running.len() {
             0 => Err(Error::not_found(format!(
                 "workspace {workspace:?} has no running instance"
             ))),
-            1 => self.host_of(workspace, found.remove(0)),
+            1 => {
+                let mut host = self.host_of(workspace, running.remove(0))?;
+                // Instances that disagree on the org belong to nobody.
+                host.org_id = workspace_org(&orgs);
+                Ok(host)
+            }
             n => Err(ambiguous(workspace, n)),
         }
     }
@@ -256,20 +284,10 @@ impl Fleet for Ec2Fleet {
                     .name(format!("tag:{TAG_WORKSPACE}"))
                     .values(workspace)
                     .build(),
-                &["pending", "running", "stopping", "stopped"],
+                &NOT_GONE,
             )
             .await?;
-        Ok(found
-            .iter()
-            .map(|(_, inst)| {
-                inst.tags()
-                    .iter()
-                    .find(|t| t.key() == Some(TAG_ORG))
-                    .and_then(|t| t.value())
-                    .filter(|v| !v.is_empty())
-                    .map(str::to_string)
-            })
-            .collect())
+        Ok(found.iter().map(|(_, inst)| org_tag(inst)).collect())
     }
 
     async fn host_keys(&self, host: &Host) -> Result<Vec<String>> {

@@ -458,10 +458,12 @@ impl RecordStore for MemoryStore {
 
 // ---- the fleet
 
-/// Running instances by workspace; scripted `locate` failures first.
+/// Running instances by workspace, and the org tags of stopped ones;
+/// scripted `locate` failures first.
 #[derive(Default)]
 pub struct MemoryFleet {
     hosts: Mutex<BTreeMap<String, Host>>,
+    stopped: Mutex<BTreeMap<String, Option<String>>>,
     failures: Mutex<VecDeque<Error>>,
     pub locates: AtomicUsize,
 }
@@ -486,12 +488,15 @@ impl MemoryFleet {
     }
 
     pub fn put(&self, ws: &str, host: Host) {
+        lock(&self.stopped).remove(ws);
         lock(&self.hosts).insert(ws.to_string(), host);
     }
 
-    /// The instance stopped (or was never started).
+    /// The instance stopped: no running host, its org tag still there.
     pub fn remove(&self, ws: &str) {
-        lock(&self.hosts).remove(ws);
+        if let Some(h) = lock(&self.hosts).remove(ws) {
+            lock(&self.stopped).insert(ws.to_string(), h.org_id);
+        }
     }
 
     /// The next `locate` calls fail with these errors, in order.
@@ -537,11 +542,9 @@ impl Fleet for MemoryFleet {
     }
 
     async fn org_tags(&self, workspace: &str) -> Result<Vec<Option<String>>> {
-        Ok(lock(&self.hosts)
-            .get(workspace)
-            .map(|h| h.org_id.clone())
-            .into_iter()
-            .collect())
+        let running = lock(&self.hosts).get(workspace).map(|h| h.org_id.clone());
+        let stopped = lock(&self.stopped).get(workspace).cloned();
+        Ok(running.into_iter().chain(stopped).collect())
     }
 }
 

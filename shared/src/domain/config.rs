@@ -294,6 +294,13 @@ impl Config {
             })?;
             c.rollout_error_threshold = v;
         }
+        // The two sources must differ, or every tenant request would be
+        // taken for the platform's (any org).
+        if c.platform_event_source == c.event_source {
+            return Err(Error::internal(
+                "PLUGIN_PLATFORM_EVENT_SOURCE must differ from PLUGIN_EVENT_SOURCE",
+            ));
+        }
         if c.insecure_ignore_host_key {
             tracing::warn!(
                 "PLUGIN_SSH_INSECURE_IGNORE_HOST_KEY is on: host keys are NOT verified. \

@@ -42,6 +42,26 @@ fn github_segment(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
+/// A git ref name as `git check-ref-format` allows it (and no option-like
+/// `-` first). Dot segments in particular never reach the URL: a ref like
+/// `../../other/repo` would otherwise name another repository's path.
+pub fn valid_ref(r: &str) -> bool {
+    let bad_char = |c: char| {
+        c.is_control() || c.is_whitespace() || matches!(c, '~' | '^' | ':' | '?' | '*' | '[' | '\\')
+    };
+    !r.is_empty()
+        && r.len() <= 255
+        && r != "@"
+        && !r.starts_with('-')
+        && !r.ends_with('.')
+        && !r.contains("..")
+        && !r.contains("@{")
+        && !r.chars().any(bad_char)
+        && r.split('/').all(|seg| {
+            !seg.is_empty() && !seg.starts_with('.') && !seg.ends_with(".lock")
+        })
+}
+
 fn parse_github(spec: &str) -> Result<Source> {
     let (path, reference) = match spec.split_once('#') {
         Some((p, r)) => (p, Some(r)),
@@ -53,11 +73,7 @@ fn parse_github(spec: &str) -> Result<Source> {
         return Err(invalid());
     }
     if let Some(r) = reference {
-        let ok = !r.is_empty()
-            && r.len() <= 255
-            && !r.starts_with('-')
-            && !r.chars().any(|c| c.is_control() || c.is_whitespace());
-        if !ok {
+        if !valid_ref(r) {
             return Err(invalid());
         }
     }
@@ -87,6 +103,20 @@ fn parse_https(raw: &str) -> Result<Source> {
         reqwest::Url::parse(url).map_err(|_| Error::bad_request("invalid plugin source"))?;
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err(Error::bad_request("invalid plugin source"));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(Error::bad_request(
+            "https sources must not carry credentials in the URL",
+        ));
+    }
+    // What is fetched is exactly what was written (and what an allowlist
+    // prefix is compared with): no dot segments, encoded dots, backslashes
+    // or case games that the URL parser would resolve differently.
+    if parsed.as_str() != url {
+        return Err(Error::bad_request(format!(
+            "write the source URL in its normal form: {}",
+            parsed.as_str()
+        )));
     }
     let file = parsed
         .path_segments()
@@ -286,5 +316,33 @@ mod tests {
         let e = Source::parse("ftp://x").unwrap_err();
         assert_eq!(e.status(), 400);
         assert!(e.fields.contains_key("available_schemes"));
+    }
+
+    #[test]
+    fn refs_follow_git_rules_and_urls_their_normal_form() {
+        for ok in ["v1.0.0", "release/v1", "main", "0123456789abcdef0123456789abcdef01234567"] {
+            assert!(valid_ref(ok), "{ok}");
+        }
+        for bad in [
+            "../../../evil/payload/tarball/main", "a/../b", "a..b", ".hidden", "a/.b", "x.lock",
+            "a//b", "/a", "a/", "a.", "@", "a@{1}", "a b", "a~1", "a^", "a:b", "a?", "a*", "a[",
+            "a\\b", "-x",
+        ] {
+            assert!(!valid_ref(bad), "{bad}");
+            assert_eq!(Source::parse(&format!("github://acme/tools#{bad}")).unwrap_err().status(), 400, "{bad}");
+        }
+        let pin = "a".repeat(64);
+        Source::parse(&format!("https://plugins.acme.example/p.tgz#sha256={pin}")).unwrap();
+        for bad in [
+            "https://plugins.acme.example/acme/../evil/p.tgz",
+            "https://plugins.acme.example/acme/%2e%2e/evil/p.tgz",
+            "https://plugins.acme.example/acme\\..\\evil/p.tgz",
+            "https://PLUGINS.acme.example/p.tgz",
+            "https://plugins.acme.example:443/p.tgz",
+            "https://user:pw@plugins.acme.example/p.tgz",
+        ] {
+            let e = Source::parse(&format!("{bad}#sha256={pin}")).unwrap_err();
+            assert_eq!(e.status(), 400, "{bad}");
+        }
     }
 }

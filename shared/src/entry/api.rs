@@ -5,6 +5,7 @@
 //! `error_response`, from `ErrorKind::status`.
 
 use std::future::Future;
+use std::time::Instant;
 
 use lambda_http::http::StatusCode;
 use lambda_http::{Body, Request, RequestExt, Response};
@@ -14,9 +15,11 @@ use serde_json::{json, Value};
 use crate::domain::caller::{Caller, Scope};
 use crate::domain::allowlist::AllowEntry;
 use crate::domain::error::{Error, Result};
+use crate::domain::host::Host;
+use crate::domain::plugin::validate_name;
 use crate::domain::job::Work;
 use crate::ports::Deps;
-use crate::usecases::background::{within_or_hand_off, Done};
+use crate::usecases::background::{within_or_hand_off, Change, Done};
 use crate::usecases::install::{self, InstallRequest};
 use crate::usecases::{allowlist as allowlists, query};
 
@@ -26,6 +29,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub async fn install(deps: &Deps, req: Request) -> Response<Body> {
     let rid = request_id(&req);
     let r = async {
+        let started = Instant::now();
         let caller = authenticate(deps, &req).await?;
         caller.require(Scope::Write)?;
         let ws = path_param(&req, "id")?;
@@ -34,8 +38,11 @@ pub async fn install(deps: &Deps, req: Request) -> Response<Body> {
             source: body.source.clone(),
             sha256: body.sha256.clone(),
         };
-        let op = Box::pin(install::install(deps, &caller, &ws, body));
-        within_or_hand_off(deps, &caller, &ws, work, op).await
+        // Only an authorized change may go on in the background.
+        let host = deadline(deps, install::authorize(deps, &caller, &ws)).await?;
+        let change = change(&caller, &ws, &host, work, started);
+        let op = Box::pin(install::install_on(deps, host.clone(), &ws, body, None));
+        within_or_hand_off(deps, change, op).await
     }
     .await;
     respond_done(&rid, "install", r)
@@ -44,18 +51,39 @@ pub async fn install(deps: &Deps, req: Request) -> Response<Body> {
 pub async fn uninstall(deps: &Deps, req: Request) -> Response<Body> {
     let rid = request_id(&req);
     let r = async {
+        let started = Instant::now();
         let caller = authenticate(deps, &req).await?;
         caller.require(Scope::Write)?;
         let ws = path_param(&req, "id")?;
         let name = path_param(&req, "name")?;
+        validate_name(&name)?;
         let work = Work::Uninstall {
             plugin: name.clone(),
         };
-        let op = Box::pin(install::uninstall(deps, &caller, &ws, &name));
-        within_or_hand_off(deps, &caller, &ws, work, op).await
+        let host = deadline(deps, install::authorize(deps, &caller, &ws)).await?;
+        let change = change(&caller, &ws, &host, work, started);
+        let op = Box::pin(install::uninstall_on(deps, host.clone(), &ws, &name, None));
+        within_or_hand_off(deps, change, op).await
     }
     .await;
     respond_done(&rid, "uninstall", r)
+}
+
+/// A change authorized for `host`, and the time spent so far.
+fn change<'a>(
+    caller: &'a Caller,
+    ws: &'a str,
+    host: &'a Host,
+    work: Work,
+    started: Instant,
+) -> Change<'a> {
+    Change {
+        caller,
+        workspace: ws,
+        org: host.org_id.as_deref(),
+        work,
+        spent: started.elapsed(),
+    }
 }
 
 fn respond_done<T: Serialize>(rid: &str, op: &str, r: Result<Done<T>>) -> Response<Body> {

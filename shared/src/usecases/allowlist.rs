@@ -33,12 +33,18 @@ fn view(org: &str, list: Allowlist) -> AllowlistView {
 /// Step one of the gate: the host's org list admits `source`. Returns the
 /// list for step two.
 pub async fn admit_source(deps: &Deps, host: &Host, source: &Source) -> Result<Allowlist> {
-    let Some(org) = &host.org_id else {
+    admit_source_in(deps, host.org_id.as_deref(), source)
+        .await
+        .map_err(|e| e.with_detail(format!("instance {}", host.instance_id)))
+}
+
+/// Step one for org `org` (`None`: a workspace without an org, refused).
+pub async fn admit_source_in(deps: &Deps, org: Option<&str>, source: &Source) -> Result<Allowlist> {
+    let Some(org) = org else {
         return Err(Error::new(
             ErrorKind::Forbidden,
             format!("the workspace's instance has no {TAG_ORG} tag, so no plugin may be installed"),
-        )
-        .with_detail(format!("instance {}", host.instance_id)));
+        ));
     };
     let (list, _) = deps.allowlists.load_allowlist(org).await.map_err(|e| {
         Error::unavailable("the org allowlist could not be read, so the install is refused")
@@ -51,7 +57,18 @@ pub async fn admit_source(deps: &Deps, host: &Host, source: &Source) -> Result<A
 /// Both steps at once, for an archive already known (reinstalls and
 /// rollouts of a staged archive).
 pub async fn admit(deps: &Deps, host: &Host, source: &Source, name: &str, digest: &str) -> Result<()> {
-    admit_source(deps, host, source)
+    admit_in(deps, host.org_id.as_deref(), source, name, digest).await
+}
+
+/// Both steps for org `org`.
+pub async fn admit_in(
+    deps: &Deps,
+    org: Option<&str>,
+    source: &Source,
+    name: &str,
+    digest: &str,
+) -> Result<()> {
+    admit_source_in(deps, org, source)
         .await?
         .admit_archive(source, name, digest)
 }

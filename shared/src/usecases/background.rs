@@ -33,27 +33,43 @@ pub enum Done<T> {
     Accepted(String),
 }
 
-/// Runs a change under the API deadline. With a hand-off, one that cannot
-/// finish in time is handed to the background instead of failing: its
-/// operation id (the work cut off here is redone there). Without one, the
-/// deadline answers 504.
+/// A change the caller has been authorized for, which may go on in the
+/// background: who asked, where, and what.
+pub struct Change<'a> {
+    pub caller: &'a Caller,
+    pub workspace: &'a str,
+    /// The workspace's org, found while authorizing.
+    pub org: Option<&'a str>,
+    pub work: Work,
+    /// Time the request already spent (authorizing): the deadline is one.
+    pub spent: Duration,
+}
+
+/// Runs an authorized change under what is left of the API deadline. With
+/// a hand-off, one that cannot finish in time is handed to the background
+/// instead of failing: its operation id (the work cut off here is redone
+/// there, checked again as its caller). Without one, the deadline answers
+/// 504. Only authorized changes come here: a request cut off while its
+/// caller was being checked is never handed off.
 pub async fn within_or_hand_off<T>(
     deps: &Deps,
-    caller: &Caller,
-    workspace: &str,
-    work: Work,
+    change: Change<'_>,
     fut: impl Future<Output = Result<T>>,
 ) -> Result<Done<T>> {
-    let timeout = deps.config.operation_timeout;
+    let timeout = deps
+        .config
+        .operation_timeout
+        .saturating_sub(change.spent)
+        .max(Duration::from_millis(1));
     let Some(handoff) = deps.handoff.as_deref() else {
         return deadline::within(timeout, fut).await.map(Done::Finished);
     };
     let limit = timeout
         .saturating_sub(HANDOFF_MARGIN)
-        .max(Duration::from_secs(1));
+        .max(Duration::from_millis(500));
     match deadline::within(limit, fut).await {
         Ok(v) => Ok(Done::Finished(v)),
-        Err(e) if deadline::is_exceeded(&e) => match start(deps, handoff, caller, workspace, work).await {
+        Err(e) if deadline::is_exceeded(&e) => match start(deps, handoff, &change).await {
             Ok(id) => Ok(Done::Accepted(id)),
             Err(h) => {
                 tracing::error!(error = %h.message, detail = ?h.detail, "could not hand the operation off");
@@ -65,15 +81,11 @@ pub async fn within_or_hand_off<T>(
 }
 
 /// Writes the "running" record and queues the job; the operation id.
-pub async fn start(
-    deps: &Deps,
-    handoff: &dyn Handoff,
-    caller: &Caller,
-    workspace: &str,
-    work: Work,
-) -> Result<String> {
-    let mut rec = OperationRecord::start(work.kind(), Trigger::Api, Some(workspace));
-    match &work {
+pub async fn start(deps: &Deps, handoff: &dyn Handoff, change: &Change<'_>) -> Result<String> {
+    let workspace = change.workspace;
+    let mut rec = OperationRecord::start(change.work.kind(), Trigger::Api, Some(workspace));
+    rec.org_id = change.org.map(str::to_string);
+    match &change.work {
         Work::Install { source, .. } => rec.source = Some(source.clone()),
         Work::Uninstall { plugin } => rec.plugin = Some(plugin.clone()),
     }
@@ -81,8 +93,8 @@ pub async fn start(
     let job = Job {
         operation_id: rec.id.clone(),
         workspace: workspace.to_string(),
-        work,
-        caller: Some(caller.clone()),
+        work: change.work.clone(),
+        caller: Some(change.caller.clone()),
     };
     // Bounded: the answer must still beat API Gateway's 29 s.
     let sent = tokio::time::timeout(HANDOFF_TIMEOUT, handoff.hand_off(&job))

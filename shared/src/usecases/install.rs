@@ -109,15 +109,13 @@ struct Prepared {
 
 async fn prepare(
     deps: &Deps,
-    caller: &Caller,
-    workspace: &str,
+    host: Host,
     source: &Source,
     pin: Option<&str>,
 ) -> Result<Prepared> {
     let mut t = deps.clock.now();
-    // Nothing is fetched for a caller who may not act on the workspace, or
-    // from a source its org's allowlist does not admit.
-    let host = access::workspace_host(deps, caller, workspace).await?;
+    // The caller was authorized for the host; nothing is fetched from a
+    // source its org's allowlist does not admit.
     let list = allowlist::admit_source(deps, &host, source).await?;
     let resolved = resolve::resolve(deps, source, host.org_id.as_deref()).await?;
     // A fetched archive names itself: it may not borrow an admitted name.
@@ -159,6 +157,15 @@ fn checked_manifest(archive: &ArchiveFile, pin: Option<&str>) -> Result<Manifest
     }
 }
 
+/// The first step of every change: the caller may change this workspace
+/// (403 without the write scope, 404 unless it is the caller's and
+/// running). Its host.
+pub async fn authorize(deps: &Deps, caller: &Caller, workspace: &str) -> Result<Host> {
+    caller.require(Scope::Write)?;
+    validate_workspace_id(workspace)?;
+    access::workspace_host(deps, caller, workspace).await
+}
+
 pub async fn install(
     deps: &Deps,
     caller: &Caller,
@@ -179,10 +186,25 @@ pub async fn install_as(
 ) -> Result<InstallOutcome> {
     caller.require(Scope::Write)?;
     validate_workspace_id(workspace)?;
+    // The request's own shape first (400), then the workspace (404).
+    Source::parse(&req.source)?;
+    parse_pin(req.sha256.as_deref())?;
+    let host = authorize(deps, caller, workspace).await?;
+    install_on(deps, host, workspace, req, op_id).await
+}
+
+/// The install on a host the caller was authorized for (`authorize`).
+pub async fn install_on(
+    deps: &Deps,
+    host: Host,
+    workspace: &str,
+    req: InstallRequest,
+    op_id: Option<&str>,
+) -> Result<InstallOutcome> {
     let source = Source::parse(&req.source)?;
     let pin = parse_pin(req.sha256.as_deref())?;
     let started = deps.clock.now();
-    let p = prepare(deps, caller, workspace, &source, pin.as_deref()).await?;
+    let p = prepare(deps, host, &source, pin.as_deref()).await?;
     let mut t = deps.clock.now();
     let (name, archive) = (&p.resolved.name, &p.resolved.archive);
     let cfg = &deps.config;
@@ -274,10 +296,21 @@ pub async fn uninstall_as(
     op_id: Option<&str>,
 ) -> Result<UninstallOutcome> {
     caller.require(Scope::Write)?;
-    validate_workspace_id(workspace)?;
+    validate_name(name)?;
+    let host = authorize(deps, caller, workspace).await?;
+    uninstall_on(deps, host, workspace, name, op_id).await
+}
+
+/// The uninstall on a host the caller was authorized for (`authorize`).
+pub async fn uninstall_on(
+    deps: &Deps,
+    host: Host,
+    workspace: &str,
+    name: &str,
+    op_id: Option<&str>,
+) -> Result<UninstallOutcome> {
     validate_name(name)?;
     let cfg = &deps.config;
-    let host = access::workspace_host(deps, caller, workspace).await?;
     let profile = cfg.host_profile(&host)?;
     let cmd = HostCommand::uninstall(&profile, name, &cfg.owner, cfg.lock_wait_secs);
     let mut rec = record::start_on(Kind::Uninstall, Trigger::Api, workspace, &host, op_id);
@@ -330,7 +363,7 @@ pub async fn download(
     name: &str,
     source: Option<&str>,
 ) -> Result<String> {
-    // It fetches and stages as an install does: the same scope.
+    // It fetches and stages as an install does: the same checks.
     caller.require(Scope::Write)?;
     validate_workspace_id(workspace)?;
     validate_name(name)?;
@@ -343,7 +376,8 @@ pub async fn download(
             return Err(name_mismatch(known, name));
         }
     }
-    let p = prepare(deps, caller, workspace, &source, None).await?;
+    let host = authorize(deps, caller, workspace).await?;
+    let p = prepare(deps, host, &source, None).await?;
     if p.resolved.name != name {
         return Err(name_mismatch(&p.resolved.name, name));
     }

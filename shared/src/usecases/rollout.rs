@@ -101,9 +101,23 @@ pub async fn rollout(
     parent.plugin = Some(req.plugin.clone());
     parent.source = Some(source.canonical());
     parent.org_id = req.org_id.clone();
-    // One archive for the whole fleet.
+    // One archive for the whole fleet. An org's rollout fetches nothing
+    // its allowlist does not admit (a platform rollout is checked against
+    // each host's org below).
     let org = req.org_id.as_deref();
-    let resolved = match resolve_named(deps, &source, &req.plugin, org).await {
+    let resolved = async {
+        let list = match org {
+            Some(o) => Some(allowlist::admit_source_in(deps, Some(o), &source).await?),
+            None => None,
+        };
+        let r = resolve_named(deps, &source, &req.plugin, org).await?;
+        if let Some(list) = list {
+            list.admit_archive(&source, &r.name, &r.archive.sha256)?;
+        }
+        Ok(r)
+    }
+    .await;
+    let resolved = match resolved {
         Ok(r) => r,
         Err(e) => return Err(record::fail(deps.records.as_ref(), &mut parent, e).await),
     };
@@ -378,6 +392,16 @@ impl Run {
             // A stopped workspace gets the new version when it starts (the
             // instance-start reinstall installs its desired state).
             Err(e) if e.kind == ErrorKind::NotFound => {
+                // Its org's allowlist is checked now, not only at its next
+                // start. A workspace with no instance at all has no org to
+                // ask (only a platform rollout reaches it): its start checks.
+                let org = workspace_org(&deps.fleet.org_tags(ws).await?);
+                if let Some(org) = &org {
+                    let (source, name) = (&self.source, &self.entry.info.name);
+                    allowlist::admit_in(deps, Some(org), source, name, &self.archive.sha256)
+                        .await?;
+                }
+                child.org_id = org;
                 self.record(ws).await?;
                 return Ok(ChildOutcome {
                     reason: Some(

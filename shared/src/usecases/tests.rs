@@ -48,6 +48,17 @@ fn owner() -> Caller {
     .unwrap()
 }
 
+/// An authorized change of ws-1 (org-1) by `caller`.
+fn change(caller: &Caller, work: Work) -> background::Change<'_> {
+    background::Change {
+        caller,
+        workspace: "ws-1",
+        org: Some(MEMORY_ORG),
+        work,
+        spent: Duration::ZERO,
+    }
+}
+
 fn req(source: &str) -> InstallRequest {
     InstallRequest {
         source: source.into(),
@@ -316,7 +327,7 @@ async fn slow_operations_are_handed_off_with_202_and_finished_by_the_worker() {
     };
     let me = owner();
     let fut = install::install(&deps, &me, "ws-1", req("hello"));
-    let done = background::within_or_hand_off(&deps, &owner(), "ws-1", work, fut)
+    let done = background::within_or_hand_off(&deps, change(&me, work), fut)
         .await
         .unwrap();
     let Done::Accepted(id) = done else {
@@ -357,14 +368,16 @@ async fn slow_operations_are_handed_off_with_202_and_finished_by_the_worker() {
 
     // A busy host: the job stays running for the queue's next delivery.
     m.hosts.script(|_, _| Some(busy()));
+    let me = owner();
     let id2 = background::start(
         &deps,
         m.handoff.as_ref(),
-        &owner(),
-        "ws-1",
-        Work::Uninstall {
-            plugin: "hello".into(),
-        },
+        &change(
+            &me,
+            Work::Uninstall {
+                plugin: "hello".into(),
+            },
+        ),
     )
     .await
     .unwrap();
@@ -391,7 +404,7 @@ async fn slow_operations_are_handed_off_with_202_and_finished_by_the_worker() {
     };
     let me = owner();
     let fut = install::uninstall(&deps, &me, "ws-1", "hello");
-    let e = background::within_or_hand_off(&deps, &owner(), "ws-1", work, fut)
+    let e = background::within_or_hand_off(&deps, change(&me, work), fut)
         .await
         .unwrap_err();
     assert_eq!(e.status(), 504);
@@ -791,6 +804,7 @@ async fn other_tenants_get_the_unknown_workspace_answer_and_touch_nothing() {
     let unknown = install::install(&deps, &owner(), "ws-9", req("hello"))
         .await
         .unwrap_err();
+    assert_eq!((unknown.status(), unknown.message), (404, unknown_workspace("ws-9").message));
     let strangers = [
         caller_of("org-2", None, "read write admin"),
         caller_of(MEMORY_ORG, Some("ws-2"), "read write"),
@@ -903,4 +917,35 @@ async fn an_org_rollout_touches_that_orgs_workspaces_only() {
     let touched: Vec<String> = m.hosts.calls().iter().map(|c| c.instance.clone()).collect();
     assert!(touched.iter().all(|i| i == "i-ws-00" || i == "i-ws-01"), "{touched:?}");
     assert_eq!(m.store.state_of("ws-02").plugins["hello"].digest, "old");
+}
+
+#[tokio::test]
+async fn a_cross_org_rollout_parent_names_only_the_workspace_asked_about() {
+    let (m, deps) = world();
+    let mut other = m.fleet.add("ws-2", "vpc-a");
+    other.org_id = Some("org-2".into());
+    m.fleet.put("ws-2", other);
+    let mut parent = OperationRecord::start(Kind::Rollout, Trigger::Request, None);
+    parent.progress = Some(crate::domain::records::Progress {
+        total: 3,
+        failed: 2,
+        failed_workspaces: vec!["ws-1".into(), "ws-2".into()],
+        not_started: vec!["ws-3".into()],
+        ..Default::default()
+    });
+    deps.records.put_record(&parent).await.unwrap();
+    let seen = query::operation(&deps, &owner(), "ws-1", &parent.id).await.unwrap();
+    let p = seen.progress.unwrap();
+    assert_eq!((p.failed_workspaces, p.not_started), (vec!["ws-1".to_string()], vec![]));
+    // The platform sees it whole; so does the org an org rollout was for.
+    let whole = query::operation(&deps, &Caller::system(), "ws-1", &parent.id).await.unwrap();
+    assert_eq!(whole.progress.unwrap().failed_workspaces.len(), 2);
+    parent.org_id = Some(MEMORY_ORG.into());
+    deps.records.put_record(&parent).await.unwrap();
+    let own = query::operation(&deps, &owner(), "ws-1", &parent.id).await.unwrap();
+    assert_eq!(own.progress.unwrap().not_started, vec!["ws-3".to_string()]);
+    // Another org cannot reach it through a workspace of its own that it
+    // did not touch, nor through ws-1.
+    let org2 = caller_of("org-2", None, "read");
+    assert_eq!(query::operation(&deps, &org2, "ws-1", &parent.id).await.unwrap_err().status(), 404);
 }
