@@ -13,15 +13,26 @@ tokio::task_local! {
 
 /// Runs `fut` with `limit` as its deadline, answering 504 when it passes.
 pub async fn within<T>(limit: Duration, fut: impl Future<Output = Result<T>>) -> Result<T> {
+    within_rest(limit, Duration::ZERO, fut).await
+}
+
+/// `within` a deadline of `total` of which `spent` is gone already (the
+/// request's earlier steps); the error names the whole deadline.
+pub async fn within_rest<T>(
+    total: Duration,
+    spent: Duration,
+    fut: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    let limit = total.saturating_sub(spent);
     let at = Instant::now() + limit;
     // Boxed: the whole operation's future nests deeply, and callers'
     // futures stay shallow enough for the compiler's layout queries.
     let fut = Box::pin(fut);
     DEADLINE
-        .scope((at, limit), async {
+        .scope((at, total), async {
             tokio::time::timeout(limit, fut)
                 .await
-                .unwrap_or_else(|_| Err(exceeded(limit)))
+                .unwrap_or_else(|_| Err(exceeded(total)))
         })
         .await
 }

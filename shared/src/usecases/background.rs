@@ -56,18 +56,17 @@ pub async fn within_or_hand_off<T>(
     change: Change<'_>,
     fut: impl Future<Output = Result<T>>,
 ) -> Result<Done<T>> {
-    let timeout = deps
-        .config
-        .operation_timeout
-        .saturating_sub(change.spent)
-        .max(Duration::from_millis(1));
+    let timeout = deps.config.operation_timeout;
+    let spent = change.spent;
     let Some(handoff) = deps.handoff.as_deref() else {
-        return deadline::within(timeout, fut).await.map(Done::Finished);
+        return deadline::within_rest(timeout, spent, fut)
+            .await
+            .map(Done::Finished);
     };
     let limit = timeout
         .saturating_sub(HANDOFF_MARGIN)
-        .max(Duration::from_millis(500));
-    match deadline::within(limit, fut).await {
+        .max(Duration::from_secs(1));
+    match deadline::within_rest(limit, spent, fut).await {
         Ok(v) => Ok(Done::Finished(v)),
         Err(e) if deadline::is_exceeded(&e) => match start(deps, handoff, &change).await {
             Ok(id) => Ok(Done::Accepted(id)),
