@@ -519,6 +519,51 @@ async fn a_rollout_stops_at_the_error_threshold() {
     assert_eq!(b["operations"][0]["result"]["host_error"], "restart_failed");
 }
 
+/// The tenant server's requests act for one org: a rollout for acme leaves
+/// a globex workspace that has the plugin untouched (host and desired
+/// state), a reinstall request for a globex workspace in acme's name is
+/// refused, and a request without an org is refused; the platform's
+/// source reaches both orgs.
+async fn tenant_requests_stay_in_their_org() {
+    let f = Fixture::new().await;
+    let app = f.app_with(fleet_config(&f));
+    publish(&f, "scoped", "2.0.0").await;
+    let ours = extra_host(&f, &format!("{}-acme", f.workspace), Access::Ssh, "acme").await;
+    let theirs = extra_host(&f, &format!("{}-globex", f.workspace), Access::Ssh, "globex").await;
+    set_tag(&f.ec2, &theirs.host.instance_id, "molecule:org-id", "globex").await;
+    for h in [&ours, &theirs] {
+        f.desire(&h.workspace, "scoped").await;
+    }
+    let desired = |ws: &str| {
+        let f = &f;
+        let key = format!("workspaces/{ws}/plugins.json");
+        async move {
+            let b = f.get(&key).await.unwrap();
+            serde_json::from_slice::<Value>(&b).unwrap()["plugins"]["scoped"]["version"].clone()
+        }
+    };
+    let rollout = json!({"plugin": "scoped", "source": "local://scoped"});
+    let out = handle(&app, request(rollout.clone())).await.unwrap();
+    assert_eq!((out["status"].as_str(), out["org_id"].as_str()), (Some("succeeded"), Some(TEST_ORG)), "{out}");
+    assert_eq!(out["progress"]["total"], 1, "{out}");
+    assert!(ours.dir.join("plugins/scoped").exists());
+    assert!(!theirs.dir.join("plugins").exists(), "globex's host untouched");
+    assert_eq!(desired(&theirs.workspace).await, "0.9.0", "globex's desired state untouched");
+    assert_eq!(desired(&ours.workspace).await, "2.0.0");
+
+    let e = handle(&app, request(json!({"workspace_id": theirs.workspace}))).await.unwrap_err();
+    assert!(e.contains("was not found"), "{e}");
+    let mut no_org = request(rollout.clone());
+    no_org["detail"].as_object_mut().unwrap().remove("org_id");
+    let e = handle(&app, no_org).await.unwrap_err();
+    assert!(e.contains("org_id"), "{e}");
+    assert!(!theirs.dir.join("plugins").exists());
+
+    let out = handle(&app, platform_request(rollout)).await.unwrap();
+    assert_eq!(out["progress"]["total"], 2, "{out}");
+    assert!(theirs.dir.join("plugins/scoped").exists(), "the platform reaches every org");
+}
+
 async fn drift_is_repaired_on_the_schedule_and_extras_reported(access: Access) {
     let f = Fixture::with(access).await;
     let mut cfg = fleet_config(&f);
@@ -666,6 +711,7 @@ mod single {
         a_rollout_to_20_workspaces_keeps_to_5_at_once,
         a_rollout_stops_at_the_error_threshold,
         a_reinstall_request_for_one_workspace,
+        tenant_requests_stay_in_their_org,
     );
 }
 
