@@ -108,7 +108,10 @@ impl App {
             config.extra_ca_pem.as_deref(),
             config.fetch_timeout,
         )?);
-        let credentials = Arc::new(SsmCredentials::new(ssm.clone(), &config.org_credentials_path));
+        let credentials = Arc::new(SsmCredentials::new(
+            ssm.clone(),
+            &config.org_credentials_path,
+        ));
         let auth = Arc::new(JwtVerifier::new(config.tokens.clone(), ssm));
         Ok(App {
             deps: Deps {

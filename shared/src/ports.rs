@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::io::{AsyncBufRead, AsyncRead};
 
+use crate::domain::allowlist::Allowlist;
 use crate::domain::archive::ArchiveFile;
 use crate::domain::caller::Caller;
 use crate::domain::config::Config;
@@ -18,7 +19,6 @@ use crate::domain::error::Result;
 use crate::domain::host::Host;
 use crate::domain::hostscript::{HostCommand, HostOutput};
 use crate::domain::job::Job;
-use crate::domain::allowlist::Allowlist;
 use crate::domain::plugin::DesiredState;
 use crate::domain::records::OperationRecord;
 use crate::domain::source::RegistryFile;

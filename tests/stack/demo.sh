@@ -260,8 +260,11 @@ if [ "$keep" = 1 ]; then
     bold "Left running"
     cat <<EOF
 functions: $base/{install,uninstall,list,catalog,download,allowlist}/... (e.g. $base/catalog/plugins)
-  curl -sS -X POST -d '{"source":"hello-world"}' $base/install/workspaces/$workspace/plugins
-  cargo lambda invoke -A 127.0.0.1 -P $port install --data-file events/install.json
+every request needs a token of the test issuer (tests/stack/mint-token.py --org $org [--scope ...]):
+  token=\$(.venv/bin/python tests/stack/mint-token.py --org $org)
+  curl -sS -H "authorization: Bearer \$token" -X POST -d '{"source":"hello-world"}' $base/install/workspaces/$workspace/plugins
+  jq --arg t "Bearer \$token" '.headers.authorization = \$t' events/install.json > /tmp/ev.json
+  cargo lambda invoke -A 127.0.0.1 -P $port install --data-file /tmp/ev.json
 host config dir: $configs    stack env: . $state/env
 stop: kill -- -$watch_pid; tests/stack/stack.sh down
 EOF

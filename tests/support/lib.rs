@@ -265,7 +265,12 @@ impl Host {
                             .value(format!("{ip}:{port}"))
                             .build(),
                     )
-                    .tags(Tag::builder().key("molecule:org-id").value(TEST_ORG).build())
+                    .tags(
+                        Tag::builder()
+                            .key("molecule:org-id")
+                            .value(TEST_ORG)
+                            .build(),
+                    )
                     .build(),
             )
             .send()
@@ -577,7 +582,8 @@ pub const JWKS_PARAMETER: &str = "/plugin-delivery-test/jwks";
 pub async fn publish_jwks(ssm: &aws_sdk_ssm::Client) {
     static DONE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     DONE.get_or_init(|| async {
-        let jwks = std::fs::read_to_string(repo_root().join("tests/fixtures/jwt/jwks.json")).unwrap();
+        let jwks =
+            std::fs::read_to_string(repo_root().join("tests/fixtures/jwt/jwks.json")).unwrap();
         ssm.put_parameter()
             .name(JWKS_PARAMETER)
             .value(jwks)
@@ -917,7 +923,12 @@ pub fn check_response(key: &str, resp: &lambda_http::Response<Body>) -> Result<(
             Err(format!("status {status} has no body in the document"))
         };
     };
-    if resp.headers().get("content-type").and_then(|v| v.to_str().ok()) != Some("application/json") {
+    if resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        != Some("application/json")
+    {
         return Err("content-type is not application/json".into());
     }
     let instance: Value =
@@ -1478,7 +1489,10 @@ impl SourceServer {
     /// Requests it served, its own `/_server/` ones left out.
     pub fn requests(&self) -> usize {
         let out = Command::new("curl")
-            .args(["-sf", &format!("http://127.0.0.1:{}/_server/requests", self.plain_port)])
+            .args([
+                "-sf",
+                &format!("http://127.0.0.1:{}/_server/requests", self.plain_port),
+            ])
             .output()
             .expect("curl");
         let v: Value = serde_json::from_slice(&out.stdout).expect("request log");

@@ -61,8 +61,14 @@ fn the_template_routes_exactly_what_the_document_describes() {
             if method == "parameters" {
                 continue;
             }
-            assert!(op["responses"]["401"].is_object(), "{method} {path} has no 401");
-            assert!(op.get("security").is_none(), "{method} {path} overrides security");
+            assert!(
+                op["responses"]["401"].is_object(),
+                "{method} {path} has no 401"
+            );
+            assert!(
+                op.get("security").is_none(),
+                "{method} {path} overrides security"
+            );
         }
     }
 }
@@ -108,23 +114,78 @@ struct Route {
 }
 
 const ROUTES: [Route; 12] = [
-    Route { key: "POST /workspaces/{id}/plugins", scope: "write", kind: Kind::Workspace },
-    Route { key: "GET /workspaces/{id}/plugins", scope: "read", kind: Kind::Workspace },
-    Route { key: "GET /workspaces/{id}/plugins/available", scope: "read", kind: Kind::Workspace },
-    Route { key: "GET /workspaces/{id}/plugins/compatibility", scope: "read", kind: Kind::Workspace },
-    Route { key: "GET /workspaces/{id}/plugins/operations", scope: "read", kind: Kind::Workspace },
-    Route { key: "GET /workspaces/{id}/plugins/operations/{op_id}", scope: "read", kind: Kind::Workspace },
-    Route { key: "GET /workspaces/{id}/plugins/{name}/download", scope: "write", kind: Kind::Workspace },
-    Route { key: "DELETE /workspaces/{id}/plugins/{name}", scope: "write", kind: Kind::Workspace },
-    Route { key: "GET /orgs/{id}/plugins/allowlist", scope: "read", kind: Kind::Org },
-    Route { key: "PUT /orgs/{id}/plugins/allowlist", scope: "admin", kind: Kind::Org },
-    Route { key: "GET /plugins", scope: "read", kind: Kind::Global },
-    Route { key: "GET /plugins/sources", scope: "read", kind: Kind::Global },
+    Route {
+        key: "POST /workspaces/{id}/plugins",
+        scope: "write",
+        kind: Kind::Workspace,
+    },
+    Route {
+        key: "GET /workspaces/{id}/plugins",
+        scope: "read",
+        kind: Kind::Workspace,
+    },
+    Route {
+        key: "GET /workspaces/{id}/plugins/available",
+        scope: "read",
+        kind: Kind::Workspace,
+    },
+    Route {
+        key: "GET /workspaces/{id}/plugins/compatibility",
+        scope: "read",
+        kind: Kind::Workspace,
+    },
+    Route {
+        key: "GET /workspaces/{id}/plugins/operations",
+        scope: "read",
+        kind: Kind::Workspace,
+    },
+    Route {
+        key: "GET /workspaces/{id}/plugins/operations/{op_id}",
+        scope: "read",
+        kind: Kind::Workspace,
+    },
+    Route {
+        key: "GET /workspaces/{id}/plugins/{name}/download",
+        scope: "write",
+        kind: Kind::Workspace,
+    },
+    Route {
+        key: "DELETE /workspaces/{id}/plugins/{name}",
+        scope: "write",
+        kind: Kind::Workspace,
+    },
+    Route {
+        key: "GET /orgs/{id}/plugins/allowlist",
+        scope: "read",
+        kind: Kind::Org,
+    },
+    Route {
+        key: "PUT /orgs/{id}/plugins/allowlist",
+        scope: "admin",
+        kind: Kind::Org,
+    },
+    Route {
+        key: "GET /plugins",
+        scope: "read",
+        kind: Kind::Global,
+    },
+    Route {
+        key: "GET /plugins/sources",
+        scope: "read",
+        kind: Kind::Global,
+    },
 ];
 
 /// The status each case must get on `r`.
 fn expected(r: &Route, case: As) -> u16 {
-    let ok = if r.key.starts_with("GET /workspaces/{id}/plugins/{name}/download") { 302 } else { 200 };
+    let ok = if r
+        .key
+        .starts_with("GET /workspaces/{id}/plugins/{name}/download")
+    {
+        302
+    } else {
+        200
+    };
     match case {
         As::NoToken | As::Expired | As::WrongSignature | As::WrongIssuer | As::WrongAudience => 401,
         As::TooLittleScope => 403,
@@ -222,8 +283,12 @@ fn request(w: &World, r: &Route) -> Request {
         params["op_id"] = json!(w.op_id);
     }
     let (body, query) = match r.key {
-        "POST /workspaces/{id}/plugins" => (Some(json!({"source": w.source}).to_string()), String::new()),
-        "PUT /orgs/{id}/plugins/allowlist" => (Some(r#"{"plugins": []}"#.to_string()), String::new()),
+        "POST /workspaces/{id}/plugins" => {
+            (Some(json!({"source": w.source}).to_string()), String::new())
+        }
+        "PUT /orgs/{id}/plugins/allowlist" => {
+            (Some(r#"{"plugins": []}"#.to_string()), String::new())
+        }
         "GET /workspaces/{id}/plugins/compatibility" => (None, "runtime=hermes".into()),
         "GET /workspaces/{id}/plugins/{name}/download" => (None, format!("source={}", w.source)),
         _ => (None, String::new()),
@@ -235,8 +300,14 @@ async fn world(access: Access) -> World {
     let f = Fixture::with(access).await;
     let srv = SourceServer::start();
     let archive = {
-        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
-        for (p, d) in [("plugin.yaml", &b"name: matrix-tool\nversion: 1.0.0\n"[..]), ("rules/m.md", b"m\n")] {
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
+        for (p, d) in [
+            ("plugin.yaml", &b"name: matrix-tool\nversion: 1.0.0\n"[..]),
+            ("rules/m.md", b"m\n"),
+        ] {
             let mut h = tar::Header::new_gnu();
             h.set_size(d.len() as u64);
             h.set_mode(0o644);
@@ -245,11 +316,21 @@ async fn world(access: Access) -> World {
         b.into_inner().unwrap().finish().unwrap()
     };
     srv.file("m/matrix-tool.tar.gz", &archive);
-    let source = format!("{}/files/m/matrix-tool.tar.gz#sha256={}", srv.base(), sha256_hex(&archive));
+    let source = format!(
+        "{}/files/m/matrix-tool.tar.gz#sha256={}",
+        srv.base(),
+        sha256_hex(&archive)
+    );
     let mut cfg = f.config();
     cfg.extra_ca_pem = Some(std::fs::read(srv.tls.join("ca.pem")).unwrap());
     let app = f.app_with(cfg);
-    World { f, srv, app, source, op_id: "op-0-00000000".into() }
+    World {
+        f,
+        srv,
+        app,
+        source,
+        op_id: "op-0-00000000".into(),
+    }
 }
 
 async fn matrix(access: Access) {
@@ -275,7 +356,12 @@ async fn matrix(access: Access) {
             }
             if want >= 400 {
                 refused += 1;
-                assert_eq!(seen(&w.f, &w.srv).await, before, "{access:?} {} as {case:?} left a trace", r.key);
+                assert_eq!(
+                    seen(&w.f, &w.srv).await,
+                    before,
+                    "{access:?} {} as {case:?} left a trace",
+                    r.key
+                );
             }
         }
     }
@@ -283,7 +369,10 @@ async fn matrix(access: Access) {
     // An unknown workspace answers exactly as another org's does.
     let unknown = as_caller(list_req("no-such-ws"), Some(owner_token()));
     let (s, b) = api(&w.app, unknown).await;
-    assert_eq!((s, b["error"].as_str()), (404, Some("workspace \"no-such-ws\" was not found")));
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (404, Some("workspace \"no-such-ws\" was not found"))
+    );
 
     // Valid, in an order where each finds what it needs.
     let ordered = [0usize, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 7];
@@ -295,14 +384,22 @@ async fn matrix(access: Access) {
         }
         let req = as_caller(request(&w, r), Some(owner_token()));
         let (status, body) = api(&w.app, req).await;
-        assert_eq!(status, expected(r, As::Valid), "{access:?} {} valid: {body}", r.key);
+        assert_eq!(
+            status,
+            expected(r, As::Valid),
+            "{access:?} {} valid: {body}",
+            r.key
+        );
         if i == 0 {
             assert_eq!(body["plugin"], "matrix-tool", "{body}");
             assert!(w.f.plugin_dir("matrix-tool").join("rules/m.md").exists());
         }
     }
     assert!(!w.f.plugin_dir("matrix-tool").exists(), "uninstalled last");
-    assert!(w.srv.requests() > before.fetches, "the valid install did fetch");
+    assert!(
+        w.srv.requests() > before.fetches,
+        "the valid install did fetch"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,22 +449,47 @@ async fn api_fuzz_against_the_document() {
     cfg.extra_ca_pem = Some(std::fs::read(w.srv.tls.join("ca.pem")).unwrap());
     cfg.github_api = w.srv.base();
     let app = w.f.app_with(cfg);
-    w.srv.repo_ref("acme", "tools", "v1", &[("plugin.yaml", b"name: tools\n"), ("rules/t.md", b"t\n")]);
+    w.srv.repo_ref(
+        "acme",
+        "tools",
+        "v1",
+        &[("plugin.yaml", b"name: tools\n"), ("rules/t.md", b"t\n")],
+    );
     let ws = w.f.workspace.clone();
     let pick = |rng: &mut rand::rngs::StdRng, xs: &[String]| xs[rng.gen_range(0..xs.len())].clone();
     let junk = |rng: &mut rand::rngs::StdRng| -> String {
         let alphabet: Vec<char> = "aZ09-_.~%:/#?&=@ é\u{0}\u{202e}\"'{}[]\\".chars().collect();
         let len = rng.gen_range(0..40);
-        (0..len).map(|_| alphabet[rng.gen_range(0..alphabet.len())]).collect()
+        (0..len)
+            .map(|_| alphabet[rng.gen_range(0..alphabet.len())])
+            .collect()
     };
-    let ids = vec![ws.clone(), "no-such-ws".into(), String::new(), "..".into(), "A".repeat(300), "ws with space".into()];
-    let names = vec!["matrix-tool".into(), "tools".into(), "../etc".into(), String::new(), "Bad/Name".into(), "x".repeat(200)];
+    let ids = vec![
+        ws.clone(),
+        "no-such-ws".into(),
+        String::new(),
+        "..".into(),
+        "A".repeat(300),
+        "ws with space".into(),
+    ];
+    let names = vec![
+        "matrix-tool".into(),
+        "tools".into(),
+        "../etc".into(),
+        String::new(),
+        "Bad/Name".into(),
+        "x".repeat(200),
+    ];
     let sources = vec![
         w.source.clone(),
         "github://acme/tools#v1".into(),
         "github://acme/missing#v1".into(),
         "github://acme/tools".into(),
-        format!("{}/files/m/none.tgz#sha256={}", w.srv.base(), "0".repeat(64)),
+        format!(
+            "{}/files/m/none.tgz#sha256={}",
+            w.srv.base(),
+            "0".repeat(64)
+        ),
         format!("{}/files/m/matrix-tool.tar.gz", w.srv.base()),
         "local://matrix-tool".into(),
         "nope://x".into(),
@@ -380,9 +502,27 @@ async fn api_fuzz_against_the_document() {
     for i in 0..n {
         let r = &ROUTES[rng.gen_range(0..ROUTES.len())];
         let (method, route) = r.key.split_once(' ').unwrap();
-        let id = if rng.gen_bool(0.7) { if r.kind == Kind::Org { TEST_ORG.to_string() } else { ws.clone() } } else if rng.gen_bool(0.5) { pick(&mut rng, &ids) } else { junk(&mut rng).replace('/', "") };
-        let name = if rng.gen_bool(0.6) { pick(&mut rng, &names) } else { junk(&mut rng).replace('/', "") };
-        let op_id = if rng.gen_bool(0.5) { format!("op-{}-{:08x}", rng.gen::<u32>(), rng.gen::<u32>()) } else { junk(&mut rng).replace('/', "") };
+        let id = if rng.gen_bool(0.7) {
+            if r.kind == Kind::Org {
+                TEST_ORG.to_string()
+            } else {
+                ws.clone()
+            }
+        } else if rng.gen_bool(0.5) {
+            pick(&mut rng, &ids)
+        } else {
+            junk(&mut rng).replace('/', "")
+        };
+        let name = if rng.gen_bool(0.6) {
+            pick(&mut rng, &names)
+        } else {
+            junk(&mut rng).replace('/', "")
+        };
+        let op_id = if rng.gen_bool(0.5) {
+            format!("op-{}-{:08x}", rng.gen::<u32>(), rng.gen::<u32>())
+        } else {
+            junk(&mut rng).replace('/', "")
+        };
         let mut params = json!({});
         if r.kind != Kind::Global {
             params["id"] = json!(id);
@@ -394,12 +534,28 @@ async fn api_fuzz_against_the_document() {
             params["op_id"] = json!(op_id);
         }
         // As a client sends them: percent-encoded in the raw path and query.
-        let path = route.replace("{id}", &enc(&id)).replace("{name}", &enc(&name)).replace("{op_id}", &enc(&op_id));
+        let path = route
+            .replace("{id}", &enc(&id))
+            .replace("{name}", &enc(&name))
+            .replace("{op_id}", &enc(&op_id));
         let mut query = Vec::new();
         for key in ["limit", "next", "runtime", "source"] {
             if rng.gen_bool(0.3) {
                 let v = match key {
-                    "limit" => pick(&mut rng, &["0", "1", "20", "100", "101", "-1", "x", "99999999999999999999"].map(String::from)),
+                    "limit" => pick(
+                        &mut rng,
+                        &[
+                            "0",
+                            "1",
+                            "20",
+                            "100",
+                            "101",
+                            "-1",
+                            "x",
+                            "99999999999999999999",
+                        ]
+                        .map(String::from),
+                    ),
                     "source" => pick(&mut rng, &sources),
                     "runtime" => pick(&mut rng, &["claude-code", "hermes", ""].map(String::from)),
                     _ => junk(&mut rng),
@@ -429,7 +585,14 @@ async fn api_fuzz_against_the_document() {
             _ => Some(owner_token().to_string()),
         };
         let req = as_caller(
-            event_with_query(method, route, &path, params, body.as_deref(), &query.join("&")),
+            event_with_query(
+                method,
+                route,
+                &path,
+                params,
+                body.as_deref(),
+                &query.join("&"),
+            ),
             token.as_deref(),
         );
         let (resp, checked) = send_unchecked(&app, req).await;

@@ -529,8 +529,20 @@ async fn tenant_requests_stay_in_their_org() {
     let app = f.app_with(fleet_config(&f));
     publish(&f, "scoped", "2.0.0").await;
     let ours = extra_host(&f, &format!("{}-acme", f.workspace), Access::Ssh, "acme").await;
-    let theirs = extra_host(&f, &format!("{}-globex", f.workspace), Access::Ssh, "globex").await;
-    set_tag(&f.ec2, &theirs.host.instance_id, "molecule:org-id", "globex").await;
+    let theirs = extra_host(
+        &f,
+        &format!("{}-globex", f.workspace),
+        Access::Ssh,
+        "globex",
+    )
+    .await;
+    set_tag(
+        &f.ec2,
+        &theirs.host.instance_id,
+        "molecule:org-id",
+        "globex",
+    )
+    .await;
     for h in [&ours, &theirs] {
         f.desire(&h.workspace, "scoped").await;
     }
@@ -544,14 +556,27 @@ async fn tenant_requests_stay_in_their_org() {
     };
     let rollout = json!({"plugin": "scoped", "source": "local://scoped"});
     let out = handle(&app, request(rollout.clone())).await.unwrap();
-    assert_eq!((out["status"].as_str(), out["org_id"].as_str()), (Some("succeeded"), Some(TEST_ORG)), "{out}");
+    assert_eq!(
+        (out["status"].as_str(), out["org_id"].as_str()),
+        (Some("succeeded"), Some(TEST_ORG)),
+        "{out}"
+    );
     assert_eq!(out["progress"]["total"], 1, "{out}");
     assert!(ours.dir.join("plugins/scoped").exists());
-    assert!(!theirs.dir.join("plugins").exists(), "globex's host untouched");
-    assert_eq!(desired(&theirs.workspace).await, "0.9.0", "globex's desired state untouched");
+    assert!(
+        !theirs.dir.join("plugins").exists(),
+        "globex's host untouched"
+    );
+    assert_eq!(
+        desired(&theirs.workspace).await,
+        "0.9.0",
+        "globex's desired state untouched"
+    );
     assert_eq!(desired(&ours.workspace).await, "2.0.0");
 
-    let e = handle(&app, request(json!({"workspace_id": theirs.workspace}))).await.unwrap_err();
+    let e = handle(&app, request(json!({"workspace_id": theirs.workspace})))
+        .await
+        .unwrap_err();
     assert!(e.contains("was not found"), "{e}");
     let mut no_org = request(rollout.clone());
     no_org["detail"].as_object_mut().unwrap().remove("org_id");
@@ -561,7 +586,10 @@ async fn tenant_requests_stay_in_their_org() {
 
     let out = handle(&app, platform_request(rollout)).await.unwrap();
     assert_eq!(out["progress"]["total"], 2, "{out}");
-    assert!(theirs.dir.join("plugins/scoped").exists(), "the platform reaches every org");
+    assert!(
+        theirs.dir.join("plugins/scoped").exists(),
+        "the platform reaches every org"
+    );
 }
 
 async fn drift_is_repaired_on_the_schedule_and_extras_reported(access: Access) {

@@ -5,7 +5,6 @@
 
 use acceptance::*;
 
-
 /// A .tar.gz with `entries`, each (path, bytes) or a symlink (path, target).
 fn tarball(files: &[(&str, &[u8])], symlinks: &[(&str, &str)]) -> Vec<u8> {
     let mut b = tar::Builder::new(flate2::write::GzEncoder::new(

@@ -51,6 +51,15 @@ impl Ec2Fleet {
         self.in_states(filter, &["running"]).await
     }
 
+    /// The workspace's instances that are not gone (terminated).
+    async fn not_gone(&self, workspace: &str) -> Result<Vec<(Option<String>, Instance)>> {
+        let tagged = Filter::builder()
+            .name(format!("tag:{TAG_WORKSPACE}"))
+            .values(workspace)
+            .build();
+        self.in_states(tagged, &NOT_GONE).await
+    }
+
     /// Instances matching `filter` in one of `states`, with their workspace tag.
     async fn in_states(
         &self,
@@ -183,22 +192,12 @@ impl Fleet for Ec2Fleet {
     async fn locate(&self, workspace: &str) -> Result<Host> {
         // Every instance that is not gone, in one call: the running one is
         // the host, and all of them together say whose the workspace is.
-        let found = self
-            .in_states(
-                Filter::builder()
-                    .name(format!("tag:{TAG_WORKSPACE}"))
-                    .values(workspace)
-                    .build(),
-                &NOT_GONE,
-            )
-            .await?;
+        let found = self.not_gone(workspace).await?;
         let orgs: Vec<Option<String>> = found.iter().map(|(_, i)| org_tag(i)).collect();
         let mut running: Vec<Instance> = found
             .into_iter()
             .map(|(_, i)| i)
-            .filter(|i| {
-                i.state().and_then(|s| s.name()) == Some(&InstanceStateName::Running)
-            })
+            .filter(|i| i.state().and_then(|s| s.name()) == Some(&InstanceStateName::Running))
             .collect();
         match running.len() {
             0 => Err(Error::not_found(format!(
@@ -278,15 +277,7 @@ impl Fleet for Ec2Fleet {
     }
 
     async fn org_tags(&self, workspace: &str) -> Result<Vec<Option<String>>> {
-        let found = self
-            .in_states(
-                Filter::builder()
-                    .name(format!("tag:{TAG_WORKSPACE}"))
-                    .values(workspace)
-                    .build(),
-                &NOT_GONE,
-            )
-            .await?;
+        let found = self.not_gone(workspace).await?;
         Ok(found.iter().map(|(_, inst)| org_tag(inst)).collect())
     }
 

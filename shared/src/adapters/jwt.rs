@@ -153,7 +153,12 @@ fn usable_keys(set: &JwkSet) -> HashMap<String, Arc<DecodingKey>> {
     set.keys
         .iter()
         .filter(|j| matches!(j.algorithm, AlgorithmParameters::RSA(_)))
-        .filter(|j| matches!(j.common.public_key_use, None | Some(PublicKeyUse::Signature)))
+        .filter(|j| {
+            matches!(
+                j.common.public_key_use,
+                None | Some(PublicKeyUse::Signature)
+            )
+        })
         .filter(|j| matches!(j.common.key_algorithm, None | Some(KeyAlgorithm::RS256)))
         .filter_map(|j| {
             let kid = j.common.key_id.clone()?;

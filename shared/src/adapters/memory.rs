@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use crate::domain::allowlist::Allowlist;
 use crate::domain::archive::{sha256_hex, ArchiveFile};
 use crate::domain::config::Config;
 use crate::domain::error::{Error, Result};
 use crate::domain::host::{Access, Host};
 use crate::domain::hostscript::{HostCommand, HostOutput, RESULT_MARKER};
 use crate::domain::job::Job;
-use crate::domain::allowlist::Allowlist;
 use crate::domain::plugin::DesiredState;
 use crate::domain::records::{Kind, OperationRecord};
 use crate::domain::source::RegistryFile;

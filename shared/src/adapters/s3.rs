@@ -15,9 +15,9 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::adapters::aws::aws_error;
+use crate::domain::allowlist::Allowlist;
 use crate::domain::archive::ArchiveFile;
 use crate::domain::error::{Error, Result};
-use crate::domain::allowlist::Allowlist;
 use crate::domain::plugin::DesiredState;
 use crate::domain::records::{Kind, OperationRecord};
 use crate::domain::source::RegistryFile;

@@ -116,9 +116,8 @@ impl AllowEntry {
 /// A source pattern: a whole source, or a `github://owner/` or
 /// `https://host/...` prefix ending in `/`.
 fn validate_pattern(p: &str, name: &str) -> Result<()> {
-    let error = |why: &str| {
-        Error::bad_request(format!("allowlist entry {name:?}: source {p:?} {why}"))
-    };
+    let error =
+        |why: &str| Error::bad_request(format!("allowlist entry {name:?}: source {p:?} {why}"));
     let bad = |why: &str| Err(error(why));
     if p.ends_with('/') {
         if let Some(rest) = p.strip_prefix("github://") {
@@ -216,12 +215,10 @@ impl Allowlist {
         {
             Ok(())
         } else {
-            Err(
-                refused(format!(
-                    "plugin {name:?} does not have the digest the org allowlist pins"
-                ))
-                .with_field("actual_digest", serde_json::json!(digest)),
-            )
+            Err(refused(format!(
+                "plugin {name:?} does not have the digest the org allowlist pins"
+            ))
+            .with_field("actual_digest", serde_json::json!(digest)))
         }
     }
 }
@@ -251,7 +248,9 @@ mod tests {
         let gh = src("github://evil/x#main");
         assert_eq!(l.admit_source(&gh).unwrap_err().status(), 403);
         assert_eq!(
-            l.admit_archive(&gh, "hello-world", "ab").unwrap_err().status(),
+            l.admit_archive(&gh, "hello-world", "ab")
+                .unwrap_err()
+                .status(),
             403
         );
         assert_eq!(
@@ -275,7 +274,10 @@ mod tests {
         l.admit_source(&acme).unwrap();
         l.admit_archive(&acme, "tools", "ab").unwrap();
         // Same prefix, another name: borrowing is refused after the fetch.
-        assert_eq!(l.admit_archive(&acme, "pinned", PIN).unwrap_err().status(), 403);
+        assert_eq!(
+            l.admit_archive(&acme, "pinned", PIN).unwrap_err().status(),
+            403
+        );
         // github://acmeevil/ is not under github://acme/.
         assert!(l.admit_source(&src("github://acmeevil/tools#v1")).is_err());
         let https = src(&format!(
@@ -285,7 +287,10 @@ mod tests {
         l.admit_source(&https).unwrap();
         l.admit_archive(&https, "pinned", PIN).unwrap();
         let e = l.admit_archive(&https, "pinned", "ab").unwrap_err();
-        assert_eq!((e.status(), e.fields["actual_digest"].as_str()), (403, Some("ab")));
+        assert_eq!(
+            (e.status(), e.fields["actual_digest"].as_str()),
+            (403, Some("ab"))
+        );
         assert!(l
             .admit_source(&src(&format!(
                 "https://plugins.acme.example.evil.test/p.tgz#sha256={}",
@@ -301,11 +306,26 @@ mod tests {
             Allowlist::new(l.plugins).unwrap_err().status()
         };
         assert_eq!(bad(r#"{"plugins": [{"name": "x", "sources": []}]}"#), 400);
-        assert_eq!(bad(r#"{"plugins": [{"name": "x", "sources": ["github://"]}]}"#), 400);
-        assert_eq!(bad(r#"{"plugins": [{"name": "x", "sources": ["github://a/b/"]}]}"#), 400);
-        assert_eq!(bad(r#"{"plugins": [{"name": "x", "sources": ["local://y"]}]}"#), 400);
-        assert_eq!(bad(r#"{"plugins": [{"name": "x", "sources": ["ftp://h/"]}]}"#), 400);
-        assert_eq!(bad(r#"{"plugins": [{"name": "x", "sources": ["https://u@h/"]}]}"#), 400);
+        assert_eq!(
+            bad(r#"{"plugins": [{"name": "x", "sources": ["github://"]}]}"#),
+            400
+        );
+        assert_eq!(
+            bad(r#"{"plugins": [{"name": "x", "sources": ["github://a/b/"]}]}"#),
+            400
+        );
+        assert_eq!(
+            bad(r#"{"plugins": [{"name": "x", "sources": ["local://y"]}]}"#),
+            400
+        );
+        assert_eq!(
+            bad(r#"{"plugins": [{"name": "x", "sources": ["ftp://h/"]}]}"#),
+            400
+        );
+        assert_eq!(
+            bad(r#"{"plugins": [{"name": "x", "sources": ["https://u@h/"]}]}"#),
+            400
+        );
         assert_eq!(bad(r#"{"plugins": [{"name": "x", "digest": "abc"}]}"#), 400);
         assert_eq!(bad(r#"{"plugins": ["../x"]}"#), 400);
         assert!(Allowlist::default().allows_all());

@@ -121,7 +121,9 @@ impl Caller {
         let workspace = c.workspace_id.filter(|w| !w.is_empty());
         if let Some(ws) = &workspace {
             if validate_workspace_id(ws).is_err() {
-                return Err(unauthorized(format!("token workspace_id {ws:?} is not an id")));
+                return Err(unauthorized(format!(
+                    "token workspace_id {ws:?} is not an id"
+                )));
             }
         }
         Ok(Caller {
@@ -175,9 +177,8 @@ impl Caller {
             )));
         }
         if !self.platform && self.org != org {
-            return Err(
-                unknown_workspace(ws).with_detail(format!("caller org {:?}, workspace org {org:?}", self.org))
-            );
+            return Err(unknown_workspace(ws)
+                .with_detail(format!("caller org {:?}, workspace org {org:?}", self.org)));
         }
         Ok(())
     }
@@ -250,7 +251,10 @@ mod tests {
         });
         assert_eq!(c.unwrap_err().status(), 401);
         assert_eq!(caller("../x", None, "read").unwrap_err().status(), 401);
-        assert_eq!(caller("acme", Some("a/b"), "read").unwrap_err().status(), 401);
+        assert_eq!(
+            caller("acme", Some("a/b"), "read").unwrap_err().status(),
+            401
+        );
         let p = Caller::from_claims(Claims {
             scope: Some("platform read".into()),
             ..Default::default()

@@ -143,7 +143,6 @@ pub struct DesiredState {
     pub plugins: BTreeMap<String, InstalledPlugin>,
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -57,9 +57,8 @@ pub fn valid_ref(r: &str) -> bool {
         && !r.contains("..")
         && !r.contains("@{")
         && !r.chars().any(bad_char)
-        && r.split('/').all(|seg| {
-            !seg.is_empty() && !seg.starts_with('.') && !seg.ends_with(".lock")
-        })
+        && r.split('/')
+            .all(|seg| !seg.is_empty() && !seg.starts_with('.') && !seg.ends_with(".lock"))
 }
 
 fn parse_github(spec: &str) -> Result<Source> {
@@ -320,16 +319,45 @@ mod tests {
 
     #[test]
     fn refs_follow_git_rules_and_urls_their_normal_form() {
-        for ok in ["v1.0.0", "release/v1", "main", "0123456789abcdef0123456789abcdef01234567"] {
+        for ok in [
+            "v1.0.0",
+            "release/v1",
+            "main",
+            "0123456789abcdef0123456789abcdef01234567",
+        ] {
             assert!(valid_ref(ok), "{ok}");
         }
         for bad in [
-            "../../../evil/payload/tarball/main", "a/../b", "a..b", ".hidden", "a/.b", "x.lock",
-            "a//b", "/a", "a/", "a.", "@", "a@{1}", "a b", "a~1", "a^", "a:b", "a?", "a*", "a[",
-            "a\\b", "-x",
+            "../../../evil/payload/tarball/main",
+            "a/../b",
+            "a..b",
+            ".hidden",
+            "a/.b",
+            "x.lock",
+            "a//b",
+            "/a",
+            "a/",
+            "a.",
+            "@",
+            "a@{1}",
+            "a b",
+            "a~1",
+            "a^",
+            "a:b",
+            "a?",
+            "a*",
+            "a[",
+            "a\\b",
+            "-x",
         ] {
             assert!(!valid_ref(bad), "{bad}");
-            assert_eq!(Source::parse(&format!("github://acme/tools#{bad}")).unwrap_err().status(), 400, "{bad}");
+            assert_eq!(
+                Source::parse(&format!("github://acme/tools#{bad}"))
+                    .unwrap_err()
+                    .status(),
+                400,
+                "{bad}"
+            );
         }
         let pin = "a".repeat(64);
         Source::parse(&format!("https://plugins.acme.example/p.tgz#sha256={pin}")).unwrap();

@@ -12,12 +12,12 @@ use lambda_http::{Body, Request, RequestExt, Response};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::domain::caller::{Caller, Scope};
 use crate::domain::allowlist::AllowEntry;
+use crate::domain::caller::{Caller, Scope};
 use crate::domain::error::{Error, Result};
 use crate::domain::host::Host;
-use crate::domain::plugin::validate_name;
 use crate::domain::job::Work;
+use crate::domain::plugin::validate_name;
 use crate::ports::Deps;
 use crate::usecases::background::{within_or_hand_off, Change, Done};
 use crate::usecases::install::{self, InstallRequest};

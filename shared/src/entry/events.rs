@@ -160,8 +160,9 @@ async fn requested(deps: &Deps, event: &Value) -> Result<Value> {
             if let Some(org) = &org {
                 let actual = workspace_org(&deps.fleet.org_tags(&workspace_id).await?);
                 if actual.as_deref() != Some(org.as_str()) {
-                    return Err(unknown_workspace(&workspace_id)
-                        .with_detail(format!("request for org {org:?}, workspace org {actual:?}")));
+                    return Err(unknown_workspace(&workspace_id).with_detail(format!(
+                        "request for org {org:?}, workspace org {actual:?}"
+                    )));
                 }
             }
             let rec =

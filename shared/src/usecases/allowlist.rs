@@ -56,7 +56,13 @@ pub async fn admit_source_in(deps: &Deps, org: Option<&str>, source: &Source) ->
 
 /// Both steps at once, for an archive already known (reinstalls and
 /// rollouts of a staged archive).
-pub async fn admit(deps: &Deps, host: &Host, source: &Source, name: &str, digest: &str) -> Result<()> {
+pub async fn admit(
+    deps: &Deps,
+    host: &Host,
+    source: &Source,
+    name: &str,
+    digest: &str,
+) -> Result<()> {
     admit_in(deps, host.org_id.as_deref(), source, name, digest).await
 }
 

@@ -164,9 +164,11 @@ async fn run_work(deps: &Deps, job: &Job) -> Result<()> {
                 .await
                 .map(|_| ())
         }
-        Work::Uninstall { plugin } => install::uninstall_as(deps, caller, &job.workspace, plugin, id)
-            .await
-            .map(|_| ()),
+        Work::Uninstall { plugin } => {
+            install::uninstall_as(deps, caller, &job.workspace, plugin, id)
+                .await
+                .map(|_| ())
+        }
     }
 }
 

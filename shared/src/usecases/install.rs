@@ -107,12 +107,7 @@ struct Prepared {
     stage_ms: u64,
 }
 
-async fn prepare(
-    deps: &Deps,
-    host: Host,
-    source: &Source,
-    pin: Option<&str>,
-) -> Result<Prepared> {
+async fn prepare(deps: &Deps, host: Host, source: &Source, pin: Option<&str>) -> Result<Prepared> {
     let mut t = deps.clock.now();
     // The caller was authorized for the host; nothing is fetched from a
     // source its org's allowlist does not admit.

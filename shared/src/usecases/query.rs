@@ -156,7 +156,11 @@ pub async fn operation(
         return Err(missing());
     }
     if let Some(r) = store.get_record(Some(workspace), id).await? {
-        return if visible(caller, &r) { Ok(r) } else { Err(missing()) };
+        return if visible(caller, &r) {
+            Ok(r)
+        } else {
+            Err(missing())
+        };
     }
     match store.get_record(None, id).await? {
         Some(r) if r.kind == Kind::Rollout => {
@@ -177,7 +181,11 @@ fn parent_as_seen(caller: &Caller, mut r: OperationRecord, workspace: &str) -> O
     let whole = caller.platform || (r.org_id.is_some() && caller.sees_org(r.org_id.as_deref()));
     if !whole {
         if let Some(p) = &mut r.progress {
-            for list in [&mut p.not_started, &mut p.failed_workspaces, &mut p.deferred] {
+            for list in [
+                &mut p.not_started,
+                &mut p.failed_workspaces,
+                &mut p.deferred,
+            ] {
                 list.retain(|w| w == workspace);
             }
         }

@@ -213,7 +213,14 @@ impl Batch<'_> {
     /// it (source, name and digest) today.
     async fn checked_archive(&self, entry: &InstalledPlugin) -> Result<ArchiveFile> {
         let source = Source::parse(&entry.source)?;
-        allowlist::admit(self.deps, self.host, &source, &entry.info.name, &entry.digest).await?;
+        allowlist::admit(
+            self.deps,
+            self.host,
+            &source,
+            &entry.info.name,
+            &entry.digest,
+        )
+        .await?;
         archive_of(self.deps, self.host.org_id.as_deref(), &source, entry).await
     }
 

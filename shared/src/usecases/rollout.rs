@@ -16,10 +16,10 @@ use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::domain::archive::ArchiveFile;
+use crate::domain::caller::workspace_org;
 use crate::domain::error::{Error, ErrorKind, Result};
 use crate::domain::host::Host;
 use crate::domain::hostscript::{interpret, HostCommand};
-use crate::domain::caller::workspace_org;
 use crate::domain::plugin::{
     validate_name, validate_workspace_id, InstalledPlugin, Manifest, PluginInfo,
 };

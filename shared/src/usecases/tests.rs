@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use crate::adapters::clock::SystemClock;
 use crate::adapters::memory::{result_line, Memory, SimHost, MEMORY_ORG};
+use crate::domain::allowlist::{AllowEntry, Allowlist};
 use crate::domain::caller::{unknown_workspace, Caller, Claims};
 use crate::domain::config::Config;
 use crate::domain::error::{Error, Result};
 use crate::domain::job::Work;
-use crate::domain::allowlist::{AllowEntry, Allowlist};
 use crate::domain::plugin::{DesiredState, InstalledPlugin, Manifest, PluginInfo};
 use crate::domain::records::{Kind, OperationRecord, PluginState, Status, Trigger};
 use crate::domain::rollout::{RolloutLimits, RolloutRequest, Threshold};
@@ -177,7 +177,9 @@ async fn refusals_leave_no_trace() {
         source: "hello".into(),
         sha256: Some("a".repeat(64)),
     };
-    let e = install::install(&deps, &owner(), "ws-1", pinned).await.unwrap_err();
+    let e = install::install(&deps, &owner(), "ws-1", pinned)
+        .await
+        .unwrap_err();
     assert_eq!(e.status(), 422);
     assert!(m.store.staged_digests().is_empty() && m.hosts.calls().is_empty());
 }
@@ -185,7 +187,9 @@ async fn refusals_leave_no_trace() {
 #[tokio::test]
 async fn install_stages_runs_on_the_host_then_records_the_state() {
     let (m, deps) = world();
-    let out = install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
+    let out = install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap();
     assert_eq!(out.status, InstallStatus::Installed);
     assert_eq!(
         (out.plugin.as_str(), out.version.as_str()),
@@ -214,7 +218,9 @@ async fn install_stages_runs_on_the_host_then_records_the_state() {
     let at = m.store.state_of("ws-1").plugins["hello"]
         .installed_at
         .clone();
-    let again = install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
+    let again = install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap();
     assert_eq!(again.status, InstallStatus::Unchanged);
     assert_eq!(m.store.state_of("ws-1").plugins["hello"].installed_at, at);
 }
@@ -259,16 +265,24 @@ async fn host_errors_map_to_statuses_and_leave_the_state_alone() {
 #[tokio::test]
 async fn uninstall_reports_what_the_host_and_the_state_had() {
     let (m, deps) = world();
-    let out = install::uninstall(&deps, &owner(), "ws-1", "hello").await.unwrap();
+    let out = install::uninstall(&deps, &owner(), "ws-1", "hello")
+        .await
+        .unwrap();
     assert_eq!(out.status, UninstallStatus::Absent);
-    install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
-    let out = install::uninstall(&deps, &owner(), "ws-1", "hello").await.unwrap();
+    install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap();
+    let out = install::uninstall(&deps, &owner(), "ws-1", "hello")
+        .await
+        .unwrap();
     assert_eq!(out.status, UninstallStatus::Uninstalled);
     assert!(m.store.state_of("ws-1").plugins.is_empty());
     assert!(m.hosts.host("i-ws-1").installed.is_empty());
     // Desired but already gone from the host: still "uninstalled".
     m.store.set_state("ws-1", state(&[("hello", "d1")]));
-    let out = install::uninstall(&deps, &owner(), "ws-1", "hello").await.unwrap();
+    let out = install::uninstall(&deps, &owner(), "ws-1", "hello")
+        .await
+        .unwrap();
     assert_eq!(out.status, UninstallStatus::Uninstalled);
     // A result the uninstall cannot have: 502, state untouched.
     m.store.set_state("ws-1", state(&[("hello", "d1")]));
@@ -289,7 +303,9 @@ async fn uninstall_reports_what_the_host_and_the_state_had() {
 async fn desired_state_writes_retry_on_conflicts_and_give_up_with_409() {
     let (m, deps) = world();
     m.store.conflict_next_saves(20);
-    install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
+    install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap();
     assert!(m.store.state_of("ws-1").plugins.contains_key("hello"));
     assert_eq!(m.clock.slept().len(), 20, "one backoff per lost race");
 
@@ -421,7 +437,9 @@ async fn slow_operations_are_handed_off_with_202_and_finished_by_the_worker() {
 async fn reinstall_waits_for_a_new_host_with_backoff() {
     let (m, deps) = world();
     m.store.set_state("ws-1", state(&[]));
-    install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
+    install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap();
     // The replacement instance is empty and not there for three tries.
     m.hosts.set_host("i-ws-1", SimHost::default());
     m.fleet.fail_next([
@@ -501,7 +519,9 @@ async fn repair_ws1(m: &Memory, deps: &Deps) -> (OperationRecord, Vec<String>) {
 #[tokio::test]
 async fn repair_reinstalls_missing_and_different_reports_extra_and_restarts_once() {
     let (m, deps) = world();
-    install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
+    install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap();
     let digest = m.store.state_of("ws-1").plugins["hello"].digest.clone();
     // No drift: no record, one inventory call.
     let n = m.hosts.calls().len();
@@ -800,50 +820,85 @@ fn caller_of(org: &str, ws: Option<&str>, scope: &str) -> Caller {
 #[tokio::test]
 async fn other_tenants_get_the_unknown_workspace_answer_and_touch_nothing() {
     let (m, deps) = world();
-    m.fetcher.serve("acme/tools#v1", tar_gz(&[("x/plugin.yaml", b"name: tools\n")]));
+    m.fetcher.serve(
+        "acme/tools#v1",
+        tar_gz(&[("x/plugin.yaml", b"name: tools\n")]),
+    );
     let unknown = install::install(&deps, &owner(), "ws-9", req("hello"))
         .await
         .unwrap_err();
-    assert_eq!((unknown.status(), unknown.message), (404, unknown_workspace("ws-9").message));
+    assert_eq!(
+        (unknown.status(), unknown.message),
+        (404, unknown_workspace("ws-9").message)
+    );
     let strangers = [
         caller_of("org-2", None, "read write admin"),
         caller_of(MEMORY_ORG, Some("ws-2"), "read write"),
     ];
     for c in &strangers {
         for source in ["hello", "github://acme/tools#v1"] {
-            let e = install::install(&deps, c, "ws-1", req(source)).await.unwrap_err();
-            assert_eq!((e.status(), &e.message), (404, &unknown_workspace("ws-1").message));
+            let e = install::install(&deps, c, "ws-1", req(source))
+                .await
+                .unwrap_err();
+            assert_eq!(
+                (e.status(), &e.message),
+                (404, &unknown_workspace("ws-1").message)
+            );
         }
-        let e = install::uninstall(&deps, c, "ws-1", "hello").await.unwrap_err();
+        let e = install::uninstall(&deps, c, "ws-1", "hello")
+            .await
+            .unwrap_err();
         assert_eq!(e.status(), 404);
-        let e = install::download(&deps, c, "ws-1", "hello", None).await.unwrap_err();
+        let e = install::download(&deps, c, "ws-1", "hello", None)
+            .await
+            .unwrap_err();
         assert_eq!(e.status(), 404);
         for e in [
             query::list(&deps, c, "ws-1").await.unwrap_err(),
-            query::operations(&deps, c, "ws-1", 10, None).await.unwrap_err(),
+            query::operations(&deps, c, "ws-1", 10, None)
+                .await
+                .unwrap_err(),
         ] {
-            assert_eq!((e.status(), &e.message), (404, &unknown_workspace("ws-1").message));
+            assert_eq!(
+                (e.status(), &e.message),
+                (404, &unknown_workspace("ws-1").message)
+            );
         }
     }
     // Too little scope: 403 before the workspace is even looked up.
     let reader = caller_of(MEMORY_ORG, None, "read");
-    let e = install::install(&deps, &reader, "ws-1", req("hello")).await.unwrap_err();
+    let e = install::install(&deps, &reader, "ws-1", req("hello"))
+        .await
+        .unwrap_err();
     assert_eq!(e.status(), 403);
-    assert_eq!(query::list(&deps, &caller_of(MEMORY_ORG, None, "write"), "ws-1").await.unwrap_err().status(), 403);
+    assert_eq!(
+        query::list(&deps, &caller_of(MEMORY_ORG, None, "write"), "ws-1")
+            .await
+            .unwrap_err()
+            .status(),
+        403
+    );
     // A workspace without an org tag is nobody's, the platform's included.
     let mut host = m.fleet.add("ws-1", "vpc-a");
     host.org_id = None;
     m.fleet.put("ws-1", host);
     for c in [owner(), Caller::system()] {
-        let e = install::install(&deps, &c, "ws-1", req("hello")).await.unwrap_err();
+        let e = install::install(&deps, &c, "ws-1", req("hello"))
+            .await
+            .unwrap_err();
         assert_eq!(e.status(), 404);
     }
-    assert_eq!(m.fetcher.fetches.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        m.fetcher.fetches.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
     untouched(&m);
     // The workspace token of ws-1 does act on ws-1.
     m.fleet.add("ws-1", "vpc-a");
     let own = caller_of(MEMORY_ORG, Some("ws-1"), "read write");
-    install::install(&deps, &own, "ws-1", req("hello")).await.unwrap();
+    install::install(&deps, &own, "ws-1", req("hello"))
+        .await
+        .unwrap();
     assert_eq!(query::list(&deps, &own, "ws-1").await.unwrap().len(), 1);
 }
 
@@ -852,30 +907,51 @@ async fn an_allowlisted_name_cannot_be_borrowed_and_nothing_is_fetched_first() {
     let (m, deps) = world();
     // Only the registry's hello is allowed.
     let list = Allowlist::new(vec![AllowEntry::registry("hello".into())]).unwrap();
-    assert!(m.store.save_allowlist(MEMORY_ORG, &list, None).await.unwrap());
-    m.fetcher.serve("evil/x#main", tar_gz(&[("x/plugin.yaml", b"name: hello\n")]));
+    assert!(m
+        .store
+        .save_allowlist(MEMORY_ORG, &list, None)
+        .await
+        .unwrap());
+    m.fetcher.serve(
+        "evil/x#main",
+        tar_gz(&[("x/plugin.yaml", b"name: hello\n")]),
+    );
     let e = install::install(&deps, &owner(), "ws-1", req("github://evil/x#main"))
         .await
         .unwrap_err();
     assert_eq!(e.status(), 403);
-    assert_eq!(m.fetcher.fetches.load(std::sync::atomic::Ordering::Relaxed), 0, "refused before the fetch");
+    assert_eq!(
+        m.fetcher.fetches.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "refused before the fetch"
+    );
     untouched(&m);
     // A prefix admitting github://evil/ for another name: fetched, then
     // refused for calling itself hello; nothing staged or sent.
     let list = Allowlist::new(vec![
         AllowEntry::registry("hello".into()),
-        AllowEntry { name: "tools".into(), sources: vec!["github://evil/".into()], digest: None },
+        AllowEntry {
+            name: "tools".into(),
+            sources: vec!["github://evil/".into()],
+            digest: None,
+        },
     ])
     .unwrap();
     let (_, etag) = m.store.load_allowlist(MEMORY_ORG).await.unwrap();
-    assert!(m.store.save_allowlist(MEMORY_ORG, &list, etag.as_deref()).await.unwrap());
+    assert!(m
+        .store
+        .save_allowlist(MEMORY_ORG, &list, etag.as_deref())
+        .await
+        .unwrap());
     let e = install::install(&deps, &owner(), "ws-1", req("github://evil/x#main"))
         .await
         .unwrap_err();
     assert_eq!((e.status(), e.message.contains("\"hello\"")), (403, true));
     assert!(m.store.staged_digests().is_empty() && m.hosts.calls().is_empty());
     // The registry's hello still installs.
-    install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
+    install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -883,7 +959,10 @@ async fn github_fetches_carry_the_workspace_orgs_own_token_only() {
     let (m, deps) = world();
     m.credentials.set_github(MEMORY_ORG, "token-of-org-1");
     m.credentials.set_github("org-2", "token-of-org-2");
-    m.fetcher.serve("acme/tools#v1", tar_gz(&[("x/plugin.yaml", b"name: tools\n")]));
+    m.fetcher.serve(
+        "acme/tools#v1",
+        tar_gz(&[("x/plugin.yaml", b"name: tools\n")]),
+    );
     install::install(&deps, &owner(), "ws-1", req("github://acme/tools#v1"))
         .await
         .unwrap();
@@ -913,9 +992,15 @@ async fn an_org_rollout_touches_that_orgs_workspaces_only() {
         .await
         .unwrap();
     let p = parent.progress.unwrap();
-    assert_eq!((p.total, p.done, parent.org_id.as_deref()), (2, 2, Some(MEMORY_ORG)));
+    assert_eq!(
+        (p.total, p.done, parent.org_id.as_deref()),
+        (2, 2, Some(MEMORY_ORG))
+    );
     let touched: Vec<String> = m.hosts.calls().iter().map(|c| c.instance.clone()).collect();
-    assert!(touched.iter().all(|i| i == "i-ws-00" || i == "i-ws-01"), "{touched:?}");
+    assert!(
+        touched.iter().all(|i| i == "i-ws-00" || i == "i-ws-01"),
+        "{touched:?}"
+    );
     assert_eq!(m.store.state_of("ws-02").plugins["hello"].digest, "old");
 }
 
@@ -934,18 +1019,33 @@ async fn a_cross_org_rollout_parent_names_only_the_workspace_asked_about() {
         ..Default::default()
     });
     deps.records.put_record(&parent).await.unwrap();
-    let seen = query::operation(&deps, &owner(), "ws-1", &parent.id).await.unwrap();
+    let seen = query::operation(&deps, &owner(), "ws-1", &parent.id)
+        .await
+        .unwrap();
     let p = seen.progress.unwrap();
-    assert_eq!((p.failed_workspaces, p.not_started), (vec!["ws-1".to_string()], vec![]));
+    assert_eq!(
+        (p.failed_workspaces, p.not_started),
+        (vec!["ws-1".to_string()], vec![])
+    );
     // The platform sees it whole; so does the org an org rollout was for.
-    let whole = query::operation(&deps, &Caller::system(), "ws-1", &parent.id).await.unwrap();
+    let whole = query::operation(&deps, &Caller::system(), "ws-1", &parent.id)
+        .await
+        .unwrap();
     assert_eq!(whole.progress.unwrap().failed_workspaces.len(), 2);
     parent.org_id = Some(MEMORY_ORG.into());
     deps.records.put_record(&parent).await.unwrap();
-    let own = query::operation(&deps, &owner(), "ws-1", &parent.id).await.unwrap();
+    let own = query::operation(&deps, &owner(), "ws-1", &parent.id)
+        .await
+        .unwrap();
     assert_eq!(own.progress.unwrap().not_started, vec!["ws-3".to_string()]);
     // Another org cannot reach it through a workspace of its own that it
     // did not touch, nor through ws-1.
     let org2 = caller_of("org-2", None, "read");
-    assert_eq!(query::operation(&deps, &org2, "ws-1", &parent.id).await.unwrap_err().status(), 404);
+    assert_eq!(
+        query::operation(&deps, &org2, "ws-1", &parent.id)
+            .await
+            .unwrap_err()
+            .status(),
+        404
+    );
 }
