@@ -107,6 +107,7 @@ impl App {
             &config.github_api,
             config.extra_ca_pem.as_deref(),
             config.fetch_timeout,
+            config.fetch_policy.clone(),
         )?);
         let credentials = Arc::new(SsmCredentials::new(
             ssm.clone(),

@@ -421,6 +421,9 @@ impl Fixture {
         let mut c = Config::new(&self.bucket);
         // Caller tokens are checked against the test issuer's keys, read
         // from Parameter Store as a deployment reads them.
+        // The explicit test-only allowance: the tests' own servers listen
+        // on loopback, which the fetch guard refuses to everyone else.
+        c.fetch_policy.test_allowed_addresses = vec![std::net::Ipv4Addr::LOCALHOST.into()];
         c.tokens = Some(TokenSettings {
             issuer: TEST_ISSUER.into(),
             audience: TEST_AUDIENCE.into(),

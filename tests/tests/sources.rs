@@ -4,6 +4,7 @@
 //! endpoint), and a private repository whose token is in SSM (moto).
 
 use acceptance::*;
+use serde_json::json;
 
 /// A .tar.gz with `entries`, each (path, bytes) or a symlink (path, target).
 fn tarball(files: &[(&str, &[u8])], symlinks: &[(&str, &str)]) -> Vec<u8> {
@@ -551,4 +552,50 @@ async fn a_fetch_past_its_deadline_is_504() {
     assert_eq!(s, 504, "{b}");
     assert_eq!(b["scheme"], "https");
     assert!(f.keys("staged/").await.is_empty());
+}
+
+/// The fetch guard, without the tests' loopback allowance: a source aimed
+/// at loopback (by address or by a name resolving to it) or redirected
+/// off the allowed hosts is refused with 403 naming the rule, and the
+/// server never sees a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetches_never_reach_non_public_addresses() {
+    let f = Fixture::new().await;
+    let srv = SourceServer::start();
+    let archive = tarball(&[("plugin.yaml", b"name: guarded\n")], &[]);
+    srv.file("g/guarded.tar.gz", &archive);
+    srv.repo_ref("acme", "guarded", "v1", &[("plugin.yaml", b"name: guarded\n")]);
+    let pin = sha256_hex(&archive);
+    let mut cfg = f.config();
+    cfg.extra_ca_pem = Some(std::fs::read(srv.tls.join("ca.pem")).unwrap());
+    cfg.fetch_policy.test_allowed_addresses.clear();
+    cfg.github_api = srv.base();
+    let app = f.app_with(cfg.clone());
+    let cases = [
+        (format!("{}/files/g/guarded.tar.gz#sha256={pin}", srv.base()), "loopback"),
+        (format!("https://localhost:{}/files/g/guarded.tar.gz#sha256={pin}", srv.port), "loopback"),
+        (format!("https://[::1]:{}/files/g/guarded.tar.gz#sha256={pin}", srv.port), "loopback"),
+        (format!("https://169.254.169.254/latest/meta-data#sha256={pin}"), "link-local"),
+        ("github://acme/guarded#v1".to_string(), "loopback"),
+    ];
+    for (source, rule) in &cases {
+        let (s, b) = install(&app, &f.workspace, &json!({"source": source}).to_string()).await;
+        assert_eq!(s, 403, "{source}: {b}");
+        assert!(b["rule"].as_str().unwrap().contains(rule), "{source}: {b}");
+        assert!(b["error"].as_str().unwrap().starts_with("fetching from "), "{b}");
+    }
+    assert_eq!(srv.requests(), 0, "the server was never contacted");
+    assert!(f.keys("staged/").await.is_empty());
+
+    // Allowed hosts: localhost may be asked (on loopback, with the test
+    // allowance back), but its redirect to 127.0.0.1 leaves the list.
+    cfg.fetch_policy.test_allowed_addresses = vec!["127.0.0.1".parse().unwrap()];
+    cfg.fetch_policy.allowed_hosts = vec!["localhost".into()];
+    let app = f.app_with(cfg);
+    let source = format!("https://localhost:{}/redirect/g/guarded.tar.gz#sha256={pin}", srv.port);
+    let (s, b) = install(&app, &f.workspace, &json!({"source": source}).to_string()).await;
+    assert_eq!(s, 403, "{b}");
+    assert_eq!(b["rule"], "not in the allowed hosts", "{b}");
+    assert_eq!(srv.requests(), 1, "only the first hop was made");
+    assert!(!f.touched());
 }

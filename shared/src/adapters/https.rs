@@ -1,7 +1,15 @@
 //! The fetcher port over https (reqwest with rustls): GitHub's tarball
 //! endpoint and pinned https URLs. Bytes are streamed, never buffered
 //! whole; what comes back goes through `intake` before anything is staged.
+//!
+//! Every hop passes `domain::netguard`: the URL's host (and an address
+//! literal) before the request and at each redirect, and every address a
+//! name resolves to in our own resolver, which hands reqwest only the
+//! addresses that passed, so the connection goes where the check looked.
+//! A refusal is a 403 naming the rule; the target is never contacted.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
@@ -10,7 +18,64 @@ use tokio::sync::OnceCell;
 use async_trait::async_trait;
 
 use crate::domain::error::{Error, Result};
+use crate::domain::netguard::{refused, FetchPolicy};
 use crate::ports::{Body, Fetcher};
+
+/// A hop the guard refused: the host and the rule.
+#[derive(Debug)]
+struct Refused {
+    host: String,
+    rule: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.host, self.rule)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Resolves names and keeps only the addresses the policy allows.
+struct GuardedResolver {
+    policy: Arc<FetchPolicy>,
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = self.policy.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .collect();
+            let mut why = String::from("the name does not resolve");
+            let mut ok = Vec::new();
+            for a in found {
+                match policy.check_ip(a.ip()) {
+                    Ok(()) => ok.push(a),
+                    Err(rule) => why = rule,
+                }
+            }
+            if ok.is_empty() {
+                return Err(Box::new(Refused { host, rule: why }) as _);
+            }
+            Ok(Box::new(ok.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// The guard's refusal somewhere in a reqwest error's causes.
+fn refusal(e: &reqwest::Error) -> Option<Error> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(r) = c.downcast_ref::<Refused>() {
+            return Some(refused(&r.host, &r.rule));
+        }
+        cause = c.source();
+    }
+    None
+}
 
 pub struct Remote {
     /// Built on the first remote fetch: loading the platform's trust store
@@ -19,6 +84,7 @@ pub struct Remote {
     extra_roots: Vec<reqwest::Certificate>,
     fetch_timeout: Duration,
     github_api: String,
+    policy: Arc<FetchPolicy>,
 }
 
 impl Remote {
@@ -26,6 +92,7 @@ impl Remote {
         github_api: &str,
         extra_ca_pem: Option<&[u8]>,
         fetch_timeout: Duration,
+        policy: FetchPolicy,
     ) -> Result<Self> {
         // Parsed now, so a bad setting fails the cold start, not a fetch.
         let extra_roots = match extra_ca_pem {
@@ -38,7 +105,19 @@ impl Remote {
             extra_roots,
             fetch_timeout,
             github_api: github_api.trim_end_matches('/').to_string(),
+            policy: Arc::new(policy),
         })
+    }
+
+    /// The guard on a URL's host, before any request to it.
+    fn check_url(&self, url: &str) -> Result<()> {
+        let host = reqwest::Url::parse(url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        self.policy
+            .check_host(&host)
+            .map_err(|rule| refused(&host, &rule))
     }
 
     async fn client(&self) -> Result<&reqwest::Client> {
@@ -48,18 +127,26 @@ impl Remote {
     }
 
     fn build_client(&self) -> Result<reqwest::Client> {
+        let policy = self.policy.clone();
         reqwest::Client::builder()
             // GitHub redirects the tarball request to codeload; never to
-            // plain http, which carries no integrity.
-            .redirect(reqwest::redirect::Policy::custom(|attempt| {
+            // plain http, which carries no integrity, and every hop passes
+            // the guard (names again when they are resolved).
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                let host = attempt.url().host_str().unwrap_or_default().to_string();
                 if attempt.url().scheme() != "https" {
                     attempt.error("redirect to a non-https URL")
                 } else if attempt.previous().len() >= 5 {
                     attempt.error("too many redirects")
+                } else if let Err(rule) = policy.check_host(&host) {
+                    attempt.error(Refused { host, rule })
                 } else {
                     attempt.follow()
                 }
             }))
+            .dns_resolver(GuardedResolver {
+                policy: self.policy.clone(),
+            })
             .https_only(true)
             .connect_timeout(Duration::from_secs(10))
             .timeout(self.fetch_timeout)
@@ -86,6 +173,7 @@ impl Fetcher for Remote {
             self.github_api,
             encode_path(reference)
         );
+        self.check_url(&url)?;
         let mut req = self
             .client()
             .await?
@@ -113,6 +201,7 @@ impl Fetcher for Remote {
     }
 
     async fn https(&self, url: &str, source: &str) -> Result<Body> {
+        self.check_url(url)?;
         let resp = self
             .client()
             .await?
@@ -138,6 +227,9 @@ fn body(resp: reqwest::Response) -> Body {
 
 /// 504 past the fetch deadline, 502 otherwise; upstream text only in the log.
 fn fetch_error(scheme: &str, source: &str, e: reqwest::Error) -> Error {
+    if let Some(r) = refusal(&e) {
+        return r.with_field("source", serde_json::json!(source));
+    }
     let err = if e.is_timeout() {
         Error::deadline(format!("fetching {source} ran past its deadline"))
     } else {

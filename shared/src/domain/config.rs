@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::domain::error::{Error, Result};
 use crate::domain::host::{Access, Host, TAG_CONFIG_DIR};
+use crate::domain::netguard::FetchPolicy;
 use crate::domain::rollout::Threshold;
 
 /// Where a runtime keeps its config and how to restart it.
@@ -61,6 +62,8 @@ pub struct Config {
     pub extra_ca_pem: Option<Vec<u8>>,
     /// Deadline of one remote fetch.
     pub fetch_timeout: Duration,
+    /// Where remote fetches may go (`domain::netguard`).
+    pub fetch_policy: FetchPolicy,
     /// Transport of instances without a `molecule:access` tag.
     pub default_access: Access,
     /// Lifetime of the presigned archive URL an SSM host downloads from.
@@ -165,6 +168,7 @@ impl Config {
             platform_event_source: "molecule.plugin-delivery.platform".into(),
             extra_ca_pem: None,
             fetch_timeout: Duration::from_secs(300),
+            fetch_policy: FetchPolicy::default(),
             default_access: Access::Ssh,
             ssm_url_ttl: MAX_SSM_URL_TTL,
             ready_budget: Duration::from_secs(600),
@@ -255,6 +259,24 @@ impl Config {
                 std::fs::read(&v)
                     .map_err(|e| Error::internal(format!("PLUGIN_EXTRA_CA_CERTS {v}: {e}")))?
             });
+        }
+        if let Some(v) = var("PLUGIN_FETCH_ALLOWED_HOSTS") {
+            c.fetch_policy.allowed_hosts = v
+                .split(',')
+                .map(|h| h.trim().to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect();
+        }
+        if let Some(v) = var("PLUGIN_FETCH_TEST_ALLOW_ADDRESSES") {
+            c.fetch_policy.test_allowed_addresses = v
+                .split(',')
+                .map(|a| a.trim().parse())
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|_| Error::internal("PLUGIN_FETCH_TEST_ALLOW_ADDRESSES: not IP addresses"))?;
+            tracing::warn!(
+                "PLUGIN_FETCH_TEST_ALLOW_ADDRESSES is set: fetches may reach those non-public \
+                 addresses. Local tests only; never deploy this."
+            );
         }
         if let Some(v) = var("PLUGIN_FETCH_TIMEOUT_SECS") {
             c.fetch_timeout = Duration::from_secs(parse(&v, "PLUGIN_FETCH_TIMEOUT_SECS")?);

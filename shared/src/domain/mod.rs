@@ -15,6 +15,7 @@ pub mod host;
 pub mod hostscript;
 pub mod intake;
 pub mod job;
+pub mod netguard;
 pub mod plugin;
 pub mod records;
 pub mod rollout;
