@@ -242,3 +242,36 @@ async fn download_redirects_to_the_staged_archive() {
     let (s, _) = parts(call("missing", "").await);
     assert_eq!(s, 404);
 }
+
+/// The source index only says which staged archive a registry listing
+/// built; a forged `plugin.yaml` in it (whoever could write that key)
+/// does not make a `sha256` pin pass: the pin is checked against the
+/// plugin.yaml inside the archive, whose digest is verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_index_entry_cannot_pass_a_pin() {
+    use base64::Engine;
+    let f = Fixture::new().await;
+    let app = f.app();
+    seed(&f).await;
+    let real = b"name: cc-only\nversion: 1.0.0\ndescription: d\nauthor: a\ntags: [x]\nskills: [s]\nruntimes: [claude_code]\n";
+    let (s, b) = install(&app, &f.workspace, r#"{"source":"cc-only"}"#).await;
+    assert_eq!(s, 200, "{b}");
+    let index = f.keys("staged/index/").await;
+    assert_eq!(index.len(), 1, "{index:?}");
+    let forged = b"name: cc-only\nversion: 9.9.9\n";
+    let mut entry: Value = serde_json::from_slice(&f.get(&index[0]).await.unwrap()).unwrap();
+    entry["manifest"] = json!(base64::engine::general_purpose::STANDARD.encode(forged));
+    f.s3.put_object()
+        .bucket(&f.bucket)
+        .key(&index[0])
+        .body(entry.to_string().into_bytes().into())
+        .send()
+        .await
+        .unwrap();
+    let pin = |m: &[u8]| json!({"source": "cc-only", "sha256": sha256_hex(m)}).to_string();
+    let (s, b) = install(&app, &f.workspace, &pin(forged)).await;
+    assert_eq!(s, 422, "the forged plugin.yaml is not the archive's: {b}");
+    assert_eq!(b["actual"], sha256_hex(real), "{b}");
+    let (s, b) = install(&app, &f.workspace, &pin(real)).await;
+    assert_eq!((s, b["version"].as_str()), (200, Some("1.0.0")), "{b}");
+}

@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::adapters::aws::aws_error;
 use crate::domain::allowlist::Allowlist;
-use crate::domain::archive::ArchiveFile;
+use crate::domain::archive::{manifest_in, ArchiveFile};
 use crate::domain::error::{Error, Result};
 use crate::domain::plugin::DesiredState;
 use crate::domain::records::{Kind, OperationRecord};
@@ -240,21 +240,31 @@ impl ArchiveStore for S3Store {
         let Ok(entry) = serde_json::from_slice::<IndexEntry>(&bytes) else {
             return Ok(None);
         };
-        let manifest = match entry.manifest.as_deref().map(|m| B64.decode(m)) {
-            Some(Ok(m)) => Some(m),
-            Some(Err(_)) => return Ok(None),
-            None => None,
-        };
-        let archive = self.download_staged(&entry.digest).await?;
-        if archive.is_none() {
+        let Some(archive) = self.download_staged(&entry.digest).await? else {
             tracing::warn!(
                 fingerprint,
                 "staged archive missing or not matching its index entry; rebuilding"
             );
             // The rebuild's `stage` sees the stored checksum differ and
             // replaces the object, so SSM hosts never download it again.
+            return Ok(None);
+        };
+        // The index only says which archive; what the archive contains
+        // (the plugin.yaml a sha256 pin is checked against) is read from
+        // the archive itself, whose digest was just verified.
+        let path = archive.path().to_path_buf();
+        let manifest = tokio::task::spawn_blocking(move || manifest_in(&path))
+            .await
+            .map_err(Error::internal)??;
+        let told = match entry.manifest.as_deref().map(|m| B64.decode(m)) {
+            Some(Ok(m)) => Some(m),
+            Some(Err(_)) => None,
+            None => None,
+        };
+        if told != manifest {
+            tracing::warn!(fingerprint, "index entry's plugin.yaml differs from its archive's; ignored");
         }
-        Ok(archive.map(|a| ArchiveFile { manifest, ..a }))
+        Ok(Some(ArchiveFile { manifest, ..archive }))
     }
 
     async fn fetch_staged(&self, digest: &str) -> Result<Option<ArchiveFile>> {

@@ -266,6 +266,34 @@ impl<R: Read> Read for CountingReader<'_, R> {
     }
 }
 
+/// The `plugin.yaml` inside a canonical archive, read from the archive
+/// itself. Entries are sorted by path, so the scan stops at the first path
+/// past it.
+pub fn manifest_in(path: &Path) -> Result<Option<Vec<u8>>> {
+    let file = File::open(path).map_err(Error::internal)?;
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(io::BufReader::new(file)));
+    for entry in tar.entries().map_err(Error::internal)? {
+        let mut entry = entry.map_err(Error::internal)?;
+        let p = entry.path().map_err(Error::internal)?.to_string_lossy().into_owned();
+        match p.as_str().cmp("plugin.yaml") {
+            std::cmp::Ordering::Less => continue,
+            std::cmp::Ordering::Greater => return Ok(None),
+            std::cmp::Ordering::Equal => {
+                let mut bytes = Vec::new();
+                (&mut entry)
+                    .take(MAX_MANIFEST_BYTES as u64 + 1)
+                    .read_to_end(&mut bytes)
+                    .map_err(Error::internal)?;
+                if bytes.len() > MAX_MANIFEST_BYTES {
+                    return Err(Error::unprocessable("plugin.yaml is larger than 1 MiB"));
+                }
+                return Ok(Some(bytes));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// `manifest.json`'s `sha256`, when present, must equal the tree digest
 /// (case-insensitive): invalid JSON or a non-string `sha256` is refused.
 pub fn verify_tree_digest(manifest_json: &[u8], tree_digest: &str) -> Result<()> {
@@ -347,6 +375,21 @@ mod tests {
             .collect();
         entries.sort();
         sha256_hex(&entries.concat())
+    }
+
+    #[test]
+    fn the_plugin_yaml_is_read_from_the_archive_itself() {
+        let build = |files: &[(&str, &[u8])]| {
+            let mut b = CanonicalArchive::create(1 << 20).unwrap();
+            for (p, d) in files {
+                b.add_file(p, d.len() as u64, 0o644, *d).unwrap();
+            }
+            b.finish().unwrap()
+        };
+        let a = build(&[("hooks/h.sh", b"x"), ("plugin.yaml", b"name: real\n"), ("rules/r.md", b"r")]);
+        assert_eq!(manifest_in(a.path()).unwrap().as_deref(), Some(&b"name: real\n"[..]));
+        let none = build(&[("hooks/h.sh", b"x"), ("rules/r.md", b"r")]);
+        assert_eq!(manifest_in(none.path()).unwrap(), None);
     }
 
     #[test]
