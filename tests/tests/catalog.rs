@@ -275,3 +275,29 @@ async fn a_forged_index_entry_cannot_pass_a_pin() {
     let (s, b) = install(&app, &f.workspace, &pin(real)).await;
     assert_eq!((s, b["version"].as_str()), (200, Some("1.0.0")), "{b}");
 }
+
+/// Records carry the tag the bucket's lifecycle rule expires; the desired
+/// state beside them does not (it must never expire).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_tagged_for_expiry_and_desired_states_are_not() {
+    let f = Fixture::new().await;
+    let app = f.app();
+    seed(&f).await;
+    let (s, b) = install(&app, &f.workspace, r#"{"source":"cc-only"}"#).await;
+    assert_eq!(s, 200, "{b}");
+    let tags = |key: String| {
+        let f = &f;
+        async move {
+            let out = f.s3.get_object_tagging().bucket(&f.bucket).key(key).send().await.unwrap();
+            out.tag_set()
+                .iter()
+                .map(|t| (t.key().to_string(), t.value().to_string()))
+                .collect::<Vec<_>>()
+        }
+    };
+    let records = f.keys(&format!("workspaces/{}/operations/", f.workspace)).await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    let (k, v) = plugin_delivery::adapters::s3::RECORD_TAG;
+    assert_eq!(tags(records[0].clone()).await, vec![(k.to_string(), v.to_string())]);
+    assert!(tags(format!("workspaces/{}/plugins.json", f.workspace)).await.is_empty());
+}

@@ -65,3 +65,32 @@ fn every_function_that_checks_a_workspace_can_read_its_tenant() {
         );
     }
 }
+
+#[test]
+fn records_expire_by_the_tag_the_functions_write_and_old_versions_go() {
+    let doc = template();
+    let rules = doc["Resources"]["PluginBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
+        .as_sequence()
+        .unwrap()
+        .clone();
+    let (key, value) = plugin_delivery::adapters::s3::RECORD_TAG;
+    let records = rules
+        .iter()
+        .find(|r| r["Id"].as_str() == Some("ExpireOperationRecords"))
+        .expect("a rule for records");
+    assert_eq!(records["TagFilters"][0]["Key"].as_str(), Some(key));
+    assert_eq!(records["TagFilters"][0]["Value"].as_str(), Some(value));
+    assert!(records.get("Prefix").is_none(), "records share no prefix");
+    // `!Ref NoncurrentVersionDays`: a tagged value, present.
+    assert!(rules
+        .iter()
+        .any(|r| !r["NoncurrentVersionExpiration"]["NoncurrentDays"].is_null()));
+    // Whoever writes records may tag them.
+    let g = grants();
+    for f in ["InstallFunction", "UninstallFunction", "ReinstallFunction"] {
+        assert!(
+            g.iter().any(|(n, a, _)| n == f && a == "s3:PutObjectTagging"),
+            "{f} cannot tag its records"
+        );
+    }
+}

@@ -44,6 +44,11 @@ pub fn registry_prefix(name: &str) -> String {
 pub fn staged_key(digest: &str) -> String {
     format!("staged/{digest}.tar.gz")
 }
+/// The tag every operation record carries, so that a lifecycle rule can
+/// expire records (their keys share no prefix: `workspaces/<id>/operations/`)
+/// without touching desired states beside them.
+pub const RECORD_TAG: (&str, &str) = ("plugin-delivery", "operation-record");
+
 pub fn index_key(fingerprint: &str) -> String {
     format!("staged/index/{fingerprint}.json")
 }
@@ -378,6 +383,7 @@ impl RecordStore for S3Store {
             .bucket(&self.bucket)
             .key(record_key(workspace, &record.id))
             .content_type("application/json")
+            .tagging(format!("{}={}", RECORD_TAG.0, RECORD_TAG.1))
             .body(ByteStream::from(body))
             .send()
             .await
