@@ -288,16 +288,29 @@ async fn records_are_tagged_for_expiry_and_desired_states_are_not() {
     let tags = |key: String| {
         let f = &f;
         async move {
-            let out = f.s3.get_object_tagging().bucket(&f.bucket).key(key).send().await.unwrap();
+            let out =
+                f.s3.get_object_tagging()
+                    .bucket(&f.bucket)
+                    .key(key)
+                    .send()
+                    .await
+                    .unwrap();
             out.tag_set()
                 .iter()
                 .map(|t| (t.key().to_string(), t.value().to_string()))
                 .collect::<Vec<_>>()
         }
     };
-    let records = f.keys(&format!("workspaces/{}/operations/", f.workspace)).await;
+    let records = f
+        .keys(&format!("workspaces/{}/operations/", f.workspace))
+        .await;
     assert_eq!(records.len(), 1, "{records:?}");
     let (k, v) = plugin_delivery::adapters::s3::RECORD_TAG;
-    assert_eq!(tags(records[0].clone()).await, vec![(k.to_string(), v.to_string())]);
-    assert!(tags(format!("workspaces/{}/plugins.json", f.workspace)).await.is_empty());
+    assert_eq!(
+        tags(records[0].clone()).await,
+        vec![(k.to_string(), v.to_string())]
+    );
+    assert!(tags(format!("workspaces/{}/plugins.json", f.workspace))
+        .await
+        .is_empty());
 }

@@ -19,16 +19,21 @@ fn grants() -> Vec<(String, String, String)> {
             continue;
         }
         let name = name.as_str().unwrap().to_string();
-        for policy in res["Properties"]["Policies"].as_sequence().into_iter().flatten() {
+        for policy in res["Properties"]["Policies"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+        {
             for st in policy["Statement"].as_sequence().into_iter().flatten() {
                 if st["Effect"].as_str() != Some("Allow") {
                     continue;
                 }
                 let actions: Vec<String> = match &st["Action"] {
                     serde_yaml::Value::String(a) => vec![a.clone()],
-                    serde_yaml::Value::Sequence(v) => {
-                        v.iter().filter_map(|a| a.as_str().map(str::to_string)).collect()
-                    }
+                    serde_yaml::Value::Sequence(v) => v
+                        .iter()
+                        .filter_map(|a| a.as_str().map(str::to_string))
+                        .collect(),
                     _ => vec![],
                 };
                 let resource = serde_yaml::to_string(&st["Resource"]).unwrap();
@@ -47,7 +52,10 @@ fn only_the_allowlist_function_writes_org_settings_and_nobody_the_registry() {
     assert!(g.len() > 20, "{g:?}");
     for (f, action, resource) in &g {
         if action == "s3:PutObject" || action == "s3:*" {
-            assert!(!resource.contains("registry/"), "{f} may write the registry: {resource}");
+            assert!(
+                !resource.contains("registry/"),
+                "{f} may write the registry: {resource}"
+            );
             if resource.contains("orgs/") {
                 assert_eq!(f, "AllowlistFunction", "{f} may write org allowlists");
             }
@@ -60,7 +68,8 @@ fn every_function_that_checks_a_workspace_can_read_its_tenant() {
     let g = grants();
     for f in ["ListFunction", "CatalogFunction", "OperationsFunction"] {
         assert!(
-            g.iter().any(|(n, a, _)| n == f && a == "ec2:DescribeInstances"),
+            g.iter()
+                .any(|(n, a, _)| n == f && a == "ec2:DescribeInstances"),
             "{f} cannot read the org tag"
         );
     }
@@ -89,7 +98,8 @@ fn records_expire_by_the_tag_the_functions_write_and_old_versions_go() {
     let g = grants();
     for f in ["InstallFunction", "UninstallFunction", "ReinstallFunction"] {
         assert!(
-            g.iter().any(|(n, a, _)| n == f && a == "s3:PutObjectTagging"),
+            g.iter()
+                .any(|(n, a, _)| n == f && a == "s3:PutObjectTagging"),
             "{f} cannot tag its records"
         );
     }

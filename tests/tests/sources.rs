@@ -564,7 +564,12 @@ async fn fetches_never_reach_non_public_addresses() {
     let srv = SourceServer::start();
     let archive = tarball(&[("plugin.yaml", b"name: guarded\n")], &[]);
     srv.file("g/guarded.tar.gz", &archive);
-    srv.repo_ref("acme", "guarded", "v1", &[("plugin.yaml", b"name: guarded\n")]);
+    srv.repo_ref(
+        "acme",
+        "guarded",
+        "v1",
+        &[("plugin.yaml", b"name: guarded\n")],
+    );
     let pin = sha256_hex(&archive);
     let mut cfg = f.config();
     cfg.extra_ca_pem = Some(std::fs::read(srv.tls.join("ca.pem")).unwrap());
@@ -572,17 +577,38 @@ async fn fetches_never_reach_non_public_addresses() {
     cfg.github_api = srv.base();
     let app = f.app_with(cfg.clone());
     let cases = [
-        (format!("{}/files/g/guarded.tar.gz#sha256={pin}", srv.base()), "loopback"),
-        (format!("https://localhost:{}/files/g/guarded.tar.gz#sha256={pin}", srv.port), "loopback"),
-        (format!("https://[::1]:{}/files/g/guarded.tar.gz#sha256={pin}", srv.port), "loopback"),
-        (format!("https://169.254.169.254/latest/meta-data#sha256={pin}"), "link-local"),
+        (
+            format!("{}/files/g/guarded.tar.gz#sha256={pin}", srv.base()),
+            "loopback",
+        ),
+        (
+            format!(
+                "https://localhost:{}/files/g/guarded.tar.gz#sha256={pin}",
+                srv.port
+            ),
+            "loopback",
+        ),
+        (
+            format!(
+                "https://[::1]:{}/files/g/guarded.tar.gz#sha256={pin}",
+                srv.port
+            ),
+            "loopback",
+        ),
+        (
+            format!("https://169.254.169.254/latest/meta-data#sha256={pin}"),
+            "link-local",
+        ),
         ("github://acme/guarded#v1".to_string(), "loopback"),
     ];
     for (source, rule) in &cases {
         let (s, b) = install(&app, &f.workspace, &json!({"source": source}).to_string()).await;
         assert_eq!(s, 403, "{source}: {b}");
         assert!(b["rule"].as_str().unwrap().contains(rule), "{source}: {b}");
-        assert!(b["error"].as_str().unwrap().starts_with("fetching from "), "{b}");
+        assert!(
+            b["error"].as_str().unwrap().starts_with("fetching from "),
+            "{b}"
+        );
     }
     assert_eq!(srv.requests(), 0, "the server was never contacted");
     assert!(f.keys("staged/").await.is_empty());
@@ -592,10 +618,47 @@ async fn fetches_never_reach_non_public_addresses() {
     cfg.fetch_policy.test_allowed_addresses = vec!["127.0.0.1".parse().unwrap()];
     cfg.fetch_policy.allowed_hosts = vec!["localhost".into()];
     let app = f.app_with(cfg);
-    let source = format!("https://localhost:{}/redirect/g/guarded.tar.gz#sha256={pin}", srv.port);
+    let source = format!(
+        "https://localhost:{}/redirect/g/guarded.tar.gz#sha256={pin}",
+        srv.port
+    );
     let (s, b) = install(&app, &f.workspace, &json!({"source": source}).to_string()).await;
     assert_eq!(s, 403, "{b}");
     assert_eq!(b["rule"], "not in the allowed hosts", "{b}");
     assert_eq!(srv.requests(), 1, "only the first hop was made");
     assert!(!f.touched());
+}
+
+/// A signed URL's query string is a credential: it is used for the fetch
+/// but never appears in an error, a record or the log detail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_strings_stay_out_of_records_and_errors() {
+    let f = Fixture::new().await;
+    let srv = SourceServer::start();
+    let app = app_for(&f, &srv, None);
+    let good = tarball(&[("plugin.yaml", b"name: signed\nversion: 1.0.0\n")], &[]);
+    srv.file("s/signed.tar.gz", &good);
+    let pin = sha256_hex(&good);
+    let secret = "X-Amz-Signature=s3cr3t0123";
+    let url = format!("{}/files/s/signed.tar.gz?{secret}#sha256={pin}", srv.base());
+    let (s, b) = install(&app, &f.workspace, &json!({"source": url}).to_string()).await;
+    assert_eq!(s, 200, "{b}");
+    assert!(!b.to_string().contains("s3cr3t"), "{b}");
+    let (_, listed) = list(&app, &f.workspace).await;
+    assert!(!listed.to_string().contains("s3cr3t"), "{listed}");
+    // The desired state keeps it: a reinstall may have to fetch again.
+    assert!(f.desired().await.to_string().contains("s3cr3t"));
+    let missing = format!("{}/files/s/none.tar.gz?{secret}#sha256={pin}", srv.base());
+    let (s, b) = install(&app, &f.workspace, &json!({"source": missing}).to_string()).await;
+    assert_eq!(s, 404, "{b}");
+    assert!(!b.to_string().contains("s3cr3t"), "{b}");
+    assert!(b["error"].as_str().unwrap().contains("?<redacted>"), "{b}");
+    for key in f
+        .keys(&format!("workspaces/{}/operations/", f.workspace))
+        .await
+    {
+        let rec = String::from_utf8(f.get(&key).await.unwrap()).unwrap();
+        assert!(!rec.contains("s3cr3t"), "{rec}");
+        assert!(rec.contains("?<redacted>"), "{rec}");
+    }
 }

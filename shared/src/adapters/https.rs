@@ -46,9 +46,8 @@ impl reqwest::dns::Resolve for GuardedResolver {
         let policy = self.policy.clone();
         let host = name.as_str().to_string();
         Box::pin(async move {
-            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let found: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let mut why = String::from("the name does not resolve");
             let mut ok = Vec::new();
             for a in found {
@@ -237,7 +236,8 @@ fn fetch_error(scheme: &str, source: &str, e: reqwest::Error) -> Error {
     };
     err.with_field("scheme", serde_json::json!(scheme))
         .with_field("source", serde_json::json!(source))
-        .with_detail(format!("{e:?}"))
+        // Without the URL: a signed URL's query string is a credential.
+        .with_detail(format!("{:?}", e.without_url()))
 }
 
 /// Refs may contain `/` (branches like `release/v1`); keep them, escape the rest.

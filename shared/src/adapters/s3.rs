@@ -267,9 +267,15 @@ impl ArchiveStore for S3Store {
             None => None,
         };
         if told != manifest {
-            tracing::warn!(fingerprint, "index entry's plugin.yaml differs from its archive's; ignored");
+            tracing::warn!(
+                fingerprint,
+                "index entry's plugin.yaml differs from its archive's; ignored"
+            );
         }
-        Ok(Some(ArchiveFile { manifest, ..archive }))
+        Ok(Some(ArchiveFile {
+            manifest,
+            ..archive
+        }))
     }
 
     async fn fetch_staged(&self, digest: &str) -> Result<Option<ArchiveFile>> {

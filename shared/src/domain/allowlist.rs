@@ -187,7 +187,8 @@ impl Allowlist {
             Ok(())
         } else {
             Err(refused(format!(
-                "the org allowlist admits no plugin from {canonical}"
+                "the org allowlist admits no plugin from {}",
+                source.redacted()
             )))
         }
     }
@@ -206,7 +207,8 @@ impl Allowlist {
             .collect();
         if named.is_empty() {
             return Err(refused(format!(
-                "plugin {name:?} from {canonical} is not in the org allowlist"
+                "plugin {name:?} from {} is not in the org allowlist",
+                source.redacted()
             )));
         }
         if named

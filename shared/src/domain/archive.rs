@@ -274,7 +274,11 @@ pub fn manifest_in(path: &Path) -> Result<Option<Vec<u8>>> {
     let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(io::BufReader::new(file)));
     for entry in tar.entries().map_err(Error::internal)? {
         let mut entry = entry.map_err(Error::internal)?;
-        let p = entry.path().map_err(Error::internal)?.to_string_lossy().into_owned();
+        let p = entry
+            .path()
+            .map_err(Error::internal)?
+            .to_string_lossy()
+            .into_owned();
         match p.as_str().cmp("plugin.yaml") {
             std::cmp::Ordering::Less => continue,
             std::cmp::Ordering::Greater => return Ok(None),
@@ -386,8 +390,15 @@ mod tests {
             }
             b.finish().unwrap()
         };
-        let a = build(&[("hooks/h.sh", b"x"), ("plugin.yaml", b"name: real\n"), ("rules/r.md", b"r")]);
-        assert_eq!(manifest_in(a.path()).unwrap().as_deref(), Some(&b"name: real\n"[..]));
+        let a = build(&[
+            ("hooks/h.sh", b"x"),
+            ("plugin.yaml", b"name: real\n"),
+            ("rules/r.md", b"r"),
+        ]);
+        assert_eq!(
+            manifest_in(a.path()).unwrap().as_deref(),
+            Some(&b"name: real\n"[..])
+        );
         let none = build(&[("hooks/h.sh", b"x"), ("rules/r.md", b"r")]);
         assert_eq!(manifest_in(none.path()).unwrap(), None);
     }

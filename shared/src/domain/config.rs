@@ -272,7 +272,9 @@ impl Config {
                 .split(',')
                 .map(|a| a.trim().parse())
                 .collect::<std::result::Result<_, _>>()
-                .map_err(|_| Error::internal("PLUGIN_FETCH_TEST_ALLOW_ADDRESSES: not IP addresses"))?;
+                .map_err(|_| {
+                    Error::internal("PLUGIN_FETCH_TEST_ALLOW_ADDRESSES: not IP addresses")
+                })?;
             tracing::warn!(
                 "PLUGIN_FETCH_TEST_ALLOW_ADDRESSES is set: fetches may reach those non-public \
                  addresses. Local tests only; never deploy this."

@@ -64,12 +64,7 @@ fn non_public_v6(ip: Ipv6Addr) -> Option<&'static str> {
     let s = ip.segments();
     if s[0] == 0x64 && s[1] == 0xff9b {
         // NAT64: the embedded IPv4 address is where it goes.
-        let v4 = Ipv4Addr::new(
-            (s[6] >> 8) as u8,
-            s[6] as u8,
-            (s[7] >> 8) as u8,
-            s[7] as u8,
-        );
+        let v4 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
         return non_public_v4(v4);
     }
     let rule = if ip.is_unspecified() {
@@ -141,16 +136,42 @@ mod tests {
     #[test]
     fn only_public_addresses_pass() {
         for bad in [
-            "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
-            "0.0.0.0", "224.0.0.1", "255.255.255.255", "240.0.0.1", "192.0.2.1", "198.18.0.1",
-            "192.0.0.170", "::1", "::", "fd00::1", "fe80::1", "ff02::1", "::ffff:127.0.0.1",
-            "::ffff:10.0.0.1", "64:ff9b::a9fe:a9fe", "2001:db8::1", "::127.0.0.1", "2002:7f00:1::",
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "240.0.0.1",
+            "192.0.2.1",
+            "198.18.0.1",
+            "192.0.0.170",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2001:db8::1",
+            "::127.0.0.1",
+            "2002:7f00:1::",
             "2001:0:4136:e378::1",
         ] {
             let ip: IpAddr = bad.parse().unwrap();
             assert!(non_public(ip).is_some(), "{bad}");
         }
-        for good in ["8.8.8.8", "140.82.112.3", "100.128.0.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
+        for good in [
+            "8.8.8.8",
+            "140.82.112.3",
+            "100.128.0.1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
             let ip: IpAddr = good.parse().unwrap();
             assert_eq!(non_public(ip), None, "{good}");
         }
@@ -161,7 +182,10 @@ mod tests {
         let p = FetchPolicy::default();
         assert!(p.check_host("127.0.0.1").is_err());
         assert!(p.check_host("[::1]").is_err());
-        assert!(p.check_host("example.com").is_ok(), "names are checked once resolved");
+        assert!(
+            p.check_host("example.com").is_ok(),
+            "names are checked once resolved"
+        );
         let listed = FetchPolicy {
             allowed_hosts: vec!["codeload.github.com".into(), "api.github.com".into()],
             ..Default::default()

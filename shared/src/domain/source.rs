@@ -195,6 +195,18 @@ impl Source {
         }
     }
 
+    /// The source as records, logs and errors show it: an https URL's
+    /// query string (a signed URL's credentials) left out.
+    pub fn redacted(&self) -> String {
+        match self {
+            Source::Https { url, sha256, .. } => match url.split_once('?') {
+                Some((base, _)) => format!("{base}?<redacted>#sha256={sha256}"),
+                None => self.canonical(),
+            },
+            _ => self.canonical(),
+        }
+    }
+
     pub fn canonical(&self) -> String {
         match self {
             Source::Local { name } => format!("local://{name}"),
@@ -315,6 +327,25 @@ mod tests {
         let e = Source::parse("ftp://x").unwrap_err();
         assert_eq!(e.status(), 400);
         assert!(e.fields.contains_key("available_schemes"));
+    }
+
+    #[test]
+    fn query_strings_never_reach_records_or_errors() {
+        let pin = "b".repeat(64);
+        let signed = Source::parse(&format!(
+            "https://bucket.example/p.tgz?X-Amz-Signature=secret&X-Amz-Credential=AKIA#sha256={pin}"
+        ))
+        .unwrap();
+        assert_eq!(
+            signed.redacted(),
+            format!("https://bucket.example/p.tgz?<redacted>#sha256={pin}")
+        );
+        assert!(
+            signed.canonical().contains("secret"),
+            "kept where the fetch needs it"
+        );
+        let plain = Source::parse("github://acme/tools#v1").unwrap();
+        assert_eq!(plain.redacted(), plain.canonical());
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::domain::error::{Error, ErrorKind, Result};
 use crate::domain::job::{Job, Work};
 use crate::domain::plugin::validate_workspace_id;
 use crate::domain::records::{self, OperationRecord, Status, Trigger};
+use crate::domain::source::Source;
 use crate::ports::{Deps, Handoff};
 use crate::usecases::install::{self, InstallRequest};
 use crate::usecases::record;
@@ -85,7 +86,9 @@ pub async fn start(deps: &Deps, handoff: &dyn Handoff, change: &Change<'_>) -> R
     let mut rec = OperationRecord::start(change.work.kind(), Trigger::Api, Some(workspace));
     rec.org_id = change.org.map(str::to_string);
     match &change.work {
-        Work::Install { source, .. } => rec.source = Some(source.clone()),
+        Work::Install { source, .. } => {
+            rec.source = Source::parse(source).ok().map(|s| s.redacted())
+        }
         Work::Uninstall { plugin } => rec.plugin = Some(plugin.clone()),
     }
     deps.records.put_record(&rec).await?;

@@ -215,7 +215,7 @@ pub async fn install_on(
     // requests, unknown workspaces and refused plugins do not).
     let mut rec = record::start_on(Kind::Install, Trigger::Api, workspace, &p.host, op_id);
     rec.plugin = Some(name.clone());
-    rec.source = Some(source.canonical());
+    rec.source = Some(source.redacted());
     rec.digest = Some(archive.sha256.clone());
     let result =
         match run_on_host(deps, &p.host, &cmd, Some(&Payload::from(archive)), &mut rec).await {
@@ -249,7 +249,8 @@ pub async fn install_on(
         plugin: name.clone(),
         name_from: p.resolved.name_from,
         skipped: p.resolved.skipped,
-        source: source.canonical(),
+        // The response and the record: a signed URL's query left out.
+        source: source.redacted(),
         version: entry.info.version,
         digest: archive.sha256.clone(),
     };

@@ -10,6 +10,7 @@ use crate::domain::catalog::{self, supports, Compatibility, WithSupport};
 use crate::domain::error::{Error, Result};
 use crate::domain::plugin::{InstalledPlugin, Manifest, PluginInfo};
 use crate::domain::records::{self, Kind, OperationRecord};
+use crate::domain::source::Source;
 use crate::ports::{Deps, Page, RecordStore, Registry};
 use crate::usecases::access;
 
@@ -35,9 +36,16 @@ pub async fn list(
         .state
         .plugins
         .into_values()
-        .map(|p| WithSupport {
-            supported_on_runtime: runtime.as_deref().map(|r| supports(&p.info.runtimes, r)),
-            item: p,
+        .map(|mut p| {
+            // The desired state keeps the whole source (a reinstall may
+            // fetch it again); readers see it without a query string.
+            if let Ok(s) = Source::parse(&p.source) {
+                p.source = s.redacted();
+            }
+            WithSupport {
+                supported_on_runtime: runtime.as_deref().map(|r| supports(&p.info.runtimes, r)),
+                item: p,
+            }
         })
         .collect())
 }

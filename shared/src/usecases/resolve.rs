@@ -31,7 +31,7 @@ pub async fn resolve(deps: &Deps, source: &Source, org: Option<&str>) -> Result<
         .unwrap_or_else(|_| {
             Err(Error::deadline(format!(
                 "fetching {} ran past its deadline",
-                source.canonical()
+                source.redacted()
             ))
             .with_field("scheme", serde_json::json!(source.scheme())))
         })
@@ -52,7 +52,8 @@ pub async fn stage(deps: &Deps, resolved: &Resolved) -> Result<()> {
 }
 
 async fn resolve_remote(deps: &Deps, source: &Source, org: Option<&str>) -> Result<Resolved> {
-    let canonical = source.canonical();
+    // Named in errors and logs: never a signed URL's query string.
+    let canonical = source.redacted();
     let (body, strip, fallback, pin) = match source {
         Source::Local { .. } => {
             return Err(Error::internal(

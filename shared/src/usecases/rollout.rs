@@ -99,7 +99,7 @@ pub async fn rollout(
     }
     let mut parent = OperationRecord::start(Kind::Rollout, Trigger::Request, None);
     parent.plugin = Some(req.plugin.clone());
-    parent.source = Some(source.canonical());
+    parent.source = Some(source.redacted());
     parent.org_id = req.org_id.clone();
     // One archive for the whole fleet. An org's rollout fetches nothing
     // its allowlist does not admit (a platform rollout is checked against
@@ -318,7 +318,7 @@ impl Run {
         let mut child = OperationRecord::start(Kind::Install, Trigger::Request, Some(&ws));
         child.parent = Some(self.parent.lock().unwrap().id.clone());
         child.plugin = Some(self.entry.info.name.clone());
-        child.source = Some(self.entry.source.clone());
+        child.source = Some(self.source.redacted());
         child.digest = Some(self.archive.sha256.clone());
         let outcome = self.install(&ws, host, &mut child).await;
         // Count the failure before freeing the slot: the next start must
