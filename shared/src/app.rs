@@ -30,6 +30,16 @@ pub struct App {
 impl App {
     pub async fn from_env() -> Result<App> {
         let config = Config::from_env()?;
+        // A cold start: whatever an invocation killed at its timeout left
+        // in the sandbox's temp space goes now.
+        let (n, bytes) = crate::adapters::tmp::remove_leftovers(&std::env::temp_dir());
+        if n > 0 {
+            tracing::warn!(
+                entries = n,
+                bytes,
+                "removed temp leftovers of an earlier invocation"
+            );
+        }
         let sdk = aws_config::defaults(BehaviorVersion::latest()).load().await;
         App::new(config, &sdk)
     }

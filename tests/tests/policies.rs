@@ -104,3 +104,14 @@ fn records_expire_by_the_tag_the_functions_write_and_old_versions_go() {
         );
     }
 }
+
+#[test]
+fn functions_that_build_or_download_archives_get_disk_for_them() {
+    let doc = template();
+    let size = |f: &str| doc["Resources"][f]["Properties"]["EphemeralStorage"]["Size"].as_u64();
+    // Twice the 100 MiB size cap for one operation, with room; the
+    // reinstall function runs up to 10 hosts at once.
+    assert!(size("InstallFunction").unwrap() >= 1024);
+    assert!(size("DownloadFunction").unwrap() >= 1024);
+    assert!(size("ReinstallFunction").unwrap() >= 2048);
+}

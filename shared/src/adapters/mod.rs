@@ -20,3 +20,4 @@ pub mod s3;
 pub mod sqs;
 pub mod ssh;
 pub mod ssm;
+pub mod tmp;
