@@ -78,6 +78,23 @@ pub trait ArchiveStore: Send + Sync {
     async fn remember(&self, fingerprint: &str, archive: &ArchiveFile) -> Result<()>;
     /// A presigned GET URL of a staged archive, valid for `ttl`.
     async fn presign(&self, digest: &str, ttl: std::time::Duration) -> Result<String>;
+    /// Every staged archive: digest, size and age (retention sweep).
+    async fn staged(&self) -> Result<Vec<StagedArchive>>;
+    /// Removes a staged archive (in a versioned bucket its bytes stay, as
+    /// an old version, until the noncurrent-version rule expires them).
+    async fn unstage(&self, digest: &str) -> Result<()>;
+    /// Undoes `unstage` for an archive needed meanwhile; `false` when it
+    /// cannot (an unversioned bucket: the source is fetched again).
+    async fn restore(&self, digest: &str) -> Result<bool>;
+}
+
+/// One staged archive as the retention sweep sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedArchive {
+    pub digest: String,
+    pub bytes: u64,
+    /// Since it was last written.
+    pub age: Duration,
 }
 
 /// The stored desired state and the version token to write against.

@@ -30,8 +30,8 @@ pub const MEMORY_ORG: &str = "org-1";
 use crate::domain::caller::{unauthorized, Caller};
 use crate::ports::{
     AllowlistStore, ArchiveStore, Authenticator, Body, Clock, Credentials, Deps, Fetcher, Fleet,
-    Handoff, HostTransport, Page, Payload, RecordStore, Registry, RegistryObject, StateStore,
-    Versioned,
+    Handoff, HostTransport, Page, Payload, RecordStore, Registry, RegistryObject, StagedArchive,
+    StateStore, Versioned,
 };
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -108,6 +108,8 @@ struct Stored {
     /// name → path → file
     registry: BTreeMap<String, BTreeMap<String, Published>>,
     staged: HashMap<String, Vec<u8>>,
+    /// Unstaged archives a restore can bring back (a versioned bucket).
+    unstaged: HashMap<String, Vec<u8>>,
     /// fingerprint → (digest, plugin.yaml)
     index: HashMap<String, (String, Option<Vec<u8>>)>,
     states: BTreeMap<String, (DesiredState, u64)>,
@@ -127,9 +129,16 @@ pub struct MemoryStore {
     conflicts: AtomicUsize,
     /// Allowlists cannot be read (the store is down).
     allowlists_down: std::sync::atomic::AtomicBool,
+    /// The age every staged archive reports.
+    staged_age: Mutex<Duration>,
 }
 
 impl MemoryStore {
+    /// Every staged archive is this old (retention tests).
+    pub fn set_staged_age(&self, age: Duration) {
+        *lock(&self.staged_age) = age;
+    }
+
     fn count(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
@@ -350,6 +359,37 @@ impl ArchiveStore for MemoryStore {
             "https://memory.invalid/staged/{digest}.tar.gz?expires={}",
             ttl.as_secs()
         ))
+    }
+
+    async fn staged(&self) -> Result<Vec<StagedArchive>> {
+        let d = lock(&self.data);
+        Ok(d.staged
+            .iter()
+            .map(|(digest, b)| StagedArchive {
+                digest: digest.clone(),
+                bytes: b.len() as u64,
+                age: *lock(&self.staged_age),
+            })
+            .collect())
+    }
+
+    async fn unstage(&self, digest: &str) -> Result<()> {
+        let mut d = lock(&self.data);
+        if let Some(b) = d.staged.remove(digest) {
+            d.unstaged.insert(digest.to_string(), b);
+        }
+        Ok(())
+    }
+
+    async fn restore(&self, digest: &str) -> Result<bool> {
+        let mut d = lock(&self.data);
+        match d.unstaged.remove(digest) {
+            Some(b) => {
+                d.staged.insert(digest.to_string(), b);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 }
 

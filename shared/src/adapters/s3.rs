@@ -22,8 +22,8 @@ use crate::domain::plugin::DesiredState;
 use crate::domain::records::{Kind, OperationRecord};
 use crate::domain::source::RegistryFile;
 use crate::ports::{
-    AllowlistStore, ArchiveStore, Page, RecordStore, Registry, RegistryObject, StateStore,
-    Versioned,
+    AllowlistStore, ArchiveStore, Page, RecordStore, Registry, RegistryObject, StagedArchive,
+    StateStore, Versioned,
 };
 
 /// `staged/index/<fingerprint>.json`: what a registry listing built.
@@ -294,6 +294,83 @@ impl ArchiveStore for S3Store {
             .await
             .map_err(|e| s3_error("presign staged archive", e))?;
         Ok(req.uri().to_string())
+    }
+
+    async fn staged(&self) -> Result<Vec<StagedArchive>> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let mut found = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix("staged/")
+            .delimiter("/")
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| s3_error("list staged archives", e))?;
+            for obj in page.contents() {
+                let Some(digest) = obj
+                    .key()
+                    .and_then(|k| k.strip_prefix("staged/"))
+                    .and_then(|k| k.strip_suffix(".tar.gz"))
+                else {
+                    continue;
+                };
+                let modified = obj.last_modified().map(|d| d.secs()).unwrap_or(now);
+                found.push(StagedArchive {
+                    digest: digest.to_string(),
+                    bytes: obj.size().unwrap_or(0).max(0) as u64,
+                    age: std::time::Duration::from_secs((now - modified).max(0) as u64),
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    async fn unstage(&self, digest: &str) -> Result<()> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(staged_key(digest))
+            .send()
+            .await
+            .map_err(|e| s3_error("delete staged archive", e))?;
+        Ok(())
+    }
+
+    async fn restore(&self, digest: &str) -> Result<bool> {
+        // The delete marker `unstage` left on top: removing it makes the
+        // archive's last version current again.
+        let key = staged_key(digest);
+        let out = self
+            .client
+            .list_object_versions()
+            .bucket(&self.bucket)
+            .prefix(&key)
+            .send()
+            .await
+            .map_err(|e| s3_error("list staged archive versions", e))?;
+        let marker = out
+            .delete_markers()
+            .iter()
+            .find(|m| m.key() == Some(key.as_str()) && m.is_latest() == Some(true))
+            .and_then(|m| m.version_id().map(str::to_string));
+        let Some(version) = marker else {
+            return Ok(false);
+        };
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .version_id(version)
+            .send()
+            .await
+            .map_err(|e| s3_error("restore staged archive", e))?;
+        Ok(true)
     }
 
     async fn remember(&self, fingerprint: &str, archive: &ArchiveFile) -> Result<()> {

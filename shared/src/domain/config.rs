@@ -62,6 +62,9 @@ pub struct Config {
     pub extra_ca_pem: Option<Vec<u8>>,
     /// Deadline of one remote fetch.
     pub fetch_timeout: Duration,
+    /// Staged archives no desired state references are removed once this
+    /// old (the scheduled sweep).
+    pub staged_retention: Duration,
     /// Where remote fetches may go (`domain::netguard`).
     pub fetch_policy: FetchPolicy,
     /// Transport of instances without a `molecule:access` tag.
@@ -169,6 +172,7 @@ impl Config {
             extra_ca_pem: None,
             fetch_timeout: Duration::from_secs(300),
             fetch_policy: FetchPolicy::default(),
+            staged_retention: Duration::from_secs(30 * 86400),
             default_access: Access::Ssh,
             ssm_url_ttl: MAX_SSM_URL_TTL,
             ready_budget: Duration::from_secs(600),
@@ -259,6 +263,10 @@ impl Config {
                 std::fs::read(&v)
                     .map_err(|e| Error::internal(format!("PLUGIN_EXTRA_CA_CERTS {v}: {e}")))?
             });
+        }
+        if let Some(v) = var("PLUGIN_STAGED_RETENTION_DAYS") {
+            let days: u64 = parse(&v, "PLUGIN_STAGED_RETENTION_DAYS")?;
+            c.staged_retention = Duration::from_secs(days * 86400);
         }
         if let Some(v) = var("PLUGIN_FETCH_ALLOWED_HOSTS") {
             c.fetch_policy.allowed_hosts = v

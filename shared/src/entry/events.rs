@@ -23,7 +23,7 @@ use crate::domain::records::Trigger;
 use crate::domain::rollout::{RolloutLimits, RolloutRequest, Threshold};
 use crate::ports::Deps;
 use crate::usecases::reinstall::{reinstall_workspace, Readiness};
-use crate::usecases::{background, repair, rollout};
+use crate::usecases::{background, repair, rollout, sweep};
 
 pub const INSTANCE_STATE_CHANGE: &str = "EC2 Instance State-change Notification";
 pub const REINSTALL_REQUESTED: &str = "Plugin Reinstall Requested";
@@ -194,13 +194,15 @@ fn threshold(r: &RolloutRequest, default: &str) -> Result<Threshold> {
     }
 }
 
-/// The schedule: drift repair across the fleet.
+/// The schedule: drift repair across the fleet, then the retention sweep
+/// of staged archives.
 async fn scheduled(deps: &Deps) -> Result<Value> {
     let (checked, recs) = repair::repair_all(deps, deps.config.rollout_concurrency).await?;
+    let swept = sweep::sweep(deps, deps.config.staged_retention).await?;
     let repaired: Vec<_> = recs
         .iter()
         .filter(|r| !r.plugins.is_empty())
         .map(|r| json!({"workspace": r.workspace, "operation_id": r.id, "plugins": r.plugins}))
         .collect();
-    Ok(json!({"checked": checked, "drift": repaired}))
+    Ok(json!({"checked": checked, "drift": repaired, "staged": swept}))
 }

@@ -9,6 +9,7 @@
 //! - `background`: API operations that outlast the deadline (202 + queue).
 //! - `reinstall`, `repair`, `rollout`: putting hosts in line with their
 //!   desired state (EventBridge).
+//! - `sweep`: retention of staged archives (the schedule).
 //! - `resolve`, `state`, `record`: steps the others share (fetch and stage a
 //!   plugin, change a desired state, keep an operation record).
 
@@ -23,6 +24,7 @@ pub mod repair;
 pub mod resolve;
 pub mod rollout;
 pub mod state;
+pub mod sweep;
 
 #[cfg(test)]
 mod tests;

@@ -1049,3 +1049,43 @@ async fn a_cross_org_rollout_parent_names_only_the_workspace_asked_about() {
         404
     );
 }
+
+#[tokio::test]
+async fn the_sweep_removes_only_old_unreferenced_archives() {
+    let (m, deps) = world();
+    install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap();
+    let kept = m.store.state_of("ws-1").plugins["hello"].digest.clone();
+    m.store
+        .publish("other", &[("plugin.yaml", b"name: other\n")]);
+    install::install(&deps, &owner(), "ws-1", req("other"))
+        .await
+        .unwrap();
+    install::uninstall(&deps, &owner(), "ws-1", "other")
+        .await
+        .unwrap();
+    assert_eq!(m.store.staged_digests().len(), 2);
+    // Young: kept.
+    m.store.set_staged_age(Duration::from_secs(3600));
+    let r = crate::usecases::sweep::sweep(&deps, Duration::from_secs(86400))
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            r.objects_before,
+            r.removed,
+            r.kept_recent,
+            r.kept_referenced
+        ),
+        (2, 0, 1, 1)
+    );
+    // Old: the unreferenced one goes, the referenced one stays.
+    m.store.set_staged_age(Duration::from_secs(2 * 86400));
+    let r = crate::usecases::sweep::sweep(&deps, Duration::from_secs(86400))
+        .await
+        .unwrap();
+    assert_eq!((r.removed, r.kept_referenced, r.restored), (1, 1, 0));
+    assert!(r.bytes_removed > 0 && r.bytes_removed < r.bytes_before);
+    assert_eq!(m.store.staged_digests(), vec![kept]);
+}
