@@ -114,4 +114,10 @@ fn functions_that_build_or_download_archives_get_disk_for_them() {
     assert!(size("InstallFunction").unwrap() >= 1024);
     assert!(size("DownloadFunction").unwrap() >= 1024);
     assert!(size("ReinstallFunction").unwrap() >= 2048);
+    // The reinstall function bounds its hosts at once by what it was given.
+    let told = doc["Resources"]["ReinstallFunction"]["Properties"]["Environment"]["Variables"]
+        ["PLUGIN_TEMP_SPACE_MIB"]
+        .as_str()
+        .and_then(|v| v.parse::<u64>().ok());
+    assert_eq!(told, size("ReinstallFunction"));
 }

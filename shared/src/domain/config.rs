@@ -62,6 +62,9 @@ pub struct Config {
     pub extra_ca_pem: Option<Vec<u8>>,
     /// Deadline of one remote fetch.
     pub fetch_timeout: Duration,
+    /// The temp space the function was granted (EphemeralStorage), when
+    /// known: it bounds how many hosts a rollout or repair works on at once.
+    pub temp_space: Option<u64>,
     /// Staged archives no desired state references are removed once this
     /// old (the scheduled sweep).
     pub staged_retention: Duration,
@@ -173,6 +176,7 @@ impl Config {
             fetch_timeout: Duration::from_secs(300),
             fetch_policy: FetchPolicy::default(),
             staged_retention: Duration::from_secs(30 * 86400),
+            temp_space: None,
             default_access: Access::Ssh,
             ssm_url_ttl: MAX_SSM_URL_TTL,
             ready_budget: Duration::from_secs(600),
@@ -264,6 +268,10 @@ impl Config {
                     .map_err(|e| Error::internal(format!("PLUGIN_EXTRA_CA_CERTS {v}: {e}")))?
             });
         }
+        if let Some(v) = var("PLUGIN_TEMP_SPACE_MIB") {
+            let mib: u64 = parse(&v, "PLUGIN_TEMP_SPACE_MIB")?;
+            c.temp_space = Some(mib * 1024 * 1024);
+        }
         if let Some(v) = var("PLUGIN_STAGED_RETENTION_DAYS") {
             let days: u64 = parse(&v, "PLUGIN_STAGED_RETENTION_DAYS")?;
             c.staged_retention = Duration::from_secs(days * 86400);
@@ -340,6 +348,18 @@ impl Config {
             );
         }
         Ok(c)
+    }
+
+    /// How many hosts may be worked on at once, given the temp space: each
+    /// holds one downloaded archive (at most the size cap), beside one
+    /// resolve (a checked tree and its archive, twice the cap). Never 0.
+    pub fn hosts_at_once(&self, wanted: usize) -> usize {
+        let Some(space) = self.temp_space else {
+            return wanted.max(1);
+        };
+        let cap = self.max_tree_bytes.max(1);
+        let fits = space.saturating_sub(2 * cap) / cap;
+        wanted.min(fits as usize).max(1)
     }
 
     /// The profile for a host: its runtime's, with the instance's own
@@ -454,6 +474,20 @@ fn parse<T: std::str::FromStr>(v: &str, key: &str) -> Result<T> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_temp_space_bounds_hosts_at_once() {
+        let mut c = Config::new("b");
+        assert_eq!(c.hosts_at_once(10), 10, "no grant known: as asked");
+        c.temp_space = Some(2048 * 1024 * 1024);
+        assert_eq!(c.hosts_at_once(10), 10);
+        assert_eq!(c.hosts_at_once(50), 18, "(2048 - 2 x 100) / 100 MiB");
+        c.temp_space = Some(512 * 1024 * 1024);
+        assert_eq!(c.hosts_at_once(10), 3);
+        c.temp_space = Some(100 * 1024 * 1024);
+        assert_eq!(c.hosts_at_once(10), 1, "never 0");
+    }
+
     use super::*;
 
     #[test]

@@ -173,7 +173,9 @@ async fn requested(deps: &Deps, event: &Value) -> Result<Value> {
         Request::Rollout(mut r) => {
             r.org_id = scope(deps, source, r.org_id.as_deref())?;
             let limits = RolloutLimits {
-                max_concurrency: r.max_concurrency.unwrap_or(cfg.rollout_concurrency),
+                // Never more hosts at once than the temp space holds.
+                max_concurrency: cfg
+                    .hosts_at_once(r.max_concurrency.unwrap_or(cfg.rollout_concurrency)),
                 per_vpc: cfg.rollout_per_vpc,
                 threshold: threshold(&r, &cfg.rollout_error_threshold)?,
             };
@@ -197,7 +199,8 @@ fn threshold(r: &RolloutRequest, default: &str) -> Result<Threshold> {
 /// The schedule: drift repair across the fleet, then the retention sweep
 /// of staged archives.
 async fn scheduled(deps: &Deps) -> Result<Value> {
-    let (checked, recs) = repair::repair_all(deps, deps.config.rollout_concurrency).await?;
+    let hosts = deps.config.hosts_at_once(deps.config.rollout_concurrency);
+    let (checked, recs) = repair::repair_all(deps, hosts).await?;
     let swept = sweep::sweep(deps, deps.config.staged_retention).await?;
     let repaired: Vec<_> = recs
         .iter()
