@@ -34,19 +34,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Deterministic incompressible bytes (xorshift), no RNG state shared.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    let mut x = seed | 1;
-    for c in out.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-    }
-    out
-}
-
 fn venv_bin(name: &str) -> String {
     format!("{}/bin/{name}", stack().var("PLUGIN_STACK_VENV"))
 }

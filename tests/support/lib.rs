@@ -983,6 +983,19 @@ pub fn tree(dir: &Path) -> BTreeMap<String, (Vec<u8>, u32, u32, u32)> {
     out
 }
 
+/// `len` incompressible bytes (xorshift), the same for the same seed.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    let mut x = seed | 1;
+    for c in out.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+    }
+    out
+}
+
 pub fn sha256_hex(b: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(b))

@@ -9,18 +9,6 @@ use std::process::Command;
 
 use acceptance::*;
 
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    let mut x = seed | 1;
-    for c in out.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-    }
-    out
-}
-
 /// The install function's EphemeralStorage, in MiB, from template.yaml.
 fn granted_mib() -> u64 {
     let text = std::fs::read_to_string(repo_root().join("template.yaml")).unwrap();
