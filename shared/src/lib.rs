@@ -18,13 +18,17 @@
 //! `shared/tests/layers.rs` fails the build's tests when an import points up
 //! or two modules import each other.
 
+#[cfg(feature = "runtime")]
 pub mod adapters;
+#[cfg(feature = "runtime")]
 pub mod app;
 pub mod domain;
+#[cfg(feature = "runtime")]
 pub mod entry;
 pub mod ports;
 pub mod usecases;
 
+#[cfg(feature = "runtime")]
 pub use app::App;
 pub use domain::config::Config;
 pub use domain::error::{Error, ErrorKind, Result};

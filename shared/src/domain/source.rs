@@ -98,8 +98,7 @@ fn parse_https(raw: &str) -> Result<Source> {
             "the #sha256= pin must be 64 hexadecimal characters",
         ));
     }
-    let parsed =
-        reqwest::Url::parse(url).map_err(|_| Error::bad_request("invalid plugin source"))?;
+    let parsed = url::Url::parse(url).map_err(|_| Error::bad_request("invalid plugin source"))?;
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err(Error::bad_request("invalid plugin source"));
     }
