@@ -23,15 +23,29 @@ signature itself is not checked (moto does not check it either).
 
 GET /_stack/moto-wrapper answers {"service": "moto-wrapper", ...} so the
 stack scripts can tell this launcher from a plain moto_server.
+
+Fault injection (the fault campaign, tests/support/faults.rs): a share of
+the requests signed with one access key, to the services named, is answered
+with the errors S3 and EC2 send under load (500 InternalError, 503 SlowDown
+for S3, 503 RequestLimitExceeded and 500 InternalError for EC2) instead of
+reaching moto. Only that key's requests are touched, so a campaign never
+disturbs the tests running beside it.
+
+    POST   /_stack/faults {"access_key": k, "services": ["s3", "ec2"],
+                           "rate": 0.3, "seed": 7}    start (replaces a plan)
+    GET    /_stack/faults                             what was injected
+    DELETE /_stack/faults                             stop; what was injected
 """
 
 import argparse
 import calendar
 import json
 import os
+import random
 import re
 import signal
 import sys
+import threading
 import time
 import urllib.parse
 import uuid
@@ -54,6 +68,14 @@ SERVICE = "moto-wrapper"
 WRAPPER_PATH = "/_stack/moto-wrapper"
 MAX_EXPIRES = 604800  # seven days, S3's limit for SigV4 presigned URLs
 AMZ_DATE_RE = re.compile(r"^\d{8}T\d{6}Z$")
+FAULTS_PATH = "/_stack/faults"
+CREDENTIAL_RE = re.compile(r"Credential=([^/,\s]+)/[^/]+/[^/]+/([^/]+)/aws4_request")
+S3_FAULTS = [("500 Internal Server Error", "InternalError",
+              "We encountered an internal error. Please try again."),
+             ("503 Slow Down", "SlowDown", "Please reduce your request rate.")]
+EC2_FAULTS = [("500 Internal Server Error", "InternalError",
+               "An internal error has occurred."),
+              ("503 Service Unavailable", "RequestLimitExceeded", "Request limit exceeded.")]
 SIGV4_MARKERS = ("X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Signature",
                  "X-Amz-SignedHeaders")
 
@@ -77,6 +99,7 @@ class PresignExpiry:
         if environ.get("PATH_INFO") == WRAPPER_PATH:
             return self._json(start_response, {"service": SERVICE, "ok": True,
                                                "presign_expiry": True,
+                                               "fault_injection": True,
                                                "max_expires": MAX_EXPIRES,
                                                "rejected": self.rejected})
         query = environ.get("QUERY_STRING", "")
@@ -145,9 +168,9 @@ class PresignExpiry:
         return None
 
     @staticmethod
-    def _json(start_response, payload):
+    def _json(start_response, payload, status="200 OK"):
         data = json.dumps(payload).encode()
-        start_response("200 OK", [("Content-Type", "application/json"),
+        start_response(status, [("Content-Type", "application/json"),
                                   ("Content-Length", str(len(data)))])
         return [data]
 
@@ -168,6 +191,102 @@ class PresignExpiry:
         return [data]
 
 
+def credential(environ):
+    """(access key, service) of a SigV4 request, header or query signed."""
+    found = CREDENTIAL_RE.search(environ.get("HTTP_AUTHORIZATION", ""))
+    if found:
+        return found.group(1), found.group(2)
+    query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+    scope = query.get("X-Amz-Credential", [""])[0].split("/")
+    if len(scope) == 5:
+        return scope[0], scope[3]
+    return None, None
+
+
+class FaultInjector:
+    """WSGI middleware: S3 and EC2 errors for a share of one key's requests."""
+
+    def __init__(self, app):
+        self.app = app
+        self.lock = threading.Lock()
+        self.plan = None
+        self.rng = random.Random()
+        self.injected = {}
+        self.passed = 0
+
+    def __call__(self, environ, start_response):
+        if environ.get("PATH_INFO") == FAULTS_PATH:
+            return self._control(environ, start_response)
+        plan = self.plan
+        if plan is not None:
+            key, service = credential(environ)
+            if key == plan["access_key"] and service in plan["services"]:
+                with self.lock:
+                    hit = self.rng.random() < plan["rate"]
+                    fault = self.rng.choice(S3_FAULTS if service == "s3" else EC2_FAULTS)
+                    if hit:
+                        name = "%s %s %s" % (service, fault[0].split()[0], fault[1])
+                        self.injected[name] = self.injected.get(name, 0) + 1
+                    else:
+                        self.passed += 1
+                if hit:
+                    return self._error(environ, start_response, service, fault)
+        return self.app(environ, start_response)
+
+    def _report(self):
+        return {"injected": dict(self.injected), "passed": self.passed,
+                "active": self.plan is not None}
+
+    def _control(self, environ, start_response):
+        method = environ.get("REQUEST_METHOD")
+        with self.lock:
+            if method == "POST":
+                try:
+                    size = int(environ.get("CONTENT_LENGTH") or 0)
+                    plan = json.loads(environ["wsgi.input"].read(size))
+                    seed = plan.get("seed")
+                    plan = {"access_key": str(plan["access_key"]),
+                            "services": [str(s) for s in plan["services"]],
+                            "rate": float(plan["rate"])}
+                except (KeyError, ValueError, TypeError) as e:
+                    return PresignExpiry._json(start_response, {"error": str(e)},
+                                               "400 Bad Request")
+                self.rng = random.Random(seed)
+                self.plan = plan
+                self.injected, self.passed = {}, 0
+                log("faults on for key %s: %s at rate %.2f" % (
+                    plan["access_key"], ",".join(plan["services"]), plan["rate"]))
+            elif method == "DELETE":
+                self.plan = None
+                log("faults off: %s" % json.dumps(self.injected, sort_keys=True))
+            return PresignExpiry._json(start_response, self._report())
+
+    @staticmethod
+    def _error(environ, start_response, service, fault):
+        status, code, message = fault
+        request_id = uuid.uuid4().hex[:16].upper()
+        if service == "s3":
+            data = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>%s</Code>'
+                    "<Message>%s</Message><RequestId>%s</RequestId></Error>"
+                    % (code, message, request_id)).encode()
+        else:
+            data = ('<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
+                    "<Code>%s</Code><Message>%s</Message></Error></Errors>"
+                    "<RequestID>%s</RequestID></Response>" % (code, message, request_id)).encode()
+        # The request body is not read: drain it so the connection stays usable.
+        try:
+            size = int(environ.get("CONTENT_LENGTH") or 0)
+            if size:
+                environ["wsgi.input"].read(size)
+        except (ValueError, OSError):
+            pass
+        headers = [("Content-Type", "application/xml"), ("x-amz-request-id", request_id)]
+        if environ.get("REQUEST_METHOD") == "HEAD":
+            data = b""
+        start_response(status, headers + [("Content-Length", str(len(data)))])
+        return [data]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="moto server with presigned-URL expiry enforced")
@@ -182,7 +301,7 @@ def main(argv=None):
     moto_app = DomainDispatcherApplication(create_backend_app)
     moto_app.debug = True
     log("serving moto on http://%s:%d (presigned URL expiry enforced)" % (args.host, args.port))
-    run_simple(args.host, args.port, PresignExpiry(moto_app), threaded=True,
+    run_simple(args.host, args.port, FaultInjector(PresignExpiry(moto_app)), threaded=True,
                use_reloader=False, request_handler=MotoRequestHandler)
     return 0
 

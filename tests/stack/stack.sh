@@ -150,11 +150,12 @@ moto_healthy() {
     [[ $body == '{'* ]]
 }
 
-# True if the moto on the port is moto_server.py (presigned-URL expiry enforced).
+# True if the moto on the port is today's moto_server.py (presigned-URL expiry
+# enforced, fault injection available).
 moto_wrapped() {
     local body
     body=$(http_get "http://$LOOPBACK:$1/_stack/moto-wrapper") || return 1
-    [[ $body == *'"service": "moto-wrapper"'* ]]
+    [[ $body == *'"service": "moto-wrapper"'* && $body == *'"fault_injection": true'* ]]
 }
 
 # Prints the emulator's health JSON if an emulator answers on the port.

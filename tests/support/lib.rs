@@ -7,6 +7,8 @@
 //! endpoints explicitly from the stack's env file, so a test can never reach
 //! real AWS even if the shell has no endpoint variables.
 
+pub mod faults;
+
 use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -95,12 +97,18 @@ pub fn stack() -> &'static Stack {
 }
 
 pub async fn sdk() -> aws_config::SdkConfig {
+    sdk_as("test").await
+}
+
+/// `sdk` with its own access key: moto takes any key (all are one account),
+/// and the fault injector picks its victims by key.
+pub async fn sdk_as(access_key: &str) -> aws_config::SdkConfig {
     let s = stack();
     aws_config::defaults(BehaviorVersion::latest())
         .endpoint_url(s.var("AWS_ENDPOINT_URL"))
         .region(aws_config::Region::new("us-east-1"))
         .credentials_provider(aws_sdk_s3::config::Credentials::new(
-            "test", "test", None, None, "stack",
+            access_key, "test", None, None, "stack",
         ))
         .load()
         .await
@@ -112,7 +120,19 @@ pub async fn clients() -> (
     aws_sdk_ec2instanceconnect::Client,
     aws_sdk_ssm::Client,
 ) {
-    let sdk = sdk().await;
+    clients_as("test").await
+}
+
+/// `clients` signing with `access_key` (see `sdk_as`).
+pub async fn clients_as(
+    access_key: &str,
+) -> (
+    aws_sdk_s3::Client,
+    aws_sdk_ec2::Client,
+    aws_sdk_ec2instanceconnect::Client,
+    aws_sdk_ssm::Client,
+) {
+    let sdk = sdk_as(access_key).await;
     let s3 = aws_sdk_s3::Client::from_conf(
         aws_sdk_s3::config::Builder::from(&sdk)
             .force_path_style(true)
