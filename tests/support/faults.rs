@@ -573,3 +573,209 @@ pub async fn store_faults(operations: usize, rate: f64, seed: u64) -> StoreRepor
     report.wall = started.elapsed();
     report
 }
+
+// ------------------------------------------------ the function process killed
+
+/// What `process_faults` saw.
+#[derive(Debug, Default)]
+pub struct ProcessReport {
+    pub operations: usize,
+    /// `kill` (the process died mid-invocation) or `missed` (it had already
+    /// answered).
+    pub faults: Tally,
+    /// After the kill: `old` or `new` tree on the host.
+    pub trees: Tally,
+    /// How each killed operation was brought to a known state: by `next
+    /// operation` (a fresh process installing again) or by `repair` (the
+    /// reinstall function's scheduled run, converging on the desired state).
+    pub converged_by: Tally,
+    pub half_installed: usize,
+    pub not_converged: usize,
+    /// Staging entries or store trees on the host, or temp files of the
+    /// function, left once converged: must be 0.
+    pub leftovers: usize,
+    pub problems: Vec<String>,
+    pub wall: Duration,
+}
+
+impl ProcessReport {
+    pub fn clean(&self) -> bool {
+        self.half_installed == 0 && self.not_converged == 0 && self.leftovers == 0
+    }
+}
+
+impl std::fmt::Display for ProcessReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "function process killed: {} operations in {:.1} s",
+            self.operations,
+            self.wall.as_secs_f64()
+        )?;
+        writeln!(f, "  faults: {:?}", self.faults)?;
+        writeln!(f, "  tree after the kill: {:?}", self.trees)?;
+        writeln!(f, "  converged by: {:?}", self.converged_by)?;
+        write!(
+            f,
+            "  half-installed {}, not converged {}, leftovers {}",
+            self.half_installed, self.not_converged, self.leftovers
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  ! {p}")?;
+        }
+        Ok(())
+    }
+}
+
+fn install_event(ws: &str) -> Value {
+    lambda::api_event(
+        "POST",
+        "/workspaces/{id}/plugins",
+        &format!("/workspaces/{ws}/plugins"),
+        ws,
+        Some(r#"{"source":"flaky"}"#),
+    )
+}
+
+/// Status and body of an API response the function reported.
+fn api_outcome(out: Option<Result<Value, Value>>) -> (u16, Value) {
+    match out {
+        Some(Ok(resp)) => {
+            let status = resp["statusCode"].as_u64().unwrap_or(0) as u16;
+            let body = resp["body"]
+                .as_str()
+                .and_then(|b| serde_json::from_str(b).ok())
+                .unwrap_or(Value::Null);
+            (status, body)
+        }
+        Some(Err(e)) => (0, e),
+        None => (0, Value::Null),
+    }
+}
+
+/// Runs the real `install` binary under our Runtime API and SIGKILLs it at a
+/// random moment of `operations` upgrades. After each kill, every other time
+/// a fresh process (a cold start, as Lambda's next invocation) installs
+/// again; the other times the real `reinstall` binary's scheduled repair
+/// runs. Either must bring host and desired state together, with nothing
+/// left on the host or in the functions' temp dir.
+pub async fn process_faults(operations: usize, seed: u64) -> ProcessReport {
+    use lambda::{function_binary, function_env, Function, RuntimeApi};
+    let started = Instant::now();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let f = Fixture::new().await;
+    let tmp = tempfile::Builder::new()
+        .prefix("pd-lambda-tmp-")
+        .tempdir()
+        .unwrap();
+    let logs = tempfile::Builder::new()
+        .prefix("pd-lambda-log-")
+        .tempdir()
+        .unwrap();
+    let log = logs.path().join("functions.log");
+    let env = function_env(&f, tmp.path());
+    let (install_bin, reinstall_bin) = (function_binary("install"), function_binary("reinstall"));
+    let api = RuntimeApi::start().await;
+    let events = RuntimeApi::start().await;
+    let limit = Duration::from_secs(120);
+    let versions = [flaky_version(1, 1 << 20), flaky_version(2, 4 << 20)];
+
+    let mut func = Function::start(&install_bin, &api, &env, &log);
+    let (mut trees, mut digests, mut took) = (Vec::new(), Vec::new(), Vec::new());
+    for v in &versions {
+        publish_version(&f, v).await;
+        let t = Instant::now();
+        let id = api.invoke(install_event(&f.workspace));
+        let (s, b) = api_outcome(api.outcome(&id, limit).await);
+        assert_eq!(s, 200, "clean install through the function process: {b}");
+        took.push(t.elapsed());
+        digests.push(b["digest"].as_str().unwrap().to_string());
+        trees.push(tree(&f.plugin_dir("flaky")));
+    }
+
+    let mut report = ProcessReport {
+        operations,
+        ..Default::default()
+    };
+    let staging = f.config_dir.join(".plugin-delivery/staging");
+    let store = f.config_dir.join(".plugin-delivery/store");
+    let mut current = 1;
+    for op in 0..operations {
+        let next = 1 - current;
+        publish_version(&f, &versions[next]).await;
+        let id = api.invoke(install_event(&f.workspace));
+        let window = took[next].as_millis() as u64 * 6 / 5 + 1;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..window))).await;
+        let answered = api.outcome(&id, Duration::ZERO).await.is_some();
+        func.kill();
+        count(&mut report.faults, if answered { "missed" } else { "kill" });
+        if !quiet(&f.config_dir, Duration::from_secs(60)).await {
+            report
+                .problems
+                .push(format!("op {op}: host processes still running after 60 s"));
+        }
+        let now = tree(&f.plugin_dir("flaky"));
+        if now == trees[current] {
+            count(&mut report.trees, "old");
+        } else if now == trees[next] {
+            count(&mut report.trees, "new");
+        } else {
+            report.half_installed += 1;
+            report
+                .problems
+                .push(format!("op {op}: half-installed tree after the kill"));
+        }
+
+        if op % 2 == 0 {
+            count(&mut report.converged_by, "next operation");
+            func = Function::start(&install_bin, &api, &env, &log);
+            let mut ok = false;
+            for _ in 0..10 {
+                let id = api.invoke(install_event(&f.workspace));
+                let (s, b) = api_outcome(api.outcome(&id, limit).await);
+                if s == 200 {
+                    ok = tree(&f.plugin_dir("flaky")) == trees[next];
+                    break;
+                }
+                report.problems.push(format!("op {op}: retry {s} {b}"));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            if !ok {
+                report.not_converged += 1;
+            }
+            current = next;
+        } else {
+            count(&mut report.converged_by, "repair");
+            let mut repair = Function::start(&reinstall_bin, &events, &env, &log);
+            let id = events.invoke(scheduled_event());
+            if let Some(Err(e)) | Some(Ok(e @ Value::Null)) = events.outcome(&id, limit).await {
+                report.problems.push(format!("op {op}: repair failed: {e}"));
+            }
+            repair.kill();
+            let desired = f.desired().await;
+            let want = desired["plugins"]["flaky"]["digest"].as_str().unwrap_or("");
+            match digests.iter().position(|d| d == want) {
+                Some(v) if tree(&f.plugin_dir("flaky")) == trees[v] => current = v,
+                _ => {
+                    report.not_converged += 1;
+                    report.problems.push(format!(
+                        "op {op}: after repair desired {want:?} is not on the host"
+                    ));
+                }
+            }
+            func = Function::start(&install_bin, &api, &env, &log);
+        }
+        let left = entries(&staging);
+        let kept = entries(&store);
+        let temp = entries(tmp.path());
+        if !left.is_empty() || kept.len() != 1 || !temp.is_empty() {
+            report.leftovers += 1;
+            report.problems.push(format!(
+                "op {op}: staging {left:?}, store {kept:?}, function temp {temp:?}"
+            ));
+        }
+    }
+    drop(func);
+    report.wall = started.elapsed();
+    report
+}

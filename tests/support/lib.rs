@@ -8,6 +8,7 @@
 //! real AWS even if the shell has no endpoint variables.
 
 pub mod faults;
+pub mod lambda;
 
 use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStringExt;
