@@ -119,6 +119,36 @@ pub async fn quiet(config_dir: &Path, limit: Duration) -> bool {
     false
 }
 
+/// How long the host side of `op` runs: from the first moment a process
+/// works on `config_dir` to the last (polled every 2 ms).
+async fn host_span<F: std::future::Future>(config_dir: &Path, op: F) -> (F::Output, Duration) {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let watch = async {
+        let (mut first, mut last) = (None, None);
+        loop {
+            let running = !host_processes(config_dir).is_empty();
+            if running {
+                let now = Instant::now();
+                first.get_or_insert(now);
+                last = Some(now);
+            } else if done.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        match (first, last) {
+            (Some(f), Some(l)) => l - f,
+            _ => Duration::from_millis(50),
+        }
+    };
+    let op = async {
+        let out = op.await;
+        done.store(true, Ordering::SeqCst);
+        out
+    };
+    tokio::join!(op, watch)
+}
+
 /// A plugin of two versions that differ in every file, with a payload big
 /// enough that an upload spans many packets: a random byte offset then
 /// falls anywhere from the SSH handshake to the archive's last block.
@@ -151,8 +181,9 @@ pub struct HostReport {
     pub access: String,
     pub operations: usize,
     /// Faults by kind: `cut` (connection reset at a byte offset), `kill`
-    /// (SIGKILL to one of the host's processes), `missed` (the kill came
-    /// after the operation ended: nothing was left to kill).
+    /// (SIGKILL to one of the host's processes, at a random moment of the
+    /// time the host side of a clean install takes, and a fifth more),
+    /// `missed` (the kill came after the host side ended: nothing left).
     pub faults: Tally,
     /// Status of each faulted operation.
     pub statuses: Tally,
@@ -229,9 +260,8 @@ pub async fn host_faults(access: Access, ops: usize, seed: u64, payload: usize) 
         } else {
             None
         };
-        let t = Instant::now();
-        let (s, b) = install(&app, &f.workspace, body).await;
-        took.push(t.elapsed());
+        let ((s, b), span) = host_span(&f.config_dir, install(&app, &f.workspace, body)).await;
+        took.push(span);
         assert_eq!(s, 200, "clean install: {b}");
         upload.push(counter.map_or(0, |p| p.sent.load(Ordering::SeqCst)));
         trees.push(tree(&f.plugin_dir("flaky")));
@@ -267,13 +297,20 @@ pub async fn host_faults(access: Access, ops: usize, seed: u64, payload: usize) 
             set_tag(&f.ec2, &f.host.instance_id, "molecule:local-address", &real).await;
             (s, "cut")
         } else {
-            // Anywhere from before the script starts to a little after a
-            // clean install would have ended.
-            let window = took[next].as_millis() as u64 * 6 / 5 + 1;
-            let delay = Duration::from_millis(rng.gen_range(0..window));
+            // Once the host side has started, anywhere in the time a clean
+            // one takes, and a little after.
+            let window = took[next].as_micros() as u64 * 6 / 5 + 1;
+            let delay = Duration::from_micros(rng.gen_range(0..window));
             let pick: u64 = rng.gen();
             let config_dir = f.config_dir.clone();
             let killer = async move {
+                let start = Instant::now();
+                while host_processes(&config_dir).is_empty() {
+                    if start.elapsed() > Duration::from_secs(10) {
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
                 tokio::time::sleep(delay).await;
                 let pids = host_processes(&config_dir);
                 if pids.is_empty() {

@@ -121,3 +121,126 @@ fn functions_that_build_or_download_archives_get_disk_for_them() {
         .and_then(|v| v.parse::<u64>().ok());
     assert_eq!(told, size("ReinstallFunction"));
 }
+
+/// The statements of every resource (function inline policies and managed
+/// policies alike), with the resource's name.
+fn statements() -> Vec<(String, serde_yaml::Value)> {
+    let doc = template();
+    let mut out = Vec::new();
+    for (name, res) in doc["Resources"].as_mapping().unwrap() {
+        let name = name.as_str().unwrap().to_string();
+        let props = &res["Properties"];
+        let docs: Vec<&serde_yaml::Value> = match res["Type"].as_str() {
+            Some("AWS::Serverless::Function") => props["Policies"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .collect(),
+            Some("AWS::IAM::ManagedPolicy") => vec![&props["PolicyDocument"]],
+            _ => vec![],
+        };
+        for d in docs {
+            for st in d["Statement"].as_sequence().into_iter().flatten() {
+                out.push((name.clone(), st.clone()));
+            }
+        }
+    }
+    out
+}
+
+fn actions(st: &serde_yaml::Value) -> Vec<String> {
+    match &st["Action"] {
+        serde_yaml::Value::String(a) => vec![a.clone()],
+        serde_yaml::Value::Sequence(v) => v
+            .iter()
+            .filter_map(|a| a.as_str().map(str::to_string))
+            .collect(),
+        _ => vec![],
+    }
+}
+
+fn strings(v: &serde_yaml::Value) -> Vec<String> {
+    let mut out: Vec<String> = match v {
+        serde_yaml::Value::String(s) => vec![s.clone()],
+        serde_yaml::Value::Sequence(v) => v
+            .iter()
+            .filter_map(|a| a.as_str().map(str::to_string))
+            .collect(),
+        _ => vec![],
+    };
+    out.sort();
+    out
+}
+
+/// What each function lists, read from the code (`adapters/s3.rs`: the
+/// registry by name and as a whole, `workspaces/` for repair and rollouts,
+/// a workspace's `operations/`, `staged/` for the sweep): its ListBucket
+/// may list nothing else.
+#[test]
+fn listing_is_held_to_the_prefixes_each_function_lists() {
+    let expected: &[(&str, &[&str])] = &[
+        ("InstallFunction", &["registry/*"]),
+        ("UninstallFunction", &["workspaces/*"]),
+        ("ListFunction", &["workspaces/*"]),
+        ("CatalogFunction", &["registry/*"]),
+        ("DownloadFunction", &["registry/*"]),
+        ("AllowlistFunction", &["orgs/*"]),
+        ("OperationsFunction", &["workspaces/*"]),
+        (
+            "ReinstallFunction",
+            &["registry/*", "staged/*", "workspaces/*"],
+        ),
+    ];
+    let mut seen = Vec::new();
+    for (f, st) in statements() {
+        let acts = actions(&st);
+        if acts.iter().any(|a| a == "s3:ListBucket" || a == "s3:*") {
+            assert_eq!(acts, ["s3:ListBucket"], "{f}: listing shares a statement");
+            let prefixes = strings(&st["Condition"]["StringLikeIfExists"]["s3:prefix"]);
+            let want = expected
+                .iter()
+                .find(|(name, _)| *name == f)
+                .unwrap_or_else(|| panic!("{f} lists the bucket but is not in the table"));
+            assert_eq!(prefixes, want.1, "{f}: ListBucket prefixes");
+            seen.push(f.clone());
+        }
+        if acts.iter().any(|a| a == "s3:ListBucketVersions") {
+            assert_eq!(f, "ReinstallFunction");
+            assert_eq!(
+                strings(&st["Condition"]["StringLike"]["s3:prefix"]),
+                ["staged/*"]
+            );
+        }
+    }
+    seen.sort();
+    let mut all: Vec<String> = expected.iter().map(|(n, _)| n.to_string()).collect();
+    all.sort();
+    assert_eq!(seen, all);
+}
+
+/// GetCommandInvocation, CancelCommand and DescribeInstanceInformation have
+/// no resource type in Systems Manager's authorization reference, so their
+/// resource is "*": held to the deployment's region, and granted to no
+/// function that never runs a command.
+#[test]
+fn command_follow_up_grants_are_held_to_the_region() {
+    let mut found = 0;
+    for (name, st) in statements() {
+        let acts = actions(&st);
+        if acts
+            .iter()
+            .any(|a| a == "ssm:GetCommandInvocation" || a == "ssm:CancelCommand")
+        {
+            found += 1;
+            let region = &st["Condition"]["StringEquals"]["aws:RequestedRegion"];
+            assert!(
+                serde_yaml::to_string(region)
+                    .unwrap()
+                    .contains("AWS::Region"),
+                "{name}: {st:?}"
+            );
+            assert!(!acts.iter().any(|a| a == "ssm:*" || a == "ssm:SendCommand"));
+        }
+    }
+    assert_eq!(found, 1, "one statement grants the command follow-up");
+}

@@ -127,6 +127,7 @@ pub struct MemoryStore {
     requests: AtomicUsize,
     /// The next this many conditional writes lose to another writer.
     conflicts: AtomicUsize,
+    outages: AtomicUsize,
     /// Allowlists cannot be read (the store is down).
     allowlists_down: std::sync::atomic::AtomicBool,
     /// The age every staged archive reports.
@@ -162,6 +163,11 @@ impl MemoryStore {
     /// The next `n` conditional writes fail as if another writer came first.
     pub fn conflict_next_saves(&self, n: usize) {
         self.conflicts.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` desired-state saves fail as an S3 outage does (503).
+    pub fn fail_next_saves(&self, n: usize) {
+        self.outages.store(n, Ordering::SeqCst);
     }
 
     pub fn set_allowlists_down(&self, down: bool) {
@@ -415,6 +421,14 @@ impl StateStore for MemoryStore {
         state: &DesiredState,
         etag: Option<&str>,
     ) -> Result<bool> {
+        let down = self
+            .outages
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if down {
+            self.count();
+            return Err(Error::unavailable("S3 is not available right now"));
+        }
         self.put_if(etag, |d| &mut d.states, workspace, state.clone())
     }
 

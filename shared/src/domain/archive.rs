@@ -219,6 +219,16 @@ impl CanonicalArchive {
         Ok(())
     }
 
+    /// Completes the gzip stream of what was added so far, with no tree
+    /// check: for a caller that wants the files back (intake's fallback when
+    /// entries stop arriving in order), not an archive to ship.
+    pub fn into_partial(self) -> Result<NamedTempFile> {
+        let gz = self.builder.into_inner().map_err(Error::internal)?;
+        let mut hashing = gz.finish().map_err(Error::internal)?;
+        hashing.flush().map_err(Error::internal)?;
+        Ok(self.file)
+    }
+
     /// Checks the tree against `manifest.json`'s `sha256`, then completes
     /// the archive. No manifest, or no `sha256` key: nothing to check.
     pub fn finish(self) -> Result<ArchiveFile> {

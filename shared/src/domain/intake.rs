@@ -4,11 +4,19 @@
 //! `ingest` reads a `.tar.gz` stream once, refuses anything hostile or
 //! malformed with a 4xx naming the offending entry, and re-packs the tree as
 //! a canonical archive (`archive::CanonicalArchive`). Nothing is ever
-//! extracted under a name taken from the archive: file data is streamed into
-//! numbered files in a private temporary directory, and the tree is kept as a
-//! list in memory, sorted, checked and then fed to the canonical writer. Every
-//! failure drops the temporary directory and the half-written output, so a
-//! refusal leaves nothing behind.
+//! extracted under a name taken from the archive.
+//!
+//! One copy on disk when it can be: while files arrive in canonical order
+//! (byte order of their paths, as our own archives and most packers write
+//! them), each goes straight into the canonical writer. At the first one out
+//! of order, the files written so far are taken back out of that partial
+//! archive and everything from then on is streamed into numbered files in a
+//! private temporary directory, to be sorted and packed at the end (two
+//! copies, as an unordered archive needs). Either way the tree is kept as a
+//! list in memory and checked before the archive is finished, and the two
+//! paths give byte-identical archives. Every failure drops the temporary
+//! directory and the half-written output, so a refusal leaves nothing
+//! behind.
 //!
 //! Synchronous on purpose: callers run it on a blocking thread.
 
@@ -71,6 +79,9 @@ pub struct Intake {
     pub archive: ArchiveFile,
     /// Links found in the archive and left out, sorted by path.
     pub skipped: Vec<Skipped>,
+    /// File bytes that went through the staging directory: 0 when the
+    /// archive's files arrived in canonical order (one copy on disk).
+    pub spooled: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -150,7 +161,10 @@ fn ingest_stream<R: Read>(
         ));
     }
     check_tree(&mut tree.items)?;
-    let archive = pack(&mut tree, strip_top_level, limits, staging.path())?;
+    let archive = match tree.direct.take() {
+        Some(direct) => direct.finish()?,
+        None => pack(&mut tree, strip_top_level, limits, staging.path())?,
+    };
     let mut skipped: Vec<Skipped> = tree
         .items
         .iter()
@@ -163,7 +177,11 @@ fn ingest_stream<R: Read>(
         })
         .collect();
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(Intake { archive, skipped })
+    Ok(Intake {
+        archive,
+        skipped,
+        spooled: tree.spooled,
+    })
 }
 
 /// Upper bound on the compressed input. Inflated output is bounded by the
@@ -225,6 +243,9 @@ enum Kind {
     Dir,
     /// A regular file, its data in staging file number `slot`.
     File { slot: usize, size: u64, mode: u32 },
+    /// A regular file already in the canonical writer (files arriving in
+    /// order); staged like `File` if a later one breaks the order.
+    Packed { size: u64, mode: u32 },
     /// Never shipped; listed in `skipped` with this reason.
     Link(&'static str),
 }
@@ -252,6 +273,9 @@ impl Item {
 struct Tree {
     items: Vec<Item>,
     top: Option<String>,
+    /// The canonical archive, when every file arrived in order.
+    direct: Option<CanonicalArchive>,
+    spooled: u64,
 }
 
 /// Metadata entries waiting for the entry they describe.
@@ -278,6 +302,9 @@ fn read_entries<R: Read>(
         strip,
         limits,
         staging,
+        direct: Some(CanonicalArchive::create(limits.max_tree_bytes)?),
+        last_packed: None,
+        spooled: 0,
         items: Vec::new(),
         top: None,
         pending: Pending::default(),
@@ -303,6 +330,8 @@ fn read_entries<R: Read>(
     Ok(Tree {
         items: r.items,
         top: r.top,
+        direct: r.direct,
+        spooled: r.spooled,
     })
 }
 
@@ -311,6 +340,12 @@ struct EntryReader<'a> {
     strip: bool,
     limits: &'a IntakeLimits,
     staging: &'a Path,
+    /// The canonical writer, while files arrive in order.
+    direct: Option<CanonicalArchive>,
+    /// Full path of the last file given to `direct`.
+    last_packed: Option<String>,
+    /// File bytes written to staging.
+    spooled: u64,
     items: Vec<Item>,
     /// The one top-level directory, when stripping.
     top: Option<String>,
@@ -373,12 +408,105 @@ impl EntryReader<'_> {
         }
         let kind = match item_kind {
             Kind::File { size, mode, .. } => {
-                let slot = self.stage_file(entry, size, &raw)?;
-                Kind::File { slot, size, mode }
+                let in_order = self.direct.is_some()
+                    && self
+                        .last_packed
+                        .as_ref()
+                        .is_none_or(|last| path.as_bytes() > last.as_bytes());
+                if in_order {
+                    self.pack_file(entry, &path, size, mode, &raw)?;
+                    Kind::Packed { size, mode }
+                } else {
+                    self.unpack_direct()?;
+                    let slot = self.stage_file(entry, size, &raw)?;
+                    Kind::File { slot, size, mode }
+                }
             }
             k => k,
         };
         self.items.push(Item { path, kind });
+        Ok(())
+    }
+
+    /// A file that arrived in order: straight into the canonical writer,
+    /// counted against the cap as it arrives, as `stage_file` counts.
+    fn pack_file<R: Read>(
+        &mut self,
+        entry: &mut R,
+        path: &str,
+        size: u64,
+        mode: u32,
+        raw: &[u8],
+    ) -> Result<()> {
+        let rel = if self.strip {
+            path.split_once('/').map_or("", |(_, rest)| rest)
+        } else {
+            path
+        };
+        let mut metered = Metered {
+            inner: entry,
+            copied: 0,
+            received: &mut self.received,
+            cap: self.limits.max_tree_bytes,
+            failure: None,
+        };
+        let direct = self.direct.as_mut().expect("direct mode");
+        let added = direct.add_file(rel, size, mode, &mut metered);
+        if let Some(e) = metered.failure.take() {
+            return Err(e);
+        }
+        if metered.copied != size {
+            return Err(refuse(raw, "is truncated"));
+        }
+        added?;
+        self.last_packed = Some(path.to_string());
+        Ok(())
+    }
+
+    /// The order broke: take the files packed so far back out of the
+    /// partial archive into staging slots (in the order they were packed,
+    /// which is the order of the `Packed` items), and stage from now on.
+    fn unpack_direct(&mut self) -> Result<()> {
+        let Some(direct) = self.direct.take() else {
+            return Ok(());
+        };
+        let partial = direct.into_partial()?;
+        let file = File::open(partial.path()).map_err(Error::internal)?;
+        let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(BufReader::with_capacity(
+            128 * 1024,
+            file,
+        )));
+        let mut packed = self
+            .items
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| matches!(i.kind, Kind::Packed { .. }))
+            .map(|(n, _)| n)
+            .collect::<Vec<_>>()
+            .into_iter();
+        // Our own bytes, already counted: the cap is not charged twice.
+        let received = std::mem::take(&mut self.received);
+        for entry in tar.entries().map_err(Error::internal)? {
+            let mut entry = entry.map_err(Error::internal)?;
+            if entry.header().entry_type() != tar::EntryType::Regular {
+                continue;
+            }
+            let n = packed
+                .next()
+                .ok_or_else(|| Error::internal("partial archive has more files than packed"))?;
+            let Kind::Packed { size, mode } = self.items[n].kind else {
+                unreachable!("filtered on Packed");
+            };
+            let raw = self.items[n].path.clone().into_bytes();
+            let slot = self.stage_file(&mut entry, size, &raw)?;
+            self.items[n].kind = Kind::File { slot, size, mode };
+        }
+        self.received = received;
+        if packed.next().is_some() {
+            return Err(Error::internal(
+                "partial archive has fewer files than packed",
+            ));
+        }
         Ok(())
     }
 
@@ -489,7 +617,40 @@ impl EntryReader<'_> {
         if copied != size {
             return Err(refuse(raw, "is truncated"));
         }
+        self.spooled += copied;
         Ok(slot)
+    }
+}
+
+/// An entry's data on its way into the canonical writer: counted against
+/// the tree cap, and its failures kept in our own words (the writer only
+/// sees an I/O error).
+struct Metered<'a, R> {
+    inner: &'a mut R,
+    copied: u64,
+    received: &'a mut u64,
+    cap: u64,
+    failure: Option<Error>,
+}
+
+impl<R: Read> Read for Metered<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = match self.inner.read(buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Err(e),
+            Err(e) => {
+                let msg = e.to_string();
+                self.failure = Some(corrupt(e));
+                return Err(io::Error::other(msg));
+            }
+        };
+        self.copied += n as u64;
+        *self.received += n as u64;
+        if *self.received > self.cap {
+            self.failure = Some(archive::too_large(self.cap));
+            return Err(io::Error::other("over the tree cap"));
+        }
+        Ok(n)
     }
 }
 
@@ -1004,6 +1165,63 @@ mod tests {
     }
 
     // ---- paths ------------------------------------------------------------
+
+    /// Files in canonical order go straight into the archive (nothing
+    /// spooled); the same tree in any other order is spooled, and both give
+    /// the same bytes. With a top-level directory to strip as well.
+    #[test]
+    fn in_order_archives_take_one_copy_and_match_shuffled_ones() {
+        let files: Vec<(String, Vec<u8>)> = (0..40)
+            .map(|i| (format!("d{}/f{i:02}", i % 3), vec![i as u8; 1000 + i * 37]))
+            .collect();
+        let mut sorted = files.clone();
+        sorted.sort();
+        let mut shuffled = sorted.clone();
+        shuffled.swap(3, 30);
+        shuffled.reverse();
+        let total: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
+        for strip in [false, true] {
+            let tree = |order: &[(String, Vec<u8>)]| {
+                let named: Vec<(String, &[u8])> = order
+                    .iter()
+                    .map(|(p, d)| {
+                        let p = if strip { format!("top/{p}") } else { p.clone() };
+                        (p, d.as_slice())
+                    })
+                    .collect();
+                let refs: Vec<(&str, &[u8])> =
+                    named.iter().map(|(p, d)| (p.as_str(), *d)).collect();
+                built(&refs)
+            };
+            let direct = accepted(&tree(&sorted), strip, &limits());
+            assert_eq!(direct.spooled, 0, "in order: one copy");
+            let spooled = accepted(&tree(&shuffled), strip, &limits());
+            assert_eq!(spooled.spooled, total, "out of order: every byte spooled");
+            assert_eq!(direct.archive.sha256, spooled.archive.sha256);
+            assert_eq!(contents(&direct.archive), contents(&spooled.archive));
+            // Broken late: the files packed so far come back out intact.
+            let mut late = sorted.clone();
+            let last = late.len() - 1;
+            late.swap(last - 1, last);
+            let fallback = accepted(&tree(&late), strip, &limits());
+            assert_eq!(fallback.archive.sha256, direct.archive.sha256);
+            assert_eq!(fallback.spooled, total);
+        }
+    }
+
+    /// The cap holds in both paths, counted once.
+    #[test]
+    fn the_cap_counts_packed_files_once() {
+        let half = vec![7u8; 600 * KIB as usize];
+        let lim = limits(); // 1 MiB
+                            // In order, then one out of order: 600 KiB + 300 KiB spooled back
+                            // and forth stays under 1 MiB.
+        let small = vec![1u8; 300 * KIB as usize];
+        let ok = accepted(&built(&[("b", &half), ("a", &small)]), false, &lim);
+        assert_eq!(ok.spooled, 900 * KIB);
+        refused(&built(&[("a", &half), ("b", &half)]), false, &lim, 413, "");
+        refused(&built(&[("b", &half), ("a", &half)]), false, &lim, 413, "");
+    }
 
     #[test]
     fn dot_dot_is_refused() {

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::domain::archive::{sha256_hex, ArchiveFile};
 use crate::domain::caller::{Caller, Scope};
+use crate::domain::config::RuntimeProfile;
 use crate::domain::error::{Error, Result};
 use crate::domain::host::Host;
 use crate::domain::hostscript::{interpret, HostCommand, HostResult, HostStatus};
@@ -232,6 +233,7 @@ pub async fn install_on(
     if let Err(e) =
         state::record_installed(deps.state.as_ref(), deps.clock.as_ref(), workspace, &entry).await
     {
+        let e = undo_new_install(deps, &p.host, &profile, name, &result, e).await;
         return Err(record::fail(deps.records.as_ref(), &mut rec, e).await);
     }
     // Where the time goes, per install, in the log.
@@ -295,6 +297,52 @@ pub async fn uninstall_as(
     validate_name(name)?;
     let host = authorize(deps, caller, workspace).await?;
     uninstall_on(deps, host, workspace, name, op_id).await
+}
+
+/// The host has the plugin but the desired state could not be told. An
+/// upgrade is put back by the next repair (the desired state still names
+/// the old digest), but a plugin new to the host would be an "extra", which
+/// repair reports and leaves alone: it is taken off the host again, so the
+/// failed install changed nothing. If that fails too, the error says so and
+/// the repair's drift report shows it.
+async fn undo_new_install(
+    deps: &Deps,
+    host: &Host,
+    profile: &RuntimeProfile,
+    name: &str,
+    result: &HostResult,
+    e: Error,
+) -> Error {
+    let new_to_host = result.status == HostStatus::Installed
+        && result.previous.as_deref().unwrap_or_default().is_empty();
+    if !new_to_host {
+        return e;
+    }
+    let cfg = &deps.config;
+    let cmd = HostCommand::uninstall(profile, name, &cfg.owner, cfg.lock_wait_secs);
+    let undone = match deps.transport.run(host, &cmd, None).await {
+        Ok(out) => interpret(&out),
+        Err(e) => Err(e),
+    };
+    match undone.as_ref().map(|r| r.status) {
+        Ok(HostStatus::Uninstalled | HostStatus::Absent) => Error::new(
+            e.kind,
+            format!("{}; the plugin was taken off the host again", e.message),
+        )
+        .with_detail(format!("{:?}", e.detail)),
+        _ => Error::new(
+            e.kind,
+            format!(
+                "{}; the plugin is on the host but not in the workspace's plugin list (drift repair reports it)",
+                e.message
+            ),
+        )
+        .with_detail(format!(
+            "{:?}; undo: {:?}",
+            e.detail,
+            undone.map_err(|u| (u.message, u.detail))
+        )),
+    }
 }
 
 /// The uninstall on a host the caller was authorized for (`authorize`).

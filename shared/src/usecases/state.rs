@@ -1,16 +1,23 @@
 //! Changing a workspace's desired state (`plugins.json`) safely while other
 //! operations change it too: read, change, conditional write, and again on
-//! a conflict, so no update is ever lost.
+//! a conflict, so no update is ever lost. The store being briefly
+//! unavailable (S3 500/503 past the SDK's own retries) is retried too, a few
+//! times with a growing pause: by then the host has usually been changed,
+//! and the desired state must follow it.
 
 use std::time::Duration;
 
-use crate::domain::error::{Error, Result};
+use crate::domain::error::{Error, ErrorKind, Result};
 use crate::domain::plugin::{DesiredState, InstalledPlugin};
 use crate::ports::{Clock, StateStore};
 
 /// Max attempts at a conditional write. Each conflict means another writer
 /// succeeded, so progress is guaranteed overall.
 pub const STATE_ATTEMPTS: u32 = 50;
+
+/// Times an unavailable store is tried again, pausing 100, 200, 400, 800 ms
+/// (1.5 s in all, on top of the SDK's retries).
+pub const UNAVAILABLE_RETRIES: u32 = 4;
 
 /// Read-modify-write of a workspace's desired state with optimistic
 /// concurrency. `change` returns false when there is nothing to write.
@@ -23,18 +30,31 @@ pub async fn update_state<F>(
 where
     F: FnMut(&mut DesiredState) -> bool,
 {
-    for attempt in 0..STATE_ATTEMPTS {
-        let mut current = state.load(workspace).await?;
-        if !change(&mut current.state) {
-            return Ok(());
+    let mut unavailable = 0;
+    let mut attempt = 0;
+    while attempt < STATE_ATTEMPTS {
+        let tried = async {
+            let mut current = state.load(workspace).await?;
+            if !change(&mut current.state) {
+                return Ok(true);
+            }
+            state
+                .save(workspace, &current.state, current.etag.as_deref())
+                .await
         }
-        if state
-            .save(workspace, &current.state, current.etag.as_deref())
-            .await?
-        {
-            return Ok(());
+        .await;
+        match tried {
+            Ok(true) => return Ok(()),
+            Ok(false) => {
+                clock.sleep(backoff(attempt)).await;
+                attempt += 1;
+            }
+            Err(e) if e.kind == ErrorKind::Unavailable && unavailable < UNAVAILABLE_RETRIES => {
+                clock.sleep(Duration::from_millis(100 << unavailable)).await;
+                unavailable += 1;
+            }
+            Err(e) => return Err(e),
         }
-        clock.sleep(backoff(attempt)).await;
     }
     Err(Error::conflict(
         "the workspace's plugin list is changing too fast; try again",

@@ -327,6 +327,59 @@ async fn desired_state_writes_retry_on_conflicts_and_give_up_with_409() {
 }
 
 #[tokio::test]
+async fn a_brief_store_outage_after_the_host_changed_loses_no_update() {
+    let (m, deps) = world();
+    // Three failed saves (past the SDK's own retries): retried, with
+    // growing pauses, and the update lands.
+    m.store.fail_next_saves(3);
+    install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap();
+    assert!(m.store.state_of("ws-1").plugins.contains_key("hello"));
+    assert_eq!(m.clock.slept(), [100, 200, 400].map(Duration::from_millis));
+}
+
+#[tokio::test]
+async fn a_new_plugin_whose_state_cannot_be_written_is_taken_off_the_host_again() {
+    let (m, deps) = world();
+    m.store.fail_next_saves(100);
+    let e = install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), 503);
+    assert!(
+        e.message.contains("taken off the host again"),
+        "{}",
+        e.message
+    );
+    assert!(!m.store.state_of("ws-1").plugins.contains_key("hello"));
+    assert!(m.hosts.host("i-ws-1").installed.is_empty(), "undone");
+    let ops: Vec<String> = m.hosts.calls().iter().map(|c| c.op().to_string()).collect();
+    assert_eq!(ops, ["install", "uninstall"]);
+
+    // An upgrade is left for the repair: the desired state still names the
+    // old digest, which the repair puts back.
+    m.store.fail_next_saves(0);
+    install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap();
+    let old = m.hosts.host("i-ws-1").installed["hello"].clone();
+    m.store.publish(
+        "hello",
+        &[("plugin.yaml", b"name: hello\nversion: 2.0.0\n")],
+    );
+    m.store.fail_next_saves(100);
+    let e = install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), 503);
+    assert!(!e.message.contains("taken off"), "{}", e.message);
+    assert_ne!(m.hosts.host("i-ws-1").installed["hello"], old);
+    assert_eq!(m.store.state_of("ws-1").plugins["hello"].digest, old);
+    m.store.fail_next_saves(0);
+}
+
+#[tokio::test]
 async fn slow_operations_are_handed_off_with_202_and_finished_by_the_worker() {
     let m = Memory::default();
     m.store.publish("hello", &[("plugin.yaml", MANIFEST)]);
