@@ -317,10 +317,12 @@ pub async fn host_faults(access: Access, ops: usize, seed: u64, payload: usize) 
                     return false;
                 }
                 let victim = pids[(pick % pids.len() as u64) as usize];
-                let _ = std::process::Command::new("kill")
+                // Gone between the scan and the kill: a miss, not a fault.
+                std::process::Command::new("kill")
                     .args(["-KILL", &victim.to_string()])
-                    .status();
-                true
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
             };
             let ((s, _), hit) = tokio::join!(install(&app, &f.workspace, body), killer);
             (s, if hit { "kill" } else { "missed" })

@@ -111,6 +111,12 @@ async fn resolve_remote(deps: &Deps, source: &Source, org: Option<&str>) -> Resu
             .with_field("actual", serde_json::json!(raw_sha)));
         }
     }
+    tracing::info!(
+        source = %source.redacted(),
+        size = intake.archive.size,
+        spooled = intake.spooled,
+        "archive taken in"
+    );
     let (name, name_from) = derive_name(intake.archive.manifest.as_deref(), fallback)?;
     Ok(Resolved {
         archive: intake.archive,
