@@ -747,6 +747,7 @@ pub async fn process_faults(operations: usize, seed: u64) -> ProcessReport {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(0..window))).await;
         let answered = api.outcome(&id, Duration::ZERO).await.is_some();
         func.kill();
+        api.forget_waiters();
         count(&mut report.faults, if answered { "missed" } else { "kill" });
         if !quiet(&f.config_dir, Duration::from_secs(60)).await {
             report
@@ -791,6 +792,7 @@ pub async fn process_faults(operations: usize, seed: u64) -> ProcessReport {
                 report.problems.push(format!("op {op}: repair failed: {e}"));
             }
             repair.kill();
+            events.forget_waiters();
             let desired = f.desired().await;
             let want = desired["plugins"]["flaky"]["digest"].as_str().unwrap_or("");
             match digests.iter().position(|d| d == want) {

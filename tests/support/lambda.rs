@@ -25,6 +25,9 @@ struct Inner {
     /// Request id → the function's response (Ok) or reported error (Err).
     done: Mutex<HashMap<String, Result<Value, Value>>>,
     finished: Notify,
+    /// Bumped when the function process is killed: a `next` poll that the
+    /// dead process left waiting must not take the next event.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 pub struct RuntimeApi {
@@ -45,6 +48,15 @@ impl RuntimeApi {
             }
         });
         RuntimeApi { addr, inner }
+    }
+
+    /// The process polling us is gone: polls it left waiting end without
+    /// an event (Lambda's runtime service does the same for a dead sandbox).
+    pub fn forget_waiters(&self) {
+        self.inner
+            .epoch
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.queued.notify_waiters();
     }
 
     /// Queues an invocation; its request id.
@@ -134,8 +146,12 @@ async fn serve(conn: TcpStream, inner: Arc<Inner>) {
     while let Some(req) = read_request(&mut read).await {
         let route = req.path.strip_prefix(BASE).unwrap_or("");
         let (status, headers, body) = if req.method == "GET" && route == "invocation/next" {
+            let epoch = inner.epoch.load(std::sync::atomic::Ordering::SeqCst);
             let (id, event) = loop {
                 let queued = inner.queued.notified();
+                if inner.epoch.load(std::sync::atomic::Ordering::SeqCst) != epoch {
+                    return;
+                }
                 if let Some(next) = inner.queue.lock().unwrap().pop_front() {
                     break next;
                 }
