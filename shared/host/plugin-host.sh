@@ -141,13 +141,16 @@ fail() {
 usage() { fail usage "$1" 64; }
 
 # done_ok STATUS DIGEST PREVIOUS RESTARTED: "pending_restart" says a change
-# is on disk that the runtime has not been restarted for yet.
+# is on disk that the runtime has not been restarted for yet;
+# "previous_kind" is what an install or uninstall found at plugins/NAME
+# (none, link or legacy, as the owner step reported it; empty when there
+# was no such step).
 done_ok() {
     cleanup
     do_pending=false
     [ -n "${book-}" ] && [ -e "$book/restart-pending" ] && do_pending=true
-    printf '%s {"status":"%s","plugin":"%s","digest":"%s","previous":"%s","restarted":%s,"pending_restart":%s}\n' \
-        "$MARKER" "$1" "$plugin" "$2" "$3" "$4" "$do_pending"
+    printf '%s {"status":"%s","plugin":"%s","digest":"%s","previous":"%s","previous_kind":"%s","restarted":%s,"pending_restart":%s}\n' \
+        "$MARKER" "$1" "$plugin" "$2" "$3" "${rw_kind-}" "$4" "$do_pending"
     exit 0
 }
 

@@ -521,7 +521,7 @@ fn fresh_install_places_the_exact_tree_owned_by_the_user() {
     r.assert_ok("installed");
     assert_eq!(
         r.result,
-        json!({"status": "installed", "plugin": "alpha", "digest": p.archive.sha, "previous": "", "restarted": true, "pending_restart": false})
+        json!({"status": "installed", "plugin": "alpha", "digest": p.archive.sha, "previous": "", "previous_kind": "none", "restarted": true, "pending_restart": false})
     );
     // Same bytes, same modes (0644 files, 0755 dirs and scripts).
     h.assert_installed("alpha", &p);
@@ -584,7 +584,7 @@ fn same_install_again_is_unchanged_without_reading_stdin_or_restarting() {
     r.assert_ok("unchanged");
     assert_eq!(
         r.result,
-        json!({"status": "unchanged", "plugin": "alpha", "digest": p.archive.sha, "previous": p.archive.sha, "restarted": false, "pending_restart": false})
+        json!({"status": "unchanged", "plugin": "alpha", "digest": p.archive.sha, "previous": p.archive.sha, "previous_kind": "link", "restarted": false, "pending_restart": false})
     );
     assert_eq!(h.restarts(), 1);
     h.assert_installed("alpha", &p);
@@ -722,7 +722,7 @@ fn uninstall_removes_exactly_what_the_plugin_wired() {
     r.assert_ok("uninstalled");
     assert_eq!(
         r.result,
-        json!({"status": "uninstalled", "plugin": "alpha", "digest": "", "previous": a.archive.sha, "restarted": true, "pending_restart": false})
+        json!({"status": "uninstalled", "plugin": "alpha", "digest": "", "previous": a.archive.sha, "previous_kind": "link", "restarted": true, "pending_restart": false})
     );
     assert_eq!(h.restarts(), 3);
     assert!(fs::symlink_metadata(h.path("plugins/alpha")).is_err());
@@ -912,7 +912,7 @@ fn uninstall_of_a_missing_plugin_is_absent_without_restart() {
     r.assert_ok("absent");
     assert_eq!(
         r.result,
-        json!({"status": "absent", "plugin": "ghost", "digest": "", "previous": "", "restarted": false, "pending_restart": false})
+        json!({"status": "absent", "plugin": "ghost", "digest": "", "previous": "", "previous_kind": "", "restarted": false, "pending_restart": false})
     );
     assert_eq!(h.restarts(), 1);
 }

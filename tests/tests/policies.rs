@@ -174,8 +174,9 @@ fn strings(v: &serde_yaml::Value) -> Vec<String> {
 
 /// What each function lists, read from the code (`adapters/s3.rs`: the
 /// registry by name and as a whole, `workspaces/` for repair and rollouts,
-/// a workspace's `operations/`, `staged/` for the sweep): its ListBucket
-/// may list nothing else.
+/// a workspace's `operations/`, `staged/` for the sweep): a list naming
+/// another prefix is refused. (`StringLikeIfExists`: a list naming no prefix
+/// stays allowed, which the 404-not-403 check for missing keys needs.)
 #[test]
 fn listing_is_held_to_the_prefixes_each_function_lists() {
     let expected: &[(&str, &[&str])] = &[

@@ -128,6 +128,7 @@ pub struct MemoryStore {
     /// The next this many conditional writes lose to another writer.
     conflicts: AtomicUsize,
     outages: AtomicUsize,
+    lost_replies: AtomicUsize,
     /// Allowlists cannot be read (the store is down).
     allowlists_down: std::sync::atomic::AtomicBool,
     /// The age every staged archive reports.
@@ -168,6 +169,12 @@ impl MemoryStore {
     /// The next `n` desired-state saves fail as an S3 outage does (503).
     pub fn fail_next_saves(&self, n: usize) {
         self.outages.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` desired-state saves land but answer 503, as a write
+    /// whose reply timed out does.
+    pub fn lose_next_save_replies(&self, n: usize) {
+        self.lost_replies.store(n, Ordering::SeqCst);
     }
 
     pub fn set_allowlists_down(&self, down: bool) {
@@ -429,7 +436,15 @@ impl StateStore for MemoryStore {
             self.count();
             return Err(Error::unavailable("S3 is not available right now"));
         }
-        self.put_if(etag, |d| &mut d.states, workspace, state.clone())
+        let saved = self.put_if(etag, |d| &mut d.states, workspace, state.clone())?;
+        let lost = self
+            .lost_replies
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if saved && lost {
+            return Err(Error::unavailable("S3 is not available right now"));
+        }
+        Ok(saved)
     }
 
     async fn workspaces(&self) -> Result<Vec<String>> {
@@ -730,8 +745,9 @@ impl MemoryHosts {
                     h.restarts += 1;
                 }
                 format!(
-                    r#"{{"status":"{status}","plugin":"{name}","digest":"{digest}","previous":"{}","restarted":{restarted},"pending_restart":{}}}"#,
-                    previous.unwrap_or_default(),
+                    r#"{{"status":"{status}","plugin":"{name}","digest":"{digest}","previous":"{}","previous_kind":"{}","restarted":{restarted},"pending_restart":{}}}"#,
+                    previous.clone().unwrap_or_default(),
+                    if previous.is_some() { "link" } else { "none" },
                     h.pending_restart
                 )
             }

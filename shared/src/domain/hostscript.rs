@@ -187,6 +187,10 @@ pub struct HostResult {
     pub digest: Option<String>,
     #[serde(default)]
     pub previous: Option<String>,
+    /// What an install found at `plugins/NAME`: `none`, `link` (a tree of
+    /// ours) or `legacy` (a directory of the earlier layout, or the user's).
+    #[serde(default)]
+    pub previous_kind: Option<String>,
     #[serde(default)]
     pub restarted: Option<bool>,
     /// A change is on disk that the runtime was not restarted for yet (an

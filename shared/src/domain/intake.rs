@@ -446,19 +446,27 @@ impl EntryReader<'_> {
         let mut metered = Metered {
             inner: entry,
             copied: 0,
+            size,
+            short: false,
             received: &mut self.received,
             cap: self.limits.max_tree_bytes,
             failure: None,
         };
         let direct = self.direct.as_mut().expect("direct mode");
         let added = direct.add_file(rel, size, mode, &mut metered);
+        // Our own words first (a failed read, the cap), then an entry that
+        // ended before its size, then the writer's own refusal (a 1 MiB
+        // plugin.yaml, ...), as the staged path would give them.
         if let Some(e) = metered.failure.take() {
             return Err(e);
         }
-        if metered.copied != size {
+        if metered.short {
             return Err(refuse(raw, "is truncated"));
         }
         added?;
+        if metered.copied != size {
+            return Err(refuse(raw, "is truncated"));
+        }
         self.last_packed = Some(path.to_string());
         Ok(())
     }
@@ -628,6 +636,10 @@ impl EntryReader<'_> {
 struct Metered<'a, R> {
     inner: &'a mut R,
     copied: u64,
+    /// The size the header announced; `short` is set when the data ends
+    /// before it.
+    size: u64,
+    short: bool,
     received: &'a mut u64,
     cap: u64,
     failure: Option<Error>,
@@ -644,6 +656,9 @@ impl<R: Read> Read for Metered<'_, R> {
                 return Err(io::Error::other(msg));
             }
         };
+        if n == 0 && !buf.is_empty() && self.copied < self.size {
+            self.short = true;
+        }
         self.copied += n as u64;
         *self.received += n as u64;
         if *self.received > self.cap {
@@ -1207,6 +1222,24 @@ mod tests {
             assert_eq!(fallback.archive.sha256, direct.archive.sha256);
             assert_eq!(fallback.spooled, total);
         }
+    }
+
+    /// A refusal of the canonical writer reads the same on the one-copy
+    /// path as after spooling.
+    #[test]
+    fn an_oversized_plugin_yaml_is_named_on_both_paths() {
+        let big = vec![b'a'; (1 << 20) + 1];
+        let lim = IntakeLimits::default();
+        let e = refused(&built(&[("plugin.yaml", &big)]), false, &lim, 422, "");
+        assert!(e.message.contains("larger than 1 MiB"), "{}", e.message);
+        let e = refused(
+            &built(&[("z", b"1"), ("plugin.yaml", &big)]),
+            false,
+            &lim,
+            422,
+            "",
+        );
+        assert!(e.message.contains("larger than 1 MiB"), "{}", e.message);
     }
 
     /// The cap holds in both paths, counted once.

@@ -233,7 +233,11 @@ pub async fn install_on(
     if let Err(e) =
         state::record_installed(deps.state.as_ref(), deps.clock.as_ref(), workspace, &entry).await
     {
-        let e = undo_new_install(deps, &p.host, &profile, name, &result, e).await;
+        // A queued job is delivered again on this error: it finishes then.
+        let e = match op_id {
+            Some(_) => e,
+            None => undo_new_install(deps, &p.host, workspace, &profile, name, &result, e).await,
+        };
         return Err(record::fail(deps.records.as_ref(), &mut rec, e).await);
     }
     // Where the time goes, per install, in the log.
@@ -303,20 +307,29 @@ pub async fn uninstall_as(
 /// upgrade is put back by the next repair (the desired state still names
 /// the old digest), but a plugin new to the host would be an "extra", which
 /// repair reports and leaves alone: it is taken off the host again, so the
-/// failed install changed nothing. If that fails too, the error says so and
-/// the repair's drift report shows it.
+/// failed install changed nothing. Only when nothing at all was at
+/// `plugins/NAME` before (not a legacy or hand-made directory, which the
+/// install replaced) and the desired state, read again, does not name it
+/// (another request may have installed and recorded it meanwhile; a state
+/// that cannot be read leaves the plugin where it is). If the undo fails
+/// too, the error says so and the repair's drift report shows it.
 async fn undo_new_install(
     deps: &Deps,
     host: &Host,
+    workspace: &str,
     profile: &RuntimeProfile,
     name: &str,
     result: &HostResult,
     e: Error,
 ) -> Error {
-    let new_to_host = result.status == HostStatus::Installed
-        && result.previous.as_deref().unwrap_or_default().is_empty();
+    let new_to_host =
+        result.status == HostStatus::Installed && result.previous_kind.as_deref() == Some("none");
     if !new_to_host {
         return e;
+    }
+    match deps.state.load(workspace).await {
+        Ok(now) if !now.state.plugins.contains_key(name) => {}
+        _ => return e,
     }
     let cfg = &deps.config;
     let cmd = HostCommand::uninstall(profile, name, &cfg.owner, cfg.lock_wait_secs);

@@ -32,26 +32,41 @@ where
 {
     let mut unavailable = 0;
     let mut attempt = 0;
+    let pause = |n: u32| Duration::from_millis(100 << n);
     while attempt < STATE_ATTEMPTS {
-        let tried = async {
-            let mut current = state.load(workspace).await?;
-            if !change(&mut current.state) {
-                return Ok(true);
+        let mut current = match state.load(workspace).await {
+            Ok(c) => c,
+            Err(e) if e.kind == ErrorKind::Unavailable && unavailable < UNAVAILABLE_RETRIES => {
+                clock.sleep(pause(unavailable)).await;
+                unavailable += 1;
+                continue;
             }
-            state
-                .save(workspace, &current.state, current.etag.as_deref())
-                .await
+            Err(e) => return Err(e),
+        };
+        if !change(&mut current.state) {
+            return Ok(());
         }
-        .await;
-        match tried {
+        match state
+            .save(workspace, &current.state, current.etag.as_deref())
+            .await
+        {
             Ok(true) => return Ok(()),
             Ok(false) => {
                 clock.sleep(backoff(attempt)).await;
                 attempt += 1;
             }
             Err(e) if e.kind == ErrorKind::Unavailable && unavailable < UNAVAILABLE_RETRIES => {
-                clock.sleep(Duration::from_millis(100 << unavailable)).await;
+                clock.sleep(pause(unavailable)).await;
                 unavailable += 1;
+                // A write that timed out may still have landed: if the
+                // stored state is the one we wrote, it did, and applying
+                // the change again would misread it (an uninstall would
+                // find the plugin already gone).
+                if let Ok(now) = state.load(workspace).await {
+                    if now.state == current.state {
+                        return Ok(());
+                    }
+                }
             }
             Err(e) => return Err(e),
         }

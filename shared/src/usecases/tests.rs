@@ -380,6 +380,67 @@ async fn a_new_plugin_whose_state_cannot_be_written_is_taken_off_the_host_again(
 }
 
 #[tokio::test]
+async fn what_was_at_the_plugin_path_or_is_desired_is_never_undone() {
+    let (m, deps) = world();
+    // A hand-made (legacy) directory was replaced: the undo would leave the
+    // user with nothing, so the plugin stays and repair reports it.
+    m.hosts.script(|_, cmd| {
+        (cmd.args[0] == "install").then(|| {
+            Ok(result_line(
+                &format!(
+                    r#"{{"status":"installed","plugin":"hello","digest":"{}","previous":"","previous_kind":"legacy","restarted":true}}"#,
+                    cmd.args[3]
+                ),
+                0,
+            ))
+        })
+    });
+    m.store.fail_next_saves(100);
+    let e = install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), 503);
+    let ops: Vec<String> = m.hosts.calls().iter().map(|c| c.op().to_string()).collect();
+    assert_eq!(ops, ["install"], "no undo over a replaced directory");
+    m.store.fail_next_saves(0);
+
+    // Desired already (another request recorded it meanwhile): kept.
+    let (m, deps) = world();
+    let mut desired = DesiredState::default();
+    install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap();
+    desired.plugins = m.store.state_of("ws-1").plugins;
+    // Named at another digest, so the install has a state to write.
+    desired.plugins.get_mut("hello").unwrap().digest = "0".repeat(64);
+    m.hosts.set_host("i-ws-1", SimHost::default());
+    m.store.set_state("ws-1", desired);
+    m.store.fail_next_saves(100);
+    let e = install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), 503);
+    assert!(m.hosts.host("i-ws-1").installed.contains_key("hello"));
+    m.store.fail_next_saves(0);
+}
+
+#[tokio::test]
+async fn a_save_that_landed_but_timed_out_counts_once() {
+    let (m, deps) = world();
+    install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap();
+    // The removal lands, its reply is lost: the retry must see it landed,
+    // not conclude the plugin was never desired.
+    m.store.lose_next_save_replies(1);
+    let out = install::uninstall(&deps, &owner(), "ws-1", "hello")
+        .await
+        .unwrap();
+    assert_eq!(out.status, install::UninstallStatus::Uninstalled);
+    assert!(!m.store.state_of("ws-1").plugins.contains_key("hello"));
+}
+
+#[tokio::test]
 async fn slow_operations_are_handed_off_with_202_and_finished_by_the_worker() {
     let m = Memory::default();
     m.store.publish("hello", &[("plugin.yaml", MANIFEST)]);
