@@ -297,6 +297,31 @@ make_book() {
     fi
 }
 
+# SIGKILL every process with a file open under DIR (root's own work dir of
+# a killed run; only called holding the lock, when no run of ours is live).
+# A step blocked opening one of the run's FIFOs holds no file there yet:
+# opening each FIFO read-write (which never blocks) lets it go on to where
+# it holds some. DIR is root's state path, built from a validated config
+# dir; the pattern is refused if it could hold a glob character.
+end_leftover_steps() {
+    case $1 in
+        *[!"$LOWER$UPPER$DIGITS"/%._-]*) return 0 ;;
+    esac
+    els_fifos=false
+    for els_f in "$1"/verdict "$1"/ctl; do
+        if [ -p "$els_f" ] && [ ! -L "$els_f" ]; then
+            command exec 8<>"$els_f" && exec 8<&- && els_fifos=true
+        fi
+    done
+    [ "$els_fifos" = true ] && sleep 0.1
+    els_pids=$(find /proc/[0-9]*/fd -maxdepth 1 -lname "$1/*" 2>/dev/null |
+        sed -n 's|^/proc/\([0-9]*\)/fd/.*|\1|p' | sort -u) || els_pids=''
+    [ -n "$els_pids" ] || return 0
+    say 'ending steps left by a run that was killed'
+    # shellcheck disable=SC2086 # a list of numbers
+    kill -KILL $els_pids 2>/dev/null || :
+}
+
 # Create root's state, take the host lock, migrate the earlier layout.
 open_book() {
     make_book
@@ -304,7 +329,10 @@ open_book() {
     # keeps a failed redirection from killing the shell before it can report.
     command exec 9>>"$book/lock" || fail internal 'cannot open the lock file' 1
     flock -w "$lock_wait" 9 || fail busy 'another plugin operation holds the host lock' 75
-    # Holding the lock: anything in work/ was left by a run killed outright.
+    # Holding the lock: anything in work/ was left by a run killed outright,
+    # and so is a process still holding a file in it (a step blocked opening
+    # a channel its root will never open): ended first.
+    [ -e "$book/work" ] && end_leftover_steps "$book/work"
     rm -rf "$book/work" || fail internal 'cannot clear the state directory' 1
     (umask 077 && mkdir "$book/work") || fail internal 'cannot create the state directory' 1
     rwork=$book/work
@@ -534,10 +562,13 @@ as_owner() {
     if [ -n "$step_timeout" ]; then
         set -- timeout -s KILL "$step_limit" "$@"
     fi
+    # The lock's fd is closed first: opening a FIFO blocks until root opens
+    # the other end, and a step left blocked there by a root killed outright
+    # must not hold the host lock (the next operation ends such a step).
     if [ "$ao_in" = - ]; then
-        env -i PATH="$PATH" LC_ALL=C HOME=/ "$@" >"$ao_out" 9>&-
+        env -i PATH="$PATH" LC_ALL=C HOME=/ "$@" 9>&- >"$ao_out"
     else
-        env -i PATH="$PATH" LC_ALL=C HOME=/ "$@" <"$ao_in" >"$ao_out" 9>&-
+        env -i PATH="$PATH" LC_ALL=C HOME=/ "$@" 9>&- <"$ao_in" >"$ao_out"
     fi
 }
 
@@ -1277,7 +1308,7 @@ op_install() {
     mkfifo -m 0600 "$rwork/verdict" "$rwork/ctl" || fail internal 'cannot create the step channels' 1
     : >"$rwork/archive" || fail internal 'cannot create the archive file' 1
     as_owner_sh "$rwork/ctl" "$rwork/report" owner-install "$cfg" "$name" "$sha" \
-        "$with_sums" 3>"$rwork/verdict" 4>"$rwork/sums" 5<"$rwork/archive" 7<"$sums_in" &
+        "$with_sums" 9>&- 3>"$rwork/verdict" 4>"$rwork/sums" 5<"$rwork/archive" 7<"$sums_in" &
     step_pid=$!
     # Opened in the order the step opens them: verdict, then ctl. ctl is
     # opened for reading too, so a write to it never raises SIGPIPE when the

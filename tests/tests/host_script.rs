@@ -1452,6 +1452,52 @@ fn a_legacy_dir_left_aside_by_a_killed_run_is_recovered() {
 }
 
 #[test]
+fn a_step_left_blocked_by_a_killed_run_is_ended_and_holds_no_lock() {
+    // A root script killed between starting its install step and opening
+    // the step's channels leaves the step blocked opening a FIFO forever
+    // (found by the fault campaign). The step must not hold the host lock,
+    // and the next operation ends it.
+    let h = Host::new();
+    let p = alpha_v1();
+    h.install("alpha", &p).assert_ok("installed");
+    let work = h.book().join("work");
+    fs::create_dir_all(&work).unwrap();
+    let fifo = work.join("verdict");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    // Blocked in open(2) of the FIFO for writing, as the orphaned step is;
+    // once that returns it holds the FIFO, as the step holds its channels.
+    let mut orphan = Command::new("sh")
+        .arg("-c")
+        .arg("exec 3>\"$0\"; exec sleep 1000")
+        .arg(&fifo)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(orphan.try_wait().unwrap().is_none(), "blocked");
+    let r = h.install("alpha", &alpha_v2());
+    r.assert_ok("installed");
+    let ended = (0..50).find_map(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        orphan.try_wait().unwrap()
+    });
+    let status = ended.expect("the leftover step was ended");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9), "SIGKILL");
+    assert!(
+        r.stderr
+            .contains("ending steps left by a run that was killed"),
+        "{}",
+        r.stderr
+    );
+    // A run that left nothing behind kills nothing.
+    let mut bystander = Command::new("sleep").arg("30").spawn().unwrap();
+    h.install("alpha", &p).assert_ok("installed");
+    assert!(bystander.try_wait().unwrap().is_none());
+    bystander.kill().unwrap();
+}
+
+#[test]
 fn a_restart_that_did_not_happen_is_made_up_for() {
     let h = Host::new();
     let p = alpha_v1();

@@ -28,16 +28,8 @@ fn grants() -> Vec<(String, String, String)> {
                 if st["Effect"].as_str() != Some("Allow") {
                     continue;
                 }
-                let actions: Vec<String> = match &st["Action"] {
-                    serde_yaml::Value::String(a) => vec![a.clone()],
-                    serde_yaml::Value::Sequence(v) => v
-                        .iter()
-                        .filter_map(|a| a.as_str().map(str::to_string))
-                        .collect(),
-                    _ => vec![],
-                };
                 let resource = serde_yaml::to_string(&st["Resource"]).unwrap();
-                for a in actions {
+                for a in actions(st) {
                     out.push((name.clone(), a, resource.clone()));
                 }
             }
@@ -149,14 +141,7 @@ fn statements() -> Vec<(String, serde_yaml::Value)> {
 }
 
 fn actions(st: &serde_yaml::Value) -> Vec<String> {
-    match &st["Action"] {
-        serde_yaml::Value::String(a) => vec![a.clone()],
-        serde_yaml::Value::Sequence(v) => v
-            .iter()
-            .filter_map(|a| a.as_str().map(str::to_string))
-            .collect(),
-        _ => vec![],
-    }
+    strings(&st["Action"])
 }
 
 fn strings(v: &serde_yaml::Value) -> Vec<String> {
