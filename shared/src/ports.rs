@@ -195,7 +195,29 @@ pub trait HostTransport: Send + Sync {
         cmd: &HostCommand,
         payload: Option<&Payload<'_>>,
     ) -> Result<HostOutput>;
+
+    /// Does ahead of time what `run` would do first (over SSH: push a key,
+    /// connect, authenticate), so an operation can overlap it with its own
+    /// work (resolving and staging the plugin). `None`: nothing to open.
+    async fn open(&self, _host: &Host) -> Result<Option<Opened>> {
+        Ok(None)
+    }
+
+    /// `run` on what `open` made (or from scratch, given `None`).
+    async fn run_opened(
+        &self,
+        _opened: Option<Opened>,
+        host: &Host,
+        cmd: &HostCommand,
+        payload: Option<&Payload<'_>>,
+    ) -> Result<HostOutput> {
+        self.run(host, cmd, payload).await
+    }
 }
+
+/// A connection `HostTransport::open` made, opaque to the use cases; only
+/// the transport that made it can use it.
+pub struct Opened(pub Box<dyn std::any::Any + Send + Sync>);
 
 // ---- the background queue
 

@@ -20,10 +20,91 @@
 // The install path's futures nest deeply; the layout query needs the room.
 #![recursion_limit = "256"]
 
+use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use acceptance::*;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::Layer;
+
+/// Numbers of the functions' timing events ("install timings", "ssh
+/// timings"), one map per event, as the in-process installs log them.
+type Events = Arc<Mutex<Vec<(String, BTreeMap<String, u64>)>>>;
+
+struct Stages(Events);
+
+#[derive(Default)]
+struct Fields {
+    message: String,
+    numbers: BTreeMap<String, u64>,
+}
+
+impl tracing::field::Visit for Fields {
+    fn record_u64(&mut self, f: &tracing::field::Field, v: u64) {
+        self.numbers.insert(f.name().to_string(), v);
+    }
+    fn record_i64(&mut self, f: &tracing::field::Field, v: i64) {
+        self.numbers.insert(f.name().to_string(), v.max(0) as u64);
+    }
+    fn record_str(&mut self, f: &tracing::field::Field, v: &str) {
+        if f.name() == "message" {
+            self.message = v.to_string();
+        }
+    }
+    fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+        if f.name() == "message" {
+            self.message = format!("{v:?}");
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> Layer<S> for Stages {
+    fn on_event(&self, e: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let mut f = Fields::default();
+        e.record(&mut f);
+        if f.message.ends_with("timings") {
+            self.0.lock().unwrap().push((f.message, f.numbers));
+        }
+    }
+}
+
+/// The collector, installed once (only the library's own events, debug
+/// included: the SSH adapter's timings are debug).
+fn stages() -> &'static Events {
+    static EVENTS: OnceLock<Events> = OnceLock::new();
+    EVENTS.get_or_init(|| {
+        let events = Events::default();
+        let only_ours = tracing_subscriber::filter::Targets::new()
+            .with_target("plugin_delivery", tracing::Level::DEBUG);
+        let subscriber =
+            tracing_subscriber::registry().with(Stages(events.clone()).with_filter(only_ours));
+        if tracing::subscriber::set_global_default(subscriber).is_err() {
+            eprintln!("stage timings: a log subscriber is already set; no breakdown");
+        }
+        events
+    })
+}
+
+/// Median of each number of the events named `message` since `from`.
+fn stage_medians(from: usize, message: &str) -> BTreeMap<String, u64> {
+    let events = stages().lock().unwrap();
+    let mut all: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (m, nums) in events.iter().skip(from) {
+        if m == message {
+            for (k, v) in nums {
+                all.entry(k.clone()).or_default().push(*v);
+            }
+        }
+    }
+    all.into_iter()
+        .map(|(k, mut v)| {
+            v.sort_unstable();
+            (k, v[v.len() / 2])
+        })
+        .collect()
+}
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -100,7 +181,10 @@ async fn latency() {
     f.publish("bench", &refs).await;
 
     let n = 30;
+    let from = stages().lock().unwrap().len();
     let ours = timed_installs(&app, &f.workspace, n).await;
+    let install_stages = stage_medians(from, "install timings");
+    let ssh_stages = stage_medians(from, "ssh timings");
 
     // The same plugin to a hardened host through SSM Run Command.
     let fs = Fixture::with(Access::Ssm).await;
@@ -205,6 +289,10 @@ async fn latency() {
         "  ratio CLI / ours: {:.1}x",
         mc.as_secs_f64() / mo.as_secs_f64()
     );
+    // Where the time of our SSH installs goes (medians, ms; installs and
+    // the uninstalls between them both log SSH timings).
+    println!("  stages of the SSH install (median ms): install {install_stages:?}");
+    println!("  ssh sessions (median ms, from the key push): {ssh_stages:?}");
 }
 
 /// The first process whose executable path ends with `suffix`.
@@ -617,11 +705,13 @@ async fn auth() {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    // PLUGIN_BENCH_LOG=debug shows the per-stage timings of each install.
+    // PLUGIN_BENCH_LOG=debug shows the per-stage timings of each install
+    // (instead of collecting them for the stage breakdown).
     if let Ok(level) = std::env::var("PLUGIN_BENCH_LOG") {
         std::env::set_var("RUST_LOG", format!("plugin_delivery={level}"));
         plugin_delivery::app::init_logging();
     }
+    let _ = stages();
     let args: Vec<String> = std::env::args().collect();
     let parts = ["latency", "auth", "large", "fleet"];
     let want = |part: &str| {

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use crate::domain::error::Result;
 use crate::domain::host::{Access, Host};
 use crate::domain::hostscript::{HostCommand, HostOutput};
-use crate::ports::{HostTransport, Payload};
+use crate::ports::{HostTransport, Opened, Payload};
 
 /// Routes each host to the transport its access mode names.
 pub struct ByAccess {
@@ -27,6 +27,26 @@ impl HostTransport for ByAccess {
         match host.access {
             Access::Ssh => self.ssh.run(host, cmd, payload).await,
             Access::Ssm => self.ssm.run(host, cmd, payload).await,
+        }
+    }
+
+    async fn open(&self, host: &Host) -> Result<Option<Opened>> {
+        match host.access {
+            Access::Ssh => self.ssh.open(host).await,
+            Access::Ssm => self.ssm.open(host).await,
+        }
+    }
+
+    async fn run_opened(
+        &self,
+        opened: Option<Opened>,
+        host: &Host,
+        cmd: &HostCommand,
+        payload: Option<&Payload<'_>>,
+    ) -> Result<HostOutput> {
+        match host.access {
+            Access::Ssh => self.ssh.run_opened(opened, host, cmd, payload).await,
+            Access::Ssm => self.ssm.run_opened(opened, host, cmd, payload).await,
         }
     }
 }

@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt;
 use crate::domain::error::{Error, Result};
 use crate::domain::host::Host;
 use crate::domain::hostscript::{HostCommand, HostOutput};
-use crate::ports::{Fleet, HostTransport, Payload};
+use crate::ports::{Fleet, HostTransport, Opened, Payload};
 
 /// Delivers a public key that the host's sshd will accept for a short time.
 #[async_trait]
@@ -247,6 +247,15 @@ impl SshTransport {
     }
 }
 
+/// An authenticated session made ahead of its command (`open`).
+struct SshOpened {
+    session: client::Handle<Verifier>,
+    instance: String,
+    t0: std::time::Instant,
+    connect_ms: u64,
+    auth_ms: u64,
+}
+
 impl SshTransport {
     /// A fresh key pushed with EC2 Instance Connect, beside the connection
     /// (host-key lookup, TCP, key exchange, host-key check): the two are
@@ -349,8 +358,55 @@ impl HostTransport for SshTransport {
         cmd: &HostCommand,
         payload: Option<&Payload<'_>>,
     ) -> Result<HostOutput> {
+        self.run_opened(None, host, cmd, payload).await
+    }
+
+    async fn open(&self, host: &Host) -> Result<Option<Opened>> {
         let t0 = std::time::Instant::now();
         let (session, connect_ms, auth_ms) = self.session(host, t0).await?;
+        Ok(Some(Opened(Box::new(SshOpened {
+            session,
+            instance: host.instance_id.clone(),
+            t0,
+            connect_ms,
+            auth_ms,
+        }))))
+    }
+
+    async fn run_opened(
+        &self,
+        opened: Option<Opened>,
+        host: &Host,
+        cmd: &HostCommand,
+        payload: Option<&Payload<'_>>,
+    ) -> Result<HostOutput> {
+        // A session opened for this host, else a new one.
+        let ready = opened
+            .and_then(|o| o.0.downcast::<SshOpened>().ok())
+            .filter(|o| o.instance == host.instance_id);
+        let SshOpened {
+            session,
+            t0,
+            connect_ms,
+            auth_ms,
+            ..
+        } = match ready {
+            Some(o) => *o,
+            None => {
+                let t0 = std::time::Instant::now();
+                let (session, connect_ms, auth_ms) = self.session(host, t0).await?;
+                SshOpened {
+                    session,
+                    instance: host.instance_id.clone(),
+                    t0,
+                    connect_ms,
+                    auth_ms,
+                }
+            }
+        };
+        // Connected (and authenticated) at auth_ms; the command starts now.
+        let ready_ms = t0.elapsed().as_millis() as u64;
+        let run_start = std::time::Instant::now();
         let channel = session.channel_open_session().await.map_err(lost)?;
         // want_reply: if sshd refuses to run the command, a Failure says so.
         channel
@@ -393,6 +449,8 @@ impl HostTransport for SshTransport {
             instance = %host.instance_id,
             connect_ms,
             auth_ms,
+            ready_ms,
+            run_ms = run_start.elapsed().as_millis() as u64,
             total_ms = t0.elapsed().as_millis() as u64,
             "ssh timings"
         );

@@ -23,7 +23,7 @@ use crate::domain::plugin::{
 };
 use crate::domain::records::{now_rfc3339, Kind, OperationRecord, Trigger};
 use crate::domain::source::{NameFrom, Resolved, Source};
-use crate::ports::{Deps, Payload};
+use crate::ports::{Deps, Opened, Payload};
 use crate::usecases::{access, allowlist, record, resolve, state};
 
 #[derive(Debug, Clone)]
@@ -106,26 +106,52 @@ struct Prepared {
     manifest: Manifest,
     resolve_ms: u64,
     stage_ms: u64,
+    /// The host connection, opened beside the resolve when asked for (an
+    /// error here is the operation's, reported once it has a record).
+    opened: Result<Option<Opened>>,
 }
 
-async fn prepare(deps: &Deps, host: Host, source: &Source, pin: Option<&str>) -> Result<Prepared> {
+/// The plugin resolved, checked and staged for `host`. With `open_host`,
+/// the connection to the host is made at the same time (they do not depend
+/// on each other), once the source has passed the org's allowlist: nothing
+/// reaches a host for a source the org refuses.
+async fn prepare(
+    deps: &Deps,
+    host: Host,
+    source: &Source,
+    pin: Option<&str>,
+    open_host: bool,
+) -> Result<Prepared> {
     let mut t = deps.clock.now();
     // The caller was authorized for the host; nothing is fetched from a
     // source its org's allowlist does not admit.
     let list = allowlist::admit_source(deps, &host, source).await?;
-    let resolved = resolve::resolve(deps, source, host.org_id.as_deref()).await?;
-    // A fetched archive names itself: it may not borrow an admitted name.
-    list.admit_archive(source, &resolved.name, &resolved.archive.sha256)?;
-    let manifest = checked_manifest(&resolved.archive, pin)?;
-    let resolve_ms = lap(deps, &mut t);
-    resolve::stage(deps, &resolved).await?;
-    let stage_ms = lap(deps, &mut t);
+    let work = async {
+        let resolved = resolve::resolve(deps, source, host.org_id.as_deref()).await?;
+        // A fetched archive names itself: it may not borrow an admitted name.
+        list.admit_archive(source, &resolved.name, &resolved.archive.sha256)?;
+        let manifest = checked_manifest(&resolved.archive, pin)?;
+        let resolve_ms = lap(deps, &mut t);
+        resolve::stage(deps, &resolved).await?;
+        let stage_ms = lap(deps, &mut t);
+        Ok::<_, Error>((resolved, manifest, resolve_ms, stage_ms))
+    };
+    let open = async {
+        match open_host {
+            true => deps.transport.open(&host).await,
+            false => Ok(None),
+        }
+    };
+    let (work, opened) = tokio::join!(work, open);
+    // A refused or broken plugin is the answer even if the host is down.
+    let (resolved, manifest, resolve_ms, stage_ms) = work?;
     Ok(Prepared {
         host,
         resolved,
         manifest,
         resolve_ms,
         stage_ms,
+        opened,
     })
 }
 
@@ -200,7 +226,7 @@ pub async fn install_on(
     let source = Source::parse(&req.source)?;
     let pin = parse_pin(req.sha256.as_deref())?;
     let started = deps.clock.now();
-    let p = prepare(deps, host, &source, pin.as_deref()).await?;
+    let mut p = prepare(deps, host, &source, pin.as_deref(), true).await?;
     let mut t = deps.clock.now();
     let (name, archive) = (&p.resolved.name, &p.resolved.archive);
     let cfg = &deps.config;
@@ -218,11 +244,18 @@ pub async fn install_on(
     rec.plugin = Some(name.clone());
     rec.source = Some(source.redacted());
     rec.digest = Some(archive.sha256.clone());
-    let result =
-        match run_on_host(deps, &p.host, &cmd, Some(&Payload::from(archive)), &mut rec).await {
-            Ok(r) => r,
-            Err(e) => return Err(record::fail(deps.records.as_ref(), &mut rec, e).await),
-        };
+    let opened = std::mem::replace(&mut p.opened, Ok(None));
+    let ran = match opened {
+        Ok(opened) => {
+            let payload = Payload::from(&p.resolved.archive);
+            run_opened_on_host(deps, opened, &p.host, &cmd, Some(&payload), &mut rec).await
+        }
+        Err(e) => Err(e),
+    };
+    let result = match ran {
+        Ok(r) => r,
+        Err(e) => return Err(record::fail(deps.records.as_ref(), &mut rec, e).await),
+    };
     let host_ms = lap(deps, &mut t);
     let entry = InstalledPlugin {
         info: PluginInfo::from_manifest(name, p.manifest.clone()),
@@ -273,7 +306,22 @@ pub async fn run_on_host(
     payload: Option<&Payload<'_>>,
     rec: &mut OperationRecord,
 ) -> Result<HostResult> {
-    let out = deps.transport.run(host, cmd, payload).await?;
+    run_opened_on_host(deps, None, host, cmd, payload, rec).await
+}
+
+/// `run_on_host` on a connection opened ahead (`HostTransport::open`).
+async fn run_opened_on_host(
+    deps: &Deps,
+    opened: Option<Opened>,
+    host: &Host,
+    cmd: &HostCommand,
+    payload: Option<&Payload<'_>>,
+    rec: &mut OperationRecord,
+) -> Result<HostResult> {
+    let out = deps
+        .transport
+        .run_opened(opened, host, cmd, payload)
+        .await?;
     if let Some(tail) = out.stderr_tail() {
         rec.host_output = Some(tail);
     }
@@ -434,7 +482,7 @@ pub async fn download(
         }
     }
     let host = authorize(deps, caller, workspace).await?;
-    let p = prepare(deps, host, &source, None).await?;
+    let p = prepare(deps, host, &source, None, false).await?;
     if p.resolved.name != name {
         return Err(name_mismatch(&p.resolved.name, name));
     }
