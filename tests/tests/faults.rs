@@ -25,14 +25,16 @@ async fn host_campaign(access: Access) {
     let report = host_faults(access, ops(), seed, 256 * 1024).await;
     eprintln!("PLUGIN_FAULT_SEED={seed}\n{report}");
     assert!(report.clean(), "{report}");
-    // The campaign did inject: not every kill came too late.
+    // The campaign did inject: not every kill came too late (how many do
+    // depends on timing; a loaded machine runs the host side slower than
+    // the clean install the window is measured on).
     let injected: usize = report
         .faults
         .iter()
         .filter(|(k, _)| k.as_str() != "missed")
         .map(|(_, n)| n)
         .sum();
-    assert!(injected * 2 >= report.operations, "{report}");
+    assert!(injected * 4 >= report.operations, "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
