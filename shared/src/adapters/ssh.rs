@@ -257,6 +257,19 @@ struct SshOpened {
 }
 
 impl SshTransport {
+    /// An authenticated session for `host`, timed from now.
+    async fn opened(&self, host: &Host) -> Result<SshOpened> {
+        let t0 = std::time::Instant::now();
+        let (session, connect_ms, auth_ms) = self.session(host, t0).await?;
+        Ok(SshOpened {
+            session,
+            instance: host.instance_id.clone(),
+            t0,
+            connect_ms,
+            auth_ms,
+        })
+    }
+
     /// A fresh key pushed with EC2 Instance Connect, beside the connection
     /// (host-key lookup, TCP, key exchange, host-key check): the two are
     /// independent until authentication, so they overlap. An authenticated
@@ -362,15 +375,7 @@ impl HostTransport for SshTransport {
     }
 
     async fn open(&self, host: &Host) -> Result<Option<Opened>> {
-        let t0 = std::time::Instant::now();
-        let (session, connect_ms, auth_ms) = self.session(host, t0).await?;
-        Ok(Some(Opened(Box::new(SshOpened {
-            session,
-            instance: host.instance_id.clone(),
-            t0,
-            connect_ms,
-            auth_ms,
-        }))))
+        Ok(Some(Opened(Box::new(self.opened(host).await?))))
     }
 
     async fn run_opened(
@@ -392,17 +397,7 @@ impl HostTransport for SshTransport {
             ..
         } = match ready {
             Some(o) => *o,
-            None => {
-                let t0 = std::time::Instant::now();
-                let (session, connect_ms, auth_ms) = self.session(host, t0).await?;
-                SshOpened {
-                    session,
-                    instance: host.instance_id.clone(),
-                    t0,
-                    connect_ms,
-                    auth_ms,
-                }
-            }
+            None => self.opened(host).await?,
         };
         // Connected (and authenticated) at auth_ms; the command starts now.
         let ready_ms = t0.elapsed().as_millis() as u64;
