@@ -61,7 +61,7 @@
 #   plugins/NAME -> ../.plugin-delivery/store/NAME@SHA   (relative symlink;
 #                   NAME@SHA-r when a damaged tree of the same digest is
 #                   replaced, so the live tree is never removed first)
-#   .plugin-delivery/staging/  scratch space, one mktemp dir per operation
+#   .plugin-delivery/staging/  scratch space, emptied at the start of each operation
 #   .plugin-delivery/store/    plugin trees, one per installed digest
 #   .plugin-delivery/aside/    a legacy plugin dir during its replacement only
 # Swapping the symlink with rename(2) is atomic, so plugins/NAME is always the
@@ -332,9 +332,12 @@ open_book() {
     # Holding the lock: anything in work/ was left by a run killed outright,
     # and so is a process still holding a file in it (a step blocked opening
     # a channel its root will never open): ended first.
-    [ -e "$book/work" ] && end_leftover_steps "$book/work"
-    rm -rf "$book/work" || fail internal 'cannot clear the state directory' 1
-    (umask 077 && mkdir "$book/work") || fail internal 'cannot create the state directory' 1
+    # (A clean end removes work/, so the usual run forks nothing here.)
+    if [ -e "$book/work" ] || [ -L "$book/work" ]; then
+        end_leftover_steps "$book/work"
+        rm -rf "$book/work" || fail internal 'cannot clear the state directory' 1
+    fi
+    mkdir -m 0700 "$book/work" || fail internal 'cannot create the state directory' 1
     rwork=$book/work
     migrate_legacy
 }
@@ -473,14 +476,12 @@ prune_sums() {
     done
 }
 
-# Prints "true" or "false" for the result's "restarted" field. Called in a
-# command substitution, so the umask change stays in that subshell.
+# Sets restarted (true or false, the result's "restarted" field); a failed
+# restart command fails the operation (restart_failed). No subshell: the
+# caller's umask is set for the command and taken back after it.
 restart_runtime() {
-    if [ -z "$restart_cmd" ]; then
-        printf false
-        return 0
-    fi
-    umask "$caller_umask"
+    restarted=false
+    [ -n "$restart_cmd" ] || return 0
     # The runtime it starts must not inherit the archive's presigned URL.
     unset PLUGIN_ARCHIVE_URL
     # The marker (set before a change) goes only once the restart
@@ -488,15 +489,19 @@ restart_runtime() {
     # fd 9 closed: a daemon started here must not inherit (and keep) the lock.
     # stdout to stderr: the result line must stay the only thing on stdout.
     # PLUGIN_CONFIG_DIR: which config dir changed, for the runtime's tooling.
-    PLUGIN_CONFIG_DIR=$cfg sh -c "$restart_cmd" </dev/null >&2 9>&- || return 1
+    umask "$caller_umask"
+    rr_rc=0
+    PLUGIN_CONFIG_DIR=$cfg sh -c "$restart_cmd" </dev/null >&2 9>&- || rr_rc=$?
+    umask 022
+    [ "$rr_rc" -eq 0 ] || fail restart_failed 'the runtime restart command failed' 70
     rm -f "$book/restart-pending"
-    printf true
+    restarted=true
 }
 
 restart_if_owed() {
     restarted=false
     if [ -e "$book/restart-pending" ] && [ -n "$restart_cmd" ]; then
-        restarted=$(restart_runtime) || fail restart_failed 'the runtime restart command failed' 70
+        restart_runtime
     fi
 }
 
@@ -657,13 +662,26 @@ owner_enter() {
 
 # Create the state dirs and clear leftovers of killed runs. Only with root
 # holding the lock: no other operation is using staging then.
+# The usual run (both dirs there, staging empty) starts no process here.
 owner_prepare() {
-    mkdir -p "$staging" "$store" || fail internal 'cannot create the state directory' 1
-    chmod 0755 "$STATE_REL" "$store" || fail internal 'cannot set state directory modes' 1
-    chmod 0700 "$staging" || fail internal 'cannot set state directory modes' 1
+    # Made once, with their modes (they are OWNER's: setting them again on
+    # every run would guard against nobody).
+    if [ ! -d "$store" ] || [ ! -d "$staging" ]; then
+        mkdir -p "$store" || fail internal 'cannot create the state directory' 1
+        chmod 0755 "$STATE_REL" "$store" || fail internal 'cannot set state directory modes' 1
+        if [ ! -d "$staging" ]; then
+            mkdir -m 0700 "$staging" || fail internal 'cannot create the state directory' 1
+        fi
+    fi
     recover_aside
-    find "$staging" -mindepth 1 -maxdepth 1 -exec rm -rf {} + ||
-        fail internal 'cannot clear the staging directory' 1
+    # Anything in staging (dot names too) was left by a killed run.
+    for op_left in "$staging"/* "$staging"/.[!.]* "$staging"/..?*; do
+        if [ -e "$op_left" ] || [ -L "$op_left" ]; then
+            find "$staging" -mindepth 1 -maxdepth 1 -exec rm -rf {} + ||
+                fail internal 'cannot clear the staging directory' 1
+            break
+        fi
+    done
 }
 
 # A legacy plugin dir left in aside/ by a killed run: put it back if its link
@@ -1120,17 +1138,21 @@ apply_archive() {
     new_dir=$name@$sha
     [ "$prev_dir" = "$new_dir" ] && new_dir=$name@$sha-r
     new_store=$store/$new_dir
-    work=$(mktemp -d "$staging/install.XXXXXX") || fail internal 'cannot create a staging directory' 1
-    mkdir "$work/tree" || fail internal 'cannot create a staging directory' 1
-    tar -xzf - -C "$work/tree" --no-same-owner >&2 ||
+    # owner_prepare emptied staging, under root's lock: fixed names will do.
+    work=$staging/tree
+    mkdir "$work" || fail internal 'cannot create a staging directory' 1
+    tar -xzf - -C "$work" --no-same-owner >&2 ||
         fail bad_archive 'archive could not be extracted' 66
     # Plugins are plain files and directories, plugin.yaml among them;
-    # anything else is not ours.
-    [ -z "$(find "$work/tree" ! -type d ! -type f)" ] ||
-        fail bad_archive 'archive holds entries other than files and directories' 66
-    [ -f "$work/tree/plugin.yaml" ] || fail bad_archive 'archive holds no plugin.yaml' 66
-    (cd "$work/tree" && find . -type f -exec sha256sum {} +) >&4 ||
+    # anything else is not ours. One walk hashes the files and fails on any
+    # other kind of entry (-exec ... {} + failing makes find fail); only
+    # then does a second walk tell the two failures apart.
+    if ! (cd "$work" && find . -type f -exec sha256sum {} + -o ! -type d -exec false {} +) >&4; then
+        [ -z "$(find "$work" ! -type d ! -type f)" ] ||
+            fail bad_archive 'archive holds entries other than files and directories' 66
         fail internal 'cannot hash the plugin files' 1
+    fi
+    [ -f "$work/plugin.yaml" ] || fail bad_archive 'archive holds no plugin.yaml' 66
 
     if [ ! -d plugins ]; then
         mkdir plugins || fail internal 'cannot create the plugins directory' 1
@@ -1142,9 +1164,12 @@ apply_archive() {
         unwire "$link"
     fi
     # A store dir of this digest that no link points to is a stale leftover.
-    rm -rf "$new_store" || fail internal 'cannot remove a stale store directory' 1
-    mv "$work/tree" "$new_store" || fail internal 'cannot move the plugin into the store' 1
-    ln -s "$STORE_REL/$new_dir" "$work/link" || fail internal 'cannot create the plugin link' 1
+    if [ -e "$new_store" ] || [ -L "$new_store" ]; then
+        rm -rf "$new_store" || fail internal 'cannot remove a stale store directory' 1
+    fi
+    mv "$work" "$new_store" || fail internal 'cannot move the plugin into the store' 1
+    work=$staging/link
+    ln -s "$STORE_REL/$new_dir" "$work" || fail internal 'cannot create the plugin link' 1
     if [ "$prev_kind" = legacy ]; then
         # A legacy install is a real directory, which rename(2) cannot replace
         # with a link: move it aside first (outside staging, so a run killed
@@ -1154,7 +1179,8 @@ apply_archive() {
         mv "$link" "$STATE_REL/aside/$name" || fail internal 'cannot move the legacy plugin aside' 1
         aside="$STATE_REL/aside/$name"
     fi
-    mv -T "$work/link" "$link" || fail internal 'cannot switch the plugin link' 1
+    mv -T "$work" "$link" || fail internal 'cannot switch the plugin link' 1
+    work=''
     if [ -n "$aside" ]; then
         rm -rf "$aside" || say 'could not remove the replaced legacy directory'
         aside=''
@@ -1354,7 +1380,7 @@ op_install() {
     report_words
     mv "$rwork/sums" "$book/sums/$name@$sha" || say 'could not record the plugin file sums'
     prune_sums "$sha"
-    restarted=$(restart_runtime) || fail restart_failed 'the runtime restart command failed' 70
+    restart_runtime
     done_ok installed "$sha" "$rw_digest" "$restarted"
 }
 
@@ -1393,7 +1419,7 @@ op_uninstall() {
     report_ok removed
     report_words
     prune_sums ''
-    restarted=$(restart_runtime) || fail restart_failed 'the runtime restart command failed' 70
+    restart_runtime
     done_ok uninstalled '' "$rw_digest" "$restarted"
 }
 
@@ -1406,7 +1432,7 @@ op_restart() {
     inspect_config_dir || fail no_config_dir 'the runtime config directory does not exist' 69
     find_book
     open_book
-    restarted=$(restart_runtime) || fail restart_failed 'the runtime restart command failed' 70
+    restart_runtime
     done_ok restarted '' '' "$restarted"
 }
 

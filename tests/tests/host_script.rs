@@ -963,16 +963,24 @@ fn corrupt_or_foreign_archives_are_bad_archives() {
     let garbage = b"\x1f\x8b\x08\x00 this is not a gzip stream".to_vec();
     h.install_raw("alpha", &sha256(&garbage), &garbage, &h.restart_cmd())
         .assert_error("bad_archive", 66);
-    // A well-formed archive with a symlink is not a plugin tree either.
+    // A well-formed archive with a symlink is not a plugin tree either, even
+    // beside a plugin.yaml (the one walk that hashes the files refuses it).
     let mut b = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::default()));
+    let mut hd = tar::Header::new_gnu();
+    hd.set_size(13);
+    hd.set_mode(0o644);
+    b.append_data(&mut hd, "plugin.yaml", &b"name: alpha\n\n"[..])
+        .unwrap();
     let mut hd = tar::Header::new_gnu();
     hd.set_entry_type(tar::EntryType::Symlink);
     hd.set_size(0);
     hd.set_mode(0o777);
     b.append_link(&mut hd, "escape", "/etc").unwrap();
     let linky = b.into_inner().unwrap().finish().unwrap();
-    h.install_raw("alpha", &sha256(&linky), &linky, &h.restart_cmd())
-        .assert_error("bad_archive", 66);
+    let r = h.install_raw("alpha", &sha256(&linky), &linky, &h.restart_cmd());
+    r.assert_error("bad_archive", 66);
+    // (plugin.yaml is there: the entry kind is the only thing wrong.)
+    assert_eq!(r.result["message"], "archive could not be extracted");
     assert!(fs::symlink_metadata(h.path("plugins/alpha")).is_err());
     assert_eq!(h.listing(".plugin-delivery/store"), Vec::<String>::new());
     h.assert_no_leftovers();
