@@ -87,14 +87,17 @@ impl App {
             config.address_tag.clone(),
             config.default_access,
         ));
-        let ssh = Arc::new(SshTransport::new(
-            Arc::new(EicKeyPusher::new(eic)),
-            fleet.clone(),
-            config.ssh_user.clone(),
-            config.command_prefix.clone(),
-            config.insecure_ignore_host_key,
-            config.connect_timeout,
-        ));
+        let ssh = Arc::new(
+            SshTransport::new(
+                Arc::new(EicKeyPusher::new(eic)),
+                fleet.clone(),
+                config.ssh_user.clone(),
+                config.command_prefix.clone(),
+                config.insecure_ignore_host_key,
+                config.connect_timeout,
+            )
+            .with_reuse(config.ssh_reuse),
+        );
         let ssm_transport = Arc::new(SsmTransport::new(
             ssm.clone(),
             store.clone(),

@@ -14,8 +14,12 @@
 //!    at concurrency 20 by the release `reinstall` function, against five
 //!    single installs, and the function's peak RSS.
 //!
+//! 4. The function binaries (release, stripped): size of each, and cold
+//!    start (exec until the first Runtime API poll) of each.
+//!
 //! Run: `cargo bench -p acceptance --bench delivery` (add `-- latency`,
-//! `-- large` or `-- fleet` to run one part).
+//! `-- large`, `-- fleet` or `-- binaries` to run one part). The run ends
+//! with one summary table of every part that ran (README keeps the latest).
 
 // The install path's futures nest deeply; the layout query needs the room.
 #![recursion_limit = "256"]
@@ -106,6 +110,19 @@ fn stage_medians(from: usize, message: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// Rows of the closing summary table: what, ours, the reference, ratio.
+fn summary() -> &'static Mutex<Vec<[String; 4]>> {
+    static ROWS: OnceLock<Mutex<Vec<[String; 4]>>> = OnceLock::new();
+    ROWS.get_or_init(Default::default)
+}
+
+fn summarize(what: &str, ours: String, reference: String, ratio: String) {
+    summary()
+        .lock()
+        .unwrap()
+        .push([what.to_string(), ours, reference, ratio]);
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -159,6 +176,12 @@ async fn latency() {
     // Both designs skip the runtime restart: it is the same on both sides
     // and not what is being compared.
     cfg.profiles.get_mut("claude-code").unwrap().restart = "true".into();
+    // Every install on a new connection (key push, handshake, auth), as
+    // the first operation on a workspace; and, as the functions run, with
+    // the connection kept between operations in a row.
+    let mut fresh_cfg = cfg.clone();
+    fresh_cfg.ssh_reuse = Duration::ZERO;
+    let app_fresh = f.app_with(fresh_cfg);
     let app = f.app_with(cfg);
 
     // ~100 KB: a manifest, a skill and 24 files of 4 KiB of hex text.
@@ -181,6 +204,10 @@ async fn latency() {
     f.publish("bench", &refs).await;
 
     let n = 30;
+    let from = stages().lock().unwrap().len();
+    let ours_fresh = timed_installs(&app_fresh, &f.workspace, n).await;
+    let fresh_install_stages = stage_medians(from, "install timings");
+    let fresh_ssh_stages = stage_medians(from, "ssh timings");
     let from = stages().lock().unwrap().len();
     let ours = timed_installs(&app, &f.workspace, n).await;
     let install_stages = stage_medians(from, "install timings");
@@ -259,13 +286,21 @@ async fn latency() {
         }
     }
     let (mo, mc) = (median(ours.clone()), median(cli.clone()));
+    let mf = median(ours_fresh.clone());
     println!(
         "latency: plugin of {} files, {:.1} KB",
         files.len(),
         size as f64 / 1000.0
     );
     println!(
-        "  plugin-delivery install: median {:.1} ms (min {:.1}, max {:.1}, n={})",
+        "  plugin-delivery install, new connection each time: median {:.1} ms (min {:.1}, max {:.1}, n={})",
+        ms(mf),
+        ms(*ours_fresh.iter().min().unwrap()),
+        ms(*ours_fresh.iter().max().unwrap()),
+        ours_fresh.len()
+    );
+    println!(
+        "  plugin-delivery install, connection kept from the operation before: median {:.1} ms (min {:.1}, max {:.1}, n={})",
         ms(mo),
         ms(*ours.iter().min().unwrap()),
         ms(*ours.iter().max().unwrap()),
@@ -286,13 +321,36 @@ async fn latency() {
         cli.len()
     );
     println!(
-        "  ratio CLI / ours: {:.1}x",
+        "  ratio CLI / ours: {:.1}x with a new connection, {:.1}x with a kept one",
+        mc.as_secs_f64() / mf.as_secs_f64(),
         mc.as_secs_f64() / mo.as_secs_f64()
     );
     // Where the time of our SSH installs goes (medians, ms; installs and
     // the uninstalls between them both log SSH timings).
-    println!("  stages of the SSH install (median ms): install {install_stages:?}");
-    println!("  ssh sessions (median ms, from the key push): {ssh_stages:?}");
+    println!("  stages, new connection (median ms): install {fresh_install_stages:?}");
+    println!("    ssh (from the key push): {fresh_ssh_stages:?}");
+    println!("  stages, kept connection (median ms): install {install_stages:?}");
+    println!("    ssh: {ssh_stages:?}");
+    let cli_ms = format!("CLI design {:.1} ms", ms(mc));
+    summarize(
+        "100 KB install over SSH, new connection (median)",
+        format!("{:.1} ms", ms(mf)),
+        cli_ms.clone(),
+        format!("{:.1}x faster", mc.as_secs_f64() / mf.as_secs_f64()),
+    );
+    summarize(
+        "100 KB install over SSH, connection kept (median)",
+        format!("{:.1} ms", ms(mo)),
+        cli_ms.clone(),
+        format!("{:.1}x faster", mc.as_secs_f64() / mo.as_secs_f64()),
+    );
+    let msm = median(ssm.clone());
+    summarize(
+        "100 KB install over SSM, emulated agent (median)",
+        format!("{:.1} ms", ms(msm)),
+        cli_ms,
+        format!("{:.1}x faster", mc.as_secs_f64() / msm.as_secs_f64()),
+    );
 }
 
 /// The first process whose executable path ends with `suffix`.
@@ -485,6 +543,134 @@ async fn large() {
         tar_took.as_secs_f64(),
         mib / tar_took.as_secs_f64()
     );
+    summarize(
+        &format!("{mib:.0} MiB install, release function (throughput)"),
+        format!(
+            "{:.2} s, peak RSS {}",
+            took.as_secs_f64(),
+            rss.map(|(_, k)| format!("{:.1} MiB", k as f64 / 1024.0))
+                .unwrap_or("?".into())
+        ),
+        format!("tar -xzf {:.2} s", tar_took.as_secs_f64()),
+        format!(
+            "{:.0}% of tar's speed",
+            100.0 * tar_took.as_secs_f64() / took.as_secs_f64()
+        ),
+    );
+}
+
+const FUNCTIONS: [&str; 8] = [
+    "install",
+    "uninstall",
+    "list",
+    "catalog",
+    "allowlist",
+    "download",
+    "operations",
+    "reinstall",
+];
+
+/// Each release function binary: its size, and its cold start (exec until
+/// its first `GET /runtime/invocation/next`, the median of 15 starts) with
+/// a deployment's environment pointed at the stack.
+async fn binaries() {
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build
+        .current_dir(repo_root())
+        .args(["build", "-q", "--release"]);
+    for f in FUNCTIONS {
+        build.args(["-p", f]);
+    }
+    run(&mut build);
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join("target"));
+    let f = Fixture::new().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let env = acceptance::lambda::function_env(&f, tmp.path());
+    println!("binaries: release, stripped");
+    let (mut sizes, mut colds) = (Vec::new(), Vec::new());
+    for name in FUNCTIONS {
+        let path = target.join("release").join(name);
+        let size = std::fs::metadata(&path).unwrap().len();
+        let mut starts = Vec::new();
+        for _ in 0..15 {
+            starts.push(cold_start(&path, &env));
+        }
+        let cold = median(starts);
+        println!(
+            "  {name:<10} {:>6.2} MB  cold start {:.1} ms",
+            size as f64 / 1e6,
+            ms(cold)
+        );
+        sizes.push((size, name));
+        colds.push(cold);
+    }
+    sizes.sort();
+    let (min, max) = (sizes[0], sizes[sizes.len() - 1]);
+    summarize(
+        "function binaries (release, stripped)",
+        format!(
+            "{:.1} MB ({}) to {:.1} MB ({})",
+            min.0 as f64 / 1e6,
+            min.1,
+            max.0 as f64 / 1e6,
+            max.1
+        ),
+        "25 MB each before issue 13".into(),
+        format!("largest {:.0}% of that", 100.0 * max.0 as f64 / 25e6),
+    );
+    colds.sort();
+    summarize(
+        "cold start, exec to first Runtime API poll (median per function)",
+        format!(
+            "{:.1} to {:.1} ms",
+            ms(colds[0]),
+            ms(colds[colds.len() - 1])
+        ),
+        "about 12 ms before issue 13".into(),
+        String::new(),
+    );
+}
+
+/// One start of `binary` until it asks the Runtime API for its first event.
+fn cold_start(binary: &std::path::Path, env: &[(String, String)]) -> Duration {
+    use std::io::Read;
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = api.local_addr().unwrap().to_string();
+    let t = Instant::now();
+    let mut child = Command::new(binary)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("AWS_LAMBDA_RUNTIME_API", &addr)
+        .env("AWS_LAMBDA_FUNCTION_NAME", binary.file_name().unwrap())
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .env("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/bench")
+        .env("AWS_LAMBDA_LOG_STREAM_NAME", "bench")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the function");
+    let (mut conn, _) = api.accept().unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "the function closed before asking for an event");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let took = t.elapsed();
+    assert!(
+        String::from_utf8_lossy(&head).contains("/runtime/invocation/next"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    took
 }
 
 /// Busy CPU time of the whole machine so far (user+nice+system+irq+softirq
@@ -647,6 +833,15 @@ async fn fleet() {
         "  single install (in-process, median of 5): {:.1} ms",
         ms(single)
     );
+    summarize(
+        &format!("fleet reinstall of {n} workspaces at concurrency 20"),
+        format!("{:.2} s", took.as_secs_f64()),
+        format!("five single installs {:.2} s", 5.0 * single.as_secs_f64()),
+        format!(
+            "{:.2}x (target <= 1.5x)",
+            took.as_secs_f64() / (5.0 * single.as_secs_f64())
+        ),
+    );
     println!(
         "  fleet reinstall of {n} workspaces at concurrency 20 (release function): {:.2} s = {:.2}x five single installs (target <= 1.5x)",
         took.as_secs_f64(),
@@ -713,7 +908,7 @@ async fn main() {
     }
     let _ = stages();
     let args: Vec<String> = std::env::args().collect();
-    let parts = ["latency", "auth", "large", "fleet"];
+    let parts = ["latency", "auth", "large", "fleet", "binaries"];
     let want = |part: &str| {
         !args.iter().any(|a| parts.contains(&a.as_str())) || args.iter().any(|a| a == part)
     };
@@ -728,5 +923,17 @@ async fn main() {
     }
     if want("fleet") {
         fleet().await;
+    }
+    if want("binaries") {
+        binaries().await;
+    }
+    let rows = summary().lock().unwrap();
+    if !rows.is_empty() {
+        println!("\nsummary (this run)\n");
+        println!("| Measure | Ours | Against | Ratio |");
+        println!("|---|---|---|---|");
+        for [what, ours, against, ratio] in rows.iter() {
+            println!("| {what} | {ours} | {against} | {ratio} |");
+        }
     }
 }

@@ -357,6 +357,120 @@ on_both_transports!(
     the_longest_name_installs_and_uninstalls,
 );
 
+/// Keys the EIC emulator holds for the fixture's host and login user: one
+/// per new SSH connection.
+fn pushed_keys(f: &Fixture) -> usize {
+    let dir = std::path::Path::new(stack().var("PLUGIN_STACK_KEYS_DIR"))
+        .join(&f.host.instance_id)
+        .join(LOGIN_USER);
+    std::fs::read_dir(dir).map_or(0, |d| d.count())
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let out = std::process::Command::new("pgrep")
+        .args(["-P", &pid.to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// The sshd processes serving open connections: children of the host's
+/// listener, one per connection.
+fn sessions_of(f: &Fixture) -> Vec<u32> {
+    let pid = std::fs::read_to_string(f.host.state_dir.join("sshd.pid")).unwrap();
+    children(pid.trim().parse().unwrap())
+}
+
+/// Every process of the open connections (sshd's privilege separation
+/// splits each into several).
+fn session_trees(f: &Fixture) -> Vec<u32> {
+    let mut all = sessions_of(f);
+    let mut i = 0;
+    while i < all.len() {
+        let more = children(all[i]);
+        all.extend(more);
+        i += 1;
+    }
+    all
+}
+
+fn signal(pids: &[u32], sig: &str) {
+    for pid in pids {
+        // (A process may have ended already.)
+        let _ = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Operations one after another on one workspace use one connection (one
+/// key push); another function instance (a cold start) makes its own; a
+/// kept connection that died or hangs is replaced by a fresh one, and the
+/// operation still lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operations_in_a_row_share_one_connection_and_a_dead_one_is_replaced() {
+    let f = Fixture::new().await;
+    f.publish("hello", &v1()).await;
+    let app = f.app();
+    assert_eq!(pushed_keys(&f), 0);
+    let (s, b) = install(&app, &f.workspace, r#"{"source":"hello"}"#).await;
+    assert_eq!((s, b["status"].as_str()), (200, Some("installed")), "{b}");
+    assert_eq!(pushed_keys(&f), 1);
+    let (s, _) = uninstall(&app, &f.workspace, "hello").await;
+    assert_eq!(s, 200);
+    let (s, b) = install(&app, &f.workspace, r#"{"source":"hello"}"#).await;
+    assert_eq!((s, b["status"].as_str()), (200, Some("installed")), "{b}");
+    assert_eq!(
+        pushed_keys(&f),
+        1,
+        "the second and third operation reused the first connection"
+    );
+    assert_eq!(sessions_of(&f).len(), 1, "one connection open, kept");
+
+    // A cold start has nothing kept.
+    let (s, b) = install(&f.app(), &f.workspace, r#"{"source":"hello"}"#).await;
+    assert_eq!((s, b["status"].as_str()), (200, Some("unchanged")), "{b}");
+    assert_eq!(pushed_keys(&f), 2);
+
+    // The kept connection's sshd is ended (a host reboot, a dropped flow):
+    // the next operation connects again and lands.
+    signal(&session_trees(&f), "-KILL");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let (s, b) = uninstall(&app, &f.workspace, "hello").await;
+    assert_eq!((s, b["status"].as_str()), (200, Some("uninstalled")), "{b}");
+    assert_eq!(pushed_keys(&f), 3);
+    assert!(!f.plugin_dir("hello").exists());
+
+    // The kept connection hangs (its sshd stopped, the TCP flow open): the
+    // operation waits a bounded time for it, then connects again.
+    assert_eq!(sessions_of(&f).len(), 1);
+    let stopped = session_trees(&f);
+    signal(&stopped, "-STOP");
+    let t = std::time::Instant::now();
+    let (s, b) = install(&app, &f.workspace, r#"{"source":"hello"}"#).await;
+    let took = t.elapsed();
+    signal(&stopped, "-KILL");
+    signal(&stopped, "-CONT");
+    assert_eq!((s, b["status"].as_str()), (200, Some("installed")), "{b}");
+    assert_eq!(pushed_keys(&f), 4);
+    assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
+    assert_eq!(tree(&f.plugin_dir("hello")).len(), v1().len());
+
+    // Reuse off (PLUGIN_SSH_REUSE_SECS=0): every operation connects anew.
+    let mut cfg = f.config();
+    cfg.ssh_reuse = std::time::Duration::ZERO;
+    let fresh = f.app_with(cfg);
+    for _ in 0..2 {
+        let (s, b) = install(&fresh, &f.workspace, r#"{"source":"hello"}"#).await;
+        assert_eq!((s, b["status"].as_str()), (200, Some("unchanged")), "{b}");
+    }
+    assert_eq!(pushed_keys(&f), 6);
+}
+
 /// Standard base64 with padding (S3's checksum encoding).
 fn base64_encode(b: &[u8]) -> String {
     const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

@@ -1,10 +1,14 @@
-//! The SSH adapter, for hosts with sshd: a fresh ed25519 key per operation,
-//! pushed with EC2 Instance Connect (valid 60 s), then one SSH session
-//! verified against the host key the instance published. The archive
-//! streams over the session's stdin.
+//! The SSH adapter, for hosts with sshd: a fresh ed25519 key per
+//! connection, pushed with EC2 Instance Connect (valid 60 s), then an SSH
+//! connection verified against the host key the instance published. The
+//! archive streams over the command's stdin. A connection whose command
+//! ended cleanly is kept a short while (`PLUGIN_SSH_REUSE_SECS`) for the
+//! next operation on the same instance: a user adding plugins one after
+//! another, or a repair's inventory and then its installs, pay for the key
+//! push, handshake and authentication once.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_sdk_ec2instanceconnect::error::ProvideErrorMetadata;
@@ -91,6 +95,100 @@ pub struct SshTransport {
     prefix: String,
     insecure_ignore_host_key: bool,
     connect_timeout: Duration,
+    kept: Kept,
+}
+
+/// Connections kept for reuse: at most `KEPT_MAX`, each for `keep` after
+/// its last command. One is only ever used again for the very host it was
+/// made for (instance, address and published host key all equal): the
+/// caller of each operation is authorized for that host before it runs.
+struct Kept {
+    keep: Duration,
+    idle: Mutex<Vec<Idle>>,
+}
+
+struct Idle {
+    session: client::Handle<Verifier>,
+    host: HostKey,
+    /// When the connection was authenticated.
+    born: Instant,
+    since: Instant,
+    /// The wall clock too: a frozen Lambda environment's monotonic clock
+    /// may not count the time it was frozen.
+    since_wall: std::time::SystemTime,
+}
+
+/// What a kept connection must match to be used again.
+#[derive(PartialEq, Eq)]
+struct HostKey {
+    instance: String,
+    address: String,
+    port: u16,
+    published: Option<String>,
+}
+
+impl HostKey {
+    fn of(host: &Host) -> Self {
+        HostKey {
+            instance: host.instance_id.clone(),
+            address: host.address.clone(),
+            port: host.port,
+            published: host.published_host_key.clone(),
+        }
+    }
+}
+
+/// A rollout touches many hosts once each: only a few are worth keeping.
+const KEPT_MAX: usize = 8;
+
+/// However busy a workspace, a connection is used for this long at most
+/// after its authentication (the key pushed for it lived 60 s).
+const KEPT_LIFETIME: Duration = Duration::from_secs(300);
+
+/// How long a kept connection may take to open a channel before it counts
+/// as stale (a host gone silent), and a fresh connection is made instead.
+const KEPT_OPEN_WAIT: Duration = Duration::from_secs(2);
+
+impl Kept {
+    /// Drops what expired or closed (the caller holds the lock).
+    fn prune(&self, idle: &mut Vec<Idle>) {
+        idle.retain(|i| {
+            let wall = i.since_wall.elapsed().unwrap_or(Duration::MAX);
+            i.since.elapsed() < self.keep
+                && wall < self.keep
+                && i.born.elapsed() < KEPT_LIFETIME
+                && !i.session.is_closed()
+        });
+    }
+
+    /// A kept connection for `host` and when it was authenticated.
+    fn take(&self, host: &Host) -> Option<(client::Handle<Verifier>, Instant)> {
+        let key = HostKey::of(host);
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        self.prune(&mut idle);
+        let at = idle.iter().position(|i| i.host == key)?;
+        let i = idle.swap_remove(at);
+        Some((i.session, i.born))
+    }
+
+    fn put(&self, host: &Host, session: client::Handle<Verifier>, born: Instant) {
+        if self.keep.is_zero() || session.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        self.prune(&mut idle);
+        if idle.len() >= KEPT_MAX {
+            // The oldest goes (dropping the handle ends its connection).
+            idle.remove(0);
+        }
+        idle.push(Idle {
+            session,
+            host: HostKey::of(host),
+            born,
+            since: Instant::now(),
+            since_wall: std::time::SystemTime::now(),
+        });
+    }
 }
 
 impl SshTransport {
@@ -109,7 +207,17 @@ impl SshTransport {
             prefix: prefix.into(),
             insecure_ignore_host_key,
             connect_timeout,
+            kept: Kept {
+                keep: Duration::ZERO,
+                idle: Mutex::new(Vec::new()),
+            },
         }
+    }
+
+    /// Keep a connection whose command ended cleanly for `keep` (zero: never).
+    pub fn with_reuse(mut self, keep: Duration) -> Self {
+        self.kept.keep = keep;
+        self
     }
 }
 
@@ -251,15 +359,36 @@ impl SshTransport {
 struct SshOpened {
     session: client::Handle<Verifier>,
     instance: String,
-    t0: std::time::Instant,
+    t0: Instant,
     connect_ms: u64,
     auth_ms: u64,
+    /// A kept connection (no key push, no handshake this time).
+    reused: bool,
+    /// When it was authenticated.
+    born: Instant,
 }
 
 impl SshTransport {
-    /// An authenticated session for `host`, timed from now.
+    /// An authenticated session for `host`: a kept one, else a new one,
+    /// timed from now.
     async fn opened(&self, host: &Host) -> Result<SshOpened> {
-        let t0 = std::time::Instant::now();
+        let t0 = Instant::now();
+        if let Some((session, born)) = self.kept.take(host) {
+            return Ok(SshOpened {
+                session,
+                instance: host.instance_id.clone(),
+                t0,
+                connect_ms: 0,
+                auth_ms: 0,
+                reused: true,
+                born,
+            });
+        }
+        self.fresh(host, t0).await
+    }
+
+    /// A new authenticated session for `host`, timed from `t0`.
+    async fn fresh(&self, host: &Host, t0: Instant) -> Result<SshOpened> {
         let (session, connect_ms, auth_ms) = self.session(host, t0).await?;
         Ok(SshOpened {
             session,
@@ -267,6 +396,8 @@ impl SshTransport {
             t0,
             connect_ms,
             auth_ms,
+            reused: false,
+            born: Instant::now(),
         })
     }
 
@@ -277,7 +408,7 @@ impl SshTransport {
     async fn session(
         &self,
         host: &Host,
-        t0: std::time::Instant,
+        t0: Instant,
     ) -> Result<(client::Handle<Verifier>, u64, u64)> {
         let key = ephemeral_key();
         let public_line = key
@@ -389,20 +520,37 @@ impl HostTransport for SshTransport {
         let ready = opened
             .and_then(|o| o.0.downcast::<SshOpened>().ok())
             .filter(|o| o.instance == host.instance_id);
+        let mut opened = match ready {
+            Some(o) => *o,
+            None => self.opened(host).await?,
+        };
+        // Connected (and authenticated) at auth_ms; the command starts now.
+        let ready_ms = opened.t0.elapsed().as_millis() as u64;
+        let run_start = Instant::now();
+        let channel = if opened.reused {
+            let open = opened.session.channel_open_session();
+            match tokio::time::timeout(KEPT_OPEN_WAIT, open).await {
+                Ok(Ok(c)) => c,
+                // A kept connection gone stale: nothing ran on the host yet,
+                // so a fresh connection takes over.
+                stale => {
+                    tracing::debug!(instance = %host.instance_id, ok = stale.is_ok(), "kept SSH connection is stale; connecting again");
+                    opened = self.fresh(host, opened.t0).await?;
+                    opened.session.channel_open_session().await.map_err(lost)?
+                }
+            }
+        } else {
+            opened.session.channel_open_session().await.map_err(lost)?
+        };
         let SshOpened {
             session,
             t0,
             connect_ms,
             auth_ms,
+            reused,
+            born,
             ..
-        } = match ready {
-            Some(o) => *o,
-            None => self.opened(host).await?,
-        };
-        // Connected (and authenticated) at auth_ms; the command starts now.
-        let ready_ms = t0.elapsed().as_millis() as u64;
-        let run_start = std::time::Instant::now();
-        let channel = session.channel_open_session().await.map_err(lost)?;
+        } = opened;
         // want_reply: if sshd refuses to run the command, a Failure says so.
         channel
             .exec(true, cmd.render(&self.prefix))
@@ -437,11 +585,18 @@ impl HostTransport for SshTransport {
                 out = &mut read => break out,
             }
         };
-        let _ = session
-            .disconnect(russh::Disconnect::ByApplication, "", "en")
-            .await;
+        // Kept for the next operation on this host only after a clean end
+        // (an exit status, the channel closed); otherwise closed now.
+        if out.exit_status.is_some() && !self.kept.keep.is_zero() {
+            self.kept.put(host, session, born);
+        } else {
+            let _ = session
+                .disconnect(russh::Disconnect::ByApplication, "", "en")
+                .await;
+        }
         tracing::debug!(
             instance = %host.instance_id,
+            reused,
             connect_ms,
             auth_ms,
             ready_ms,

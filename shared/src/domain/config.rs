@@ -44,6 +44,9 @@ pub struct Config {
     pub config_dir_roots: Vec<String>,
     pub operation_timeout: Duration,
     pub connect_timeout: Duration,
+    /// How long an authenticated SSH connection is kept after an operation
+    /// for the next one on the same instance (zero: never kept).
+    pub ssh_reuse: Duration,
     pub max_tree_bytes: u64,
     /// How long the host script waits for the per-config-dir lock.
     pub lock_wait_secs: u64,
@@ -165,6 +168,7 @@ impl Config {
                 .collect(),
             operation_timeout: Duration::from_secs(25),
             connect_timeout: Duration::from_secs(10),
+            ssh_reuse: Duration::from_secs(20),
             max_tree_bytes: 100 * 1024 * 1024,
             lock_wait_secs: 20,
             github_api: "https://api.github.com".into(),
@@ -238,6 +242,9 @@ impl Config {
         }
         if let Some(v) = var("PLUGIN_MAX_TREE_BYTES") {
             c.max_tree_bytes = parse(&v, "PLUGIN_MAX_TREE_BYTES")?;
+        }
+        if let Some(v) = var("PLUGIN_SSH_REUSE_SECS") {
+            c.ssh_reuse = Duration::from_secs(parse(&v, "PLUGIN_SSH_REUSE_SECS")?);
         }
         if let Some(v) = var("PLUGIN_LOCK_WAIT_SECS") {
             c.lock_wait_secs = parse(&v, "PLUGIN_LOCK_WAIT_SECS")?;
