@@ -369,8 +369,33 @@ fn peak_rss_kib(suffix: &str) -> Option<(u32, u64)> {
     Some((pid, process_status_kib(&pid.to_string(), "VmHWM:")?))
 }
 
-/// The release functions served by `cargo lambda watch` on `port`.
+/// The log of the functions served on `port` (JSON lines).
+fn watch_log(port: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("plugin-bench-watch-{port}.log"))
+}
+
+/// The numbers of the last "install timings" line in the functions' log.
+fn logged_install_timings(port: &str) -> String {
+    let text = std::fs::read_to_string(watch_log(port)).unwrap_or_default();
+    text.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "install timings")
+        .map(|v| {
+            let f = &v["fields"];
+            ["resolve_ms", "stage_ms", "host_ms", "state_ms", "total_ms"]
+                .iter()
+                .map(|k| format!("{k} {}", f[k]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_else(|| "not logged".into())
+}
+
+/// The release functions served by `cargo lambda watch` on `port`, their
+/// output in `watch_log(port)`.
 fn serve_release(envfile: &std::path::Path, port: &str) -> std::process::Child {
+    let log = std::fs::File::create(watch_log(port)).unwrap();
     Command::new(venv_bin("cargo-lambda"))
         .args([
             "lambda",
@@ -385,8 +410,8 @@ fn serve_release(envfile: &std::path::Path, port: &str) -> std::process::Child {
         ])
         .arg(envfile)
         .current_dir(repo_root())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
         .spawn()
         .expect("cargo lambda watch")
 }
@@ -405,7 +430,7 @@ fn functions_env(path: &std::path::Path, bucket: &str, profiles: &serde_json::Va
         env.push_str(&format!("{k}='{}'\n", stack().var(k)));
     }
     env.push_str(&format!(
-        "PLUGIN_BUCKET='{bucket}'\nPLUGIN_SSH_USER='{LOGIN_USER}'\nPLUGIN_SSH_ADDRESS_TAG='molecule:local-address'\nPLUGIN_RUNTIME_PROFILES='{profiles}'\nRUST_LOG='warn'\n{extra}"
+        "PLUGIN_BUCKET='{bucket}'\nPLUGIN_SSH_USER='{LOGIN_USER}'\nPLUGIN_SSH_ADDRESS_TAG='molecule:local-address'\nPLUGIN_RUNTIME_PROFILES='{profiles}'\nRUST_LOG='warn,plugin_delivery=info'\n{extra}"
     ));
     std::fs::write(path, env).unwrap();
 }
@@ -537,6 +562,10 @@ async fn large() {
         took.as_secs_f64(),
         mib / took.as_secs_f64(),
         rss.map(|(pid, k)| format!("{:.1} MiB (pid {pid})", k as f64 / 1024.0)).unwrap_or("not found".into())
+    );
+    println!(
+        "  stages (the function's own log, ms): {}",
+        logged_install_timings(port)
     );
     println!(
         "  tar -xzf of the same archive: {:.2} s ({:.1} MiB/s)",

@@ -129,6 +129,8 @@ pub struct MemoryStore {
     conflicts: AtomicUsize,
     outages: AtomicUsize,
     lost_replies: AtomicUsize,
+    /// The next this many archive stagings fail (S3 down).
+    stage_outages: AtomicUsize,
     /// Allowlists cannot be read (the store is down).
     allowlists_down: std::sync::atomic::AtomicBool,
     /// The age every staged archive reports.
@@ -169,6 +171,11 @@ impl MemoryStore {
     /// The next `n` desired-state saves fail as an S3 outage does (503).
     pub fn fail_next_saves(&self, n: usize) {
         self.outages.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` archive stagings fail as an S3 outage does (503).
+    pub fn fail_next_stages(&self, n: usize) {
+        self.stage_outages.store(n, Ordering::SeqCst);
     }
 
     /// The next `n` desired-state saves land but answer 503, as a write
@@ -327,6 +334,12 @@ impl Registry for MemoryStore {
 impl ArchiveStore for MemoryStore {
     async fn stage(&self, digest: &str, path: &Path) -> Result<()> {
         self.count();
+        let outage = self
+            .stage_outages
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if outage.is_ok() {
+            return Err(Error::unavailable("the store is unavailable"));
+        }
         let bytes = tokio::fs::read(path).await.map_err(Error::internal)?;
         lock(&self.data).staged.insert(digest.to_string(), bytes);
         Ok(())

@@ -15,7 +15,7 @@ use crate::domain::archive::{sha256_hex, ArchiveFile};
 use crate::domain::caller::{Caller, Scope};
 use crate::domain::config::RuntimeProfile;
 use crate::domain::error::{Error, Result};
-use crate::domain::host::Host;
+use crate::domain::host::{Access, Host};
 use crate::domain::hostscript::{interpret, HostCommand, HostResult, HostStatus};
 use crate::domain::intake::Skipped;
 use crate::domain::plugin::{
@@ -106,6 +106,8 @@ struct Prepared {
     manifest: Manifest,
     resolve_ms: u64,
     stage_ms: u64,
+    /// False when staging was left to run beside the delivery.
+    staged: bool,
     /// The host connection, opened beside the resolve when asked for (an
     /// error here is the operation's, reported once it has a record).
     opened: Result<Option<Opened>>,
@@ -114,7 +116,10 @@ struct Prepared {
 /// The plugin resolved, checked and staged for `host`. With `open_host`,
 /// the connection to the host is made at the same time (they do not depend
 /// on each other), once the source has passed the org's allowlist: nothing
-/// reaches a host for a source the org refuses.
+/// reaches a host for a source the org refuses. An SSH host reads the
+/// archive from local disk, not from S3, so its staging is left to run
+/// beside the delivery (`staged` false); an SSM host downloads the staged
+/// object, so it is staged first.
 async fn prepare(
     deps: &Deps,
     host: Host,
@@ -123,6 +128,7 @@ async fn prepare(
     open_host: bool,
 ) -> Result<Prepared> {
     let mut t = deps.clock.now();
+    let stage_beside = open_host && host.access == Access::Ssh;
     // The caller was authorized for the host; nothing is fetched from a
     // source its org's allowlist does not admit.
     let list = allowlist::admit_source(deps, &host, source).await?;
@@ -132,7 +138,9 @@ async fn prepare(
         list.admit_archive(source, &resolved.name, &resolved.archive.sha256)?;
         let manifest = checked_manifest(&resolved.archive, pin)?;
         let resolve_ms = lap(deps, &mut t);
-        resolve::stage(deps, &resolved).await?;
+        if !stage_beside {
+            resolve::stage(deps, &resolved).await?;
+        }
         let stage_ms = lap(deps, &mut t);
         Ok::<_, Error>((resolved, manifest, resolve_ms, stage_ms))
     };
@@ -151,6 +159,7 @@ async fn prepare(
         manifest,
         resolve_ms,
         stage_ms,
+        staged: !stage_beside,
         opened,
     })
 }
@@ -245,10 +254,26 @@ pub async fn install_on(
     rec.source = Some(source.redacted());
     rec.digest = Some(archive.sha256.clone());
     let opened = std::mem::replace(&mut p.opened, Ok(None));
+    let mut staged = Ok(());
     let ran = match opened {
         Ok(opened) => {
             let payload = Payload::from(&p.resolved.archive);
-            run_opened_on_host(deps, opened, &p.host, &cmd, Some(&payload), &mut rec).await
+            let run = run_opened_on_host(deps, opened, &p.host, &cmd, Some(&payload), &mut rec);
+            if p.staged {
+                run.await
+            } else {
+                // The archive goes to the host and to S3 at once (reinstalls,
+                // SSM hosts and downloads read the staged copy).
+                let stage = async {
+                    let t = deps.clock.now();
+                    let r = resolve::stage(deps, &p.resolved).await;
+                    (r, deps.clock.now().saturating_duration_since(t))
+                };
+                let (ran, (r, took)) = tokio::join!(run, stage);
+                staged = r;
+                p.stage_ms = took.as_millis() as u64;
+                ran
+            }
         }
         Err(e) => Err(e),
     };
@@ -257,6 +282,15 @@ pub async fn install_on(
         Err(e) => return Err(record::fail(deps.records.as_ref(), &mut rec, e).await),
     };
     let host_ms = lap(deps, &mut t);
+    // On the host but not in S3: the desired state must not name an archive
+    // that cannot be fetched again, so this fails like its write would.
+    if let Err(e) = staged {
+        let e = match op_id {
+            Some(_) => e,
+            None => undo_new_install(deps, &p.host, workspace, &profile, name, &result, e).await,
+        };
+        return Err(record::fail(deps.records.as_ref(), &mut rec, e).await);
+    }
     let entry = InstalledPlugin {
         info: PluginInfo::from_manifest(name, p.manifest.clone()),
         digest: archive.sha256.clone(),

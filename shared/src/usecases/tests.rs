@@ -379,6 +379,36 @@ async fn a_new_plugin_whose_state_cannot_be_written_is_taken_off_the_host_again(
     m.store.fail_next_saves(0);
 }
 
+/// Over SSH the archive is staged in S3 while it goes to the host: when
+/// staging fails, the install fails as a lost desired-state write does (a
+/// state must not name an archive S3 does not hold), and a plugin new to
+/// the host is taken off it again. An SSM host gets nothing: it downloads
+/// the staged copy, so staging comes first.
+#[tokio::test]
+async fn staging_beside_the_delivery_fails_the_install_and_undoes_it() {
+    let (m, deps) = world();
+    m.store.fail_next_stages(1);
+    let e = install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), 503);
+    assert!(
+        e.message.contains("taken off the host again"),
+        "{}",
+        e.message
+    );
+    assert!(!m.store.state_of("ws-1").plugins.contains_key("hello"));
+    assert!(m.hosts.host("i-ws-1").installed.is_empty(), "undone");
+    let ops: Vec<String> = m.hosts.calls().iter().map(|c| c.op().to_string()).collect();
+    assert_eq!(ops, ["install", "uninstall"]);
+    // Then it works, and the state names a staged archive.
+    let out = install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap();
+    assert_eq!(m.store.staged_digests(), vec![out.digest.clone()]);
+    assert_eq!(m.store.state_of("ws-1").plugins["hello"].digest, out.digest);
+}
+
 #[tokio::test]
 async fn what_was_at_the_plugin_path_or_is_desired_is_never_undone() {
     let (m, deps) = world();
