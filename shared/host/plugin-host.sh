@@ -1364,13 +1364,18 @@ op_install() {
     # Root reads and verifies the archive before the owner is told to go.
     if [ -n "${PLUGIN_ARCHIVE_URL-}" ]; then
         fetch_archive "$rwork/archive"
+        got=$(sha256sum <"$rwork/archive") || fail internal 'cannot hash the archive' 1
     else
-        # A cut connection just ends stdin early; the digest check catches it.
-        cat >"$rwork/archive" || fail internal 'cannot read the archive' 1
+        # Hashed as it arrives (one pass over the bytes, beside the
+        # transfer). tee's own status is kept apart from the pipeline's: the
+        # marker file exists only if every byte reached the archive file. A
+        # cut connection just ends stdin early; the digest check catches it.
+        got=$({ tee "$rwork/archive" && : >"$rwork/received"; } | sha256sum) ||
+            fail internal 'cannot hash the archive' 1
+        [ -e "$rwork/received" ] || fail internal 'cannot read the archive' 1
     fi
     # The URL has served: nothing started from here on may see it.
     unset PLUGIN_ARCHIVE_URL
-    got=$(sha256sum <"$rwork/archive") || fail internal 'cannot hash the archive' 1
     [ "${got%% *}" = "$sha" ] || fail digest_mismatch 'archive digest does not match' 65
 
     mark_pending

@@ -1800,6 +1800,37 @@ fn without_setpriv_the_script_refuses_and_changes_nothing() {
     assert_eq!(h.restarts(), 0);
 }
 
+/// The archive is hashed as it arrives: a copy that did not reach root's
+/// file whole (a full disk: here a `tee` that hashes the stream but writes
+/// nothing and fails) is refused, however right the stream's digest.
+#[test]
+fn an_archive_not_written_whole_is_refused_though_its_stream_hashed_right() {
+    let h = Host::new();
+    let p = alpha_v1();
+    let bin = path_without(&["tee"]);
+    fs::write(bin.path().join("tee"), "#!/bin/sh\ncat\nexit 1\n").unwrap();
+    fs::set_permissions(bin.path().join("tee"), fs::Permissions::from_mode(0o755)).unwrap();
+    let r = run_script_env(
+        &[
+            "install",
+            h.cfg(),
+            "alpha",
+            &p.archive.sha,
+            OWNER,
+            "5",
+            &h.restart_cmd(),
+        ],
+        Some(&p.archive.bytes),
+        Some(bin.path()),
+        &[],
+    );
+    r.assert_error("internal", 1);
+    assert_eq!(r.result["message"], "cannot read the archive");
+    assert!(fs::symlink_metadata(h.path("plugins/alpha")).is_err());
+    assert_eq!(h.restarts(), 0);
+    h.assert_no_leftovers();
+}
+
 #[test]
 fn a_host_of_the_earlier_layout_migrates_without_a_gap() {
     // Built the way the earlier script left a host: root-owned
