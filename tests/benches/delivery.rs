@@ -668,16 +668,7 @@ fn cold_start(binary: &std::path::Path, env: &[(String, String)]) -> Duration {
     let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = api.local_addr().unwrap().to_string();
     let t = Instant::now();
-    let mut child = Command::new(binary)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env("AWS_LAMBDA_RUNTIME_API", &addr)
-        .env("AWS_LAMBDA_FUNCTION_NAME", binary.file_name().unwrap())
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        .env("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/bench")
-        .env("AWS_LAMBDA_LOG_STREAM_NAME", "bench")
+    let mut child = acceptance::lambda::runtime_command(binary, &addr, env)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -212,6 +212,22 @@ pub fn function_binary(name: &str) -> PathBuf {
     target.join("debug").join(name)
 }
 
+/// `binary` as Lambda starts it: only `env` (a deployment's) and the
+/// runtime's own variables, the Runtime API at `api_addr`.
+pub fn runtime_command(binary: &Path, api_addr: &str, env: &[(String, String)]) -> Command {
+    let mut c = Command::new(binary);
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("AWS_LAMBDA_RUNTIME_API", api_addr)
+        .env("AWS_LAMBDA_FUNCTION_NAME", binary.file_name().unwrap())
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .env("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/test")
+        .env("AWS_LAMBDA_LOG_STREAM_NAME", "test");
+    c
+}
+
 /// A function process: the real binary, its environment as a deployment's
 /// (endpoints, bucket, tokens, profiles) plus the Runtime API's address.
 pub struct Function {
@@ -230,16 +246,7 @@ impl Function {
             .append(true)
             .open(log)
             .unwrap();
-        let child = Command::new(binary)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("AWS_LAMBDA_RUNTIME_API", &api.addr)
-            .env("AWS_LAMBDA_FUNCTION_NAME", binary.file_name().unwrap())
-            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
-            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-            .env("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/test")
-            .env("AWS_LAMBDA_LOG_STREAM_NAME", "test")
+        let child = runtime_command(binary, &api.addr, env)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -1776,12 +1776,9 @@ fn path_without(tools: &[&str]) -> TempDir {
     bin
 }
 
-#[test]
-fn without_setpriv_the_script_refuses_and_changes_nothing() {
-    let h = Host::new();
-    let p = alpha_v1();
-    let bin = path_without(&["setpriv"]);
-    let r = run_script_env(
+/// Installs `alpha` with `bin` as the script's whole PATH.
+fn install_with_path(h: &Host, p: &Plugin, bin: &Path) -> Run {
+    run_script_env(
         &[
             "install",
             h.cfg(),
@@ -1792,9 +1789,17 @@ fn without_setpriv_the_script_refuses_and_changes_nothing() {
             &h.restart_cmd(),
         ],
         Some(&p.archive.bytes),
-        Some(bin.path()),
+        Some(bin),
         &[],
-    );
+    )
+}
+
+#[test]
+fn without_setpriv_the_script_refuses_and_changes_nothing() {
+    let h = Host::new();
+    let p = alpha_v1();
+    let bin = path_without(&["setpriv"]);
+    let r = install_with_path(&h, &p, bin.path());
     r.assert_error("no_privilege_drop", 72);
     assert_eq!(h.listing(""), Vec::<String>::new());
     assert_eq!(h.restarts(), 0);
@@ -1810,20 +1815,7 @@ fn an_archive_not_written_whole_is_refused_though_its_stream_hashed_right() {
     let bin = path_without(&["tee"]);
     fs::write(bin.path().join("tee"), "#!/bin/sh\ncat\nexit 1\n").unwrap();
     fs::set_permissions(bin.path().join("tee"), fs::Permissions::from_mode(0o755)).unwrap();
-    let r = run_script_env(
-        &[
-            "install",
-            h.cfg(),
-            "alpha",
-            &p.archive.sha,
-            OWNER,
-            "5",
-            &h.restart_cmd(),
-        ],
-        Some(&p.archive.bytes),
-        Some(bin.path()),
-        &[],
-    );
+    let r = install_with_path(&h, &p, bin.path());
     r.assert_error("internal", 1);
     assert_eq!(r.result["message"], "cannot read the archive");
     assert!(fs::symlink_metadata(h.path("plugins/alpha")).is_err());

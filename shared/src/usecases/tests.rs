@@ -11,6 +11,7 @@ use crate::domain::allowlist::{AllowEntry, Allowlist};
 use crate::domain::caller::{unknown_workspace, Caller, Claims};
 use crate::domain::config::Config;
 use crate::domain::error::{Error, Result};
+use crate::domain::host::Access;
 use crate::domain::job::Work;
 use crate::domain::plugin::{DesiredState, InstalledPlugin, Manifest, PluginInfo};
 use crate::domain::records::{Kind, OperationRecord, PluginState, Status, Trigger};
@@ -339,11 +340,10 @@ async fn a_brief_store_outage_after_the_host_changed_loses_no_update() {
     assert_eq!(m.clock.slept(), [100, 200, 400].map(Duration::from_millis));
 }
 
-#[tokio::test]
-async fn a_new_plugin_whose_state_cannot_be_written_is_taken_off_the_host_again() {
-    let (m, deps) = world();
-    m.store.fail_next_saves(100);
-    let e = install::install(&deps, &owner(), "ws-1", req("hello"))
+/// An install of `hello` to ws-1 that fails with 503 after the host got
+/// it, and is taken off the host again: nothing of it stays anywhere.
+async fn install_fails_and_is_undone(m: &Memory, deps: &Deps) {
+    let e = install::install(deps, &owner(), "ws-1", req("hello"))
         .await
         .unwrap_err();
     assert_eq!(e.status(), 503);
@@ -356,6 +356,13 @@ async fn a_new_plugin_whose_state_cannot_be_written_is_taken_off_the_host_again(
     assert!(m.hosts.host("i-ws-1").installed.is_empty(), "undone");
     let ops: Vec<String> = m.hosts.calls().iter().map(|c| c.op().to_string()).collect();
     assert_eq!(ops, ["install", "uninstall"]);
+}
+
+#[tokio::test]
+async fn a_new_plugin_whose_state_cannot_be_written_is_taken_off_the_host_again() {
+    let (m, deps) = world();
+    m.store.fail_next_saves(100);
+    install_fails_and_is_undone(&m, &deps).await;
 
     // An upgrade is left for the repair: the desired state still names the
     // old digest, which the repair puts back.
@@ -388,25 +395,26 @@ async fn a_new_plugin_whose_state_cannot_be_written_is_taken_off_the_host_again(
 async fn staging_beside_the_delivery_fails_the_install_and_undoes_it() {
     let (m, deps) = world();
     m.store.fail_next_stages(1);
-    let e = install::install(&deps, &owner(), "ws-1", req("hello"))
-        .await
-        .unwrap_err();
-    assert_eq!(e.status(), 503);
-    assert!(
-        e.message.contains("taken off the host again"),
-        "{}",
-        e.message
-    );
-    assert!(!m.store.state_of("ws-1").plugins.contains_key("hello"));
-    assert!(m.hosts.host("i-ws-1").installed.is_empty(), "undone");
-    let ops: Vec<String> = m.hosts.calls().iter().map(|c| c.op().to_string()).collect();
-    assert_eq!(ops, ["install", "uninstall"]);
+    install_fails_and_is_undone(&m, &deps).await;
     // Then it works, and the state names a staged archive.
     let out = install::install(&deps, &owner(), "ws-1", req("hello"))
         .await
         .unwrap();
     assert_eq!(m.store.staged_digests(), vec![out.digest.clone()]);
     assert_eq!(m.store.state_of("ws-1").plugins["hello"].digest, out.digest);
+
+    // An SSM host: the failed staging comes first, the host sees nothing.
+    let (m, deps) = world();
+    let mut host = m.fleet.add("ws-1", "vpc-a");
+    host.access = Access::Ssm;
+    m.fleet.put("ws-1", host);
+    m.store.fail_next_stages(1);
+    let e = install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), 503);
+    assert!(m.hosts.calls().is_empty(), "nothing sent to the host");
+    assert!(m.store.staged_digests().is_empty());
 }
 
 #[tokio::test]
