@@ -1138,20 +1138,19 @@ apply_archive() {
     new_dir=$name@$sha
     [ "$prev_dir" = "$new_dir" ] && new_dir=$name@$sha-r
     new_store=$store/$new_dir
-    # owner_prepare emptied staging, under root's lock: fixed names will do.
-    work=$staging/tree
+    # owner_prepare emptied staging, under root's lock; names of this step's
+    # own (its pid) all the same, should a step of a killed run live on.
+    work=$staging/tree.$$
     mkdir "$work" || fail internal 'cannot create a staging directory' 1
     tar -xzf - -C "$work" --no-same-owner >&2 ||
         fail bad_archive 'archive could not be extracted' 66
     # Plugins are plain files and directories, plugin.yaml among them;
-    # anything else is not ours. One walk hashes the files and fails on any
-    # other kind of entry (-exec ... {} + failing makes find fail); only
-    # then does a second walk tell the two failures apart.
-    if ! (cd "$work" && find . -type f -exec sha256sum {} + -o ! -type d -exec false {} +) >&4; then
-        [ -z "$(find "$work" ! -type d ! -type f)" ] ||
-            fail bad_archive 'archive holds entries other than files and directories' 66
-        fail internal 'cannot hash the plugin files' 1
-    fi
+    # anything else is not ours. One walk hashes the files (their sums to
+    # fd 4) and names every other kind of entry (on stdout, captured).
+    # shellcheck disable=SC2016 # $@ is the inner shell's
+    odd=$(cd "$work" && find . -type f -exec sh -c 'exec sha256sum "$@" >&4' sh {} + \
+        -o ! -type d -print) || fail internal 'cannot hash the plugin files' 1
+    [ -z "$odd" ] || fail bad_archive 'archive holds entries other than files and directories' 66
     [ -f "$work/plugin.yaml" ] || fail bad_archive 'archive holds no plugin.yaml' 66
 
     if [ ! -d plugins ]; then
@@ -1168,8 +1167,10 @@ apply_archive() {
         rm -rf "$new_store" || fail internal 'cannot remove a stale store directory' 1
     fi
     mv "$work" "$new_store" || fail internal 'cannot move the plugin into the store' 1
-    work=$staging/link
+    work=$staging/link.$$
     ln -s "$STORE_REL/$new_dir" "$work" || fail internal 'cannot create the plugin link' 1
+    # (Had a directory been planted there, ln made its link inside it.)
+    [ -L "$work" ] || fail internal 'cannot create the plugin link' 1
     if [ "$prev_kind" = legacy ]; then
         # A legacy install is a real directory, which rename(2) cannot replace
         # with a link: move it aside first (outside staging, so a run killed

@@ -601,16 +601,21 @@ const FUNCTIONS: [&str; 8] = [
 
 /// Each release function binary: its size, and its cold start (exec until
 /// its first `GET /runtime/invocation/next`, the median of 15 starts) with
-/// a deployment's environment pointed at the stack.
+/// a deployment's environment pointed at the stack. The binaries are built
+/// first (8 thin-LTO links: half an hour on 2 cores) unless
+/// PLUGIN_BENCH_PREBUILT is set, which measures the ones in the target dir
+/// as they are (each line says how old its binary is).
 async fn binaries() {
-    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build
-        .current_dir(repo_root())
-        .args(["build", "-q", "--release"]);
-    for f in FUNCTIONS {
-        build.args(["-p", f]);
+    if std::env::var_os("PLUGIN_BENCH_PREBUILT").is_none() {
+        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        build
+            .current_dir(repo_root())
+            .args(["build", "-q", "--release"]);
+        for f in FUNCTIONS {
+            build.args(["-p", f]);
+        }
+        run(&mut build);
     }
-    run(&mut build);
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| repo_root().join("target"));
@@ -621,14 +626,20 @@ async fn binaries() {
     let (mut sizes, mut colds) = (Vec::new(), Vec::new());
     for name in FUNCTIONS {
         let path = target.join("release").join(name);
-        let size = std::fs::metadata(&path).unwrap().len();
+        let meta = std::fs::metadata(&path).unwrap();
+        let size = meta.len();
+        let age_min = meta
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .map_or(0, |d| d.as_secs() / 60);
         let mut starts = Vec::new();
         for _ in 0..15 {
             starts.push(cold_start(&path, &env));
         }
         let cold = median(starts);
         println!(
-            "  {name:<10} {:>6.2} MB  cold start {:.1} ms",
+            "  {name:<10} {:>6.2} MB  cold start {:.1} ms  (binary built {age_min} min ago)",
             size as f64 / 1e6,
             ms(cold)
         );

@@ -111,7 +111,7 @@ struct Idle {
     session: client::Handle<Verifier>,
     host: HostKey,
     /// When the connection was authenticated.
-    born: Instant,
+    born: Born,
     since: Instant,
     /// The wall clock too: a frozen Lambda environment's monotonic clock
     /// may not count the time it was frozen.
@@ -141,9 +141,27 @@ impl HostKey {
 /// A rollout touches many hosts once each: only a few are worth keeping.
 const KEPT_MAX: usize = 8;
 
-/// However busy a workspace, a connection is used for this long at most
-/// after its authentication (the key pushed for it lived 60 s).
+/// However busy a workspace, a connection is taken for an operation at
+/// most this long after its authentication (the key pushed for it lived
+/// 60 s).
 const KEPT_LIFETIME: Duration = Duration::from_secs(300);
+
+/// When a connection was authenticated, on both clocks (a frozen Lambda
+/// environment's monotonic clock may not count the time it was frozen).
+#[derive(Clone, Copy)]
+struct Born(Instant, std::time::SystemTime);
+
+impl Born {
+    fn now() -> Self {
+        Born(Instant::now(), std::time::SystemTime::now())
+    }
+
+    /// The larger of the two clocks' readings.
+    fn age(&self) -> Duration {
+        let wall = self.1.elapsed().unwrap_or(Duration::MAX);
+        self.0.elapsed().max(wall)
+    }
+}
 
 /// How long a kept connection may take to open a channel before it counts
 /// as stale (a host gone silent), and a fresh connection is made instead.
@@ -156,22 +174,23 @@ impl Kept {
             let wall = i.since_wall.elapsed().unwrap_or(Duration::MAX);
             i.since.elapsed() < self.keep
                 && wall < self.keep
-                && i.born.elapsed() < KEPT_LIFETIME
+                && i.born.age() < KEPT_LIFETIME
                 && !i.session.is_closed()
         });
     }
 
     /// A kept connection for `host` and when it was authenticated.
-    fn take(&self, host: &Host) -> Option<(client::Handle<Verifier>, Instant)> {
+    fn take(&self, host: &Host) -> Option<(client::Handle<Verifier>, Born)> {
         let key = HostKey::of(host);
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         self.prune(&mut idle);
         let at = idle.iter().position(|i| i.host == key)?;
-        let i = idle.swap_remove(at);
+        // (Order kept: the first entry is always the one idle longest.)
+        let i = idle.remove(at);
         Some((i.session, i.born))
     }
 
-    fn put(&self, host: &Host, session: client::Handle<Verifier>, born: Instant) {
+    fn put(&self, host: &Host, session: client::Handle<Verifier>, born: Born) {
         if self.keep.is_zero() || session.is_closed() {
             return;
         }
@@ -365,7 +384,7 @@ struct SshOpened {
     /// A kept connection (no key push, no handshake this time).
     reused: bool,
     /// When it was authenticated.
-    born: Instant,
+    born: Born,
 }
 
 impl SshTransport {
@@ -397,7 +416,7 @@ impl SshTransport {
             connect_ms,
             auth_ms,
             reused: false,
-            born: Instant::now(),
+            born: Born::now(),
         })
     }
 

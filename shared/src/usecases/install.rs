@@ -164,6 +164,29 @@ async fn prepare(
     })
 }
 
+/// Time kept back from staging for taking a new plugin off the host again
+/// if staging fails (a kept connection makes that undo one short command).
+const UNDO_RESERVE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// `resolve::stage` beside the delivery, ending before the operation's
+/// deadline by `UNDO_RESERVE`: a staging cut off by the deadline itself
+/// would leave the new plugin on the host with nothing to undo it.
+async fn stage_leaving_time_to_undo(deps: &Deps, resolved: &Resolved) -> Result<()> {
+    let Some((at, _)) = crate::domain::deadline::current() else {
+        return resolve::stage(deps, resolved).await;
+    };
+    let budget = at
+        .saturating_duration_since(Instant::now())
+        .saturating_sub(UNDO_RESERVE);
+    tokio::time::timeout(budget, resolve::stage(deps, resolved))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::unavailable(
+                "staging the plugin archive did not finish in time",
+            ))
+        })
+}
+
 /// The archive's `plugin.yaml`, checked against the pin when there is one.
 fn checked_manifest(archive: &ArchiveFile, pin: Option<&str>) -> Result<Manifest> {
     let bytes = archive.manifest.as_deref();
@@ -255,10 +278,16 @@ pub async fn install_on(
     rec.digest = Some(archive.sha256.clone());
     let opened = std::mem::replace(&mut p.opened, Ok(None));
     let mut staged = Ok(());
+    let mut host_ms = 0;
     let ran = match opened {
         Ok(opened) => {
             let payload = Payload::from(&p.resolved.archive);
-            let run = run_opened_on_host(deps, opened, &p.host, &cmd, Some(&payload), &mut rec);
+            let run = async {
+                let r =
+                    run_opened_on_host(deps, opened, &p.host, &cmd, Some(&payload), &mut rec).await;
+                host_ms = lap(deps, &mut t);
+                r
+            };
             if p.staged {
                 run.await
             } else {
@@ -266,7 +295,7 @@ pub async fn install_on(
                 // SSM hosts and downloads read the staged copy).
                 let stage = async {
                     let t = deps.clock.now();
-                    let r = resolve::stage(deps, &p.resolved).await;
+                    let r = stage_leaving_time_to_undo(deps, &p.resolved).await;
                     (r, deps.clock.now().saturating_duration_since(t))
                 };
                 let (ran, (r, took)) = tokio::join!(run, stage);
@@ -281,7 +310,8 @@ pub async fn install_on(
         Ok(r) => r,
         Err(e) => return Err(record::fail(deps.records.as_ref(), &mut rec, e).await),
     };
-    let host_ms = lap(deps, &mut t);
+    // (The state write's lap starts once both the host and staging are done.)
+    lap(deps, &mut t);
     // On the host but not in S3: the desired state must not name an archive
     // that cannot be fetched again, so this fails like its write would.
     if let Err(e) = staged {

@@ -38,7 +38,8 @@ pub async fn resolve(deps: &Deps, source: &Source, org: Option<&str>) -> Result<
 }
 
 /// Puts a resolved archive in S3 (unless it came from there) and remembers
-/// which registry listing built it.
+/// which registry listing built it. The memo is a cache: failing to write
+/// it costs the next install a rebuild, not this one its result.
 pub async fn stage(deps: &Deps, resolved: &Resolved) -> Result<()> {
     if !resolved.recalled {
         deps.archives
@@ -46,7 +47,9 @@ pub async fn stage(deps: &Deps, resolved: &Resolved) -> Result<()> {
             .await?;
     }
     if let Some(print) = &resolved.fingerprint {
-        deps.archives.remember(print, &resolved.archive).await?;
+        if let Err(e) = deps.archives.remember(print, &resolved.archive).await {
+            tracing::warn!(error = %e.message, detail = ?e.detail, "could not remember which listing built the archive");
+        }
     }
     Ok(())
 }
