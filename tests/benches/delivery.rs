@@ -371,7 +371,10 @@ fn peak_rss_kib(suffix: &str) -> Option<(u32, u64)> {
 
 /// The log of the functions served on `port` (JSON lines).
 fn watch_log(port: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("plugin-bench-watch-{port}.log"))
+    std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join("target"))
+        .join(format!("bench-watch-{port}.log"))
 }
 
 /// The numbers of the last "install timings" line in the functions' log.
@@ -394,7 +397,7 @@ fn logged_install_timings(port: &str) -> String {
 
 /// The release functions served by `cargo lambda watch` on `port`, their
 /// output in `watch_log(port)`.
-fn serve_release(envfile: &std::path::Path, port: &str) -> std::process::Child {
+fn serve_release(envfile: &std::path::Path, port: &str) -> Watch {
     let log = std::fs::File::create(watch_log(port)).unwrap();
     Command::new(venv_bin("cargo-lambda"))
         .args([
@@ -413,7 +416,31 @@ fn serve_release(envfile: &std::path::Path, port: &str) -> std::process::Child {
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
+        .map(|c| Watch(Some(c)))
         .expect("cargo lambda watch")
+}
+
+/// `cargo lambda watch`, stopped when dropped (a failed part must not leave
+/// it serving its port to the next run).
+struct Watch(Option<std::process::Child>);
+
+impl Watch {
+    /// SIGTERM (it stops its functions), then reaped; once only.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = Command::new("kill")
+                .arg(c.id().to_string())
+                .stderr(Stdio::null())
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// The env file of functions served by `cargo lambda watch` on the stack.
@@ -429,6 +456,11 @@ fn functions_env(path: &std::path::Path, bucket: &str, profiles: &serde_json::Va
     ] {
         env.push_str(&format!("{k}='{}'\n", stack().var(k)));
     }
+    // Caller tokens are checked as deployed (the test issuer's keys, read
+    // from Parameter Store); the bench's requests carry the owner's token.
+    env.push_str(&format!(
+        "PLUGIN_JWT_ISSUER='{TEST_ISSUER}'\nPLUGIN_JWT_AUDIENCE='{TEST_AUDIENCE}'\nPLUGIN_JWKS_PARAMETER='{JWKS_PARAMETER}'\n"
+    ));
     env.push_str(&format!(
         "PLUGIN_BUCKET='{bucket}'\nPLUGIN_SSH_USER='{LOGIN_USER}'\nPLUGIN_SSH_ADDRESS_TAG='molecule:local-address'\nPLUGIN_RUNTIME_PROFILES='{profiles}'\nRUST_LOG='warn,plugin_delivery=info'\n{extra}"
     ));
@@ -488,6 +520,8 @@ async fn large() {
                 "POST",
                 "-H",
                 "content-type: application/json",
+                "-H",
+                &format!("authorization: Bearer {}", owner_token()),
             ])
             .args(["--data", body, &url])
             .stderr(Stdio::null())
@@ -521,8 +555,7 @@ async fn large() {
     let code = post(r#"{"source":"bench-large"}"#);
     let took = t.elapsed();
     let rss = peak_rss_kib("/release/install");
-    let _ = Command::new("kill").arg(watch.id().to_string()).status();
-    let _ = watch.wait();
+    watch.stop();
     assert_eq!(code, "200", "install of the large plugin");
     let tree_bytes: u64 = tree(&f.plugin_dir("bench-large"))
         .values()
@@ -847,8 +880,7 @@ async fn fleet() {
         .unwrap_or(0.0)
         - own0;
     let rss = peak_rss_kib("/release/reinstall");
-    let _ = Command::new("kill").arg(watch.id().to_string()).status();
-    let _ = watch.wait();
+    watch.stop();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_default();
     assert_eq!(
