@@ -4,7 +4,8 @@
 //! S3 URL that expires within minutes; the script checks its SHA-256 as it
 //! does for the SSH stream.
 //!
-//! Sequence: DescribeInstanceInformation (agent online?) → SendCommand →
+//! Sequence: DescribeInstanceInformation (agent online?; an install asks it
+//! through `open`, beside its resolve and staging) → SendCommand →
 //! GetCommandInvocation with backoff until a terminal status → `HostOutput`.
 //! A command still running when our wait ends is cancelled, so nothing
 //! changes behind a caller who was told 504.
@@ -23,7 +24,7 @@ use crate::adapters::aws::aws_error;
 use crate::domain::error::{Error, Result};
 use crate::domain::host::Host;
 use crate::domain::hostscript::{HostCommand, HostOutput};
-use crate::ports::{ArchiveStore, HostTransport, Payload};
+use crate::ports::{ArchiveStore, HostTransport, Opened, Payload};
 
 /// The document every command uses; the IAM policy allows only this one.
 pub const DOCUMENT: &str = "AWS-RunShellScript";
@@ -402,8 +403,32 @@ impl HostTransport for SsmTransport {
         cmd: &HostCommand,
         payload: Option<&Payload<'_>>,
     ) -> Result<HostOutput> {
-        let t0 = Instant::now();
+        self.run_opened(None, host, cmd, payload).await
+    }
+
+    /// The agent's online check, ahead of the command (beside the resolve
+    /// and staging): an offline agent is still a 503 with nothing sent.
+    async fn open(&self, host: &Host) -> Result<Option<Opened>> {
         self.check_online(host).await?;
+        Ok(Some(Opened(Box::new(OnlineChecked(
+            host.instance_id.clone(),
+        )))))
+    }
+
+    async fn run_opened(
+        &self,
+        opened: Option<Opened>,
+        host: &Host,
+        cmd: &HostCommand,
+        payload: Option<&Payload<'_>>,
+    ) -> Result<HostOutput> {
+        let t0 = Instant::now();
+        let checked = opened
+            .and_then(|o| o.0.downcast::<OnlineChecked>().ok())
+            .is_some_and(|c| c.0 == host.instance_id);
+        if !checked {
+            self.check_online(host).await?;
+        }
         let mut guard = self.start(host, cmd, payload).await?;
         let sent_ms = t0.elapsed().as_millis() as u64;
         let (inv, polls) = self.wait(host, &mut guard, t0).await?;
@@ -427,6 +452,9 @@ impl HostTransport for SsmTransport {
         outcome(&inv, detail)
     }
 }
+
+/// `open` found this instance's agent online.
+struct OnlineChecked(String);
 
 #[cfg(test)]
 mod tests {
