@@ -362,6 +362,18 @@ fn pid_of(suffix: &str) -> Option<u32> {
     })
 }
 
+/// The first process with an argument ending with `suffix`.
+fn pid_with_arg(suffix: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        cmdline
+            .split(|b| *b == 0)
+            .any(|a| a.ends_with(suffix.as_bytes()))
+            .then_some(pid)
+    })
+}
+
 /// VmHWM (peak RSS) of the first process whose executable path ends with
 /// `suffix`, in KiB.
 fn peak_rss_kib(suffix: &str) -> Option<(u32, u64)> {
@@ -551,9 +563,21 @@ async fn large() {
     // The watcher builds a function on its first invocation: warm it up with
     // a request that is rejected before any work, so only the install is timed.
     assert_eq!(post(r#"{"source":"../warm-up"}"#), "400");
+    // Who spends the machine's CPU during the install: moto (S3 reads of
+    // the registry and the staging write), the function, and the rest
+    // (sshd, the host script, the emulators).
+    let moto = pid_with_arg("moto_server.py").map(|p| p.to_string());
+    let function = pid_of("/release/install").map(|p| p.to_string());
+    let cpu_of = |pid: &Option<String>| pid.as_deref().map_or(0.0, process_cpu_secs);
+    let (moto0, fn0, busy0) = (cpu_of(&moto), cpu_of(&function), cpu_busy_secs());
     let t = Instant::now();
     let code = post(r#"{"source":"bench-large"}"#);
     let took = t.elapsed();
+    let (moto_cpu, fn_cpu, busy) = (
+        cpu_of(&moto) - moto0,
+        cpu_of(&function) - fn0,
+        cpu_busy_secs() - busy0,
+    );
     let rss = peak_rss_kib("/release/install");
     watch.stop();
     assert_eq!(code, "200", "install of the large plugin");
@@ -599,6 +623,12 @@ async fn large() {
     println!(
         "  stages (the function's own log, ms): {}",
         logged_install_timings(port)
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "  CPU during the install: machine busy {busy:.2} of {:.2} core-seconds; moto {moto_cpu:.2} s, the function {fn_cpu:.2} s, the rest (sshd, host script, emulators) {:.2} s",
+        took.as_secs_f64() * cores as f64,
+        busy - moto_cpu - fn_cpu
     );
     println!(
         "  tar -xzf of the same archive: {:.2} s ({:.1} MiB/s)",
