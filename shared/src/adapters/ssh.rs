@@ -111,11 +111,9 @@ struct Idle {
     session: client::Handle<Verifier>,
     host: HostKey,
     /// When the connection was authenticated.
-    born: Born,
-    since: Instant,
-    /// The wall clock too: a frozen Lambda environment's monotonic clock
-    /// may not count the time it was frozen.
-    since_wall: std::time::SystemTime,
+    born: Stamp,
+    /// When its last command ended.
+    idle_since: Stamp,
 }
 
 /// What a kept connection must match to be used again.
@@ -146,14 +144,14 @@ const KEPT_MAX: usize = 8;
 /// 60 s).
 const KEPT_LIFETIME: Duration = Duration::from_secs(300);
 
-/// When a connection was authenticated, on both clocks (a frozen Lambda
-/// environment's monotonic clock may not count the time it was frozen).
+/// A moment on both clocks: a frozen Lambda environment's monotonic clock
+/// may not count the time it was frozen.
 #[derive(Clone, Copy)]
-struct Born(Instant, std::time::SystemTime);
+struct Stamp(Instant, std::time::SystemTime);
 
-impl Born {
+impl Stamp {
     fn now() -> Self {
-        Born(Instant::now(), std::time::SystemTime::now())
+        Stamp(Instant::now(), std::time::SystemTime::now())
     }
 
     /// The larger of the two clocks' readings.
@@ -171,16 +169,12 @@ impl Kept {
     /// Drops what expired or closed (the caller holds the lock).
     fn prune(&self, idle: &mut Vec<Idle>) {
         idle.retain(|i| {
-            let wall = i.since_wall.elapsed().unwrap_or(Duration::MAX);
-            i.since.elapsed() < self.keep
-                && wall < self.keep
-                && i.born.age() < KEPT_LIFETIME
-                && !i.session.is_closed()
+            i.idle_since.age() < self.keep && i.born.age() < KEPT_LIFETIME && !i.session.is_closed()
         });
     }
 
     /// A kept connection for `host` and when it was authenticated.
-    fn take(&self, host: &Host) -> Option<(client::Handle<Verifier>, Born)> {
+    fn take(&self, host: &Host) -> Option<(client::Handle<Verifier>, Stamp)> {
         let key = HostKey::of(host);
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         self.prune(&mut idle);
@@ -190,7 +184,7 @@ impl Kept {
         Some((i.session, i.born))
     }
 
-    fn put(&self, host: &Host, session: client::Handle<Verifier>, born: Born) {
+    fn put(&self, host: &Host, session: client::Handle<Verifier>, born: Stamp) {
         if self.keep.is_zero() || session.is_closed() {
             return;
         }
@@ -204,8 +198,7 @@ impl Kept {
             session,
             host: HostKey::of(host),
             born,
-            since: Instant::now(),
-            since_wall: std::time::SystemTime::now(),
+            idle_since: Stamp::now(),
         });
     }
 }
@@ -384,7 +377,7 @@ struct SshOpened {
     /// A kept connection (no key push, no handshake this time).
     reused: bool,
     /// When it was authenticated.
-    born: Born,
+    born: Stamp,
 }
 
 impl SshTransport {
@@ -416,7 +409,7 @@ impl SshTransport {
             connect_ms,
             auth_ms,
             reused: false,
-            born: Born::now(),
+            born: Stamp::now(),
         })
     }
 
