@@ -142,6 +142,7 @@ impl App {
                 auth,
                 clock: Arc::new(SystemClock),
                 handoff: None,
+                recent: Default::default(),
             },
         })
     }

@@ -20,6 +20,7 @@ use crate::domain::host::Host;
 use crate::domain::hostscript::{HostCommand, HostOutput};
 use crate::domain::job::Job;
 use crate::domain::plugin::DesiredState;
+use crate::domain::recent::RecentArchives;
 use crate::domain::records::OperationRecord;
 use crate::domain::source::RegistryFile;
 
@@ -42,6 +43,8 @@ pub struct Deps {
     /// Where API operations that outlast the deadline go on (optional:
     /// without it they answer 504).
     pub handoff: Option<Arc<dyn Handoff>>,
+    /// Small archives this process resolved lately (warm invocations).
+    pub recent: Arc<RecentArchives>,
 }
 
 // ---- S3: registry, staged archives, desired state, allowlists, records

@@ -305,20 +305,47 @@ async fn staged_archives_are_recalled_and_verified(access: Access) {
     let raw = hex::decode(&digest).unwrap();
     assert_eq!(head.checksum_sha256(), Some(base64_encode(&raw).as_str()));
 
-    // Tamper with the staged bytes: the recall must notice and rebuild.
+    // Tamper with the staged bytes: a new function instance (nothing kept
+    // in its /tmp yet) recalls the archive, notices and rebuilds.
+    let staged_key = format!("staged/{digest}.tar.gz");
     f.s3.put_object()
         .bucket(&f.bucket)
-        .key(format!("staged/{digest}.tar.gz"))
+        .key(&staged_key)
         .body(b"not the archive".to_vec().into())
         .send()
         .await
         .unwrap();
     let (s, _) = uninstall(&app, &f.workspace, "hello").await;
     assert_eq!(s, 200);
+    let app = f.app();
     let (s, b) = install(&app, &f.workspace, r#"{"source":"hello"}"#).await;
     assert_eq!((s, b["status"].as_str()), (200, Some("installed")), "{b}");
     assert_eq!(b["digest"], digest.as_str());
     assert_eq!(host_tree(&f, "hello"), expected_tree(&v1()));
+    let staged = f.get(&staged_key).await.expect("staged archive");
+    assert_eq!(sha256_hex(&staged), digest, "the rebuild restaged it");
+
+    // The warm instance keeps a copy of what it resolved: with the index
+    // entry and the staged archive both swept away, it installs from its
+    // copy (no rebuild: the index entry is not written again) and stages
+    // the archive again for reinstalls and SSM hosts.
+    for key in [staged_key.clone(), f.keys("staged/index/").await.remove(0)] {
+        f.s3.delete_object()
+            .bucket(&f.bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+    }
+    let (s, _) = uninstall(&app, &f.workspace, "hello").await;
+    assert_eq!(s, 200);
+    let (s, b) = install(&app, &f.workspace, r#"{"source":"hello"}"#).await;
+    assert_eq!((s, b["status"].as_str()), (200, Some("installed")), "{b}");
+    assert_eq!(b["digest"], digest.as_str());
+    assert_eq!(host_tree(&f, "hello"), expected_tree(&v1()));
+    let staged = f.get(&staged_key).await.expect("staged again");
+    assert_eq!(sha256_hex(&staged), digest, "staged again from the copy");
+    assert!(f.keys("staged/index/").await.is_empty(), "not rebuilt");
 
     // A pinned install from the recalled archive still checks plugin.yaml.
     let yaml = v1()[0].1;

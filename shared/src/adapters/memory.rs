@@ -86,6 +86,7 @@ impl Memory {
             auth: self.auth.clone(),
             clock,
             handoff: None,
+            recent: Default::default(),
         }
     }
 

@@ -3,19 +3,20 @@
 //! The same tree always yields the same bytes, so an archive can be
 //! content-addressed (`staged/<sha256>.tar.gz`) and reused: entries sorted by
 //! path, directories and regular files only, uid/gid 0, mtime 0, modes 0644
-//! or 0755, and a gzip header without name or time. The archive is written to
-//! a temporary file while hashing, never held in memory.
+//! or 0755, and a gzip header without name or time. Files of 1 MiB or more
+//! whose first 64 KiB do not compress are stored, not deflated (`gzip`).
+//! The archive is written to a temporary file while hashing, never held in
+//! memory.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::Path;
 
-use flate2::write::GzEncoder;
-use flate2::{Compression, GzBuilder};
 use sha2::{Digest, Sha256};
 use tempfile::NamedTempFile;
 
 use crate::domain::error::{Error, Result};
+use crate::domain::gzip::{self, GzWriter};
 
 /// Largest `plugin.yaml` we keep in memory for parsing and pinning.
 pub const MAX_MANIFEST_BYTES: usize = 1024 * 1024;
@@ -84,7 +85,7 @@ impl<W: Write> Write for HashingWriter<W> {
 /// sorted order; `add_file` fails if the reader yields more or fewer bytes
 /// than announced, or if the tree grows past the cap.
 pub struct CanonicalArchive {
-    builder: tar::Builder<GzEncoder<HashingWriter<BufWriter<File>>>>,
+    builder: tar::Builder<GzWriter<HashingWriter<BufWriter<File>>>>,
     file: NamedTempFile,
     last_path: Option<String>,
     dirs: std::collections::BTreeSet<String>,
@@ -96,6 +97,11 @@ pub struct CanonicalArchive {
     tree: Sha256,
     manifest_json: Option<Vec<u8>>,
 }
+
+/// Files this large are sampled (their first `SAMPLE_BYTES`) for whether
+/// they compress at all.
+const SAMPLE_FILES_FROM: u64 = 1024 * 1024;
+const SAMPLE_BYTES: u64 = 64 * 1024;
 
 /// The file whose `sha256` field pins the rest of the tree.
 pub const TREE_MANIFEST: &str = "manifest.json";
@@ -115,9 +121,7 @@ impl CanonicalArchive {
         };
         // Level 1: plugins are mostly text, and on a 128-256 MB Lambda the
         // CPU spent on better ratios costs more time than the bytes saved.
-        let gz = GzBuilder::new()
-            .mtime(0)
-            .write(hashing, Compression::fast());
+        let gz = GzWriter::new(hashing).map_err(Error::internal)?;
         let mut builder = tar::Builder::new(gz);
         builder.mode(tar::HeaderMode::Deterministic);
         Ok(CanonicalArchive {
@@ -191,17 +195,36 @@ impl CanonicalArchive {
             self.tree.update(path.as_bytes());
             self.tree.update([0u8]);
         }
+        // A large file is sampled: one that does not compress is stored.
+        let mut data = data;
+        let mut sample = Vec::new();
+        if size >= SAMPLE_FILES_FROM {
+            (&mut data)
+                .take(SAMPLE_BYTES)
+                .read_to_end(&mut sample)
+                .map_err(|e| Error::internal(format!("reading {path}: {e}")))?;
+        }
+        let store = gzip::incompressible(&sample);
         let mut counted = CountingReader {
-            inner: data,
+            inner: io::Cursor::new(sample).chain(data),
             count: 0,
             copy: keep.then(Vec::new),
             tree: in_tree.then_some(&mut self.tree),
         };
         // `take(size)` plus the count check below: a source that changes
         // length under us is an error, never a silently truncated archive.
+        let gz_mode = |b: &mut tar::Builder<_>, store| {
+            GzWriter::store(b.get_mut(), store).map_err(Error::internal)
+        };
+        if store {
+            gz_mode(&mut self.builder, true)?;
+        }
         self.builder
             .append_data(&mut h, path, (&mut counted).take(size))
             .map_err(|e| Error::internal(format!("reading {path}: {e}")))?;
+        if store {
+            gz_mode(&mut self.builder, false)?;
+        }
         if counted.count != size {
             return Err(Error::internal(format!(
                 "{path}: expected {size} bytes, read {}",

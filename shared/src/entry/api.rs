@@ -38,10 +38,25 @@ pub async fn install(deps: &Deps, req: Request) -> Response<Body> {
             source: body.source.clone(),
             sha256: body.sha256.clone(),
         };
-        // Only an authorized change may go on in the background.
-        let host = deadline(deps, install::authorize(deps, &caller, &ws)).await?;
+        // Only an authorized change may go on in the background. The org's
+        // allowlist is read meanwhile; it is looked at only once authorized.
+        let (host, ahead) = deadline(deps, async {
+            let (host, ahead) = tokio::join!(
+                install::authorize(deps, &caller, &ws),
+                allowlists::read_ahead(deps, &caller)
+            );
+            Ok((host?, ahead))
+        })
+        .await?;
         let change = change(&caller, &ws, &host, work, started);
-        let op = Box::pin(install::install_on(deps, host.clone(), &ws, body, None));
+        let op = Box::pin(install::install_on(
+            deps,
+            host.clone(),
+            &ws,
+            body,
+            None,
+            ahead,
+        ));
         within_or_hand_off(deps, change, op).await
     }
     .await;

@@ -30,23 +30,65 @@ fn view(org: &str, list: Allowlist) -> AllowlistView {
     }
 }
 
+/// The caller's own org list, read while the workspace is looked up (the
+/// two do not depend on each other). Nothing is decided on it until the
+/// workspace is known to be the caller's, and it is used only for a host
+/// of that same org.
+pub struct ReadAhead {
+    org: String,
+    read: Result<(Allowlist, Option<String>)>,
+}
+
+/// Reads the list of `caller`'s org (none for a caller without one: a
+/// platform token acts for the host's org, known only after the lookup).
+pub async fn read_ahead(deps: &Deps, caller: &Caller) -> Option<ReadAhead> {
+    if caller.org.is_empty() {
+        return None;
+    }
+    Some(ReadAhead {
+        org: caller.org.clone(),
+        read: deps.allowlists.load_allowlist(&caller.org).await,
+    })
+}
+
 /// Step one of the gate: the host's org list admits `source`. Returns the
-/// list for step two.
-pub async fn admit_source(deps: &Deps, host: &Host, source: &Source) -> Result<Allowlist> {
-    admit_source_in(deps, host.org_id.as_deref(), source)
+/// list for step two. `ahead`: the list read beside the workspace lookup,
+/// used when it is the host's org's.
+pub async fn admit_source(
+    deps: &Deps,
+    host: &Host,
+    source: &Source,
+    ahead: Option<ReadAhead>,
+) -> Result<Allowlist> {
+    let org = host.org_id.as_deref();
+    let ahead = ahead.filter(|a| Some(a.org.as_str()) == org);
+    admit_source_from(deps, org, source, ahead)
         .await
         .map_err(|e| e.with_detail(format!("instance {}", host.instance_id)))
 }
 
 /// Step one for org `org` (`None`: a workspace without an org, refused).
 pub async fn admit_source_in(deps: &Deps, org: Option<&str>, source: &Source) -> Result<Allowlist> {
+    admit_source_from(deps, org, source, None).await
+}
+
+async fn admit_source_from(
+    deps: &Deps,
+    org: Option<&str>,
+    source: &Source,
+    ahead: Option<ReadAhead>,
+) -> Result<Allowlist> {
     let Some(org) = org else {
         return Err(Error::new(
             ErrorKind::Forbidden,
             format!("the workspace's instance has no {TAG_ORG} tag, so no plugin may be installed"),
         ));
     };
-    let (list, _) = deps.allowlists.load_allowlist(org).await.map_err(|e| {
+    let read = match ahead {
+        Some(a) => a.read,
+        None => deps.allowlists.load_allowlist(org).await,
+    };
+    let (list, _) = read.map_err(|e| {
         Error::unavailable("the org allowlist could not be read, so the install is refused")
             .with_detail(format!("org {org}: {} {:?}", e.message, e.detail))
     })?;

@@ -126,12 +126,13 @@ async fn prepare(
     source: &Source,
     pin: Option<&str>,
     open_host: bool,
+    ahead: Option<allowlist::ReadAhead>,
 ) -> Result<Prepared> {
     let mut t = deps.clock.now();
     let stage_beside = open_host && host.access == Access::Ssh;
     // The caller was authorized for the host; nothing is fetched from a
     // source its org's allowlist does not admit.
-    let list = allowlist::admit_source(deps, &host, source).await?;
+    let list = allowlist::admit_source(deps, &host, source, ahead).await?;
     let work = async {
         let resolved = resolve::resolve(deps, source, host.org_id.as_deref()).await?;
         // A fetched archive names itself: it may not borrow an admitted name.
@@ -243,22 +244,27 @@ pub async fn install_as(
     // The request's own shape first (400), then the workspace (404).
     Source::parse(&req.source)?;
     parse_pin(req.sha256.as_deref())?;
-    let host = authorize(deps, caller, workspace).await?;
-    install_on(deps, host, workspace, req, op_id).await
+    let (host, ahead) = tokio::join!(
+        authorize(deps, caller, workspace),
+        allowlist::read_ahead(deps, caller)
+    );
+    install_on(deps, host?, workspace, req, op_id, ahead).await
 }
 
-/// The install on a host the caller was authorized for (`authorize`).
+/// The install on a host the caller was authorized for (`authorize`);
+/// `ahead`, the caller's org allowlist if it was read beside that.
 pub async fn install_on(
     deps: &Deps,
     host: Host,
     workspace: &str,
     req: InstallRequest,
     op_id: Option<&str>,
+    ahead: Option<allowlist::ReadAhead>,
 ) -> Result<InstallOutcome> {
     let source = Source::parse(&req.source)?;
     let pin = parse_pin(req.sha256.as_deref())?;
     let started = deps.clock.now();
-    let mut p = prepare(deps, host, &source, pin.as_deref(), true).await?;
+    let mut p = prepare(deps, host, &source, pin.as_deref(), true, ahead).await?;
     let mut t = deps.clock.now();
     let (name, archive) = (&p.resolved.name, &p.resolved.archive);
     let cfg = &deps.config;
@@ -279,6 +285,7 @@ pub async fn install_on(
     let opened = std::mem::replace(&mut p.opened, Ok(None));
     let mut staged = Ok(());
     let mut host_ms = 0;
+    let mut ahead = None;
     let ran = match opened {
         Ok(opened) => {
             let payload = Payload::from(&p.resolved.archive);
@@ -288,8 +295,14 @@ pub async fn install_on(
                 host_ms = lap(deps, &mut t);
                 r
             };
+            // The desired state is read while the host works: its write
+            // after the host is then one request (a conditional one, so a
+            // change made meanwhile is read again, never lost).
+            let read_ahead = async { deps.state.load(workspace).await.ok() };
             if p.staged {
-                run.await
+                let (ran, read) = tokio::join!(run, read_ahead);
+                ahead = read;
+                ran
             } else {
                 // The archive goes to the host and to S3 at once (reinstalls,
                 // SSM hosts and downloads read the staged copy).
@@ -298,8 +311,9 @@ pub async fn install_on(
                     let r = stage_leaving_time_to_undo(deps, &p.resolved).await;
                     (r, deps.clock.now().saturating_duration_since(t))
                 };
-                let (ran, (r, took)) = tokio::join!(run, stage);
+                let (ran, (r, took), read) = tokio::join!(run, stage, read_ahead);
                 staged = r;
+                ahead = read;
                 p.stage_ms = took.as_millis() as u64;
                 ran
             }
@@ -327,8 +341,14 @@ pub async fn install_on(
         source: source.canonical(),
         installed_at: now_rfc3339(),
     };
-    if let Err(e) =
-        state::record_installed(deps.state.as_ref(), deps.clock.as_ref(), workspace, &entry).await
+    if let Err(e) = state::record_installed_from(
+        deps.state.as_ref(),
+        deps.clock.as_ref(),
+        workspace,
+        &entry,
+        ahead,
+    )
+    .await
     {
         // A queued job is delivered again on this error: it finishes then.
         let e = match op_id {
@@ -545,8 +565,11 @@ pub async fn download(
             return Err(name_mismatch(known, name));
         }
     }
-    let host = authorize(deps, caller, workspace).await?;
-    let p = prepare(deps, host, &source, None, false).await?;
+    let (host, ahead) = tokio::join!(
+        authorize(deps, caller, workspace),
+        allowlist::read_ahead(deps, caller)
+    );
+    let p = prepare(deps, host?, &source, None, false, ahead).await?;
     if p.resolved.name != name {
         return Err(name_mismatch(&p.resolved.name, name));
     }

@@ -162,8 +162,11 @@ impl<R: std::io::Read> std::io::Read for HashingRead<R> {
 }
 
 /// The canonical archive of a registry plugin. The same listing always
-/// yields the same archive, so one built before is recalled from S3 (two
-/// small requests) instead of re-reading every file.
+/// yields the same archive, so one this process resolved lately is copied
+/// from its own `/tmp` (`deps.recent`), and one built before is recalled
+/// from S3 (two small requests), instead of re-reading every file. A copy
+/// from `/tmp` is not known to be staged still (a retention sweep may have
+/// removed it): it goes back through `stage`, which checks.
 async fn resolve_local(deps: &Deps, name: &str) -> Result<Resolved> {
     let max = deps.config.max_tree_bytes;
     let files = checked_listing(deps.registry.as_ref(), name, max).await?;
@@ -176,10 +179,15 @@ async fn resolve_local(deps: &Deps, name: &str) -> Result<Resolved> {
         name_from: NameFrom::Registry,
         skipped: Vec::new(),
     };
+    if let Some(archive) = deps.recent.get(&print) {
+        return Ok(resolved(archive, None, false));
+    }
     if let Some(archive) = deps.archives.recall(&print).await? {
+        deps.recent.put(&print, &archive);
         return Ok(resolved(archive, None, true));
     }
     let built = build_from_registry(&deps.registry, files, max).await?;
+    deps.recent.put(&print, &built);
     Ok(resolved(built, Some(print), false))
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::domain::error::{Error, ErrorKind, Result};
 use crate::domain::plugin::{DesiredState, InstalledPlugin};
-use crate::ports::{Clock, StateStore};
+use crate::ports::{Clock, StateStore, Versioned};
 
 /// Max attempts at a conditional write. Each conflict means another writer
 /// succeeded, so progress is guaranteed overall.
@@ -25,6 +25,22 @@ pub async fn update_state<F>(
     state: &dyn StateStore,
     clock: &dyn Clock,
     workspace: &str,
+    change: F,
+) -> Result<()>
+where
+    F: FnMut(&mut DesiredState) -> bool,
+{
+    update_state_from(state, clock, workspace, None, change).await
+}
+
+/// `update_state` starting from a state read ahead (beside the host
+/// delivery), when there is one: a stale one only costs a conflict and a
+/// fresh read, as any other writer's change would.
+async fn update_state_from<F>(
+    state: &dyn StateStore,
+    clock: &dyn Clock,
+    workspace: &str,
+    mut ahead: Option<Versioned>,
     mut change: F,
 ) -> Result<()>
 where
@@ -34,7 +50,11 @@ where
     let mut attempt = 0;
     let pause = |n: u32| Duration::from_millis(100 << n);
     while attempt < STATE_ATTEMPTS {
-        let mut current = match state.load(workspace).await {
+        let loaded = match ahead.take() {
+            Some(c) => Ok(c),
+            None => state.load(workspace).await,
+        };
+        let mut current = match loaded {
             Ok(c) => c,
             Err(e) if e.kind == ErrorKind::Unavailable && unavailable < UNAVAILABLE_RETRIES => {
                 clock.sleep(pause(unavailable)).await;
@@ -96,7 +116,18 @@ pub async fn record_installed(
     workspace: &str,
     entry: &InstalledPlugin,
 ) -> Result<()> {
-    put_entry(state, clock, workspace, entry, true).await
+    put_entry(state, clock, workspace, entry, true, None).await
+}
+
+/// `record_installed` from a state read ahead (`None`: read it now).
+pub async fn record_installed_from(
+    state: &dyn StateStore,
+    clock: &dyn Clock,
+    workspace: &str,
+    entry: &InstalledPlugin,
+    ahead: Option<Versioned>,
+) -> Result<()> {
+    put_entry(state, clock, workspace, entry, true, ahead).await
 }
 
 /// As `record_installed`, unless the plugin is no longer desired at all
@@ -107,7 +138,7 @@ pub async fn record_if_present(
     workspace: &str,
     entry: &InstalledPlugin,
 ) -> Result<()> {
-    put_entry(state, clock, workspace, entry, false).await
+    put_entry(state, clock, workspace, entry, false, None).await
 }
 
 async fn put_entry(
@@ -116,9 +147,10 @@ async fn put_entry(
     workspace: &str,
     entry: &InstalledPlugin,
     add: bool,
+    ahead: Option<Versioned>,
 ) -> Result<()> {
     let name = &entry.info.name;
-    update_state(state, clock, workspace, |s| {
+    update_state_from(state, clock, workspace, ahead, |s| {
         let current = s.plugins.get(name);
         let change = (add || current.is_some()) && differs(current, entry);
         if change {

@@ -1241,3 +1241,46 @@ async fn the_sweep_removes_only_old_unreferenced_archives() {
     assert!(r.bytes_removed > 0 && r.bytes_removed < r.bytes_before);
     assert_eq!(m.store.staged_digests(), vec![kept]);
 }
+
+/// Sweeps `digest` from the staged archives and takes hello off ws-1.
+async fn sweep_and_uninstall(deps: &Deps, digest: &str) {
+    deps.archives.unstage(digest).await.unwrap();
+    install::uninstall(deps, &owner(), "ws-1", "hello")
+        .await
+        .unwrap();
+}
+
+/// Installs hello on ws-1 again: the same archive, staged again. The
+/// store requests it took (the check of the staged copy not counted).
+async fn reinstall_requests(m: &Memory, deps: &Deps, digest: &str) -> usize {
+    let before = m.store.requests();
+    let out = install::install(deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap();
+    let used = m.store.requests() - before;
+    assert_eq!(
+        (out.status, out.digest.as_str()),
+        (InstallStatus::Installed, digest)
+    );
+    // Staged again: reinstalls and SSM hosts can fetch it.
+    assert!(deps.archives.fetch_staged(digest).await.unwrap().is_some());
+    used
+}
+
+#[tokio::test]
+async fn a_warm_instance_installs_from_its_copy_and_stages_a_swept_archive_again() {
+    let (m, deps) = world();
+    let first = install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap();
+    // Swept from S3 meanwhile (a retention sweep): the instance that
+    // installed it installs from its own copy and stages it again.
+    sweep_and_uninstall(&deps, &first.digest).await;
+    let warm = reinstall_requests(&m, &deps, &first.digest).await;
+    // A new instance keeps nothing yet: it recalls (a miss: the archive
+    // was swept), reads the registry files and builds the archive again.
+    sweep_and_uninstall(&deps, &first.digest).await;
+    let cold_deps = m.deps(Config::new("bucket"));
+    let cold = reinstall_requests(&m, &cold_deps, &first.digest).await;
+    assert!(warm + 3 <= cold, "warm {warm} requests, cold {cold}");
+}
