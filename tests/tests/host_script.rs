@@ -1799,34 +1799,106 @@ fn sums_of(h: &Host, p: &Plugin) -> String {
     fs::read_to_string(h.book().join(format!("sums/alpha@{}", p.archive.sha))).unwrap()
 }
 
-/// OpenSSL hashes where the host has it (its lines carry sha256sum's
-/// binary-mode mark); a host without it hashes with coreutils' sha256sum
-/// (text-mode lines). Either way every file is listed, and an edit made
-/// after the install is found by the next inventory.
+/// Files over 1 MiB are hashed by OpenSSL where the host has it (lines
+/// with sha256sum's binary-mode mark), the rest by sha256sum (text-mode
+/// lines), which starts faster; a host without OpenSSL hashes everything
+/// with sha256sum. Either way every file is listed, and an edit made after
+/// the install is found by the next inventory.
 #[test]
 fn the_file_sums_come_from_openssl_or_sha256sum_and_catch_an_edit_either_way() {
+    let big = "x".repeat(1_100_000);
     for without in [&[][..], &["openssl"][..]] {
         let h = Host::new();
-        let p = alpha_v1();
+        let p = plugin(&[
+            ("plugin.yaml", "name: alpha\nversion: 1.0.0\n"),
+            ("GUIDE.md", "Use alpha.\n"),
+            ("data/big.txt", &big),
+        ]);
         let bin = path_without(without);
         install_with_path(&h, &p, bin.path()).assert_ok("installed");
         h.assert_installed_at("alpha", &p);
         let sums = sums_of(&h, &p);
-        let mark: &[u8] = if without.is_empty() { b" *" } else { b"  " };
-        let files = snapshot(p.dir.path())
-            .values()
-            .filter(|n| matches!(n, Node::File(..)))
-            .count();
-        assert_eq!(sums.lines().count(), files, "{sums}");
-        assert!(
-            sums.lines().all(|l| l.as_bytes().get(64..66) == Some(mark)),
+        let mark = |l: &str| l.as_bytes()[64..66].to_vec();
+        let mut lines: Vec<(String, Vec<u8>)> = sums
+            .lines()
+            .map(|l| (l[66..].to_string(), mark(l)))
+            .collect();
+        lines.sort();
+        let big_mark = if without.is_empty() { b" *" } else { b"  " };
+        assert_eq!(
+            lines,
+            vec![
+                ("./GUIDE.md".to_string(), b"  ".to_vec()),
+                ("./data/big.txt".to_string(), big_mark.to_vec()),
+                ("./plugin.yaml".to_string(), b"  ".to_vec()),
+            ],
             "{without:?}: {sums}"
         );
         assert_eq!(h.inventory()[0]["digest"], p.archive.sha.as_str());
-        let out = as_agent(&h.cfg, "echo edited >> plugins/alpha/GUIDE.md");
+        let out = as_agent(&h.cfg, "echo edited >> plugins/alpha/data/big.txt");
         assert!(out.status.success(), "{out:?}");
         assert_eq!(h.inventory()[0]["digest"], "", "{without:?}");
     }
+}
+
+/// The optional size argument only picks root's hash tool: sha256sum for
+/// an archive under 1,000,000 bytes (it starts faster), OpenSSL for a
+/// larger one (it hashes faster). A size that is not a number is refused
+/// before anything is touched.
+#[test]
+fn the_archive_size_picks_roots_hash_tool_and_must_be_a_number() {
+    let calls = tempfile::tempdir().unwrap();
+    let log = calls.path().join("openssl-calls");
+    for (size, openssl_calls) in [("57000", 0), ("5000000", 1)] {
+        let h = Host::new();
+        let p = alpha_v1();
+        let bin = path_without(&["openssl"]);
+        fs::write(
+            bin.path().join("openssl"),
+            format!(
+                "#!/bin/sh\necho \"$@\" >>'{}'\nexec /usr/bin/openssl \"$@\"\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(
+            bin.path().join("openssl"),
+            fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let _ = fs::remove_file(&log);
+        let args = [
+            "install",
+            h.cfg(),
+            "alpha",
+            &p.archive.sha,
+            OWNER,
+            "5",
+            &h.restart_cmd(),
+            size,
+        ];
+        run_script_env(&args, Some(&p.archive.bytes), Some(bin.path()), &[]).assert_ok("installed");
+        h.assert_installed_at("alpha", &p);
+        // The plugin's files are all small: the owner step starts no OpenSSL.
+        let called = fs::read_to_string(&log).unwrap_or_default();
+        assert_eq!(called.lines().count(), openssl_calls, "{size}: {called:?}");
+    }
+    let h = Host::new();
+    let p = alpha_v1();
+    for size in ["", "12ab", "-1", "1234567890123456"] {
+        let args = [
+            "install",
+            h.cfg(),
+            "alpha",
+            &p.archive.sha,
+            OWNER,
+            "5",
+            &h.restart_cmd(),
+            size,
+        ];
+        run_script_env(&args, Some(&p.archive.bytes), None, &[]).assert_error("usage", 64);
+    }
+    assert_eq!(h.listing(""), Vec::<String>::new());
 }
 
 #[test]

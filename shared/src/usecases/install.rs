@@ -275,7 +275,8 @@ pub async fn install_on(
         &archive.sha256,
         &cfg.owner,
         cfg.lock_wait_secs,
-    );
+    )
+    .with_archive_bytes(archive.size);
     // From here on the operation touches the host: it gets a record (bad
     // requests, unknown workspaces and refused plugins do not).
     let mut rec = record::start_on(Kind::Install, Trigger::Api, workspace, &p.host, op_id);

@@ -436,7 +436,8 @@ impl Run {
             &self.archive.sha256,
             &cfg.owner,
             cfg.lock_wait_secs,
-        );
+        )
+        .with_archive_bytes(self.archive.size);
         let payload = Payload::from(&self.archive);
         let out = when_ready(deps.clock.as_ref(), PATIENCE, || {
             deps.transport.run(&host, &cmd, Some(&payload))
