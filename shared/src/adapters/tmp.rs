@@ -6,8 +6,9 @@
 
 use std::path::Path;
 
-/// Name prefixes of our temp files (archives) and dirs (intakes).
-pub const PREFIXES: [&str; 2] = ["plugin-", "intake-"];
+/// Name prefixes of our temp files (archives), dirs (intakes) and the
+/// copies a warm process keeps (`domain::recent`).
+pub const PREFIXES: [&str; 3] = ["plugin-", "intake-", crate::domain::recent::KEPT_PREFIX];
 
 /// Removes our leftovers under `dir`: how many entries and bytes. Only
 /// for a cold start (or a test's own dir): a running operation's files
@@ -71,16 +72,18 @@ mod tests {
         std::fs::write(d.join("plugin-abc.tar.gz"), vec![0u8; 1000]).unwrap();
         std::fs::create_dir_all(d.join("intake-x/tree/a")).unwrap();
         std::fs::write(d.join("intake-x/tree/a/f"), vec![0u8; 24]).unwrap();
+        std::fs::write(d.join("kept-abc.tar.gz"), vec![0u8; 100]).unwrap();
         std::fs::write(d.join("other.txt"), b"keep").unwrap();
         let outside = tempfile::tempdir().unwrap();
         std::fs::write(outside.path().join("precious"), b"keep").unwrap();
         std::os::unix::fs::symlink(outside.path(), d.join("plugin-link")).unwrap();
-        assert_eq!(remove_leftovers(d), (3, 1024));
+        assert_eq!(remove_leftovers(d), (4, 1124));
         assert!(d.join("other.txt").exists());
         assert!(
             outside.path().join("precious").exists(),
             "a link is removed, not followed"
         );
         assert!(!d.join("plugin-abc.tar.gz").exists() && !d.join("intake-x").exists());
+        assert!(!d.join("kept-abc.tar.gz").exists());
     }
 }

@@ -23,6 +23,10 @@ use tempfile::NamedTempFile;
 
 use crate::domain::archive::ArchiveFile;
 
+/// Name prefix of the kept copies in the temp dir (a cold start removes
+/// any left by a process that was killed).
+pub const KEPT_PREFIX: &str = "kept-";
+
 /// Archives kept at most, and the largest one kept.
 const KEEP: usize = 16;
 const MAX_BYTES: u64 = 4 * 1024 * 1024;
@@ -51,7 +55,7 @@ impl RecentArchives {
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
         let i = kept.iter().position(|k| k.fingerprint == fingerprint)?;
         let k = &kept[i];
-        match copy_checked(k.file.path(), &k.sha256) {
+        match copy_checked(k.file.path(), &k.sha256, "plugin-") {
             Ok(file) => {
                 let out = ArchiveFile {
                     file,
@@ -79,7 +83,7 @@ impl RecentArchives {
         if archive.size > MAX_BYTES {
             return;
         }
-        let file = match copy_checked(archive.path(), &archive.sha256) {
+        let file = match copy_checked(archive.path(), &archive.sha256, KEPT_PREFIX) {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(fingerprint, error = %e, "could not keep a copy of the archive");
@@ -101,11 +105,12 @@ impl RecentArchives {
     }
 }
 
-/// A new temp file with the bytes of `from`, which must hash to `sha256`.
-fn copy_checked(from: &std::path::Path, sha256: &str) -> io::Result<NamedTempFile> {
+/// A new temp file named `prefix...` with the bytes of `from`, which must
+/// hash to `sha256`.
+fn copy_checked(from: &std::path::Path, sha256: &str, prefix: &str) -> io::Result<NamedTempFile> {
     let mut src = File::open(from)?;
     let mut to = tempfile::Builder::new()
-        .prefix("plugin-")
+        .prefix(prefix)
         .suffix(".tar.gz")
         .tempfile()?;
     let mut h = Sha256::new();
@@ -145,6 +150,12 @@ mod tests {
         r.put("fp-a", &a);
         let b = r.get("fp-a").unwrap();
         assert_ne!(a.path(), b.path());
+        // The kept copy is named for the cold start's sweep; what is handed
+        // out is an archive like any other.
+        let name = |p: &std::path::Path| p.file_name().unwrap().to_string_lossy().into_owned();
+        let kept = name(r.kept.lock().unwrap()[0].file.path());
+        assert!(kept.starts_with(KEPT_PREFIX), "{kept}");
+        assert!(name(b.path()).starts_with("plugin-"));
         assert_eq!(
             std::fs::read(a.path()).unwrap(),
             std::fs::read(b.path()).unwrap()
