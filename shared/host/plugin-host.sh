@@ -91,6 +91,10 @@ unset CDPATH
 # paths hold no control character and no backslash).
 SHA256=sha256sum
 command -v openssl >/dev/null 2>&1 && SHA256='openssl dgst -sha256 -r'
+# Where a process finds its own fds by name (/dev/fd is a link to it on
+# most systems, not all).
+dev_fd=/dev/fd
+[ -d /dev/fd/ ] || dev_fd=/proc/self/fd
 
 # Character classes are spelled out, not ranges like a-z: ranges follow the
 # locale's collation in some shells, and the runtime must keep its locale.
@@ -136,8 +140,11 @@ fail() {
     if [ -n "${step_pid-}" ]; then
         # A waiting install step hears no "go" and ends; one that is
         # applying finishes first (its time limit bounds the wait). One
-        # still extracting gets the end of its feed.
+        # still extracting gets the end of its feed. One whose channels
+        # root never opened (a signal came first) would block opening them
+        # for ever: it is ended.
         exec 6>&- 7<&- 3>&-
+        [ "${step_open-}" = true ] || kill -KILL "$step_pid" 2>/dev/null || :
         wait "$step_pid" || :
         step_pid=''
     fi
@@ -1383,8 +1390,16 @@ op_install() {
     # ctl FIFO, and the archive on the feed FIFO as root receives it.
     mkfifo -m 0600 "$rwork/verdict" "$rwork/ctl" "$rwork/feed" ||
         fail internal 'cannot create the step channels' 1
-    as_owner_sh "$rwork/ctl" "$rwork/report" owner-install "$cfg" "$name" "$sha" \
-        "$with_sums" 9>&- 3>"$rwork/verdict" 4>"$rwork/sums" 5<"$rwork/feed" 7<"$sums_in" &
+    # The lock's fd is closed with exec, first: a shell applying a
+    # command's redirections keeps a copy of each fd it replaces, and this
+    # one, blocked opening a FIFO of a root killed right now, must not hold
+    # the host lock.
+    step_open=false
+    (
+        exec 9>&-
+        as_owner_sh "$rwork/ctl" "$rwork/report" owner-install "$cfg" "$name" "$sha" \
+            "$with_sums" 3>"$rwork/verdict" 4>"$rwork/sums" 5<"$rwork/feed" 7<"$sums_in"
+    ) &
     step_pid=$!
     # Opened in the order the step opens them: verdict, ctl, feed. ctl is
     # opened for reading too, so a write to it never raises SIGPIPE when the
@@ -1394,6 +1409,7 @@ op_install() {
     # with the shell that started the step, holding off the step's EOF.)
     command exec 8<"$rwork/verdict" || fail internal 'cannot open the step channels' 1
     command exec 6<>"$rwork/ctl" 7<>"$rwork/feed" || fail internal 'cannot open the step channels' 1
+    step_open=true
     verdict=''
     read -r verdict <&8 || verdict=''
     exec 8<&-
@@ -1426,8 +1442,13 @@ op_install() {
     # only if every byte reached the step. A cut connection just ends stdin
     # early; the digest check catches it.
     if [ -n "${PLUGIN_ARCHIVE_URL-}" ]; then
+        # A download is whole on disk first: verified before the step sees
+        # a byte of it (a replaced S3 object is never extracted).
         fetch_archive "$rwork/archive"
-        got=$(feed_step <"$rwork/archive") || fail internal 'cannot hash the archive' 1
+        got=$($SHA256 <"$rwork/archive" 9>&-) || fail internal 'cannot hash the archive' 1
+        unset PLUGIN_ARCHIVE_URL
+        [ "${got%% *}" = "$sha" ] || fail digest_mismatch 'archive digest does not match' 65
+        bounded cat "$rwork/archive" >&3 9>&- && : >"$rwork/received"
     else
         got=$(feed_step) || fail internal 'cannot hash the archive' 1
     fi
@@ -1453,9 +1474,23 @@ op_install() {
 }
 
 # stdin to the install step (fd 3) and to the hash, whose line is the
-# output. The hash reads a pipe of its own, which tee opens by name.
+# output. The hash reads a pipe of its own, which tee opens by name. Over
+# SSH an archive that cannot be extracted may end the step (and so the
+# copy) before its digest is known: it is then a bad_archive.
 feed_step() {
-    { tee /dev/fd/4 4>&1 >&3 && : >"$rwork/received"; } | $SHA256 3>&-
+    # (This runs in a subshell of root's: the lock stays with root alone.)
+    exec 9>&-
+    { bounded tee "$dev_fd/4" 4>&1 >&3 && : >"$rwork/received"; } | $SHA256 3>&-
+}
+
+# CMD... under the steps' time limit: root's own copy to a step that stops
+# reading (or whose hash never starts) must not hold the lock for ever.
+bounded() {
+    if [ -n "$step_timeout" ]; then
+        timeout -s KILL "$step_limit" "$@"
+    else
+        "$@"
+    fi
 }
 
 # Let the background install step go (closing ctl tells it to stop unless

@@ -2174,6 +2174,57 @@ fn an_install_step_gone_while_root_reads_the_archive_still_gets_a_result() {
     assert_eq!(h.restarts(), 0);
 }
 
+/// Pids of the processes that have `file` open.
+fn holders_of(file: &Path) -> Vec<u32> {
+    let mut pids: Vec<u32> = fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.flatten()
+                    .any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t == file))
+            })
+        })
+        .collect();
+    pids.sort();
+    pids
+}
+
+/// While an install waits for its archive, only root itself holds the host
+/// lock: not the shell that started the install step, not the step, not
+/// root's copy and hash of the archive. Any of them, left blocked by a
+/// root killed outright, would keep every later operation busy.
+#[test]
+fn while_an_install_waits_for_its_archive_only_root_holds_the_lock() {
+    let h = Host::new();
+    let p = alpha_v1();
+    let mut child = spawn_script(
+        &[
+            "install",
+            h.cfg(),
+            "alpha",
+            &p.archive.sha,
+            OWNER,
+            "5",
+            &h.restart_cmd(),
+        ],
+        &[],
+        None,
+    );
+    let lock = h.book().join("lock");
+    // Root is reading stdin by then, the step waiting for its feed.
+    std::thread::sleep(Duration::from_millis(1500));
+    let holders = holders_of(&lock);
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&p.archive.bytes).unwrap();
+    drop(stdin);
+    let root = child.id();
+    let (code, r) = result_of(child);
+    assert_eq!((code, r["status"].as_str()), (0, Some("installed")), "{r}");
+    assert_eq!(holders, vec![root], "only root (pid {root}) holds the lock");
+}
+
 #[test]
 fn a_signal_during_a_step_still_gives_one_result_and_keeps_the_owed_restart() {
     // python3 (the unwire step) made slow; root is told to stop while the
