@@ -323,6 +323,15 @@ impl Host {
         format!("python3 '{}' '{}'", runtime().display(), self.cfg.display())
     }
 
+    /// The script's arguments for installing `p` as alpha here, then `extra`.
+    fn alpha_args(&self, p: &Plugin, extra: &[&str]) -> Vec<String> {
+        let head = ["install", self.cfg(), "alpha", &p.archive.sha, OWNER, "5"];
+        let mut args: Vec<String> = head.iter().map(|a| a.to_string()).collect();
+        args.push(self.restart_cmd());
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    }
+
     /// Runs the fake runtime the way the restart command does (on files the
     /// test set up for the agent).
     fn restart(&self) {
@@ -568,19 +577,8 @@ fn same_install_again_is_unchanged_without_reading_stdin_or_restarting() {
     let p = alpha_v1();
     h.install("alpha", &p).assert_ok("installed");
     // No stdin at all: reading it would fail the digest check.
-    let r = run_script(
-        &[
-            "install",
-            h.cfg(),
-            "alpha",
-            &p.archive.sha,
-            OWNER,
-            "5",
-            &h.restart_cmd(),
-        ],
-        None,
-        None,
-    );
+    let args = h.alpha_args(&p, &[]);
+    let r = run_script(&strs(&args), None, None);
     r.assert_ok("unchanged");
     assert_eq!(
         r.result,
@@ -1763,6 +1761,11 @@ fn a_config_dir_that_is_a_link_or_not_the_agents_is_refused() {
     canary.assert_unchanged("bad config dirs");
 }
 
+/// `args` as the `&str`s the runners take.
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 /// A PATH with every tool of /usr/bin except those named.
 fn path_without(tools: &[&str]) -> TempDir {
     let bin = tempfile::tempdir().unwrap();
@@ -1778,20 +1781,8 @@ fn path_without(tools: &[&str]) -> TempDir {
 
 /// Installs `alpha` with `bin` as the script's whole PATH.
 fn install_with_path(h: &Host, p: &Plugin, bin: &Path) -> Run {
-    run_script_env(
-        &[
-            "install",
-            h.cfg(),
-            "alpha",
-            &p.archive.sha,
-            OWNER,
-            "5",
-            &h.restart_cmd(),
-        ],
-        Some(&p.archive.bytes),
-        Some(bin),
-        &[],
-    )
+    let args = h.alpha_args(p, &[]);
+    run_script_env(&strs(&args), Some(&p.archive.bytes), Some(bin), &[])
 }
 
 /// Each installed tree's sums, as root keeps them.
@@ -1867,17 +1858,9 @@ fn the_archive_size_picks_roots_hash_tool_and_must_be_a_number() {
         )
         .unwrap();
         let _ = fs::remove_file(&log);
-        let args = [
-            "install",
-            h.cfg(),
-            "alpha",
-            &p.archive.sha,
-            OWNER,
-            "5",
-            &h.restart_cmd(),
-            size,
-        ];
-        run_script_env(&args, Some(&p.archive.bytes), Some(bin.path()), &[]).assert_ok("installed");
+        let args = h.alpha_args(&p, &[size]);
+        run_script_env(&strs(&args), Some(&p.archive.bytes), Some(bin.path()), &[])
+            .assert_ok("installed");
         h.assert_installed_at("alpha", &p);
         // The plugin's files are all small: the owner step starts no OpenSSL.
         let called = fs::read_to_string(&log).unwrap_or_default();
@@ -1886,17 +1869,8 @@ fn the_archive_size_picks_roots_hash_tool_and_must_be_a_number() {
     let h = Host::new();
     let p = alpha_v1();
     for size in ["", "12ab", "-1", "1234567890123456"] {
-        let args = [
-            "install",
-            h.cfg(),
-            "alpha",
-            &p.archive.sha,
-            OWNER,
-            "5",
-            &h.restart_cmd(),
-            size,
-        ];
-        run_script_env(&args, Some(&p.archive.bytes), None, &[]).assert_error("usage", 64);
+        let args = h.alpha_args(&p, &[size]);
+        run_script_env(&strs(&args), Some(&p.archive.bytes), None, &[]).assert_error("usage", 64);
     }
     assert_eq!(h.listing(""), Vec::<String>::new());
 }
@@ -1975,20 +1949,8 @@ fn a_host_of_the_earlier_layout_migrates_without_a_gap() {
     // The file the runtime reads must be there at every moment.
     let reader = KeepReading::start(h.path("plugins/alpha/plugin.yaml"));
     // Not run_script: the earlier layout is root's on purpose.
-    let r = launch(
-        &[
-            "install",
-            h.cfg(),
-            "alpha",
-            &p.archive.sha,
-            OWNER,
-            "5",
-            &h.restart_cmd(),
-        ],
-        None,
-        None,
-        &[],
-    );
+    let args = h.alpha_args(&p, &[]);
+    let r = launch(&strs(&args), None, None, &[]);
     reader.stop();
     // Unchanged, and the restart the earlier layout owed was made up for.
     r.assert_ok("unchanged");
@@ -2150,19 +2112,8 @@ fn an_install_step_gone_while_root_reads_the_archive_still_gets_a_result() {
     // nothing may change.
     let h = Host::new();
     let p = alpha_v1();
-    let mut child = spawn_script(
-        &[
-            "install",
-            h.cfg(),
-            "alpha",
-            &p.archive.sha,
-            OWNER,
-            "5",
-            &h.restart_cmd(),
-        ],
-        &[("PLUGIN_STEP_MAX_SECS", "1")],
-        None,
-    );
+    let args = h.alpha_args(&p, &[]);
+    let mut child = spawn_script(&strs(&args), &[("PLUGIN_STEP_MAX_SECS", "1")], None);
     let mut stdin = child.stdin.take().unwrap();
     std::thread::sleep(Duration::from_millis(2500));
     let _ = stdin.write_all(&p.archive.bytes);
@@ -2199,19 +2150,8 @@ fn holders_of(file: &Path) -> Vec<u32> {
 fn while_an_install_waits_for_its_archive_only_root_holds_the_lock() {
     let h = Host::new();
     let p = alpha_v1();
-    let mut child = spawn_script(
-        &[
-            "install",
-            h.cfg(),
-            "alpha",
-            &p.archive.sha,
-            OWNER,
-            "5",
-            &h.restart_cmd(),
-        ],
-        &[],
-        None,
-    );
+    let args = h.alpha_args(&p, &[]);
+    let mut child = spawn_script(&strs(&args), &[], None);
     let lock = h.book().join("lock");
     // Root is reading stdin by then, the step waiting for its feed.
     std::thread::sleep(Duration::from_millis(1500));
