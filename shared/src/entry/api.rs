@@ -40,13 +40,10 @@ pub async fn install(deps: &Deps, req: Request) -> Response<Body> {
         };
         // Only an authorized change may go on in the background. The org's
         // allowlist is read meanwhile; it is looked at only once authorized.
-        let (host, ahead) = deadline(deps, async {
-            let (host, ahead) = tokio::join!(
-                install::authorize(deps, &caller, &ws),
-                allowlists::read_ahead(deps, &caller)
-            );
-            Ok((host?, ahead))
-        })
+        let (host, ahead) = deadline(
+            deps,
+            install::authorize_reading_allowlist(deps, &caller, &ws),
+        )
         .await?;
         let change = change(&caller, &ws, &host, work, started);
         let op = Box::pin(install::install_on(

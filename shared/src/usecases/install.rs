@@ -221,6 +221,20 @@ pub async fn authorize(deps: &Deps, caller: &Caller, workspace: &str) -> Result<
     access::workspace_host(deps, caller, workspace).await
 }
 
+/// `authorize`, with the caller's org allowlist read beside it for the
+/// install or download that follows (looked at only once authorized).
+pub async fn authorize_reading_allowlist(
+    deps: &Deps,
+    caller: &Caller,
+    workspace: &str,
+) -> Result<(Host, Option<allowlist::ReadAhead>)> {
+    let (host, ahead) = tokio::join!(
+        authorize(deps, caller, workspace),
+        allowlist::read_ahead(deps, caller)
+    );
+    Ok((host?, ahead))
+}
+
 pub async fn install(
     deps: &Deps,
     caller: &Caller,
@@ -244,11 +258,8 @@ pub async fn install_as(
     // The request's own shape first (400), then the workspace (404).
     Source::parse(&req.source)?;
     parse_pin(req.sha256.as_deref())?;
-    let (host, ahead) = tokio::join!(
-        authorize(deps, caller, workspace),
-        allowlist::read_ahead(deps, caller)
-    );
-    install_on(deps, host?, workspace, req, op_id, ahead).await
+    let (host, ahead) = authorize_reading_allowlist(deps, caller, workspace).await?;
+    install_on(deps, host, workspace, req, op_id, ahead).await
 }
 
 /// The install on a host the caller was authorized for (`authorize`);
@@ -566,11 +577,8 @@ pub async fn download(
             return Err(name_mismatch(known, name));
         }
     }
-    let (host, ahead) = tokio::join!(
-        authorize(deps, caller, workspace),
-        allowlist::read_ahead(deps, caller)
-    );
-    let p = prepare(deps, host?, &source, None, false, ahead).await?;
+    let (host, ahead) = authorize_reading_allowlist(deps, caller, workspace).await?;
+    let p = prepare(deps, host, &source, None, false, ahead).await?;
     if p.resolved.name != name {
         return Err(name_mismatch(&p.resolved.name, name));
     }
