@@ -9,6 +9,13 @@
 #             (tar.gz on stdin, or downloaded from $PLUGIN_ARCHIVE_URL when
 #             that is set; BYTES, the archive's size, only picks the hash
 #             tool that is quicker for it)
+#   install   CONFIG_DIR - - OWNER LOCK_WAIT RESTART_CMD
+#             (over SSH: stdin's first line names the plugin,
+#             "NAME SHA256 [BYTES]\n", and the archive follows it. The
+#             caller starts the command while it is still resolving the
+#             plugin; the script checks the config dir meanwhile and takes
+#             the lock, or writes anything, only once the line came. Stdin
+#             closed before a whole line: a usage error, nothing changed.)
 #   uninstall CONFIG_DIR NAME OWNER LOCK_WAIT RESTART_CMD
 #   inventory CONFIG_DIR OWNER
 #   restart   CONFIG_DIR OWNER LOCK_WAIT RESTART_CMD   (after a batch installed
@@ -1360,24 +1367,50 @@ report_words() {
         fail internal 'a step run as the workspace user gave an odd result' 1
 }
 
+# The archive's size (optional): only picks root's hash tool.
+check_bytes() {
+    case $1 in
+        '' | *[!"$DIGITS"]*) usage 'archive size must be a number of bytes' ;;
+    esac
+    [ "${#1}" -le 15 ] || usage 'archive size must be a number of bytes'
+    # Under 1,000,000 bytes sha256sum is done before OpenSSL has started.
+    [ "${#1}" -le 6 ] && SHA256=sha256sum
+}
+
+# The plugin named on stdin's first line (install with NAME and SHA256 as
+# "-"): NAME SHA256 [BYTES]. The shell reads a pipe a byte at a time, so
+# the archive's first byte stays on stdin for the copy to the step.
+read_named() {
+    rn_name=''
+    rn_sha=''
+    rn_bytes=''
+    rn_rest=''
+    IFS=' ' read -r rn_name rn_sha rn_bytes rn_rest ||
+        usage 'no plugin was named on stdin'
+    [ -z "$rn_rest" ] || usage 'the plugin named on stdin takes 2 or 3 words'
+    check_name "$rn_name"
+    check_sha "$rn_sha"
+    [ -z "$rn_bytes" ] || check_bytes "$rn_bytes"
+}
+
 op_install() {
     [ "$#" -eq 6 ] || [ "$#" -eq 7 ] || usage 'install takes 6 arguments, or 7 with the size'
     check_config_dir "$1"
-    check_name "$2"
-    check_sha "$3"
+    if [ "$2" = - ] && [ "$3" = - ]; then
+        [ "$#" -eq 6 ] || usage 'an install named on stdin takes its size there'
+        named=stdin
+    else
+        check_name "$2"
+        check_sha "$3"
+        named=''
+    fi
     check_owner "$4"
     check_wait "$5"
     restart_cmd=$6
-    if [ "$#" -eq 7 ]; then
-        case $7 in
-            '' | *[!"$DIGITS"]*) usage 'archive size must be a number of bytes' ;;
-        esac
-        [ "${#7}" -le 15 ] || usage 'archive size must be a number of bytes'
-        # Under 1,000,000 bytes sha256sum is done before OpenSSL has started.
-        [ "${#7}" -le 6 ] && SHA256=sha256sum
-    fi
+    [ "$#" -eq 7 ] && check_bytes "$7"
     inspect_config_dir || fail no_config_dir 'the runtime config directory does not exist' 69
     find_book
+    [ "$named" = stdin ] && read_named
     open_book
     with_sums=''
     sums_in=/dev/null

@@ -206,6 +206,22 @@ pub trait HostTransport: Send + Sync {
         Ok(None)
     }
 
+    /// Starts `cmd`, an install naming its plugin on stdin
+    /// (`HostCommand::install_named_on_stdin`), on what `open` made: the
+    /// host starts the script and checks what it can while the operation
+    /// is still resolving the plugin. `run_opened` with the full command
+    /// then sends the line naming the plugin and the archive. Dropping the
+    /// result instead ends the command with nothing changed on the host.
+    /// Transports without a stdin to send on leave `opened` as it is.
+    async fn start(
+        &self,
+        opened: Option<Opened>,
+        _host: &Host,
+        _cmd: &HostCommand,
+    ) -> Result<Option<Opened>> {
+        Ok(opened)
+    }
+
     /// `run` on what `open` made (or from scratch, given `None`).
     async fn run_opened(
         &self,

@@ -500,6 +500,34 @@ impl Fixture {
         self.config_dir.join("plugins").join(name)
     }
 
+    /// Host script processes (root's or its steps') running for this
+    /// host's config dir, waited for up to `wait` to end.
+    pub fn scripts_left(&self, wait: std::time::Duration) -> Vec<u32> {
+        let cfg = self.config_dir.to_string_lossy().into_owned();
+        let until = std::time::Instant::now() + wait;
+        loop {
+            let left: Vec<u32> = std::fs::read_dir("/proc")
+                .map(|d| {
+                    d.flatten()
+                        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                        .filter(|pid| {
+                            let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                                return false;
+                            };
+                            let args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+                            args.contains(&b"plugin-host".as_slice())
+                                && args.contains(&cfg.as_bytes())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if left.is_empty() || std::time::Instant::now() >= until {
+                return left;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// Whether any operation reached the host's config dir.
     pub fn touched(&self) -> bool {
         std::fs::read_dir(&self.config_dir)

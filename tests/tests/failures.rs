@@ -105,6 +105,14 @@ async fn size_cap_is_inclusive_and_oversize_writes_nothing(access: Access) {
     assert_eq!(s, 413, "{b}");
     assert_eq!(written(&f).await, Vec::<String>::new());
     assert!(!f.touched());
+    // Over SSH the install's command was started beside the fetch, waiting
+    // for the plugin's name: it ended without one, with no state of root's
+    // made and no process left.
+    assert!(!f.book().exists(), "root's state was made");
+    assert_eq!(
+        f.scripts_left(std::time::Duration::from_secs(5)),
+        Vec::<u32>::new()
+    );
 
     publish_owned(&f, "capped", &at_cap).await;
     let (s, b) = install(&app, &f.workspace, r#"{"source": "capped"}"#).await;

@@ -60,7 +60,7 @@ async fn concurrent_operations_lose_nothing_while_s3_and_ec2_fail() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_function_process_converges_by_the_next_operation_or_the_repair() {
     let seed = seed();
-    let report = process_faults(ops().min(4).max(2), seed).await;
+    let report = process_faults(ops().clamp(2, 4), seed).await;
     eprintln!("PLUGIN_FAULT_SEED={seed}\n{report}");
     assert!(report.clean(), "{report}");
     assert!(report.converged_by.len() == 2, "{report}");

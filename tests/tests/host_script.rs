@@ -2215,3 +2215,97 @@ fn an_archive_without_plugin_yaml_is_a_bad_archive() {
     h.install("nameless", &p).assert_error("bad_archive", 66);
     assert!(fs::symlink_metadata(h.path("plugins/nameless")).is_err());
 }
+
+/// The install arguments naming the plugin on stdin ("-" for NAME and
+/// SHA256), as the SSH transport starts an install ahead of its plugin.
+fn named_on_stdin_args(h: &Host) -> Vec<String> {
+    let head = ["install", h.cfg(), "-", "-", OWNER, "5"];
+    let mut args: Vec<String> = head.iter().map(|a| a.to_string()).collect();
+    args.push(h.restart_cmd());
+    args
+}
+
+#[test]
+fn an_install_named_on_stdin_writes_nothing_before_the_name_comes() {
+    let h = Host::new();
+    let p = alpha_v1();
+    let args = named_on_stdin_args(&h);
+    let mut child = spawn_script(&strs(&args), &[], None);
+    std::thread::sleep(Duration::from_millis(800));
+    // Started and waiting: no state of root's, no lock, nothing in the
+    // config dir yet.
+    let state = h.book();
+    assert!(!state.parent().unwrap().exists(), "root's state was made");
+    assert_eq!(h.listing(""), Vec::<String>::new());
+    let mut stdin = child.stdin.take().unwrap();
+    let line = format!("alpha {} {}\n", p.archive.sha, p.archive.bytes.len());
+    stdin.write_all(line.as_bytes()).unwrap();
+    stdin.write_all(&p.archive.bytes).unwrap();
+    drop(stdin);
+    let (code, r) = result_of(child);
+    assert_eq!(
+        (code, &r),
+        (
+            0,
+            &json!({"status": "installed", "plugin": "alpha", "digest": p.archive.sha, "previous": "", "previous_kind": "none", "restarted": true, "pending_restart": false})
+        )
+    );
+    h.assert_installed("alpha", &p);
+    assert_eq!(h.restarts(), 1);
+    h.assert_no_leftovers();
+
+    // The same plugin named again: unchanged, with nothing read after the
+    // line (no archive sent at all).
+    let line = format!("alpha {}\n", p.archive.sha);
+    run_script(&strs(&args), Some(line.as_bytes()), None).assert_ok("unchanged");
+    // A new version named on stdin replaces it.
+    let v2 = alpha_v2();
+    let mut input = format!("alpha {}\n", v2.archive.sha).into_bytes();
+    input.extend_from_slice(&v2.archive.bytes);
+    run_script(&strs(&args), Some(&input), None).assert_ok("installed");
+    h.assert_installed("alpha", &v2);
+    // Its digest is checked as ever: v1's bytes under v2's name are refused.
+    let v3 = beta();
+    let mut input = format!("alpha {}\n", v3.archive.sha).into_bytes();
+    input.extend_from_slice(&v2.archive.bytes);
+    run_script(&strs(&args), Some(&input), None).assert_error("digest_mismatch", 65);
+    h.assert_installed("alpha", &v2);
+    assert_eq!(h.restarts(), 2);
+}
+
+#[test]
+fn an_install_named_on_stdin_without_a_whole_good_line_is_a_usage_error() {
+    let h = Host::new();
+    let p = alpha_v1();
+    let args = named_on_stdin_args(&h);
+    let sha = &p.archive.sha;
+    let bad: Vec<Vec<u8>> = vec![
+        // The caller gave up: stdin closed before a line.
+        Vec::new(),
+        format!("alpha {sha}").into_bytes(),
+        b"alpha\n".to_vec(),
+        format!("alpha {sha} 12 13\n").into_bytes(),
+        format!("alpha {sha} 12ab\n").into_bytes(),
+        format!("../alpha {sha}\n").into_bytes(),
+        format!("alpha {}\n", &sha[1..]).into_bytes(),
+        format!("alpha\t{sha}\n").into_bytes(),
+    ];
+    for input in bad {
+        let mut all = input.clone();
+        all.extend_from_slice(&p.archive.bytes);
+        // Stdin ending where the line does, and the archive after it.
+        for stdin in [&input, &all] {
+            let r = run_script(&strs(&args), Some(stdin), None);
+            r.assert_error("usage", 64);
+        }
+    }
+    // The size goes in the line, not after the "-" arguments.
+    let mut sized = args.clone();
+    sized.push("57000".into());
+    let mut input = format!("alpha {sha}\n").into_bytes();
+    input.extend_from_slice(&p.archive.bytes);
+    run_script(&strs(&sized), Some(&input), None).assert_error("usage", 64);
+    // Nothing was written: no state of root's, nothing in the config dir.
+    assert!(!h.book().parent().unwrap().exists());
+    assert_eq!(h.listing(""), Vec::<String>::new());
+}

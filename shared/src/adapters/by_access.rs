@@ -37,6 +37,18 @@ impl HostTransport for ByAccess {
         }
     }
 
+    async fn start(
+        &self,
+        opened: Option<Opened>,
+        host: &Host,
+        cmd: &HostCommand,
+    ) -> Result<Option<Opened>> {
+        match host.access {
+            Access::Ssh => self.ssh.start(opened, host, cmd).await,
+            Access::Ssm => self.ssm.start(opened, host, cmd).await,
+        }
+    }
+
     async fn run_opened(
         &self,
         opened: Option<Opened>,

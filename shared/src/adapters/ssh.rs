@@ -1,7 +1,9 @@
 //! The SSH adapter, for hosts with sshd: a fresh ed25519 key per
 //! connection, pushed with EC2 Instance Connect (valid 60 s), then an SSH
 //! connection verified against the host key the instance published. The
-//! archive streams over the command's stdin. A connection whose command
+//! archive streams over the command's stdin; an install's command can be
+//! started before its plugin is resolved (`start`), and the line naming
+//! the plugin then comes first on stdin. A connection whose command
 //! ended cleanly is kept a short while (`PLUGIN_SSH_REUSE_SECS`) for the
 //! next operation on the same instance: a user adding plugins one after
 //! another, or a repair's inventory and then its installs, pay for the key
@@ -378,6 +380,18 @@ struct SshOpened {
     reused: bool,
     /// When it was authenticated.
     born: Stamp,
+    /// The command `start` began on it, waiting for its stdin.
+    started: Option<Started>,
+}
+
+/// A command started ahead of its stdin (`HostTransport::start`).
+struct Started {
+    channel: russh::Channel<client::Msg>,
+    /// Its arguments: `run_opened` checks they are those of the command it
+    /// was asked to run, naming its plugin on stdin.
+    args: Vec<String>,
+    ready_ms: u64,
+    run_start: Instant,
 }
 
 impl SshTransport {
@@ -394,9 +408,53 @@ impl SshTransport {
                 auth_ms: 0,
                 reused: true,
                 born,
+                started: None,
             });
         }
         self.fresh(host, t0).await
+    }
+
+    /// What `open` (or `start`) made for this host, else a new session.
+    async fn ready(&self, opened: Option<Opened>, host: &Host) -> Result<SshOpened> {
+        let ready = opened
+            .and_then(|o| o.0.downcast::<SshOpened>().ok())
+            .filter(|o| o.instance == host.instance_id);
+        match ready {
+            Some(o) => Ok(*o),
+            None => self.opened(host).await,
+        }
+    }
+
+    /// `cmd` running in a new channel of `opened` (a kept connection gone
+    /// stale is replaced by a new one first: nothing ran on it yet). With
+    /// when the session was ready (ms since its `t0`) and the command began.
+    async fn exec(
+        &self,
+        opened: &mut SshOpened,
+        host: &Host,
+        cmd: &HostCommand,
+    ) -> Result<(russh::Channel<client::Msg>, u64, Instant)> {
+        let ready_ms = opened.t0.elapsed().as_millis() as u64;
+        let run_start = Instant::now();
+        let channel = if opened.reused {
+            let open = opened.session.channel_open_session();
+            match tokio::time::timeout(KEPT_OPEN_WAIT, open).await {
+                Ok(Ok(c)) => c,
+                stale => {
+                    tracing::debug!(instance = %host.instance_id, ok = stale.is_ok(), "kept SSH connection is stale; connecting again");
+                    *opened = self.fresh(host, opened.t0).await?;
+                    opened.session.channel_open_session().await.map_err(lost)?
+                }
+            }
+        } else {
+            opened.session.channel_open_session().await.map_err(lost)?
+        };
+        // want_reply: if sshd refuses to run the command, a Failure says so.
+        channel
+            .exec(true, cmd.render(&self.prefix))
+            .await
+            .map_err(lost)?;
+        Ok((channel, ready_ms, run_start))
     }
 
     /// A new authenticated session for `host`, timed from `t0`.
@@ -410,6 +468,7 @@ impl SshTransport {
             auth_ms,
             reused: false,
             born: Stamp::now(),
+            started: None,
         })
     }
 
@@ -461,22 +520,29 @@ fn lost(e: russh::Error) -> Error {
         .with_detail(format!("{e:?}"))
 }
 
-/// Streams the archive (if any) into the command's stdin, then EOF.
+/// Streams the line naming the plugin and the archive (each if any) into
+/// the command's stdin, then EOF.
 async fn send_stdin(
     tx: russh::ChannelWriteHalf<client::Msg>,
+    named: Option<String>,
     file: Option<tokio::fs::File>,
 ) -> std::io::Result<()> {
     let mut w = tx.make_writer();
-    // 256 KiB reads so each SSH packet is full-size (32 KiB).
-    let copied = match file {
-        Some(f) => tokio::io::copy_buf(
-            &mut tokio::io::BufReader::with_capacity(256 * 1024, f),
-            &mut w,
-        )
-        .await
-        .map(|_| ()),
-        None => Ok(()),
-    };
+    let copied = async {
+        if let Some(line) = named {
+            w.write_all(line.as_bytes()).await?;
+        }
+        // 256 KiB reads so each SSH packet is full-size (32 KiB).
+        if let Some(f) = file {
+            tokio::io::copy_buf(
+                &mut tokio::io::BufReader::with_capacity(256 * 1024, f),
+                &mut w,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+    .await;
     // EOF even after a failed copy: the host's digest check then refuses
     // the truncated archive instead of waiting for more.
     let _ = w.shutdown().await;
@@ -521,6 +587,23 @@ impl HostTransport for SshTransport {
         Ok(Some(Opened(Box::new(self.opened(host).await?))))
     }
 
+    async fn start(
+        &self,
+        opened: Option<Opened>,
+        host: &Host,
+        cmd: &HostCommand,
+    ) -> Result<Option<Opened>> {
+        let mut opened = self.ready(opened, host).await?;
+        let (channel, ready_ms, run_start) = self.exec(&mut opened, host, cmd).await?;
+        opened.started = Some(Started {
+            channel,
+            args: cmd.args.clone(),
+            ready_ms,
+            run_start,
+        });
+        Ok(Some(Opened(Box::new(opened))))
+    }
+
     async fn run_opened(
         &self,
         opened: Option<Opened>,
@@ -528,31 +611,28 @@ impl HostTransport for SshTransport {
         cmd: &HostCommand,
         payload: Option<&Payload<'_>>,
     ) -> Result<HostOutput> {
-        // A session opened for this host, else a new one.
-        let ready = opened
-            .and_then(|o| o.0.downcast::<SshOpened>().ok())
-            .filter(|o| o.instance == host.instance_id);
-        let mut opened = match ready {
-            Some(o) => *o,
-            None => self.opened(host).await?,
-        };
-        // Connected (and authenticated) at auth_ms; the command starts now.
-        let ready_ms = opened.t0.elapsed().as_millis() as u64;
-        let run_start = Instant::now();
-        let channel = if opened.reused {
-            let open = opened.session.channel_open_session();
-            match tokio::time::timeout(KEPT_OPEN_WAIT, open).await {
-                Ok(Ok(c)) => c,
-                // A kept connection gone stale: nothing ran on the host yet,
-                // so a fresh connection takes over.
-                stale => {
-                    tracing::debug!(instance = %host.instance_id, ok = stale.is_ok(), "kept SSH connection is stale; connecting again");
-                    opened = self.fresh(host, opened.t0).await?;
-                    opened.session.channel_open_session().await.map_err(lost)?
+        // A session opened (or a command started) for this host, else a
+        // new session.
+        let mut opened = self.ready(opened, host).await?;
+        let ahead = opened.started.is_some();
+        let (channel, ready_ms, run_start, named) = match opened.started.take() {
+            // Started ahead: it must be this command, naming its plugin on
+            // stdin (else it is ended unsent, with the session).
+            Some(s) => match cmd.named_on_stdin() {
+                Some((early, line)) if early.args == s.args => {
+                    (s.channel, s.ready_ms, s.run_start, Some(line))
                 }
+                _ => {
+                    return Err(Error::internal(format!(
+                        "the command started ahead is not {}",
+                        cmd.summary()
+                    )))
+                }
+            },
+            None => {
+                let (c, ready_ms, run_start) = self.exec(&mut opened, host, cmd).await?;
+                (c, ready_ms, run_start, None)
             }
-        } else {
-            opened.session.channel_open_session().await.map_err(lost)?
         };
         let SshOpened {
             session,
@@ -563,11 +643,6 @@ impl HostTransport for SshTransport {
             born,
             ..
         } = opened;
-        // want_reply: if sshd refuses to run the command, a Failure says so.
-        channel
-            .exec(true, cmd.render(&self.prefix))
-            .await
-            .map_err(lost)?;
         let (rx, tx) = channel.split();
         let file = match payload {
             Some(p) => Some(
@@ -580,7 +655,7 @@ impl HostTransport for SshTransport {
         // Stream stdin and collect output in one future: if the operation
         // is cancelled (its deadline) both stop with the session, and
         // nothing keeps feeding the host behind the caller's back.
-        let write = send_stdin(tx, file);
+        let write = send_stdin(tx, named, file);
         let read = collect_output(rx);
         tokio::pin!(write, read);
         let mut writing = true;
@@ -609,6 +684,7 @@ impl HostTransport for SshTransport {
         tracing::debug!(
             instance = %host.instance_id,
             reused,
+            ahead,
             connect_ms,
             auth_ms,
             ready_ms,

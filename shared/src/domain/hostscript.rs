@@ -55,6 +55,38 @@ impl HostCommand {
         self
     }
 
+    /// The install command, naming its plugin on stdin instead of in its
+    /// arguments: it can start while the plugin is still being resolved.
+    /// `named_on_stdin` of the full command gives the same command and the
+    /// line that names the plugin.
+    pub fn install_named_on_stdin(p: &RuntimeProfile, owner: &str, lock_wait: u64) -> Self {
+        Self::install(p, "-", "-", owner, lock_wait)
+    }
+
+    /// For an install naming its plugin in its arguments: the same install
+    /// as `install_named_on_stdin` starts it, and stdin's first line for it
+    /// (`NAME SHA256 [BYTES]`). `None` for any other command.
+    pub fn named_on_stdin(&self) -> Option<(HostCommand, String)> {
+        match self.args.as_slice() {
+            [op, cfg, name, digest, owner, wait, restart, bytes @ ..]
+                if op == "install" && name != "-" && bytes.len() <= 1 =>
+            {
+                let mut line = format!("{name} {digest}");
+                if let Some(b) = bytes.first() {
+                    line.push(' ');
+                    line.push_str(b);
+                }
+                line.push('\n');
+                let args = [op, cfg, "-", "-", owner, wait, restart];
+                let cmd = HostCommand {
+                    args: args.iter().map(|a| a.to_string()).collect(),
+                };
+                Some((cmd, line))
+            }
+            _ => None,
+        }
+    }
+
     pub fn uninstall(p: &RuntimeProfile, name: &str, owner: &str, lock_wait: u64) -> Self {
         HostCommand {
             args: vec![
@@ -347,6 +379,38 @@ mod tests {
         assert_eq!(sized.clone().with_archive_bytes(9).args, sized.args);
         let un = HostCommand::uninstall(&p, "a", "1000:1000", 5);
         assert_eq!(un.clone().with_archive_bytes(9).args, un.args);
+    }
+
+    #[test]
+    fn an_install_names_its_plugin_on_stdin_with_the_same_arguments_otherwise() {
+        let p = RuntimeProfile {
+            config_dir: "/configs".into(),
+            restart: "systemctl restart agent".into(),
+        };
+        let digest = "ab".repeat(32);
+        let early = HostCommand::install_named_on_stdin(&p, "1000:1000", 5);
+        for (cmd, line) in [
+            (
+                HostCommand::install(&p, "alpha", &digest, "1000:1000", 5),
+                format!("alpha {digest}\n"),
+            ),
+            (
+                HostCommand::install(&p, "alpha", &digest, "1000:1000", 5).with_archive_bytes(77),
+                format!("alpha {digest} 77\n"),
+            ),
+        ] {
+            assert_eq!(cmd.named_on_stdin(), Some((early.clone(), line)));
+        }
+        // A command of another profile, owner or wait is another command.
+        let other = HostCommand::install(&p, "alpha", &digest, "1001:1001", 5);
+        assert_ne!(other.named_on_stdin().unwrap().0, early);
+        for cmd in [
+            early.clone(),
+            HostCommand::uninstall(&p, "alpha", "1000:1000", 5),
+            HostCommand::inventory(&p, "1000:1000"),
+        ] {
+            assert_eq!(cmd.named_on_stdin(), None, "{cmd:?}");
+        }
     }
 
     #[test]

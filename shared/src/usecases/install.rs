@@ -5,7 +5,10 @@
 //! for the source (403), and only then the fetch; then the allowlist for
 //! the name and digest the archive gives itself (403), the sha256 pin and
 //! the manifest (422); only then is the archive staged, a record started
-//! and the host contacted; the desired state is written last.
+//! and the plugin named to the host; the desired state is written last.
+//! (The host connection, and an install's command, which waits for the
+//! plugin's name on stdin, start beside the fetch once the source is
+//! admitted: a plugin refused later ends that command with nothing written.)
 
 use std::time::Instant;
 
@@ -113,22 +116,38 @@ struct Prepared {
     opened: Result<Option<Opened>>,
 }
 
-/// The plugin resolved, checked and staged for `host`. With `open_host`,
+/// What `prepare` does with the host while the plugin is resolved.
+enum HostAhead {
+    /// Nothing (a download).
+    Nothing,
+    /// Connect (push the key, handshake, authenticate).
+    Open,
+    /// Connect and start this install, which names its plugin on stdin
+    /// (`HostCommand::install_named_on_stdin`): the host starts the script
+    /// and checks the config dir meanwhile. Transports without stdin only
+    /// connect.
+    Start(HostCommand),
+}
+
+/// The plugin resolved, checked and staged for `host`. With `host_ahead`,
 /// the connection to the host is made at the same time (they do not depend
 /// on each other), once the source has passed the org's allowlist: nothing
-/// reaches a host for a source the org refuses. An SSH host reads the
-/// archive from local disk, not from S3, so its staging is left to run
-/// beside the delivery (`staged` false); an SSM host downloads the staged
-/// object, so it is staged first.
+/// reaches a host for a source the org refuses. An install's command is
+/// started on it too, but learns which plugin only once the plugin has
+/// passed every check (a refused one ends it with nothing written). An SSH
+/// host reads the archive from local disk, not from S3, so its staging is
+/// left to run beside the delivery (`staged` false); an SSM host downloads
+/// the staged object, so it is staged first.
 async fn prepare(
     deps: &Deps,
     host: Host,
     source: &Source,
     pin: Option<&str>,
-    open_host: bool,
+    host_ahead: HostAhead,
     ahead: Option<allowlist::ReadAhead>,
 ) -> Result<Prepared> {
     let mut t = deps.clock.now();
+    let open_host = !matches!(host_ahead, HostAhead::Nothing);
     let stage_beside = open_host && host.access == Access::Ssh;
     // The caller was authorized for the host; nothing is fetched from a
     // source its org's allowlist does not admit.
@@ -146,9 +165,13 @@ async fn prepare(
         Ok::<_, Error>((resolved, manifest, resolve_ms, stage_ms))
     };
     let open = async {
-        match open_host {
-            true => deps.transport.open(&host).await,
-            false => Ok(None),
+        match host_ahead {
+            HostAhead::Nothing => Ok(None),
+            HostAhead::Open => deps.transport.open(&host).await,
+            HostAhead::Start(cmd) => {
+                let opened = deps.transport.open(&host).await?;
+                deps.transport.start(opened, &host, &cmd).await
+            }
         }
     };
     let (work, opened) = tokio::join!(work, open);
@@ -275,10 +298,19 @@ pub async fn install_on(
     let source = Source::parse(&req.source)?;
     let pin = parse_pin(req.sha256.as_deref())?;
     let started = deps.clock.now();
-    let mut p = prepare(deps, host, &source, pin.as_deref(), true, ahead).await?;
+    let cfg = &deps.config;
+    // (A host without a runtime profile fails below, once the plugin has.)
+    let host_ahead = match cfg.host_profile(&host) {
+        Ok(profile) => HostAhead::Start(HostCommand::install_named_on_stdin(
+            &profile,
+            &cfg.owner,
+            cfg.lock_wait_secs,
+        )),
+        Err(_) => HostAhead::Open,
+    };
+    let mut p = prepare(deps, host, &source, pin.as_deref(), host_ahead, ahead).await?;
     let mut t = deps.clock.now();
     let (name, archive) = (&p.resolved.name, &p.resolved.archive);
-    let cfg = &deps.config;
     let profile = cfg.host_profile(&p.host)?;
     let cmd = HostCommand::install(
         &profile,
@@ -578,7 +610,7 @@ pub async fn download(
         }
     }
     let (host, ahead) = authorize_reading_allowlist(deps, caller, workspace).await?;
-    let p = prepare(deps, host, &source, None, false, ahead).await?;
+    let p = prepare(deps, host, &source, None, HostAhead::Nothing, ahead).await?;
     if p.resolved.name != name {
         return Err(name_mismatch(&p.resolved.name, name));
     }
