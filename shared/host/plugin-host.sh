@@ -13,9 +13,11 @@
 #             (over SSH: stdin's first line names the plugin,
 #             "NAME SHA256 [BYTES]\n", and the archive follows it. The
 #             caller starts the command while it is still resolving the
-#             plugin; the script checks the config dir meanwhile and takes
-#             the lock, or writes anything, only once the line came. Stdin
-#             closed before a whole line: a usage error, nothing changed.)
+#             plugin, so the session, sudo and the script's start are done
+#             by the time it has it. Nothing on the host is looked at,
+#             locked or written before the line. Stdin closed before a whole
+#             line, or no line within the step time limit: a usage error,
+#             nothing changed.)
 #   uninstall CONFIG_DIR NAME OWNER LOCK_WAIT RESTART_CMD
 #   inventory CONFIG_DIR OWNER
 #   restart   CONFIG_DIR OWNER LOCK_WAIT RESTART_CMD   (after a batch installed
@@ -1378,15 +1380,22 @@ check_bytes() {
 }
 
 # The plugin named on stdin's first line (install with NAME and SHA256 as
-# "-"): NAME SHA256 [BYTES]. The shell reads a pipe a byte at a time, so
-# the archive's first byte stays on stdin for the copy to the step.
+# "-"): NAME SHA256 [BYTES]. A shell reads a pipe or socket a byte at a
+# time, so the archive's first byte stays on stdin for the copy to the
+# step. The line is read by a child shell under the step time limit: a
+# caller gone without a word (its connection left open) must not keep
+# root waiting for ever.
 read_named() {
+    # shellcheck disable=SC2016 # $l is the child's
+    rn_line=$(bounded sh -c 'IFS= read -r l || exit 1; printf "%s\n" "$l"') ||
+        usage 'no plugin was named on stdin'
     rn_name=''
     rn_sha=''
     rn_bytes=''
     rn_rest=''
-    IFS=' ' read -r rn_name rn_sha rn_bytes rn_rest ||
-        usage 'no plugin was named on stdin'
+    IFS=' ' read -r rn_name rn_sha rn_bytes rn_rest <<EOF
+$rn_line
+EOF
     [ -z "$rn_rest" ] || usage 'the plugin named on stdin takes 2 or 3 words'
     check_name "$rn_name"
     check_sha "$rn_sha"
@@ -1408,9 +1417,9 @@ op_install() {
     check_wait "$5"
     restart_cmd=$6
     [ "$#" -eq 7 ] && check_bytes "$7"
+    [ "$named" = stdin ] && read_named
     inspect_config_dir || fail no_config_dir 'the runtime config directory does not exist' 69
     find_book
-    [ "$named" = stdin ] && read_named
     open_book
     with_sums=''
     sums_in=/dev/null

@@ -222,7 +222,17 @@ pub trait HostTransport: Send + Sync {
         Ok(opened)
     }
 
-    /// `run` on what `open` made (or from scratch, given `None`).
+    /// Ends what `open` or `start` made, when the operation stops before
+    /// `run_opened` (a plugin refused once fetched): a started command's
+    /// stdin ends before any line naming a plugin, so it ends with nothing
+    /// changed, and it is waited for briefly. A connection left clean is
+    /// kept for the next operation on the host, like one `run_opened` used.
+    async fn close(&self, _opened: Opened, _host: &Host) {}
+
+    /// `run` on what `open` made (or from scratch, given `None`). On a
+    /// command `start` began, `cmd` must be the same install naming its
+    /// plugin in its arguments (`HostCommand::named_on_stdin`); any other
+    /// is refused (an internal error) and the started one ended unsent.
     async fn run_opened(
         &self,
         _opened: Option<Opened>,

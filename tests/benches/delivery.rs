@@ -903,7 +903,9 @@ async fn fleet() {
         std::thread::sleep(Duration::from_secs(2));
     }
     let ev = work.path().join("rollout.json");
-    std::fs::write(&ev, r#"{"detail-type":"Plugin Reinstall Requested","source":"molecule.plugin-delivery","time":"2026-11-25T19:00:00Z","resources":[],"detail":{"plugin":"bench-fleet","source":"local://bench-fleet","max_concurrency":20}}"#).unwrap();
+    // A rollout acts for one org: the test hosts' own.
+    let rollout = serde_json::json!({"detail-type": "Plugin Reinstall Requested", "source": "molecule.plugin-delivery", "time": "2026-11-25T19:00:00Z", "resources": [], "detail": {"plugin": "bench-fleet", "source": "local://bench-fleet", "max_concurrency": 20, "org_id": TEST_ORG}});
+    std::fs::write(&ev, rollout.to_string()).unwrap();
     let function = pid_of("/release/reinstall");
     let own0 = function
         .map(|p| process_cpu_secs(&p.to_string()))

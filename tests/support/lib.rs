@@ -503,6 +503,16 @@ impl Fixture {
     /// Host script processes (root's or its steps') running for this
     /// host's config dir, waited for up to `wait` to end.
     pub fn scripts_left(&self, wait: std::time::Duration) -> Vec<u32> {
+        self.scripts_until(wait, true)
+    }
+
+    /// Host script processes running for this host's config dir, waited
+    /// for up to `wait` to appear.
+    pub fn scripts_running(&self, wait: std::time::Duration) -> Vec<u32> {
+        self.scripts_until(wait, false)
+    }
+
+    fn scripts_until(&self, wait: std::time::Duration, gone: bool) -> Vec<u32> {
         let cfg = self.config_dir.to_string_lossy().into_owned();
         let until = std::time::Instant::now() + wait;
         loop {
@@ -521,7 +531,7 @@ impl Fixture {
                         .collect()
                 })
                 .unwrap_or_default();
-            if left.is_empty() || std::time::Instant::now() >= until {
+            if left.is_empty() == gone || std::time::Instant::now() >= until {
                 return left;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));

@@ -458,6 +458,56 @@ async fn operations_in_a_row_share_one_connection_and_a_dead_one_is_replaced() {
     );
     assert_eq!(sessions_of(&f).len(), 1, "one connection open, kept");
 
+    // An install started ahead of its plugin, on the kept connection, then
+    // ended unsent (as for a plugin refused once fetched): the script ran
+    // and waited, ends with nothing changed, and the connection stays kept.
+    let deps = &app.deps;
+    let host = deps.fleet.locate(&f.workspace).await.unwrap();
+    let profile = deps.config.host_profile(&host).unwrap();
+    let early = plugin_delivery::domain::hostscript::HostCommand::install_named_on_stdin(
+        &profile,
+        &deps.config.owner,
+        deps.config.lock_wait_secs,
+    );
+    let before = tree(&f.plugin_dir("hello"));
+    let opened = deps.transport.open(&host).await.unwrap();
+    let started = deps.transport.start(opened, &host, &early).await.unwrap();
+    let waiting = f.scripts_running(std::time::Duration::from_secs(5));
+    assert!(!waiting.is_empty(), "the started script runs");
+    deps.transport.close(started.unwrap(), &host).await;
+    assert_eq!(
+        f.scripts_left(std::time::Duration::from_secs(5)),
+        Vec::<u32>::new()
+    );
+    assert_eq!(tree(&f.plugin_dir("hello")), before);
+    assert!(!f.book().join("work").exists());
+    assert_eq!(
+        (pushed_keys(&f), sessions_of(&f).len()),
+        (1, 1),
+        "the connection was kept"
+    );
+    // A started install is only ever completed by the same install: any
+    // other command is refused, and the started one ends unsent.
+    let opened = deps.transport.open(&host).await.unwrap();
+    let started = deps.transport.start(opened, &host, &early).await.unwrap();
+    let other = plugin_delivery::domain::hostscript::HostCommand::uninstall(
+        &profile,
+        "hello",
+        &deps.config.owner,
+        deps.config.lock_wait_secs,
+    );
+    let refused = deps
+        .transport
+        .run_opened(started, &host, &other, None)
+        .await;
+    assert!(refused.is_err());
+    assert_eq!(
+        f.scripts_left(std::time::Duration::from_secs(5)),
+        Vec::<u32>::new()
+    );
+    assert_eq!(tree(&f.plugin_dir("hello")), before);
+    assert_eq!((pushed_keys(&f), sessions_of(&f).len()), (1, 1));
+
     // A cold start has nothing kept.
     let (s, b) = install(&f.app(), &f.workspace, r#"{"source":"hello"}"#).await;
     assert_eq!((s, b["status"].as_str()), (200, Some("unchanged")), "{b}");

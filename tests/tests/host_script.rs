@@ -191,8 +191,19 @@ fn run_script_env(
 /// TEXT OP ARGS`), with root's state under the config dir's temp dir,
 /// stdout and stderr piped.
 fn script_command(args: &[&str], env: &[(&str, &str)], path_env: Option<&Path>) -> Command {
+    script_command_in("sh", args, env, path_env)
+}
+
+/// `script_command` with another shell for root's part (bash is /bin/sh
+/// on some hosts).
+fn script_command_in(
+    shell: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    path_env: Option<&Path>,
+) -> Command {
     let text = fs::read_to_string(script()).unwrap();
-    let mut cmd = Command::new("sh");
+    let mut cmd = Command::new(shell);
     cmd.envs(env.iter().copied());
     if let Some(state) = args.get(1).map(Path::new).and_then(Path::parent) {
         if state.is_absolute() {
@@ -2271,6 +2282,27 @@ fn an_install_named_on_stdin_writes_nothing_before_the_name_comes() {
     run_script(&strs(&args), Some(&input), None).assert_error("digest_mismatch", 65);
     h.assert_installed("alpha", &v2);
     assert_eq!(h.restarts(), 2);
+
+    // bash as root's shell, stdin a pipe and then a regular file (which
+    // bash reads in blocks, seeking back after the line): the same install.
+    let mut input = format!("alpha {} {}\n", p.archive.sha, p.archive.bytes.len()).into_bytes();
+    input.extend_from_slice(&p.archive.bytes);
+    let file = h.cfg.parent().unwrap().join("named-input");
+    fs::write(&file, &input).unwrap();
+    for from_file in [false, true] {
+        h.uninstall("alpha").assert_ok("uninstalled");
+        let mut cmd = script_command_in("bash", &strs(&args), &[], None);
+        let child = if from_file {
+            cmd.stdin(fs::File::open(&file).unwrap()).spawn().unwrap()
+        } else {
+            let mut child = cmd.stdin(Stdio::piped()).spawn().unwrap();
+            child.stdin.take().unwrap().write_all(&input).unwrap();
+            child
+        };
+        let (code, r) = result_of(child);
+        assert_eq!((code, r["status"].as_str()), (0, Some("installed")), "{r}");
+        h.assert_installed("alpha", &p);
+    }
 }
 
 #[test]
@@ -2299,6 +2331,15 @@ fn an_install_named_on_stdin_without_a_whole_good_line_is_a_usage_error() {
             r.assert_error("usage", 64);
         }
     }
+    // A caller that never sends the line (its connection held open) is
+    // not waited for past the step time limit.
+    let mut child = spawn_script(&strs(&args), &[("PLUGIN_STEP_MAX_SECS", "1")], None);
+    let held = child.stdin.take().unwrap();
+    let t = std::time::Instant::now();
+    let (code, r) = result_of(child);
+    assert_eq!((code, r["code"].as_str()), (64, Some("usage")), "{r}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    drop(held);
     // The size goes in the line, not after the "-" arguments.
     let mut sized = args.clone();
     sized.push("57000".into());

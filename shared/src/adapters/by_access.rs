@@ -49,6 +49,13 @@ impl HostTransport for ByAccess {
         }
     }
 
+    async fn close(&self, opened: Opened, host: &Host) {
+        match host.access {
+            Access::Ssh => self.ssh.close(opened, host).await,
+            Access::Ssm => self.ssm.close(opened, host).await,
+        }
+    }
+
     async fn run_opened(
         &self,
         opened: Option<Opened>,

@@ -166,6 +166,8 @@ impl Stamp {
 /// How long a kept connection may take to open a channel before it counts
 /// as stale (a host gone silent), and a fresh connection is made instead.
 const KEPT_OPEN_WAIT: Duration = Duration::from_secs(2);
+/// How long `close` waits for a started command to end once its stdin did.
+const CLOSE_WAIT: Duration = Duration::from_secs(3);
 
 impl Kept {
     /// Drops what expired or closed (the caller holds the lock).
@@ -369,7 +371,8 @@ impl SshTransport {
     }
 }
 
-/// An authenticated session made ahead of its command (`open`).
+/// An authenticated session made ahead of its command (`open`), and the
+/// command begun on it ahead of its stdin, if any (`start`).
 struct SshOpened {
     session: client::Handle<Verifier>,
     instance: String,
@@ -604,6 +607,39 @@ impl HostTransport for SshTransport {
         Ok(Some(Opened(Box::new(opened))))
     }
 
+    async fn close(&self, opened: Opened, host: &Host) {
+        let Ok(opened) = opened.0.downcast::<SshOpened>() else {
+            return;
+        };
+        let SshOpened {
+            session,
+            instance,
+            started,
+            born,
+            ..
+        } = *opened;
+        // A started command: its stdin ends with no line, so it ends (a
+        // usage error, nothing written); its exit leaves the connection clean.
+        let clean = match started {
+            None => true,
+            Some(s) => {
+                let (rx, tx) = s.channel.split();
+                let ended = async {
+                    let _ = tx.eof().await;
+                    collect_output(rx).await
+                };
+                matches!(tokio::time::timeout(CLOSE_WAIT, ended).await, Ok(out) if out.exit_status.is_some())
+            }
+        };
+        if clean && instance == host.instance_id && !self.kept.keep.is_zero() {
+            self.kept.put(host, session, born);
+        } else {
+            let _ = session
+                .disconnect(russh::Disconnect::ByApplication, "", "en")
+                .await;
+        }
+    }
+
     async fn run_opened(
         &self,
         opened: Option<Opened>,
@@ -614,19 +650,24 @@ impl HostTransport for SshTransport {
         // A session opened (or a command started) for this host, else a
         // new session.
         let mut opened = self.ready(opened, host).await?;
-        let ahead = opened.started.is_some();
+        // How long a command started ahead waited for its plugin.
+        let mut waited_ms = 0;
         let (channel, ready_ms, run_start, named) = match opened.started.take() {
             // Started ahead: it must be this command, naming its plugin on
-            // stdin (else it is ended unsent, with the session).
+            // stdin (else it is ended unsent, as `close` ends it). Its run
+            // is timed from the line naming the plugin.
             Some(s) => match cmd.named_on_stdin() {
                 Some((early, line)) if early.args == s.args => {
-                    (s.channel, s.ready_ms, s.run_start, Some(line))
+                    waited_ms = s.run_start.elapsed().as_millis() as u64;
+                    (s.channel, s.ready_ms, Instant::now(), Some(line))
                 }
                 _ => {
+                    opened.started = Some(s);
+                    self.close(Opened(Box::new(opened)), host).await;
                     return Err(Error::internal(format!(
                         "the command started ahead is not {}",
                         cmd.summary()
-                    )))
+                    )));
                 }
             },
             None => {
@@ -684,7 +725,7 @@ impl HostTransport for SshTransport {
         tracing::debug!(
             instance = %host.instance_id,
             reused,
-            ahead,
+            waited_ms,
             connect_ms,
             auth_ms,
             ready_ms,

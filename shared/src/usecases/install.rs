@@ -118,14 +118,16 @@ struct Prepared {
 
 /// What `prepare` does with the host while the plugin is resolved.
 enum HostAhead {
-    /// Nothing (a download).
+    /// Nothing: the operation is not for the host (a download).
     Nothing,
-    /// Connect (push the key, handshake, authenticate).
-    Open,
+    /// Nothing yet: an install that cannot be started ahead (its host has
+    /// no runtime profile, which it fails on once the plugin was checked).
+    NotYet,
     /// Connect and start this install, which names its plugin on stdin
-    /// (`HostCommand::install_named_on_stdin`): the host starts the script
-    /// and checks the config dir meanwhile. Transports without stdin only
-    /// connect.
+    /// (`HostCommand::install_named_on_stdin`): the SSH session, `sudo`
+    /// and the script's own start are done meanwhile (it looks at nothing
+    /// on the host before it has the plugin's name). Transports without
+    /// stdin only connect.
     Start(HostCommand),
 }
 
@@ -147,11 +149,13 @@ async fn prepare(
     ahead: Option<allowlist::ReadAhead>,
 ) -> Result<Prepared> {
     let mut t = deps.clock.now();
-    let open_host = !matches!(host_ahead, HostAhead::Nothing);
-    let stage_beside = open_host && host.access == Access::Ssh;
+    let stage_beside = !matches!(host_ahead, HostAhead::Nothing) && host.access == Access::Ssh;
     // The caller was authorized for the host; nothing is fetched from a
     // source its org's allowlist does not admit.
     let list = allowlist::admit_source(deps, &host, source, ahead).await?;
+    // Set once the plugin is refused or broken: a command not started by
+    // then is not started at all.
+    let refused = std::sync::atomic::AtomicBool::new(false);
     let work = async {
         let resolved = resolve::resolve(deps, source, host.org_id.as_deref()).await?;
         // A fetched archive names itself: it may not borrow an admitted name.
@@ -164,19 +168,37 @@ async fn prepare(
         let stage_ms = lap(deps, &mut t);
         Ok::<_, Error>((resolved, manifest, resolve_ms, stage_ms))
     };
+    let work = async {
+        let r = work.await;
+        if r.is_err() {
+            refused.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    };
     let open = async {
         match host_ahead {
-            HostAhead::Nothing => Ok(None),
-            HostAhead::Open => deps.transport.open(&host).await,
+            HostAhead::Nothing | HostAhead::NotYet => Ok(None),
             HostAhead::Start(cmd) => {
                 let opened = deps.transport.open(&host).await?;
+                if refused.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(opened);
+                }
                 deps.transport.start(opened, &host, &cmd).await
             }
         }
     };
     let (work, opened) = tokio::join!(work, open);
-    // A refused or broken plugin is the answer even if the host is down.
-    let (resolved, manifest, resolve_ms, stage_ms) = work?;
+    // A refused or broken plugin is the answer even if the host is down;
+    // what was opened or started on the host for it is ended first.
+    let (resolved, manifest, resolve_ms, stage_ms) = match work {
+        Ok(w) => w,
+        Err(e) => {
+            if let Ok(Some(opened)) = opened {
+                deps.transport.close(opened, &host).await;
+            }
+            return Err(e);
+        }
+    };
     Ok(Prepared {
         host,
         resolved,
@@ -299,14 +321,15 @@ pub async fn install_on(
     let pin = parse_pin(req.sha256.as_deref())?;
     let started = deps.clock.now();
     let cfg = &deps.config;
-    // (A host without a runtime profile fails below, once the plugin has.)
+    // A host without a runtime profile is not contacted: it fails below,
+    // once the plugin has been checked (a plugin's error comes first).
     let host_ahead = match cfg.host_profile(&host) {
         Ok(profile) => HostAhead::Start(HostCommand::install_named_on_stdin(
             &profile,
             &cfg.owner,
             cfg.lock_wait_secs,
         )),
-        Err(_) => HostAhead::Open,
+        Err(_) => HostAhead::NotYet,
     };
     let mut p = prepare(deps, host, &source, pin.as_deref(), host_ahead, ahead).await?;
     let mut t = deps.clock.now();
