@@ -1,13 +1,17 @@
 //! The top of the crate: wires the real adapters (S3, EC2, EC2 Instance
 //! Connect + SSH, SSM, SQS, https, JWT) into `Deps` once per cold start, and
 //! runs a function's Lambda loop over an entrypoint (`serve` for the API
-//! functions, `serve_events` for the reinstall function).
+//! functions, `serve_events` for the reinstall function). A function that
+//! never reaches a workspace (the allowlist one) is wired by
+//! `App::without_hosts` through `serve_with`: its binary then links no EC2,
+//! EC2 Instance Connect, SSH, SQS or https client code at all.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use aws_config::BehaviorVersion;
 
+use crate::adapters::absent::NoHosts;
 use crate::adapters::by_access::ByAccess;
 use crate::adapters::clock::SystemClock;
 use crate::adapters::credentials::SsmCredentials;
@@ -27,8 +31,16 @@ pub struct App {
     pub deps: Deps,
 }
 
+/// Builds an `App` from the configuration and the SDK's.
+pub type Wiring = fn(Config, &aws_config::SdkConfig) -> Result<App>;
+
 impl App {
     pub async fn from_env() -> Result<App> {
+        App::from_env_with(App::new).await
+    }
+
+    /// `from_env`, wired by `build` (`App::new`, `App::without_hosts`).
+    pub async fn from_env_with(build: Wiring) -> Result<App> {
         let config = Config::from_env()?;
         // A cold start: whatever an invocation killed at its timeout left
         // in the sandbox's temp space goes now.
@@ -41,29 +53,62 @@ impl App {
             );
         }
         let sdk = aws_config::defaults(BehaviorVersion::latest()).load().await;
-        App::new(config, &sdk)
+        build(config, &sdk)
     }
 
     pub fn new(config: Config, sdk: &aws_config::SdkConfig) -> Result<App> {
-        // Local S3 stand-ins serve buckets by path, not by virtual host.
-        let local_s3 = sdk.endpoint_url().is_some()
-            || ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
-                .iter()
-                .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty()));
-        let s3 = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(sdk)
-                .force_path_style(local_s3)
-                .build(),
-        );
         let mut app = App::with_clients(
             config,
-            s3,
+            s3_client(sdk),
             aws_sdk_ec2::Client::new(sdk),
             aws_sdk_ec2instanceconnect::Client::new(sdk),
             aws_sdk_ssm::Client::new(sdk),
         )?;
         app.with_queue(aws_sdk_sqs::Client::new(sdk));
         Ok(app)
+    }
+
+    /// For a function that never reaches a workspace's host, a source or
+    /// the queue (the allowlist function): S3 and SSM (the token keys)
+    /// only; the rest refuses (`adapters::absent`).
+    pub fn without_hosts(config: Config, sdk: &aws_config::SdkConfig) -> Result<App> {
+        Ok(App::without_hosts_with_clients(
+            config,
+            s3_client(sdk),
+            aws_sdk_ssm::Client::new(sdk),
+        ))
+    }
+
+    pub fn without_hosts_with_clients(
+        config: Config,
+        s3: aws_sdk_s3::Client,
+        ssm: aws_sdk_ssm::Client,
+    ) -> App {
+        let store = Arc::new(S3Store::new(s3, config.bucket.clone()));
+        let none = Arc::new(NoHosts);
+        let credentials = Arc::new(SsmCredentials::new(
+            ssm.clone(),
+            &config.org_credentials_path,
+        ));
+        let auth = Arc::new(JwtVerifier::new(config.tokens.clone(), ssm));
+        App {
+            deps: Deps {
+                config: Arc::new(config),
+                registry: store.clone(),
+                archives: store.clone(),
+                state: store.clone(),
+                fleet: none.clone(),
+                transport: none.clone(),
+                allowlists: store.clone(),
+                records: store,
+                fetcher: none,
+                credentials,
+                auth,
+                clock: Arc::new(SystemClock),
+                handoff: None,
+                recent: Default::default(),
+            },
+        }
     }
 
     /// Enables the 202 path when an operations queue is configured.
@@ -148,6 +193,20 @@ impl App {
     }
 }
 
+/// The S3 client; local S3 stand-ins serve buckets by path, not by
+/// virtual host.
+fn s3_client(sdk: &aws_config::SdkConfig) -> aws_sdk_s3::Client {
+    let local_s3 = sdk.endpoint_url().is_some()
+        || ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
+            .iter()
+            .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty()));
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(sdk)
+            .force_path_style(local_s3)
+            .build(),
+    )
+}
+
 /// The whole `main` of a function: logging, the app built once per cold
 /// start (clients and config are reused across invocations), the runtime loop.
 pub async fn serve<F, Fut>(handler: F) -> Result<(), lambda_http::Error>
@@ -155,8 +214,17 @@ where
     F: Fn(&'static Deps, lambda_http::Request) -> Fut,
     Fut: std::future::Future<Output = lambda_http::Response<lambda_http::Body>> + Send,
 {
+    serve_with(App::new, handler).await
+}
+
+/// `serve`, with the app wired by `build`.
+pub async fn serve_with<F, Fut>(build: Wiring, handler: F) -> Result<(), lambda_http::Error>
+where
+    F: Fn(&'static Deps, lambda_http::Request) -> Fut,
+    Fut: std::future::Future<Output = lambda_http::Response<lambda_http::Body>> + Send,
+{
     init_logging();
-    let app: &'static App = Box::leak(Box::new(App::from_env().await?));
+    let app: &'static App = Box::leak(Box::new(App::from_env_with(build).await?));
     lambda_http::run(lambda_http::service_fn(move |req| {
         let resp = handler(&app.deps, req);
         async move { Ok::<_, lambda_http::Error>(resp.await) }

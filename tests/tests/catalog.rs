@@ -200,6 +200,52 @@ async fn org_allowlist_allows_denies_and_fails_closed() {
     assert!(!f.plugin_dir("hermes-only").exists());
 }
 
+/// The allowlist function's own wiring (S3 and SSM only): its routes work,
+/// and a route that needs a workspace fails closed as an internal error,
+/// with nothing of the wiring in the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_allowlist_functions_wiring_serves_allowlists_and_nothing_else() {
+    let f = Fixture::new().await;
+    seed(&f).await;
+    let app =
+        plugin_delivery::App::without_hosts_with_clients(f.config(), f.s3.clone(), f.ssm.clone());
+    let org = TEST_ORG.to_string();
+    let (s, b) = allowlist(&app, "PUT", &org, Some(r#"{"plugins": ["cc-only"]}"#)).await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = allowlist(&app, "GET", &org, None).await;
+    assert_eq!(
+        (s, &b["plugins"][0]["name"]),
+        (200, &json!("cc-only")),
+        "{b}"
+    );
+    // What it wrote, the full wiring reads.
+    let (s, b) = allowlist(&f.app(), "GET", &org, None).await;
+    assert_eq!(
+        (s, &b["plugins"][0]["name"]),
+        (200, &json!("cc-only")),
+        "{b}"
+    );
+    // Anything that needs a workspace's host (API Gateway routes none of
+    // it here): refused as an internal error, nothing done.
+    for req in [
+        list_req(&f.workspace),
+        install_req(&f.workspace, r#"{"source":"cc-only"}"#),
+    ] {
+        let (resp, _) = send_unchecked(&app, req).await;
+        let body: Value = match resp.body() {
+            lambda_http::Body::Text(t) => serde_json::from_str(t).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            (resp.status().as_u16(), &body["error"]),
+            (500, &json!("internal error")),
+            "{body}"
+        );
+    }
+    assert!(!f.touched());
+    assert!(f.keys("staged/").await.is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn download_redirects_to_the_staged_archive() {
     let f = Fixture::new().await;

@@ -8,6 +8,7 @@
 //! `ssh` sends the archive on stdin, `ssm` has the host download it from a
 //! presigned URL; `by_access` picks one per host.
 
+pub mod absent;
 pub mod aws;
 pub mod by_access;
 pub mod clock;
