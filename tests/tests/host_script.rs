@@ -2350,3 +2350,18 @@ fn an_install_named_on_stdin_without_a_whole_good_line_is_a_usage_error() {
     assert!(!h.book().parent().unwrap().exists());
     assert_eq!(h.listing(""), Vec::<String>::new());
 }
+
+/// The walk the suite checks owners with finds root's entries at any depth
+/// and never reports what a link leads to.
+#[test]
+fn the_owner_check_finds_roots_files_and_follows_no_link() {
+    let h = Host::new();
+    fs::create_dir_all(h.path("a/b")).unwrap();
+    fs::write(h.path("a/b/mine"), "x").unwrap();
+    give_to_agent(&h.cfg);
+    fs::write(h.path("a/b/roots"), "x").unwrap();
+    let canary = Canary::new();
+    std::os::unix::fs::symlink(canary.path("etc"), h.path("a/link")).unwrap();
+    std::os::unix::fs::lchown(h.path("a/link"), Some(AGENT), Some(AGENT)).unwrap();
+    assert_eq!(root_owned(&h.cfg), vec!["a/b/roots".to_string()]);
+}
