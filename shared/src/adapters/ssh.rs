@@ -25,6 +25,18 @@ use crate::domain::host::Host;
 use crate::domain::hostscript::{HostCommand, HostOutput};
 use crate::ports::{Fleet, HostTransport, Opened, Payload};
 
+/// The ciphers offered, AES-GCM first: EC2 instances and Lambda (x86_64
+/// and Graviton) all have AES in hardware, where aws-lc's AES-GCM costs
+/// both ends about half the CPU of ChaCha20-Poly1305 (russh's first choice
+/// otherwise). Measured on the bench machine, 100 MiB through OpenSSH took
+/// 0.27 core-seconds of sshd with aes256-gcm against 0.55 with chacha20;
+/// the host's decryption is on an install's critical path.
+const CIPHERS: &[russh::cipher::Name] = &[
+    russh::cipher::AES_256_GCM,
+    russh::cipher::CHACHA20_POLY1305,
+    russh::cipher::AES_256_CTR,
+];
+
 /// Delivers a public key that the host's sshd will accept for a short time.
 #[async_trait]
 pub trait KeyPusher: Send + Sync {
@@ -328,6 +340,7 @@ impl SshTransport {
             nodelay: true,
             ..Default::default()
         };
+        config.preferred.cipher = CIPHERS.into();
         // Ask only for the host key types the instance published: a host
         // with both ed25519 and ECDSA keys must present the one we can check.
         if !verifier.trusted.is_empty() {
