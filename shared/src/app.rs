@@ -1,10 +1,13 @@
 //! The top of the crate: wires the real adapters (S3, EC2, EC2 Instance
 //! Connect + SSH, SSM, SQS, https, JWT) into `Deps` once per cold start, and
 //! runs a function's Lambda loop over an entrypoint (`serve` for the API
-//! functions, `serve_events` for the reinstall function). A function that
-//! never reaches a workspace (the allowlist one) is wired by
-//! `App::without_hosts` through `serve_with`: its binary then links no EC2,
-//! EC2 Instance Connect, SSH, SQS or https client code at all.
+//! functions, `serve_events` for the reinstall function). Each function is
+//! wired with the clients it calls and no others (`serve_with`), so its
+//! binary links no code of the rest: install, uninstall and reinstall get
+//! everything (`App::new`); list, catalog and operations S3, SSM and EC2
+//! (`App::for_reads`); download those and https (`App::for_downloads`);
+//! allowlist S3 and SSM (`App::without_hosts`). The ports a function has
+//! no use for refuse (`adapters::absent`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +28,7 @@ use crate::adapters::ssm::{SsmSettings, SsmTransport};
 use crate::domain::config::Config;
 use crate::domain::error::Result;
 use crate::entry::events;
-use crate::ports::Deps;
+use crate::ports::{Deps, Fetcher, Fleet, HostTransport};
 
 pub struct App {
     pub deps: Deps,
@@ -39,7 +42,7 @@ impl App {
         App::from_env_with(App::new).await
     }
 
-    /// `from_env`, wired by `build` (`App::new`, `App::without_hosts`).
+    /// `from_env`, wired by `build` (`App::new`, `App::for_reads`, ...).
     pub async fn from_env_with(build: Wiring) -> Result<App> {
         let config = Config::from_env()?;
         // A cold start: whatever an invocation killed at its timeout left
@@ -56,6 +59,7 @@ impl App {
         build(config, &sdk)
     }
 
+    /// Everything: the install, uninstall and reinstall functions.
     pub fn new(config: Config, sdk: &aws_config::SdkConfig) -> Result<App> {
         let mut app = App::with_clients(
             config,
@@ -68,9 +72,8 @@ impl App {
         Ok(app)
     }
 
-    /// For a function that never reaches a workspace's host, a source or
-    /// the queue (the allowlist function): S3 and SSM (the token keys)
-    /// only; the rest refuses (`adapters::absent`).
+    /// For a function that never reaches a workspace (the allowlist
+    /// function): S3 and SSM (the token keys) only.
     pub fn without_hosts(config: Config, sdk: &aws_config::SdkConfig) -> Result<App> {
         Ok(App::without_hosts_with_clients(
             config,
@@ -84,31 +87,63 @@ impl App {
         s3: aws_sdk_s3::Client,
         ssm: aws_sdk_ssm::Client,
     ) -> App {
-        let store = Arc::new(S3Store::new(s3, config.bucket.clone()));
         let none = Arc::new(NoHosts);
-        let credentials = Arc::new(SsmCredentials::new(
-            ssm.clone(),
-            &config.org_credentials_path,
-        ));
-        let auth = Arc::new(JwtVerifier::new(config.tokens.clone(), ssm));
-        App {
-            deps: Deps {
-                config: Arc::new(config),
-                registry: store.clone(),
-                archives: store.clone(),
-                state: store.clone(),
-                fleet: none.clone(),
-                transport: none.clone(),
-                allowlists: store.clone(),
-                records: store,
-                fetcher: none,
-                credentials,
-                auth,
-                clock: Arc::new(SystemClock),
-                handoff: None,
-                recent: Default::default(),
-            },
-        }
+        let store = Arc::new(S3Store::new(s3, config.bucket.clone()));
+        App::assemble(config, store, ssm, none.clone(), none.clone(), none)
+    }
+
+    /// For a function that reads about workspaces but never contacts
+    /// their hosts or a source (list, catalog, operations): S3, SSM and
+    /// EC2 (which workspace is whose).
+    pub fn for_reads(config: Config, sdk: &aws_config::SdkConfig) -> Result<App> {
+        Ok(App::for_reads_with_clients(
+            config,
+            s3_client(sdk),
+            aws_sdk_ec2::Client::new(sdk),
+            aws_sdk_ssm::Client::new(sdk),
+        ))
+    }
+
+    pub fn for_reads_with_clients(
+        config: Config,
+        s3: aws_sdk_s3::Client,
+        ec2: aws_sdk_ec2::Client,
+        ssm: aws_sdk_ssm::Client,
+    ) -> App {
+        let none = Arc::new(NoHosts);
+        let store = Arc::new(S3Store::new(s3, config.bucket.clone()));
+        let fleet = fleet(&config, ec2);
+        App::assemble(config, store, ssm, fleet, none.clone(), none)
+    }
+
+    /// For the download function: `for_reads`, and the https client that
+    /// fetches a remote source to stage it. No host is contacted.
+    pub fn for_downloads(config: Config, sdk: &aws_config::SdkConfig) -> Result<App> {
+        App::for_downloads_with_clients(
+            config,
+            s3_client(sdk),
+            aws_sdk_ec2::Client::new(sdk),
+            aws_sdk_ssm::Client::new(sdk),
+        )
+    }
+
+    pub fn for_downloads_with_clients(
+        config: Config,
+        s3: aws_sdk_s3::Client,
+        ec2: aws_sdk_ec2::Client,
+        ssm: aws_sdk_ssm::Client,
+    ) -> Result<App> {
+        let store = Arc::new(S3Store::new(s3, config.bucket.clone()));
+        let fleet = fleet(&config, ec2);
+        let fetcher = remote(&config)?;
+        Ok(App::assemble(
+            config,
+            store,
+            ssm,
+            fleet,
+            Arc::new(NoHosts),
+            fetcher,
+        ))
     }
 
     /// Enables the 202 path when an operations queue is configured.
@@ -126,12 +161,7 @@ impl App {
         ssm: aws_sdk_ssm::Client,
     ) -> Result<App> {
         let store = Arc::new(S3Store::new(s3, config.bucket.clone()));
-        let fleet = Arc::new(Ec2Fleet::new(
-            ec2,
-            config.ssh_port,
-            config.address_tag.clone(),
-            config.default_access,
-        ));
+        let fleet = fleet(&config, ec2);
         let ssh = Arc::new(
             SshTransport::new(
                 Arc::new(EicKeyPusher::new(eic)),
@@ -161,18 +191,26 @@ impl App {
             ssh,
             ssm: ssm_transport,
         });
-        let remote = Arc::new(Remote::new(
-            &config.github_api,
-            config.extra_ca_pem.as_deref(),
-            config.fetch_timeout,
-            config.fetch_policy.clone(),
-        )?);
+        let fetcher = remote(&config)?;
+        Ok(App::assemble(config, store, ssm, fleet, transport, fetcher))
+    }
+
+    /// What every wiring shares: S3 holds the registry, archives, state,
+    /// allowlists and records; SSM the orgs' credentials and the token keys.
+    fn assemble(
+        config: Config,
+        store: Arc<S3Store>,
+        ssm: aws_sdk_ssm::Client,
+        fleet: Arc<dyn Fleet>,
+        transport: Arc<dyn HostTransport>,
+        fetcher: Arc<dyn Fetcher>,
+    ) -> App {
         let credentials = Arc::new(SsmCredentials::new(
             ssm.clone(),
             &config.org_credentials_path,
         ));
         let auth = Arc::new(JwtVerifier::new(config.tokens.clone(), ssm));
-        Ok(App {
+        App {
             deps: Deps {
                 config: Arc::new(config),
                 registry: store.clone(),
@@ -182,15 +220,33 @@ impl App {
                 transport,
                 allowlists: store.clone(),
                 records: store,
-                fetcher: remote,
+                fetcher,
                 credentials,
                 auth,
                 clock: Arc::new(SystemClock),
                 handoff: None,
                 recent: Default::default(),
             },
-        })
+        }
     }
+}
+
+fn fleet(config: &Config, ec2: aws_sdk_ec2::Client) -> Arc<Ec2Fleet> {
+    Arc::new(Ec2Fleet::new(
+        ec2,
+        config.ssh_port,
+        config.address_tag.clone(),
+        config.default_access,
+    ))
+}
+
+fn remote(config: &Config) -> Result<Arc<Remote>> {
+    Ok(Arc::new(Remote::new(
+        &config.github_api,
+        config.extra_ca_pem.as_deref(),
+        config.fetch_timeout,
+        config.fetch_policy.clone(),
+    )?))
 }
 
 /// The S3 client; local S3 stand-ins serve buckets by path, not by

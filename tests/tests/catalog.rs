@@ -246,6 +246,107 @@ async fn the_allowlist_functions_wiring_serves_allowlists_and_nothing_else() {
     assert!(f.keys("staged/").await.is_empty());
 }
 
+/// The status and `error` of a route a wiring refuses.
+async fn refused(app: &plugin_delivery::App, req: lambda_http::Request) -> (u16, Value) {
+    let (status, body) = parts(send_unchecked(app, req).await.0);
+    (status, body["error"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_and_download_functions_wirings_serve_their_routes_and_never_reach_a_host() {
+    let f = Fixture::new().await;
+    seed(&f).await;
+    let (s, b) = install(&f.app(), &f.workspace, r#"{"source":"cc-only"}"#).await;
+    assert_eq!(s, 200, "{b}");
+    let host_before = (
+        tree(&f.plugin_dir("cc-only")),
+        tree(&f.book()),
+        f.restarts(),
+    );
+    let cfg = f.config();
+    let reads = plugin_delivery::App::for_reads_with_clients(
+        cfg.clone(),
+        f.s3.clone(),
+        f.ec2.clone(),
+        f.ssm.clone(),
+    );
+    let downloads = plugin_delivery::App::for_downloads_with_clients(
+        cfg,
+        f.s3.clone(),
+        f.ec2.clone(),
+        f.ssm.clone(),
+    )
+    .unwrap();
+
+    // list, catalog and operations: what the full wiring did, read through
+    // EC2 (whose workspace it is) and S3.
+    let (s, b) = list(&reads, &f.workspace).await;
+    assert_eq!((s, names(&b)), (200, vec!["cc-only"]), "{b}");
+    assert_eq!(b[0]["supported_on_runtime"], json!(true), "{b}");
+    let path = format!("/workspaces/{}/plugins/available", f.workspace);
+    let (s, b) = catalog(
+        &reads,
+        "/workspaces/{id}/plugins/available",
+        &path,
+        json!({"id": f.workspace}),
+        "",
+    )
+    .await;
+    assert_eq!((s, names(&b)), (200, vec!["anywhere", "cc-only"]), "{b}");
+    let path = format!("/workspaces/{}/plugins/operations", f.workspace);
+    let req = get_req(
+        "/workspaces/{id}/plugins/operations",
+        &path,
+        json!({"id": f.workspace}),
+        "",
+    );
+    let (s, b) = api(&reads, req).await;
+    assert_eq!(s, 200, "{b}");
+    let ops = b["operations"].as_array().expect("a page of records");
+    assert_eq!(ops.len(), 1, "{b}");
+    assert_eq!(ops[0]["plugin"], json!("cc-only"), "{b}");
+
+    // download: a plugin installed nowhere, resolved, staged and presigned.
+    let path = format!("/workspaces/{}/plugins/anywhere/download", f.workspace);
+    let req = get_req(
+        "/workspaces/{id}/plugins/{name}/download",
+        &path,
+        json!({"id": f.workspace, "name": "anywhere"}),
+        "",
+    );
+    let resp = send(&downloads, req).await;
+    assert_eq!(resp.status().as_u16(), 302);
+    let url = resp.headers()["location"].to_str().unwrap().to_string();
+    let staged: Vec<String> = f
+        .keys("staged/")
+        .await
+        .into_iter()
+        .filter(|k| k.ends_with(".tar.gz"))
+        .collect();
+    assert_eq!(staged.len(), 2, "{staged:?}");
+    assert!(
+        staged.iter().any(|k| url.contains(k.as_str())),
+        "{url} {staged:?}"
+    );
+
+    // What needs the host: refused as an internal error by either wiring.
+    for app in [&reads, &downloads] {
+        for req in [
+            install_req(&f.workspace, r#"{"source":"anywhere"}"#),
+            uninstall_req(&f.workspace, "cc-only"),
+        ] {
+            assert_eq!(refused(app, req).await, (500, json!("internal error")));
+        }
+    }
+    let host_after = (
+        tree(&f.plugin_dir("cc-only")),
+        tree(&f.book()),
+        f.restarts(),
+    );
+    assert_eq!(host_after, host_before, "the host was changed");
+    assert!(!f.plugin_dir("anywhere").exists());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn download_redirects_to_the_staged_archive() {
     let f = Fixture::new().await;

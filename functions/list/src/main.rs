@@ -2,5 +2,10 @@
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
-    plugin_delivery::app::serve(plugin_delivery::entry::api::list).await
+    // S3, SSM and EC2 only: no host, source or queue client is linked in.
+    plugin_delivery::app::serve_with(
+        plugin_delivery::App::for_reads,
+        plugin_delivery::entry::api::list,
+    )
+    .await
 }

@@ -1,9 +1,11 @@
 //! Ports a function has no use for, wired as refusals. The allowlist
-//! function only reads and writes an org's allowlist: built with these in
-//! place of the EC2, EC2 Instance Connect + SSH, SSM Run Command and https
-//! adapters, its binary links none of their clients. Should a call reach
-//! one anyway (a wiring mistake), it fails closed with an internal error
-//! instead of acting.
+//! function is built with these in place of the fleet (EC2), the host
+//! transports (EC2 Instance Connect + SSH, SSM Run Command) and the
+//! fetcher (https); the read functions in place of the transports and the
+//! fetcher; the download function in place of the transports. A binary
+//! then links none of those clients. Should a call reach one anyway (a
+//! wiring mistake), it fails closed with an internal error instead of
+//! acting.
 
 use std::collections::BTreeMap;
 
