@@ -1,13 +1,13 @@
 //! The top of the crate: wires the real adapters (S3, EC2, EC2 Instance
 //! Connect + SSH, SSM, SQS, https, JWT) into `Deps` once per cold start, and
-//! runs a function's Lambda loop over an entrypoint (`serve` for the API
-//! functions, `serve_events` for the reinstall function). Each function is
-//! wired with the clients it calls and no others (`serve_with`), so its
-//! binary links no code of the rest: install, uninstall and reinstall get
-//! everything (`App::new`); list, catalog and operations S3, SSM and EC2
-//! (`App::for_reads`); download those and https (`App::for_downloads`);
-//! allowlist S3 and SSM (`App::without_hosts`). The ports a function has
-//! no use for refuse (`adapters::absent`).
+//! runs a function's Lambda loop over an entrypoint (`serve_with` for the
+//! API functions, `serve_events` for the reinstall function). Each function
+//! is wired with the clients it calls and no others, so its binary links no
+//! code of the rest: install, uninstall and reinstall get everything
+//! (`App::new`, which `serve` and `serve_events` use); list, catalog and
+//! operations S3, SSM and EC2 (`App::for_reads`); download those and https
+//! (`App::for_downloads`); allowlist S3 and SSM (`App::without_hosts`). The
+//! ports a function has no use for refuse (`adapters::absent`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -133,17 +133,10 @@ impl App {
         ec2: aws_sdk_ec2::Client,
         ssm: aws_sdk_ssm::Client,
     ) -> Result<App> {
-        let store = Arc::new(S3Store::new(s3, config.bucket.clone()));
-        let fleet = fleet(&config, ec2);
         let fetcher = remote(&config)?;
-        Ok(App::assemble(
-            config,
-            store,
-            ssm,
-            fleet,
-            Arc::new(NoHosts),
-            fetcher,
-        ))
+        let mut app = App::for_reads_with_clients(config, s3, ec2, ssm);
+        app.deps.fetcher = fetcher;
+        Ok(app)
     }
 
     /// Enables the 202 path when an operations queue is configured.

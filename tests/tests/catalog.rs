@@ -203,6 +203,12 @@ async fn org_allowlist_allows_denies_and_fails_closed() {
 /// The allowlist function's own wiring (S3 and SSM only): its routes work,
 /// and a route that needs a workspace fails closed as an internal error,
 /// with nothing of the wiring in the answer.
+/// The status and `error` of a route a wiring refuses.
+async fn refused(app: &plugin_delivery::App, req: lambda_http::Request) -> (u16, Value) {
+    let (status, body) = parts(send_unchecked(app, req).await.0);
+    (status, body["error"].clone())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_allowlist_functions_wiring_serves_allowlists_and_nothing_else() {
     let f = Fixture::new().await;
@@ -231,25 +237,10 @@ async fn the_allowlist_functions_wiring_serves_allowlists_and_nothing_else() {
         list_req(&f.workspace),
         install_req(&f.workspace, r#"{"source":"cc-only"}"#),
     ] {
-        let (resp, _) = send_unchecked(&app, req).await;
-        let body: Value = match resp.body() {
-            lambda_http::Body::Text(t) => serde_json::from_str(t).unwrap(),
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(
-            (resp.status().as_u16(), &body["error"]),
-            (500, &json!("internal error")),
-            "{body}"
-        );
+        assert_eq!(refused(&app, req).await, (500, json!("internal error")));
     }
     assert!(!f.touched());
     assert!(f.keys("staged/").await.is_empty());
-}
-
-/// The status and `error` of a route a wiring refuses.
-async fn refused(app: &plugin_delivery::App, req: lambda_http::Request) -> (u16, Value) {
-    let (status, body) = parts(send_unchecked(app, req).await.0);
-    (status, body["error"].clone())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

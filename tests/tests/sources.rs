@@ -190,6 +190,43 @@ async fn private_github_repository_uses_the_orgs_own_token_from_ssm() {
     assert!(!f.plugin_dir("gh-plugin").exists());
 }
 
+/// The download function's own wiring (`App::for_downloads`) fetches a
+/// GitHub source and stages it; the read functions' wiring cannot fetch at
+/// all: the same request there is an internal error with nothing staged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_download_functions_wiring_fetches_sources_and_the_read_wiring_cannot() {
+    let f = Fixture::new().await;
+    let srv = SourceServer::start();
+    srv.repo_ref("acme", "Tools", "v1.0.0", PLUGIN);
+    let mut cfg = f.config();
+    cfg.github_api = srv.base();
+    cfg.extra_ca_pem = Some(std::fs::read(srv.tls.join("ca.pem")).unwrap());
+    let clients = || (f.s3.clone(), f.ec2.clone(), f.ssm.clone());
+    let (s3, ec2, ssm) = clients();
+    let reads = plugin_delivery::App::for_reads_with_clients(cfg.clone(), s3, ec2, ssm);
+    let (s3, ec2, ssm) = clients();
+    let downloads = plugin_delivery::App::for_downloads_with_clients(cfg, s3, ec2, ssm).unwrap();
+    let source = "github://acme/Tools%23v1.0.0";
+
+    let (resp, _) = send_unchecked(&reads, download_req(&f.workspace, "gh-plugin", source)).await;
+    let (s, b) = parts(resp);
+    assert_eq!((s, &b["error"]), (500, &json!("internal error")), "{b}");
+    assert!(f.keys("staged/").await.is_empty());
+
+    let resp = send(&downloads, download_req(&f.workspace, "gh-plugin", source)).await;
+    assert_eq!(resp.status().as_u16(), 302);
+    let url = resp.headers()["location"].to_str().unwrap().to_string();
+    let staged: Vec<String> = f
+        .keys("staged/")
+        .await
+        .into_iter()
+        .filter(|k| k.ends_with(".tar.gz"))
+        .collect();
+    assert_eq!(staged.len(), 1, "{staged:?}");
+    assert!(url.contains(staged[0].as_str()), "{url}");
+    assert!(!f.touched(), "a download reached the host");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_sources_are_pinned_and_checked() {
     let f = Fixture::new().await;

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use crate::domain::error::{Error, Result};
 use crate::domain::host::Host;
 use crate::domain::hostscript::{HostCommand, HostOutput};
-use crate::ports::{Body, Fetcher, Fleet, HostTransport, Payload};
+use crate::ports::{Body, Fetcher, Fleet, HostTransport, Opened, Payload};
 
 /// Workspaces, their hosts and outside sources, all absent.
 pub struct NoHosts;
@@ -46,10 +46,35 @@ impl Fleet for NoHosts {
     }
 }
 
+/// Every way in refuses, `open` and `start` too: an install reaching this
+/// wiring fails before anything is started, not after its plugin is built.
 #[async_trait]
 impl HostTransport for NoHosts {
     async fn run(
         &self,
+        _host: &Host,
+        _cmd: &HostCommand,
+        _payload: Option<&Payload<'_>>,
+    ) -> Result<HostOutput> {
+        Err(absent("host transports"))
+    }
+
+    async fn open(&self, _host: &Host) -> Result<Option<Opened>> {
+        Err(absent("host transports"))
+    }
+
+    async fn start(
+        &self,
+        _opened: Option<Opened>,
+        _host: &Host,
+        _cmd: &HostCommand,
+    ) -> Result<Option<Opened>> {
+        Err(absent("host transports"))
+    }
+
+    async fn run_opened(
+        &self,
+        _opened: Option<Opened>,
         _host: &Host,
         _cmd: &HostCommand,
         _payload: Option<&Payload<'_>>,
