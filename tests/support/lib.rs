@@ -576,6 +576,14 @@ impl Fixture {
         }
     }
 
+    /// The staged archives' keys (`staged/<sha256>.tar.gz`), without the
+    /// source index beside them.
+    pub async fn staged_archives(&self) -> Vec<String> {
+        let mut keys = self.keys("staged/").await;
+        keys.retain(|k| k.ends_with(".tar.gz"));
+        keys
+    }
+
     pub async fn keys(&self, prefix: &str) -> Vec<String> {
         let out = self
             .s3

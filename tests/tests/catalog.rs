@@ -308,12 +308,7 @@ async fn the_read_and_download_functions_wirings_serve_their_routes_and_never_re
     let resp = send(&downloads, req).await;
     assert_eq!(resp.status().as_u16(), 302);
     let url = resp.headers()["location"].to_str().unwrap().to_string();
-    let staged: Vec<String> = f
-        .keys("staged/")
-        .await
-        .into_iter()
-        .filter(|k| k.ends_with(".tar.gz"))
-        .collect();
+    let staged = f.staged_archives().await;
     assert_eq!(staged.len(), 2, "{staged:?}");
     assert!(
         staged.iter().any(|k| url.contains(k.as_str())),

@@ -216,12 +216,7 @@ async fn the_download_functions_wiring_fetches_sources_and_the_read_wiring_canno
     let resp = send(&downloads, download_req(&f.workspace, "gh-plugin", source)).await;
     assert_eq!(resp.status().as_u16(), 302);
     let url = resp.headers()["location"].to_str().unwrap().to_string();
-    let staged: Vec<String> = f
-        .keys("staged/")
-        .await
-        .into_iter()
-        .filter(|k| k.ends_with(".tar.gz"))
-        .collect();
+    let staged = f.staged_archives().await;
     assert_eq!(staged.len(), 1, "{staged:?}");
     assert!(url.contains(staged[0].as_str()), "{url}");
     assert!(!f.touched(), "a download reached the host");
