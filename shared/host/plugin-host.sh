@@ -17,7 +17,15 @@
 #             by the time it has it. Nothing on the host is looked at,
 #             locked or written before the line. Stdin closed before a whole
 #             line, or no line within the step time limit: a usage error,
-#             nothing changed.)
+#             nothing changed. Or the line is "NAME +\n" and the archive
+#             follows in frames while the caller is still building it:
+#             "N\n" and N bytes (N from 1 to 16777216), as many as it
+#             takes, then "end SHA256\n". The digest, known last, is
+#             checked like the other's; frames that end without it are a
+#             digest_mismatch, nothing published. With the digest unknown
+#             before the archive, the "already installed" check cannot be
+#             made: an archive of the digest already live replaces its
+#             tree, "installed", like a repair.)
 #   uninstall CONFIG_DIR NAME OWNER LOCK_WAIT RESTART_CMD
 #   inventory CONFIG_DIR OWNER
 #   restart   CONFIG_DIR OWNER LOCK_WAIT RESTART_CMD   (after a batch installed
@@ -1133,8 +1141,10 @@ intact() {
 # then waits for root's words on stdin (a FIFO). "feed": the archive is
 # coming on fd 5 (a FIFO root writes as the bytes arrive); the step extracts
 # it into its staging dir and hashes the files (new sums to fd 4) while root
-# is still receiving and hashing the archive. Then "go" once root has
-# verified the whole archive: only now is anything published. Any other
+# is still receiving and hashing the archive. Then "go SHA" once root has
+# verified the whole archive: only now is anything published. (SHA "-":
+# the archive comes in frames, and the digest root verified last, given
+# with "go", names the tree; else "go" must give SHA itself.) Any other
 # word (or none: root closed it) ends the step with "ok stopped", leaving
 # nothing behind. The report on stdout: "changing" before the first change,
 # then
@@ -1143,7 +1153,9 @@ owner_install() {
     [ "$#" -eq 4 ] || usage 'owner-install takes 4 arguments'
     check_config_dir "$1"
     check_name "$2"
-    check_sha "$3"
+    # "-": an archive in frames, whose digest comes with root's "go".
+    sha=''
+    [ "$3" = - ] || check_sha "$3"
     with_sums=$4
     owner_enter
     owner_prepare
@@ -1167,10 +1179,16 @@ owner_install() {
     extract_archive <&5
     exec 5<&-
     oi_word=''
-    read -r oi_word || oi_word=''
+    oi_sha=''
+    read -r oi_word oi_sha || oi_word=''
     if [ "$oi_word" != go ]; then
         printf 'ok stopped\n'
         return 0
+    fi
+    if [ -z "$sha" ]; then
+        check_sha "$oi_sha"
+    elif [ "$oi_sha" != "$sha" ]; then
+        usage 'root gave another digest'
     fi
     apply_archive
 }
@@ -1380,11 +1398,12 @@ check_bytes() {
 }
 
 # The plugin named on stdin's first line (install with NAME and SHA256 as
-# "-"): NAME SHA256 [BYTES]. A shell reads a pipe or socket a byte at a
-# time, so the archive's first byte stays on stdin for the copy to the
-# step. The line is read by a child shell under the step time limit: a
-# caller gone without a word (its connection left open) must not keep
-# root waiting for ever.
+# "-"): NAME SHA256 [BYTES], or NAME + (the archive in frames, its digest
+# after it; sha stays empty until then). A shell reads a pipe or socket a
+# byte at a time, so the archive's first byte stays on stdin for the copy
+# to the step. The line is read by a child shell under the step time
+# limit: a caller gone without a word (its connection left open) must not
+# keep root waiting for ever.
 read_named() {
     # shellcheck disable=SC2016 # $l is the child's
     rn_line=$(bounded sh -c 'IFS= read -r l || exit 1; printf "%s\n" "$l"') ||
@@ -1398,13 +1417,36 @@ $rn_line
 EOF
     [ -z "$rn_rest" ] || usage 'the plugin named on stdin takes 2 or 3 words'
     check_name "$rn_name"
+    if [ "$rn_sha" = + ] && [ -z "$rn_bytes" ]; then
+        framed=true
+        sha=''
+        return 0
+    fi
     check_sha "$rn_sha"
     [ -z "$rn_bytes" ] || check_bytes "$rn_bytes"
 }
 
+# The frames of a framed archive (stdin) as plain bytes (stdout); the
+# digest of the "end" line to the file $1, only when the frames ended with
+# it. head reads no further than it is asked to, so each frame's bytes are
+# all it takes. Run as "sh -c" under the step time limit, which ends the
+# whole group, head included, if the caller stops sending.
+# shellcheck disable=SC2016 # the inner shell's variables
+UNFRAME='
+while IFS= read -r h; do
+    case $h in
+        "end "*) printf "%s\n" "${h#end }" >"$1"; exit 0 ;;
+        "" | *[!0123456789]*) exit 1 ;;
+    esac
+    [ "${#h}" -le 8 ] && [ "$h" -ge 1 ] && [ "$h" -le 16777216 ] || exit 1
+    head -c "$h" || exit 1
+done
+exit 1'
+
 op_install() {
     [ "$#" -eq 6 ] || [ "$#" -eq 7 ] || usage 'install takes 6 arguments, or 7 with the size'
     check_config_dir "$1"
+    framed=false
     if [ "$2" = - ] && [ "$3" = - ]; then
         [ "$#" -eq 6 ] || usage 'an install named on stdin takes its size there'
         named=stdin
@@ -1418,12 +1460,15 @@ op_install() {
     restart_cmd=$6
     [ "$#" -eq 7 ] && check_bytes "$7"
     [ "$named" = stdin ] && read_named
+    if [ "$framed" = true ] && [ -n "${PLUGIN_ARCHIVE_URL-}" ]; then
+        usage 'a framed archive comes on stdin'
+    fi
     inspect_config_dir || fail no_config_dir 'the runtime config directory does not exist' 69
     find_book
     open_book
     with_sums=''
     sums_in=/dev/null
-    if [ -f "$book/sums/$name@$sha" ]; then
+    if [ -n "$sha" ] && [ -f "$book/sums/$name@$sha" ]; then
         with_sums=$name@$sha
         sums_in=$book/sums/$with_sums
     fi
@@ -1439,7 +1484,7 @@ op_install() {
     step_open=false
     (
         exec 9>&-
-        as_owner_sh "$rwork/ctl" "$rwork/report" owner-install "$cfg" "$name" "$sha" \
+        as_owner_sh "$rwork/ctl" "$rwork/report" owner-install "$cfg" "$name" "${sha:--}" \
             "$with_sums" 3>"$rwork/verdict" 4>"$rwork/sums" 5<"$rwork/feed" 7<"$sums_in"
     ) &
     step_pid=$!
@@ -1491,6 +1536,8 @@ op_install() {
         unset PLUGIN_ARCHIVE_URL
         [ "${got%% *}" = "$sha" ] || fail digest_mismatch 'archive digest does not match' 65
         bounded cat "$rwork/archive" >&3 9>&- && : >"$rwork/received"
+    elif [ "$framed" = true ]; then
+        got=$(feed_step_framed) || fail internal 'cannot hash the archive' 1
     else
         got=$(feed_step) || fail internal 'cannot hash the archive' 1
     fi
@@ -1502,10 +1549,15 @@ op_install() {
         step_end
         fail internal 'cannot read the archive' 1
     fi
+    if [ "$framed" = true ]; then
+        [ -f "$rwork/trailer" ] && IFS= read -r sha <"$rwork/trailer"
+        valid_sha "$sha" || fail digest_mismatch 'the archive ended before its digest' 65
+        say "the archive came in frames, its digest $sha last"
+    fi
     [ "${got%% *}" = "$sha" ] || fail digest_mismatch 'archive digest does not match' 65
 
     mark_pending
-    printf 'go\n' >&6 || :
+    printf 'go %s\n' "$sha" >&6 || :
     step_end
     report_ok applied
     report_words
@@ -1523,6 +1575,16 @@ feed_step() {
     # (This runs in a subshell of root's: the lock stays with root alone.)
     exec 9>&-
     { bounded tee "$dev_fd/4" 4>&1 >&3 && : >"$rwork/received"; } | $SHA256 3>&-
+}
+
+# feed_step for an archive in frames: their bytes go on as feed_step's do.
+# The trailer file exists only if they ended with their digest.
+feed_step_framed() {
+    exec 9>&-
+    {
+        bounded sh -c "$UNFRAME" unframe "$rwork/trailer" 3>&- |
+            { bounded tee "$dev_fd/4" 4>&1 >&3 && : >"$rwork/received"; }
+    } | $SHA256 3>&-
 }
 
 # CMD... under the steps' time limit: root's own copy to a step that stops

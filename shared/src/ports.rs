@@ -15,9 +15,9 @@ use crate::domain::allowlist::Allowlist;
 use crate::domain::archive::ArchiveFile;
 use crate::domain::caller::Caller;
 use crate::domain::config::Config;
-use crate::domain::error::Result;
+use crate::domain::error::{Error, Result};
 use crate::domain::host::Host;
-use crate::domain::hostscript::{HostCommand, HostOutput};
+use crate::domain::hostscript::{Frame, HostCommand, HostOutput};
 use crate::domain::job::Job;
 use crate::domain::plugin::DesiredState;
 use crate::domain::recent::RecentArchives;
@@ -241,6 +241,46 @@ pub trait HostTransport: Send + Sync {
         payload: Option<&Payload<'_>>,
     ) -> Result<HostOutput> {
         self.run(host, cmd, payload).await
+    }
+
+    /// The install `started` (`HostCommand::install_named_on_stdin`, begun
+    /// with `start` or not) for plugin `name`, whose archive is still being
+    /// built: `frames` brings its bytes as they are made, then its digest.
+    /// If `frames` closes without the digest, the host publishes nothing.
+    /// This default, for transports without a stdin to stream on, takes
+    /// the whole archive first (to a temporary file) and then runs the
+    /// install as `run_opened` does.
+    async fn run_framed(
+        &self,
+        opened: Option<Opened>,
+        host: &Host,
+        started: &HostCommand,
+        name: &str,
+        mut frames: tokio::sync::mpsc::Receiver<Frame>,
+    ) -> Result<HostOutput> {
+        use std::io::Write;
+        let mut file = tempfile::NamedTempFile::new().map_err(Error::internal)?;
+        let sha = loop {
+            match frames.recv().await {
+                Some(Frame::Bytes(b)) => file.write_all(&b).map_err(Error::internal)?,
+                Some(Frame::End(sha)) => break sha,
+                None => {
+                    if let Some(o) = opened {
+                        self.close(o, host).await;
+                    }
+                    return Err(Error::internal("the archive ended before its digest"));
+                }
+            }
+        };
+        file.flush().map_err(Error::internal)?;
+        let cmd = started
+            .naming(name, &sha)
+            .ok_or_else(|| Error::internal("run_framed takes an install named on stdin"))?;
+        let payload = Payload {
+            path: file.path(),
+            sha256: &sha,
+        };
+        self.run_opened(opened, host, &cmd, Some(&payload)).await
     }
 }
 

@@ -361,7 +361,7 @@ fn logged_install_timings(port: &str) -> String {
         .find(|v| v["fields"]["message"] == "install timings")
         .map(|v| {
             let f = &v["fields"];
-            ["resolve_ms", "stage_ms", "host_ms", "state_ms", "total_ms"]
+            ["framed", "resolve_ms", "stage_ms", "host_ms", "state_ms", "total_ms"]
                 .iter()
                 .map(|k| format!("{k} {}", f[k]))
                 .collect::<Vec<_>>()

@@ -566,3 +566,50 @@ fn base64_encode(b: &[u8]) -> String {
     }
     out
 }
+
+/// A registry plugin not built before goes to an SSH host while its archive
+/// is built (in frames, its digest last): the host gets every byte, the
+/// staged copy is the same archive, and the next install (a new function
+/// instance, which recalls the staged archive) finds it already there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_registry_plugin_goes_to_the_host_while_its_archive_is_built() {
+    let f = Fixture::new().await;
+    let blob = noise(9 * 1024 * 1024 + 123, 5);
+    let files: Vec<(&str, &[u8])> = vec![
+        ("data/weights.bin", &blob),
+        ("plugin.yaml", b"name: hefty\nversion: 1.0.0\n"),
+        ("skills/hefty/SKILL.md", b"# Hefty\n"),
+    ];
+    f.publish("hefty", &files).await;
+    let app = f.app();
+    let (s, b) = install(&app, &f.workspace, r#"{"source":"hefty"}"#).await;
+    assert_eq!((s, b["status"].as_str()), (200, Some("installed")), "{b}");
+    let digest = b["digest"].as_str().unwrap().to_string();
+    assert_eq!(host_tree(&f, "hefty"), expected_tree(&files));
+    let staged = f
+        .get(&format!("staged/{digest}.tar.gz"))
+        .await
+        .expect("staged archive");
+    assert_eq!(sha256_hex(&staged), digest);
+    assert!(staged.len() > 9 * 1024 * 1024, "three frames or more");
+    assert_eq!(f.desired().await["plugins"]["hefty"]["digest"], digest.as_str());
+    assert_eq!(f.restarts(), 1);
+    // The host said how it took the archive (the operation's record keeps
+    // the end of its stderr).
+    let ops = f
+        .keys(&format!("workspaces/{}/operations/", f.workspace))
+        .await;
+    assert_eq!(ops.len(), 1, "{ops:?}");
+    let rec: Value = serde_json::from_slice(&f.get(&ops[0]).await.unwrap()).unwrap();
+    let said = rec["host_output"].as_str().unwrap_or_default();
+    assert!(
+        said.contains(&format!("the archive came in frames, its digest {digest} last")),
+        "{rec}"
+    );
+
+    // A new instance recalls the staged archive: its digest is known
+    // first, so the host finds it installed and intact.
+    let (s, b) = install(&f.app(), &f.workspace, r#"{"source":"hefty"}"#).await;
+    assert_eq!((s, b["status"].as_str()), (200, Some("unchanged")), "{b}");
+    assert_eq!(f.restarts(), 1);
+}

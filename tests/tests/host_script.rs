@@ -2351,6 +2351,119 @@ fn an_install_named_on_stdin_without_a_whole_good_line_is_a_usage_error() {
     assert_eq!(h.listing(""), Vec::<String>::new());
 }
 
+/// What an install whose archive is still being built sends after the
+/// "-" arguments: the line naming `name` with "+", the archive in frames of
+/// at most `frame` bytes, and `end` (the archive's own digest unless the
+/// test says otherwise; `None`, no end line).
+fn framed(name: &str, a: &Archive, frame: usize, end: Option<&str>) -> Vec<u8> {
+    let mut out = format!("{name} +\n").into_bytes();
+    for chunk in a.bytes.chunks(frame) {
+        out.extend_from_slice(format!("{}\n", chunk.len()).as_bytes());
+        out.extend_from_slice(chunk);
+    }
+    if let Some(sha) = end {
+        out.extend_from_slice(format!("end {sha}\n").as_bytes());
+    }
+    out
+}
+
+#[test]
+fn an_archive_in_frames_is_published_once_the_digest_after_it_matches() {
+    let h = Host::new();
+    let args = named_on_stdin_args(&h);
+    let v1 = alpha_v1();
+    // Frames of 256 bytes: several, the last one short.
+    assert!(v1.archive.bytes.len() > 600, "{}", v1.archive.bytes.len());
+    assert_ne!(v1.archive.bytes.len() % 256, 0);
+    let r = run_script(&strs(&args), Some(&framed("alpha", &v1.archive, 256, Some(&v1.archive.sha))), None);
+    assert_eq!(
+        r.result,
+        json!({"status": "installed", "plugin": "alpha", "digest": v1.archive.sha, "previous": "", "previous_kind": "none", "restarted": true, "pending_restart": false})
+    );
+    h.assert_installed("alpha", &v1);
+    assert_eq!(h.restarts(), 1);
+    h.assert_no_leftovers();
+    // Root keeps the new tree's sums under the digest it learnt last.
+    assert!(h.book().join(format!("sums/alpha@{}", v1.archive.sha)).is_file());
+
+    // The digest already live: it cannot be known before the archive, so
+    // the tree is replaced (beside the live one) and the runtime restarted.
+    let r = run_script(&strs(&args), Some(&framed("alpha", &v1.archive, 4096, Some(&v1.archive.sha))), None);
+    r.assert_ok("installed");
+    assert_eq!(r.result["previous"], v1.archive.sha.as_str());
+    h.assert_installed_at("alpha", &v1);
+    assert_eq!(h.restarts(), 2);
+
+    // One frame for the whole of an upgrade.
+    let v2 = alpha_v2();
+    let whole = v2.archive.bytes.len();
+    run_script(&strs(&args), Some(&framed("alpha", &v2.archive, whole, Some(&v2.archive.sha))), None)
+        .assert_ok("installed");
+    h.assert_installed("alpha", &v2);
+    assert_eq!(h.restarts(), 3);
+    let memory = h.read("CLAUDE.md");
+    let settings = h.settings();
+
+    // Nothing is published without the digest after the frames, nor with
+    // a digest they do not have; frames cut short or malformed end the same
+    // way (or as a bad archive, when the step saw it break first).
+    let v3 = beta();
+    let other = v3.archive.sha.clone();
+    let mut cut_mid_frame = framed("alpha", &v1.archive, 1000, Some(&v1.archive.sha));
+    cut_mid_frame.truncate(v1.archive.bytes.len() / 2);
+    let mut bad_headers = Vec::new();
+    for header in ["0", "16777217", "123456789", "-5", "12a", " 12", ""] {
+        let mut input = format!("alpha +\n{header}\n").into_bytes();
+        input.extend_from_slice(&v1.archive.bytes);
+        input.extend_from_slice(format!("end {}\n", v1.archive.sha).as_bytes());
+        bad_headers.push((header.to_string(), input));
+    }
+    let mut longer = framed("alpha", &v1.archive, 1000, None);
+    longer.extend_from_slice(b"xyz");
+    longer.extend_from_slice(format!("end {}\n", v1.archive.sha).as_bytes());
+    let cases: Vec<(String, Vec<u8>)> = [
+        ("no end line".to_string(), framed("alpha", &v1.archive, 1000, None)),
+        ("another digest".to_string(), framed("alpha", &v1.archive, 1000, Some(&other))),
+        ("a short digest".to_string(), framed("alpha", &v1.archive, 1000, Some(&v1.archive.sha[1..]))),
+        ("cut mid-frame".to_string(), cut_mid_frame),
+        ("bytes beyond a frame".to_string(), longer),
+    ]
+    .into_iter()
+    .chain(bad_headers)
+    .collect();
+    for (what, input) in cases {
+        let r = run_script(&strs(&args), Some(&input), None);
+        let code = r.result["code"].as_str().unwrap_or("").to_string();
+        assert!(
+            (code == "digest_mismatch" && r.code == 65) || (code == "bad_archive" && r.code == 66),
+            "{what}: {} {}",
+            r.code,
+            r.result
+        );
+        h.assert_installed("alpha", &v2);
+        assert_eq!(h.read("CLAUDE.md"), memory, "{what}");
+        assert_eq!(h.settings(), settings, "{what}");
+        assert_eq!(h.restarts(), 3, "{what}");
+        h.assert_no_leftovers();
+        assert!(!h.book().join("restart-pending").exists(), "{what}");
+    }
+
+    // "+" takes no size, and a framed archive never comes from a URL.
+    let mut sized = format!("alpha + {}\n", v1.archive.bytes.len()).into_bytes();
+    sized.extend_from_slice(&framed("alpha", &v1.archive, 1000, Some(&v1.archive.sha))[8..]);
+    run_script(&strs(&args), Some(&sized), None).assert_error("usage", 64);
+    let input = framed("alpha", &v1.archive, 1000, Some(&v1.archive.sha));
+    run_script_env(
+        &strs(&args),
+        Some(&input),
+        None,
+        &[("PLUGIN_ARCHIVE_URL", "http://127.0.0.1:9/a.tar.gz")],
+    )
+    .assert_error("usage", 64);
+    h.assert_installed("alpha", &v2);
+    assert_eq!(h.restarts(), 3);
+}
+
 /// The walk the suite checks owners with finds root's entries at any depth
 /// and never reports what a link leads to.
 #[test]

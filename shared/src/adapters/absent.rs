@@ -13,7 +13,7 @@ use async_trait::async_trait;
 
 use crate::domain::error::{Error, Result};
 use crate::domain::host::Host;
-use crate::domain::hostscript::{HostCommand, HostOutput};
+use crate::domain::hostscript::{Frame, HostCommand, HostOutput};
 use crate::ports::{Body, Fetcher, Fleet, HostTransport, Opened, Payload};
 
 /// Workspaces, their hosts and outside sources, all absent.
@@ -78,6 +78,17 @@ impl HostTransport for NoHosts {
         _host: &Host,
         _cmd: &HostCommand,
         _payload: Option<&Payload<'_>>,
+    ) -> Result<HostOutput> {
+        Err(absent("host transports"))
+    }
+
+    async fn run_framed(
+        &self,
+        _opened: Option<Opened>,
+        _host: &Host,
+        _started: &HostCommand,
+        _name: &str,
+        _frames: tokio::sync::mpsc::Receiver<Frame>,
     ) -> Result<HostOutput> {
         Err(absent("host transports"))
     }

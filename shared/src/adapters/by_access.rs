@@ -7,7 +7,7 @@ use async_trait::async_trait;
 
 use crate::domain::error::Result;
 use crate::domain::host::{Access, Host};
-use crate::domain::hostscript::{HostCommand, HostOutput};
+use crate::domain::hostscript::{Frame, HostCommand, HostOutput};
 use crate::ports::{HostTransport, Opened, Payload};
 
 /// Routes each host to the transport its access mode names.
@@ -66,6 +66,20 @@ impl HostTransport for ByAccess {
         match host.access {
             Access::Ssh => self.ssh.run_opened(opened, host, cmd, payload).await,
             Access::Ssm => self.ssm.run_opened(opened, host, cmd, payload).await,
+        }
+    }
+
+    async fn run_framed(
+        &self,
+        opened: Option<Opened>,
+        host: &Host,
+        started: &HostCommand,
+        name: &str,
+        frames: tokio::sync::mpsc::Receiver<Frame>,
+    ) -> Result<HostOutput> {
+        match host.access {
+            Access::Ssh => self.ssh.run_framed(opened, host, started, name, frames).await,
+            Access::Ssm => self.ssm.run_framed(opened, host, started, name, frames).await,
         }
     }
 }

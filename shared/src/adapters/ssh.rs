@@ -22,7 +22,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::domain::error::{Error, Result};
 use crate::domain::host::Host;
-use crate::domain::hostscript::{HostCommand, HostOutput};
+use crate::domain::hostscript::{Frame, HostCommand, HostOutput};
 use crate::ports::{Fleet, HostTransport, Opened, Payload};
 
 /// The ciphers offered, AES-GCM first: EC2 instances and Lambda (x86_64
@@ -540,25 +540,48 @@ fn lost(e: russh::Error) -> Error {
         .with_detail(format!("{e:?}"))
 }
 
+/// What a command reads after the line naming its plugin.
+enum Feed {
+    Nothing,
+    /// A whole archive.
+    File(tokio::fs::File),
+    /// An archive in frames as it is built, its digest last: each frame is
+    /// written as it comes. Closed without the digest, the stream ends
+    /// without it (the host publishes nothing).
+    Frames(tokio::sync::mpsc::Receiver<Frame>),
+}
+
 /// Streams the line naming the plugin and the archive (each if any) into
 /// the command's stdin, then EOF.
 async fn send_stdin(
     tx: russh::ChannelWriteHalf<client::Msg>,
     named: Option<String>,
-    file: Option<tokio::fs::File>,
+    feed: Feed,
 ) -> std::io::Result<()> {
     let mut w = tx.make_writer();
     let copied = async {
         if let Some(line) = named {
             w.write_all(line.as_bytes()).await?;
         }
-        // 256 KiB reads so each SSH packet is full-size (32 KiB).
-        if let Some(f) = file {
-            tokio::io::copy_buf(
-                &mut tokio::io::BufReader::with_capacity(256 * 1024, f),
-                &mut w,
-            )
-            .await?;
+        match feed {
+            Feed::Nothing => {}
+            // 256 KiB reads so each SSH packet is full-size (32 KiB).
+            Feed::File(f) => {
+                tokio::io::copy_buf(
+                    &mut tokio::io::BufReader::with_capacity(256 * 1024, f),
+                    &mut w,
+                )
+                .await?;
+            }
+            Feed::Frames(mut frames) => {
+                while let Some(frame) = frames.recv().await {
+                    w.write_all(frame.header().as_bytes()).await?;
+                    match frame {
+                        Frame::Bytes(b) => w.write_all(&b).await?,
+                        Frame::End(_) => break,
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -664,16 +687,58 @@ impl HostTransport for SshTransport {
         cmd: &HostCommand,
         payload: Option<&Payload<'_>>,
     ) -> Result<HostOutput> {
+        let feed = match payload {
+            Some(p) => Feed::File(
+                tokio::fs::File::open(p.path)
+                    .await
+                    .map_err(|e| Error::internal(format!("open archive: {e}")))?,
+            ),
+            None => Feed::Nothing,
+        };
+        // A command started ahead must be this one, naming its plugin on
+        // stdin; run anew, it names it in its arguments.
+        self.run_fed(opened, host, cmd.named_on_stdin(), (cmd, None), feed)
+            .await
+    }
+
+    async fn run_framed(
+        &self,
+        opened: Option<Opened>,
+        host: &Host,
+        started: &HostCommand,
+        name: &str,
+        frames: tokio::sync::mpsc::Receiver<Frame>,
+    ) -> Result<HostOutput> {
+        let line = started.framed_line(name).ok_or_else(|| {
+            Error::internal("run_framed takes an install named on stdin")
+        })?;
+        let early = Some((started.clone(), line.clone()));
+        self.run_fed(opened, host, early, (started, Some(line)), Feed::Frames(frames))
+            .await
+    }
+}
+
+impl SshTransport {
+    /// Runs a command and feeds it: the one `start` began on `opened`, if
+    /// it has the arguments of `early` (which then gives the line naming
+    /// its plugin; else it is ended unsent, as `close` ends it, and the run
+    /// refused), or else `fresh`, with its line if it has one.
+    async fn run_fed(
+        &self,
+        opened: Option<Opened>,
+        host: &Host,
+        early: Option<(HostCommand, String)>,
+        fresh: (&HostCommand, Option<String>),
+        feed: Feed,
+    ) -> Result<HostOutput> {
         // A session opened (or a command started) for this host, else a
         // new session.
         let mut opened = self.ready(opened, host).await?;
         // How long a command started ahead waited for its plugin.
         let mut waited_ms = 0;
         let (channel, ready_ms, run_start, named) = match opened.started.take() {
-            // Started ahead: it must be this command, naming its plugin on
-            // stdin (else it is ended unsent, as `close` ends it). Its run
-            // is timed from the line naming the plugin.
-            Some(s) => match cmd.named_on_stdin() {
+            // Its run is timed from the line naming the plugin.
+            Some(s) => match early {
                 Some((early, line)) if early.args == s.args => {
                     waited_ms = s.run_start.elapsed().as_millis() as u64;
                     (s.channel, s.ready_ms, Instant::now(), Some(line))
@@ -683,13 +748,13 @@ impl HostTransport for SshTransport {
                     self.close(Opened(Box::new(opened)), host).await;
                     return Err(Error::internal(format!(
                         "the command started ahead is not {}",
-                        cmd.summary()
+                        fresh.0.summary()
                     )));
                 }
             },
             None => {
-                let (c, ready_ms, run_start) = self.exec(&mut opened, host, cmd).await?;
-                (c, ready_ms, run_start, None)
+                let (c, ready_ms, run_start) = self.exec(&mut opened, host, fresh.0).await?;
+                (c, ready_ms, run_start, fresh.1)
             }
         };
         let SshOpened {
@@ -702,18 +767,10 @@ impl HostTransport for SshTransport {
             ..
         } = opened;
         let (rx, tx) = channel.split();
-        let file = match payload {
-            Some(p) => Some(
-                tokio::fs::File::open(p.path)
-                    .await
-                    .map_err(|e| Error::internal(format!("open archive: {e}")))?,
-            ),
-            None => None,
-        };
         // Stream stdin and collect output in one future: if the operation
         // is cancelled (its deadline) both stop with the session, and
         // nothing keeps feeding the host behind the caller's back.
-        let write = send_stdin(tx, named, file);
+        let write = send_stdin(tx, named, feed);
         let read = collect_output(rx);
         tokio::pin!(write, read);
         let mut writing = true;

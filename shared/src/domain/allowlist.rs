@@ -195,6 +195,18 @@ impl Allowlist {
 
     /// Step two, once the archive is known: an entry admits this source
     /// under the name the archive gives itself, with its digest.
+    /// Whether `admit_archive` admits `name` from `source` whatever its
+    /// digest: an archive that passes can be sent on before its digest is
+    /// known.
+    pub fn admits_any_digest(&self, source: &Source, name: &str) -> bool {
+        let canonical = source.canonical();
+        self.allows_all()
+            || self
+                .plugins
+                .iter()
+                .any(|e| e.name == name && e.admits(&canonical) && e.digest.is_none())
+    }
+
     pub fn admit_archive(&self, source: &Source, name: &str, digest: &str) -> Result<()> {
         if self.allows_all() {
             return Ok(());
@@ -293,6 +305,12 @@ mod tests {
             (e.status(), e.fields["actual_digest"].as_str()),
             (403, Some("ab"))
         );
+        // Only an entry without a digest admits an archive before its
+        // digest is known; an empty list admits everything.
+        assert!(l.admits_any_digest(&acme, "tools"));
+        assert!(!l.admits_any_digest(&https, "pinned"));
+        assert!(!l.admits_any_digest(&acme, "pinned"));
+        assert!(list(r#"{"plugins": []}"#).admits_any_digest(&https, "pinned"));
         assert!(l
             .admit_source(&src(&format!(
                 "https://plugins.acme.example.evil.test/p.tgz#sha256={}",

@@ -63,10 +63,15 @@ impl ArchiveFile {
     }
 }
 
+/// Where else the archive's bytes go as they are written (besides its
+/// file): a host taking them while the archive is built.
+pub type Tap = Box<dyn Write + Send>;
+
 struct HashingWriter<W> {
     inner: W,
     hasher: Sha256,
     count: u64,
+    tap: Option<Tap>,
 }
 
 impl<W: Write> Write for HashingWriter<W> {
@@ -74,10 +79,17 @@ impl<W: Write> Write for HashingWriter<W> {
         let n = self.inner.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.count += n as u64;
+        if let Some(tap) = &mut self.tap {
+            tap.write_all(&buf[..n])?;
+        }
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        self.inner.flush()?;
+        match &mut self.tap {
+            Some(tap) => tap.flush(),
+            None => Ok(()),
+        }
     }
 }
 
@@ -108,6 +120,12 @@ pub const TREE_MANIFEST: &str = "manifest.json";
 
 impl CanonicalArchive {
     pub fn create(max_tree_bytes: u64) -> Result<Self> {
+        Self::create_tapped(max_tree_bytes, None)
+    }
+
+    /// `create`, with every byte of the archive also written to `tap` as it
+    /// is made (and `tap` flushed once it is complete).
+    pub fn create_tapped(max_tree_bytes: u64, tap: Option<Tap>) -> Result<Self> {
         let file = tempfile::Builder::new()
             .prefix("plugin-")
             .suffix(".tar.gz")
@@ -118,6 +136,7 @@ impl CanonicalArchive {
             inner: BufWriter::with_capacity(256 * 1024, out),
             hasher: Sha256::new(),
             count: 0,
+            tap,
         };
         // Level 1: plugins are mostly text, and on a 128-256 MB Lambda the
         // CPU spent on better ratios costs more time than the bytes saved.
@@ -365,6 +384,46 @@ mod tests {
             a.add_file(p, d.len() as u64, *m, *d).unwrap();
         }
         a.finish().unwrap()
+    }
+
+    /// A tap that keeps what it is given, shared with the test.
+    #[derive(Clone, Default)]
+    struct Kept(std::sync::Arc<std::sync::Mutex<(Vec<u8>, usize)>>);
+
+    impl Write for Kept {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().0.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.0.lock().unwrap().1 += 1;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_tap_gets_every_byte_of_the_archive_and_is_flushed_at_its_end() {
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let files: &[(&str, &[u8], u32)] = &[
+            ("data/big.bin", &big, 0o644),
+            ("plugin.yaml", b"name: x\n", 0o644),
+        ];
+        let kept = Kept::default();
+        let mut a = CanonicalArchive::create_tapped(1 << 23, Some(Box::new(kept.clone()))).unwrap();
+        for (p, d, m) in files {
+            a.add_file(p, d.len() as u64, *m, *d).unwrap();
+        }
+        let tapped = a.finish().unwrap();
+        let (bytes, flushes) = kept.0.lock().unwrap().clone();
+        assert_eq!(bytes, std::fs::read(tapped.path()).unwrap());
+        assert_eq!(sha256_hex(&bytes), tapped.sha256);
+        assert!(flushes >= 1);
+        // The same archive as an untapped build.
+        let mut plain = CanonicalArchive::create(1 << 23).unwrap();
+        for (p, d, m) in files {
+            plain.add_file(p, d.len() as u64, *m, *d).unwrap();
+        }
+        assert_eq!(plain.finish().unwrap().sha256, tapped.sha256);
     }
 
     #[test]

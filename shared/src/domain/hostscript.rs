@@ -16,6 +16,28 @@ pub const RESULT_MARKER: &str = "@@plugin-delivery-result ";
 /// How the script is started: its text is `$1`, then the operation.
 pub const SCRIPT_LAUNCH: &str = "sh -c 'eval \"$1\"' plugin-host ";
 
+/// The largest frame the host script takes.
+pub const FRAME_MAX: usize = 16 * 1024 * 1024;
+
+/// A piece of an archive sent while it is built: its bytes as they come
+/// (each a frame, "N\n" and N bytes, 1 <= N <= `FRAME_MAX`), then its
+/// digest ("end SHA256\n"). Without the end, the host publishes nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Bytes(Vec<u8>),
+    End(String),
+}
+
+impl Frame {
+    /// What precedes the frame's bytes on the wire (all of an end).
+    pub fn header(&self) -> String {
+        match self {
+            Frame::Bytes(b) => format!("{}\n", b.len()),
+            Frame::End(sha) => format!("end {sha}\n"),
+        }
+    }
+}
+
 /// One invocation of the host script.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostCommand {
@@ -85,6 +107,29 @@ impl HostCommand {
             }
             _ => None,
         }
+    }
+
+    /// For `install_named_on_stdin`: stdin's first line when the archive
+    /// follows in frames while it is still being built (`Frame`), its
+    /// digest last.
+    pub fn framed_line(&self, name: &str) -> Option<String> {
+        match self.args.as_slice() {
+            [op, _cfg, n, d, _owner, _wait, _restart] if op == "install" && n == "-" && d == "-" => {
+                Some(format!("{name} +\n"))
+            }
+            _ => None,
+        }
+    }
+
+    /// The install `install_named_on_stdin` starts, naming `name` and
+    /// `digest` in its arguments instead (for a transport that takes the
+    /// archive whole). `None` for any other command.
+    pub fn naming(&self, name: &str, digest: &str) -> Option<HostCommand> {
+        self.framed_line(name)?;
+        let mut args = self.args.clone();
+        args[2] = name.to_string();
+        args[3] = digest.to_string();
+        Some(HostCommand { args })
     }
 
     pub fn uninstall(p: &RuntimeProfile, name: &str, owner: &str, lock_wait: u64) -> Self {
@@ -411,6 +456,33 @@ mod tests {
         ] {
             assert_eq!(cmd.named_on_stdin(), None, "{cmd:?}");
         }
+    }
+
+    #[test]
+    fn an_install_started_ahead_takes_an_archive_in_frames_or_names_it_whole() {
+        let p = RuntimeProfile {
+            config_dir: "/configs".into(),
+            restart: "true".into(),
+        };
+        let digest = "cd".repeat(32);
+        let early = HostCommand::install_named_on_stdin(&p, "1000:1000", 5);
+        assert_eq!(early.framed_line("alpha").as_deref(), Some("alpha +\n"));
+        assert_eq!(
+            early.naming("alpha", &digest),
+            Some(HostCommand::install(&p, "alpha", &digest, "1000:1000", 5))
+        );
+        // Only the install started ahead: not one naming its plugin already.
+        let named = HostCommand::install(&p, "alpha", &digest, "1000:1000", 5);
+        for cmd in [
+            named.clone(),
+            named.with_archive_bytes(3),
+            HostCommand::uninstall(&p, "alpha", "1000:1000", 5),
+        ] {
+            assert_eq!(cmd.framed_line("alpha"), None, "{cmd:?}");
+            assert_eq!(cmd.naming("alpha", &digest), None, "{cmd:?}");
+        }
+        assert_eq!(Frame::Bytes(vec![7; 12]).header(), "12\n");
+        assert_eq!(Frame::End(digest.clone()).header(), format!("end {digest}\n"));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::domain::caller::{Caller, Scope};
 use crate::domain::config::RuntimeProfile;
 use crate::domain::error::{Error, Result};
 use crate::domain::host::{Access, Host};
-use crate::domain::hostscript::{interpret, HostCommand, HostResult, HostStatus};
+use crate::domain::hostscript::{interpret, Frame, HostCommand, HostOutput, HostResult, HostStatus};
 use crate::domain::intake::Skipped;
 use crate::domain::plugin::{
     validate_name, validate_workspace_id, InstalledPlugin, Manifest, PluginInfo,
@@ -27,6 +27,7 @@ use crate::domain::plugin::{
 use crate::domain::records::{now_rfc3339, Kind, OperationRecord, Trigger};
 use crate::domain::source::{NameFrom, Resolved, Source};
 use crate::ports::{Deps, Opened, Payload};
+use crate::usecases::resolve::LocalBuild;
 use crate::usecases::{access, allowlist, record, resolve, state};
 
 #[derive(Debug, Clone)]
@@ -114,6 +115,117 @@ struct Prepared {
     /// The host connection, opened beside the resolve when asked for (an
     /// error here is the operation's, reported once it has a record).
     opened: Result<Option<Opened>>,
+    /// Set when the archive went to the host while it was built: the
+    /// install has run (on the command started ahead) and the archive was
+    /// staged beside it.
+    framed: Option<Framed>,
+}
+
+/// What an install whose archive was sent while it was built did on the
+/// host and in S3.
+struct Framed {
+    output: Result<HostOutput>,
+    host_ms: u64,
+    staged: Result<()>,
+}
+
+/// The bytes of an archive in the making go to the host in frames of this
+/// size: each costs the host one `head` process, and each is held in memory
+/// until it is sent (at most three at once: one filling, one waiting, one
+/// being sent).
+const FRAME_BYTES: usize = 4 * 1024 * 1024;
+
+/// Where the archive's bytes go while it is built: frames, sent to the
+/// host's command as soon as each is full. If the host stops taking them
+/// (its command failed), the rest is dropped here and the build goes on:
+/// the command's own result is then the answer.
+struct FrameTap {
+    tx: tokio::sync::mpsc::Sender<Frame>,
+    buf: Vec<u8>,
+    open: bool,
+}
+
+impl FrameTap {
+    fn send(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let frame = std::mem::replace(&mut self.buf, Vec::with_capacity(FRAME_BYTES));
+        // On the build's blocking thread: waits while the host is behind.
+        if self.open && self.tx.blocking_send(Frame::Bytes(frame)).is_err() {
+            self.open = false;
+        }
+    }
+}
+
+impl std::io::Write for FrameTap {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(FRAME_BYTES - self.buf.len());
+        self.buf.extend_from_slice(&buf[..n]);
+        if self.buf.len() == FRAME_BYTES {
+            self.send();
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send();
+        Ok(())
+    }
+}
+
+/// Aborts a spawned task when dropped (the operation gave up on it).
+struct Aborting(tokio::task::AbortHandle);
+
+impl Drop for Aborting {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A registry archive being built and sent to the host at once.
+struct Building {
+    task: tokio::task::JoinHandle<Result<Resolved>>,
+    _guard: Aborting,
+    frames: tokio::sync::mpsc::Receiver<Frame>,
+    /// Sends the digest after the last frame, once the archive passed.
+    end: tokio::sync::mpsc::Sender<Frame>,
+    /// The plugin.yaml checked before the first byte went anywhere: the
+    /// archive must hold the same.
+    manifest_bytes: Option<Vec<u8>>,
+    manifest: Manifest,
+}
+
+/// What `prepare`'s resolve gave: the archive, or one being built.
+enum Work {
+    Ready(Resolved, Manifest, u64, u64),
+    Building(Building),
+}
+
+/// Starts building a registry plugin's archive with its bytes going to
+/// frames as they are made, once everything that can be checked without
+/// the archive has passed: its listing (`plan_local`), the org allowlist
+/// for its name with any digest (the caller's condition), and its
+/// plugin.yaml, read ahead, against the pin.
+async fn begin_building(deps: &Deps, build: LocalBuild, pin: Option<&str>) -> Result<Building> {
+    let manifest_bytes = build.manifest(deps).await?;
+    let manifest = checked_manifest_bytes(manifest_bytes.as_deref(), pin)?;
+    let (tx, frames) = tokio::sync::mpsc::channel(1);
+    let tap = FrameTap {
+        tx: tx.clone(),
+        buf: Vec::with_capacity(FRAME_BYTES),
+        open: true,
+    };
+    let owned = deps.clone();
+    let task = tokio::spawn(async move { build.build(&owned, Some(Box::new(tap))).await });
+    Ok(Building {
+        _guard: Aborting(task.abort_handle()),
+        task,
+        frames,
+        end: tx,
+        manifest_bytes,
+        manifest,
+    })
 }
 
 /// What `prepare` does with the host while the plugin is resolved.
@@ -156,8 +268,32 @@ async fn prepare(
     // Set once the plugin is refused or broken: a command not started by
     // then is not started at all.
     let refused = std::sync::atomic::AtomicBool::new(false);
+    // A registry plugin not built yet goes to an SSH host while it is
+    // built, when nothing but its digest is left to check after the build
+    // (none the allowlist pins) and its command can be started ahead.
+    let started = match &host_ahead {
+        HostAhead::Start(cmd) if stage_beside => Some(cmd.clone()),
+        _ => None,
+    };
+    let framable = match source {
+        Source::Local { name } => started.is_some() && list.admits_any_digest(source, name),
+        _ => false,
+    };
     let work = async {
-        let resolved = resolve::resolve(deps, source, host.org_id.as_deref()).await?;
+        let at_hand = match source {
+            Source::Local { name } if framable => match resolve::plan_local(deps, name).await? {
+                resolve::Local::AtHand(r) => Some(r),
+                resolve::Local::ToBuild(b) if b.checked_at_its_end() => Some(b.build(deps, None).await?),
+                resolve::Local::ToBuild(b) => {
+                    return Ok(Work::Building(begin_building(deps, b, pin).await?));
+                }
+            },
+            _ => None,
+        };
+        let resolved = match at_hand {
+            Some(r) => r,
+            None => resolve::resolve(deps, source, host.org_id.as_deref()).await?,
+        };
         // A fetched archive names itself: it may not borrow an admitted name.
         list.admit_archive(source, &resolved.name, &resolved.archive.sha256)?;
         let manifest = checked_manifest(&resolved.archive, pin)?;
@@ -166,7 +302,7 @@ async fn prepare(
             resolve::stage(deps, &resolved).await?;
         }
         let stage_ms = lap(deps, &mut t);
-        Ok::<_, Error>((resolved, manifest, resolve_ms, stage_ms))
+        Ok::<_, Error>(Work::Ready(resolved, manifest, resolve_ms, stage_ms))
     };
     let work = async {
         let r = work.await;
@@ -191,7 +327,11 @@ async fn prepare(
     // A refused or broken plugin is the answer even if the host is down;
     // what was opened or started on the host for it is ended first.
     let (resolved, manifest, resolve_ms, stage_ms) = match work {
-        Ok(w) => w,
+        Ok(Work::Ready(r, m, resolve_ms, stage_ms)) => (r, m, resolve_ms, stage_ms),
+        Ok(Work::Building(b)) => {
+            let started = started.ok_or_else(|| Error::internal("a framed build without its command"))?;
+            return deliver_while_building(deps, host, source, &list, b, &started, opened, t).await;
+        }
         Err(e) => {
             if let Ok(Some(opened)) = opened {
                 deps.transport.close(opened, &host).await;
@@ -207,6 +347,109 @@ async fn prepare(
         stage_ms,
         staged: !stage_beside,
         opened,
+        framed: None,
+    })
+}
+
+/// The rest of `prepare` for an archive being built (`Building`): its
+/// frames go to the install started ahead as they come. Once built, the
+/// archive must hold the plugin.yaml that was checked and pass the
+/// allowlist with its digest; only then does the host get the digest,
+/// and the archive is staged beside the host's remaining work. A plugin
+/// refused or broken now is still the answer (its frames end without the
+/// digest, so the host publishes nothing), as is one the host never got
+/// because the connection failed (the build finishes first).
+#[allow(clippy::too_many_arguments)]
+async fn deliver_while_building(
+    deps: &Deps,
+    host: Host,
+    source: &Source,
+    list: &crate::domain::allowlist::Allowlist,
+    b: Building,
+    started: &HostCommand,
+    opened: Result<Option<Opened>>,
+    mut t: Instant,
+) -> Result<Prepared> {
+    let Building {
+        task,
+        _guard,
+        frames,
+        end,
+        manifest_bytes,
+        manifest,
+    } = b;
+    let finish = async {
+        let built = task
+            .await
+            .map_err(|e| Error::internal(format!("archive build: {e}")))?;
+        let resolved = built?;
+        if resolved.archive.manifest != manifest_bytes {
+            return Err(resolve::changed_in_registry());
+        }
+        list.admit_archive(source, &resolved.name, &resolved.archive.sha256)?;
+        Ok(resolved)
+    };
+    let opened = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            drop((frames, end));
+            let resolved = finish.await?;
+            let resolve_ms = lap(deps, &mut t);
+            return Ok(Prepared {
+                host,
+                resolved,
+                manifest,
+                resolve_ms,
+                stage_ms: 0,
+                staged: false,
+                opened: Err(e),
+                framed: None,
+            });
+        }
+    };
+    let name = match source {
+        Source::Local { name } => name.clone(),
+        _ => return Err(Error::internal("a framed build of a remote source")),
+    };
+    let host_t = deps.clock.now();
+    let run = async {
+        let r = deps
+            .transport
+            .run_framed(opened, &host, started, &name, frames)
+            .await;
+        (r, deps.clock.now().saturating_duration_since(host_t))
+    };
+    let finish_and_stage = async {
+        let checked = finish.await;
+        let resolve_ms = lap(deps, &mut t);
+        let resolved = match checked {
+            Ok(r) => r,
+            Err(e) => {
+                drop(end);
+                return Err(e);
+            }
+        };
+        let _ = end.send(Frame::End(resolved.archive.sha256.clone())).await;
+        drop(end);
+        let staged = stage_leaving_time_to_undo(deps, &resolved).await;
+        let stage_ms = lap(deps, &mut t);
+        Ok((resolved, resolve_ms, staged, stage_ms))
+    };
+    let ((output, host_took), finished) = tokio::join!(run, finish_and_stage);
+    let (resolved, resolve_ms, staged, stage_ms) = finished?;
+    Ok(Prepared {
+        host,
+        resolved,
+        manifest,
+        resolve_ms,
+        stage_ms,
+        staged: true,
+        opened: Ok(None),
+        framed: Some(Framed {
+            output,
+            host_ms: host_took.as_millis() as u64,
+            staged,
+        }),
     })
 }
 
@@ -235,7 +478,11 @@ async fn stage_leaving_time_to_undo(deps: &Deps, resolved: &Resolved) -> Result<
 
 /// The archive's `plugin.yaml`, checked against the pin when there is one.
 fn checked_manifest(archive: &ArchiveFile, pin: Option<&str>) -> Result<Manifest> {
-    let bytes = archive.manifest.as_deref();
+    checked_manifest_bytes(archive.manifest.as_deref(), pin)
+}
+
+/// `checked_manifest` of a plugin.yaml's bytes (`None`: the plugin has none).
+fn checked_manifest_bytes(bytes: Option<&[u8]>, pin: Option<&str>) -> Result<Manifest> {
     if let Some(pin) = pin {
         let Some(bytes) = bytes else {
             return Err(Error::unprocessable(
@@ -353,8 +600,15 @@ pub async fn install_on(
     let mut staged = Ok(());
     let mut host_ms = 0;
     let mut ahead = None;
-    let ran = match opened {
-        Ok(opened) => {
+    let framed = p.framed.is_some();
+    let ran = match (p.framed.take(), opened) {
+        (Some(f), _) => {
+            staged = f.staged;
+            host_ms = f.host_ms;
+            ahead = deps.state.load(workspace).await.ok();
+            f.output.and_then(|out| host_result(&out, &mut rec))
+        }
+        (None, Ok(opened)) => {
             let payload = Payload::from(&p.resolved.archive);
             let run = async {
                 let r =
@@ -385,7 +639,7 @@ pub async fn install_on(
                 ran
             }
         }
-        Err(e) => Err(e),
+        (None, Err(e)) => Err(e),
     };
     let result = match ran {
         Ok(r) => r,
@@ -430,6 +684,7 @@ pub async fn install_on(
         resolve_ms = p.resolve_ms,
         stage_ms = p.stage_ms,
         host_ms,
+        framed,
         state_ms = lap(deps, &mut t),
         total_ms = deps.clock.now().saturating_duration_since(started).as_millis() as u64,
         "install timings"
@@ -473,10 +728,16 @@ async fn run_opened_on_host(
         .transport
         .run_opened(opened, host, cmd, payload)
         .await?;
+    host_result(&out, rec)
+}
+
+/// The end of a command's stderr kept in the record; its output as a
+/// result or an error.
+fn host_result(out: &HostOutput, rec: &mut OperationRecord) -> Result<HostResult> {
     if let Some(tail) = out.stderr_tail() {
         rec.host_output = Some(tail);
     }
-    interpret(&out)
+    interpret(out)
 }
 
 pub async fn uninstall(

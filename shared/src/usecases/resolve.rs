@@ -168,27 +168,94 @@ impl<R: std::io::Read> std::io::Read for HashingRead<R> {
 /// from `/tmp` is not known to be staged still (a retention sweep may have
 /// removed it): it goes back through `stage`, which checks.
 async fn resolve_local(deps: &Deps, name: &str) -> Result<Resolved> {
+    match plan_local(deps, name).await? {
+        Local::AtHand(resolved) => Ok(resolved),
+        Local::ToBuild(build) => build.build(deps, None).await,
+    }
+}
+
+/// A registry plugin's archive: at hand (built lately or recalled), or
+/// still to be built from its listing.
+pub enum Local {
+    AtHand(Resolved),
+    ToBuild(LocalBuild),
+}
+
+/// A checked registry listing whose archive is to be built.
+pub struct LocalBuild {
+    name: String,
+    files: Vec<RegistryFile>,
+    print: String,
+}
+
+/// `resolve` for a registry plugin, short of building its archive.
+pub async fn plan_local(deps: &Deps, name: &str) -> Result<Local> {
     let max = deps.config.max_tree_bytes;
     let files = checked_listing(deps.registry.as_ref(), name, max).await?;
     let print = fingerprint(&files);
-    let resolved = |archive, fingerprint, recalled| Resolved {
+    if let Some(archive) = deps.recent.get(&print) {
+        return Ok(Local::AtHand(local_resolved(name, archive, None, false)));
+    }
+    if let Some(archive) = deps.archives.recall(&print).await? {
+        deps.recent.put(&print, &archive);
+        return Ok(Local::AtHand(local_resolved(name, archive, None, true)));
+    }
+    Ok(Local::ToBuild(LocalBuild {
+        name: name.to_string(),
+        files,
+        print,
+    }))
+}
+
+fn local_resolved(
+    name: &str,
+    archive: ArchiveFile,
+    fingerprint: Option<String>,
+    recalled: bool,
+) -> Resolved {
+    Resolved {
         archive,
         fingerprint,
         recalled,
         name: name.to_string(),
         name_from: NameFrom::Registry,
         skipped: Vec::new(),
-    };
-    if let Some(archive) = deps.recent.get(&print) {
-        return Ok(resolved(archive, None, false));
     }
-    if let Some(archive) = deps.archives.recall(&print).await? {
-        deps.recent.put(&print, &archive);
-        return Ok(resolved(archive, None, true));
+}
+
+impl LocalBuild {
+    /// Whether the archive has a check that only its end can make (a
+    /// `manifest.json` pinning the whole tree): such an archive is not
+    /// sent anywhere before it is whole.
+    pub fn checked_at_its_end(&self) -> bool {
+        self.files.iter().any(|f| f.path == archive::TREE_MANIFEST)
     }
-    let built = build_from_registry(&deps.registry, files, max).await?;
-    deps.recent.put(&print, &built);
-    Ok(resolved(built, Some(print), false))
+
+    /// The `plugin.yaml` of the listing, read on its own ahead of the
+    /// build (a caller that sends the archive as it is built checks it
+    /// first; the built archive must then hold these very bytes).
+    pub async fn manifest(&self, deps: &Deps) -> Result<Option<Vec<u8>>> {
+        let Some(listed) = self.files.iter().find(|f| f.path == "plugin.yaml") else {
+            return Ok(None);
+        };
+        if listed.size as usize > archive::MAX_MANIFEST_BYTES {
+            return Err(Error::unprocessable("plugin.yaml is larger than 1 MiB"));
+        }
+        match deps.registry.manifest(&self.name).await? {
+            Some(bytes) if bytes.len() as u64 == listed.size => Ok(Some(bytes)),
+            _ => Err(changed_in_registry()),
+        }
+    }
+
+    /// Builds the archive, every byte of it also written to `tap` as it is
+    /// made (see `CanonicalArchive::create_tapped`).
+    pub async fn build(self, deps: &Deps, tap: Option<archive::Tap>) -> Result<Resolved> {
+        let built =
+            build_from_registry(&deps.registry, self.files, deps.config.max_tree_bytes, tap)
+                .await?;
+        deps.recent.put(&self.print, &built);
+        Ok(local_resolved(&self.name, built, Some(self.print), false))
+    }
 }
 
 /// The plugin's registry files, sorted by path, refused before a byte is
@@ -241,6 +308,7 @@ async fn build_from_registry(
     registry: &Arc<dyn Registry>,
     files: Vec<RegistryFile>,
     max_tree_bytes: u64,
+    tap: Option<archive::Tap>,
 ) -> Result<ArchiveFile> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(PREFETCH - 1);
     let opener = {
@@ -262,7 +330,7 @@ async fn build_from_registry(
     let cancel = Cancel(Arc::new(AtomicBool::new(false)), opener.abort_handle());
     let cancelled = Arc::clone(&cancel.0);
     let built = tokio::task::spawn_blocking(move || {
-        let mut out = CanonicalArchive::create(max_tree_bytes)?;
+        let mut out = CanonicalArchive::create_tapped(max_tree_bytes, tap)?;
         for file in &files {
             if cancelled.load(Ordering::Relaxed) {
                 return Err(Error::internal("archive build cancelled"));
@@ -295,6 +363,12 @@ async fn build_from_registry(
     .map_err(Error::internal)?;
     drop(cancel);
     built
+}
+
+/// The registry gave other bytes than its listing (or than it gave a
+/// moment ago): a publish raced the read.
+pub fn changed_in_registry() -> Error {
+    Error::conflict("the plugin changed in the registry while it was being read; try again")
 }
 
 struct Cancel(Arc<AtomicBool>, tokio::task::AbortHandle);
