@@ -25,7 +25,11 @@
 #             digest_mismatch, nothing published. With the digest unknown
 #             before the archive, the "already installed" check cannot be
 #             made: an archive of the digest already live replaces its
-#             tree, "installed", like a repair.)
+#             tree, "installed", like a repair. Frames are cut with GNU
+#             head, which reads no further than asked, under GNU timeout:
+#             a host without them answers no_frames before it looks at,
+#             locks or writes anything, and the caller sends the archive
+#             whole instead.)
 #   uninstall CONFIG_DIR NAME OWNER LOCK_WAIT RESTART_CMD
 #   inventory CONFIG_DIR OWNER
 #   restart   CONFIG_DIR OWNER LOCK_WAIT RESTART_CMD   (after a batch installed
@@ -37,7 +41,7 @@
 # Exit codes: 0 ok, 64 usage, 65 digest_mismatch, 66 bad_archive,
 # 69 no_config_dir, 70 restart_failed, 71 unwire_failed,
 # 72 no_privilege_drop, 73 migrate_failed, 74 fetch_failed, 75 busy,
-# 77 bad_config_dir, 1 internal.
+# 77 bad_config_dir, 78 no_frames, 1 internal.
 #
 # Transports: over SSH the archive streams on stdin. Through SSM Run Command
 # there is no stdin, so the command sets PLUGIN_ARCHIVE_URL (a presigned S3
@@ -1418,12 +1422,31 @@ EOF
     [ -z "$rn_rest" ] || usage 'the plugin named on stdin takes 2 or 3 words'
     check_name "$rn_name"
     if [ "$rn_sha" = + ] && [ -z "$rn_bytes" ]; then
+        frames_ok || fail no_frames 'this host cannot take an archive in frames' 78
         framed=true
         sha=''
         return 0
     fi
     check_sha "$rn_sha"
     [ -z "$rn_bytes" ] || check_bytes "$rn_bytes"
+}
+
+# Whether this host can cut frames safely: GNU head reads no further than
+# it is asked to (BusyBox's reads ahead, and the frames after its first
+# would be lost, or archive bytes taken for frame headers), and GNU timeout
+# ends the whole group it runs, a head blocked on a silent caller included
+# (BusyBox's ends only its own child). Without timeout, as everywhere in
+# this script, steps run unbounded.
+frames_ok() {
+    case $(head --version 2>/dev/null) in
+        *'GNU coreutils'*) ;;
+        *) return 1 ;;
+    esac
+    [ -n "$step_timeout" ] || return 0
+    case $(timeout --version 2>/dev/null) in
+        *'GNU coreutils'*) ;;
+        *) return 1 ;;
+    esac
 }
 
 # The frames of a framed archive (stdin) as plain bytes (stdout); the
@@ -1509,6 +1532,9 @@ op_install() {
     esac
     report=$verdict
     report_words
+    # Unasked: the step has no digest to find intact before the frames.
+    [ "$rw_flag" = true ] && [ "$framed" = true ] &&
+        fail internal 'a step run as the workspace user gave an odd result' 1
     if [ "$rw_flag" = true ]; then
         step_end
         # Already there: leave stdin unread and the runtime alone, unless
@@ -1582,7 +1608,7 @@ feed_step() {
 feed_step_framed() {
     exec 9>&-
     {
-        bounded sh -c "$UNFRAME" unframe "$rwork/trailer" 3>&- |
+        bounded sh -c "$UNFRAME" unframe "$rwork/trailer" 3>&- 6>&- |
             { bounded tee "$dev_fd/4" 4>&1 >&3 && : >"$rwork/received"; }
     } | $SHA256 3>&-
 }

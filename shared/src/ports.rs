@@ -17,7 +17,7 @@ use crate::domain::caller::Caller;
 use crate::domain::config::Config;
 use crate::domain::error::{Error, Result};
 use crate::domain::host::Host;
-use crate::domain::hostscript::{Frame, HostCommand, HostOutput};
+use crate::domain::hostscript::{HostCommand, HostOutput};
 use crate::domain::job::Job;
 use crate::domain::plugin::DesiredState;
 use crate::domain::recent::RecentArchives;
@@ -245,44 +245,58 @@ pub trait HostTransport: Send + Sync {
 
     /// The install `started` (`HostCommand::install_named_on_stdin`, begun
     /// with `start` or not) for plugin `name`, whose archive is still being
-    /// built: `frames` brings its bytes as they are made, then its digest.
-    /// If `frames` closes without the digest, the host publishes nothing.
-    /// This default, for transports without a stdin to stream on, takes
-    /// the whole archive first (to a temporary file) and then runs the
-    /// install as `run_opened` does.
+    /// built: `growing` tells how far its file is written, and its digest
+    /// once it is complete and checked. If `growing` closes without the
+    /// digest, the host publishes nothing. This default, for transports
+    /// without a stdin to stream on, waits for the whole archive and then
+    /// runs the install as `run_opened` does.
     async fn run_framed(
         &self,
         opened: Option<Opened>,
         host: &Host,
         started: &HostCommand,
         name: &str,
-        mut frames: tokio::sync::mpsc::Receiver<Frame>,
+        mut growing: Growing,
     ) -> Result<HostOutput> {
-        use std::io::Write;
-        let mut file = tempfile::NamedTempFile::new().map_err(Error::internal)?;
-        let sha = loop {
-            match frames.recv().await {
-                Some(Frame::Bytes(b)) => file.write_all(&b).map_err(Error::internal)?,
-                Some(Frame::End(sha)) => break sha,
-                None => {
-                    if let Some(o) = opened {
-                        self.close(o, host).await;
-                    }
-                    return Err(Error::internal("the archive ended before its digest"));
-                }
+        let done = growing
+            .wait_for(|g| g.end.is_some())
+            .await
+            .map(|g| g.clone())
+            .ok()
+            .and_then(|g| Some((g.path?, g.end?)));
+        let Some((path, sha)) = done else {
+            if let Some(o) = opened {
+                self.close(o, host).await;
             }
+            return Err(Error::internal("the archive ended before its digest"));
         };
-        file.flush().map_err(Error::internal)?;
         let cmd = started
             .naming(name, &sha)
             .ok_or_else(|| Error::internal("run_framed takes an install named on stdin"))?;
         let payload = Payload {
-            path: file.path(),
+            path: &path,
             sha256: &sha,
         };
         self.run_opened(opened, host, &cmd, Some(&payload)).await
     }
 }
+
+/// An archive file being written, as an install sent while it is built
+/// sees it. The file stays in place until the install is over.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Growth {
+    /// The file, once it exists.
+    pub path: Option<std::path::PathBuf>,
+    /// How many of its bytes are in it (a reader may read that far).
+    pub written: u64,
+    /// Its digest, once it is complete and has passed every check; the
+    /// last thing the host is told.
+    pub end: Option<String>,
+}
+
+/// The archive's growth as it is built. Closed without an `end`: the build
+/// failed or the archive was refused.
+pub type Growing = tokio::sync::watch::Receiver<Growth>;
 
 /// A connection `HostTransport::open` made, opaque to the use cases; only
 /// the transport that made it can use it.

@@ -613,3 +613,45 @@ async fn a_registry_plugin_goes_to_the_host_while_its_archive_is_built() {
     assert_eq!((s, b["status"].as_str()), (200, Some("unchanged")), "{b}");
     assert_eq!(f.restarts(), 1);
 }
+
+/// The host's lock held by another operation for a while: an install sent
+/// while its archive is built waits for it (the build waits for the host
+/// meanwhile, its registry reads idle) and then completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_install_sent_while_it_is_built_waits_out_a_held_host_lock() {
+    let f = Fixture::new().await;
+    let app = f.app();
+    f.publish("hello", &v1()).await;
+    let (s, b) = install(&app, &f.workspace, r#"{"source":"hello"}"#).await;
+    assert_eq!(s, 200, "{b}");
+    let blob = noise(12 * 1024 * 1024, 9);
+    let files: Vec<(&str, &[u8])> = vec![
+        ("data/blob.bin", &blob),
+        ("plugin.yaml", b"name: waiter\nversion: 1.0.0\n"),
+    ];
+    f.publish("waiter", &files).await;
+    // Another operation's lock, for 8 s.
+    let mut holder = std::process::Command::new("flock")
+        .arg(f.book().join("lock"))
+        .arg("-c")
+        .arg("echo locked; exec sleep 8")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("flock (util-linux)");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "locked\n");
+    let t = std::time::Instant::now();
+    let (s, b) = install(&app, &f.workspace, r#"{"source":"waiter"}"#).await;
+    assert_eq!((s, b["status"].as_str()), (200, Some("installed")), "{b}");
+    assert!(t.elapsed() > std::time::Duration::from_secs(6), "{:?}", t.elapsed());
+    assert!(holder.wait().unwrap().success());
+    assert_eq!(host_tree(&f, "waiter"), expected_tree(&files));
+    let digest = b["digest"].as_str().unwrap();
+    let staged = f.get(&format!("staged/{digest}.tar.gz")).await.unwrap();
+    assert_eq!(sha256_hex(&staged), digest);
+}

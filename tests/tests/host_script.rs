@@ -2464,6 +2464,40 @@ fn an_archive_in_frames_is_published_once_the_digest_after_it_matches() {
     assert_eq!(h.restarts(), 3);
 }
 
+#[test]
+fn a_host_without_gnu_head_or_timeout_refuses_frames_before_it_touches_anything() {
+    need("/usr/bin/busybox");
+    let h = Host::new();
+    let args = named_on_stdin_args(&h);
+    let v1 = alpha_v1();
+    let input = framed("alpha", &v1.archive, 256, Some(&v1.archive.sha));
+    // BusyBox's head reads ahead of the frame it cuts; its timeout ends
+    // only its own child.
+    for tool in ["head", "timeout"] {
+        let bin = path_without(&[tool]);
+        symlink("/usr/bin/busybox", bin.path().join(tool)).unwrap();
+        let r = run_script(&strs(&args), Some(&input), Some(bin.path()));
+        r.assert_error("no_frames", 78);
+        assert!(!h.book().parent().unwrap().exists(), "{tool}: root's state was made");
+        assert_eq!(h.listing(""), Vec::<String>::new(), "{tool}");
+        // The same archive whole, named with its digest: installed there.
+        let mut whole = format!("alpha {}\n", v1.archive.sha).into_bytes();
+        whole.extend_from_slice(&v1.archive.bytes);
+        run_script(&strs(&args), Some(&whole), Some(bin.path())).assert_ok("installed");
+        h.assert_installed("alpha", &v1);
+        h.uninstall("alpha").assert_ok("uninstalled");
+        fs::remove_dir_all(h.book().parent().unwrap()).unwrap();
+        for e in fs::read_dir(&h.cfg).unwrap() {
+            let e = e.unwrap().path();
+            if e.is_dir() && !e.is_symlink() {
+                fs::remove_dir_all(e).unwrap();
+            } else {
+                fs::remove_file(e).unwrap();
+            }
+        }
+    }
+}
+
 /// The walk the suite checks owners with finds root's entries at any depth
 /// and never reports what a link leads to.
 #[test]

@@ -13,8 +13,8 @@ use async_trait::async_trait;
 
 use crate::domain::error::{Error, Result};
 use crate::domain::host::Host;
-use crate::domain::hostscript::{Frame, HostCommand, HostOutput};
-use crate::ports::{Body, Fetcher, Fleet, HostTransport, Opened, Payload};
+use crate::domain::hostscript::{HostCommand, HostOutput};
+use crate::ports::{Body, Fetcher, Fleet, Growing, HostTransport, Opened, Payload};
 
 /// Workspaces, their hosts and outside sources, all absent.
 pub struct NoHosts;
@@ -88,7 +88,7 @@ impl HostTransport for NoHosts {
         _host: &Host,
         _started: &HostCommand,
         _name: &str,
-        _frames: tokio::sync::mpsc::Receiver<Frame>,
+        _growing: Growing,
     ) -> Result<HostOutput> {
         Err(absent("host transports"))
     }

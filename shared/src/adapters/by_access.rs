@@ -7,8 +7,8 @@ use async_trait::async_trait;
 
 use crate::domain::error::Result;
 use crate::domain::host::{Access, Host};
-use crate::domain::hostscript::{Frame, HostCommand, HostOutput};
-use crate::ports::{HostTransport, Opened, Payload};
+use crate::domain::hostscript::{HostCommand, HostOutput};
+use crate::ports::{Growing, HostTransport, Opened, Payload};
 
 /// Routes each host to the transport its access mode names.
 pub struct ByAccess {
@@ -75,11 +75,11 @@ impl HostTransport for ByAccess {
         host: &Host,
         started: &HostCommand,
         name: &str,
-        frames: tokio::sync::mpsc::Receiver<Frame>,
+        growing: Growing,
     ) -> Result<HostOutput> {
         match host.access {
-            Access::Ssh => self.ssh.run_framed(opened, host, started, name, frames).await,
-            Access::Ssm => self.ssm.run_framed(opened, host, started, name, frames).await,
+            Access::Ssh => self.ssh.run_framed(opened, host, started, name, growing).await,
+            Access::Ssm => self.ssm.run_framed(opened, host, started, name, growing).await,
         }
     }
 }

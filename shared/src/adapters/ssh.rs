@@ -22,8 +22,8 @@ use tokio::io::AsyncWriteExt;
 
 use crate::domain::error::{Error, Result};
 use crate::domain::host::Host;
-use crate::domain::hostscript::{Frame, HostCommand, HostOutput};
-use crate::ports::{Fleet, HostTransport, Opened, Payload};
+use crate::domain::hostscript::{frame_end, frame_header, HostCommand, HostOutput, FRAME_MAX};
+use crate::ports::{Fleet, Growing, HostTransport, Opened, Payload};
 
 /// The ciphers offered, AES-GCM first: EC2 instances and Lambda (x86_64
 /// and Graviton) all have AES in hardware, where AES-GCM costs about half
@@ -545,10 +545,59 @@ enum Feed {
     Nothing,
     /// A whole archive.
     File(tokio::fs::File),
-    /// An archive in frames as it is built, its digest last: each frame is
-    /// written as it comes. Closed without the digest, the stream ends
-    /// without it (the host publishes nothing).
-    Frames(tokio::sync::mpsc::Receiver<Frame>),
+    /// An archive in frames as it is built, its digest last: read from its
+    /// file as far as it is written. Closed without the digest, the stream
+    /// ends without it (the host publishes nothing).
+    Growing(Growing),
+}
+
+/// Frames smaller than this wait for more of the archive (each costs the
+/// host a `head` process), unless the archive is complete.
+const FRAME_MIN: u64 = 4 * 1024 * 1024;
+
+/// Sends a growing archive's bytes in frames as they reach its file, then
+/// its digest. The build is never held back: the file takes what the host
+/// has not yet.
+async fn send_growing(
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    mut growing: Growing,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut file: Option<tokio::fs::File> = None;
+    let mut sent = 0u64;
+    loop {
+        let g = growing.borrow_and_update().clone();
+        if file.is_none() {
+            if let Some(path) = &g.path {
+                file = Some(tokio::fs::File::open(path).await?);
+            }
+        }
+        let ready = g.written.saturating_sub(sent);
+        if let Some(f) = file.as_mut().filter(|_| ready >= FRAME_MIN || (g.end.is_some() && ready > 0)) {
+            let len = ready.min(FRAME_MAX);
+            w.write_all(frame_header(len).as_bytes()).await?;
+            f.seek(std::io::SeekFrom::Start(sent)).await?;
+            // 256 KiB reads so each SSH packet is full-size (32 KiB).
+            let mut part = tokio::io::BufReader::with_capacity(256 * 1024, (&mut *f).take(len));
+            let copied = tokio::io::copy_buf(&mut part, w).await?;
+            if copied != len {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the archive's file is shorter than written",
+                ));
+            }
+            sent += len;
+            continue;
+        }
+        if let Some(sha) = &g.end {
+            w.write_all(frame_end(sha).as_bytes()).await?;
+            return Ok(());
+        }
+        if growing.changed().await.is_err() {
+            // Built no further, and no digest: the host publishes nothing.
+            return Ok(());
+        }
+    }
 }
 
 /// Streams the line naming the plugin and the archive (each if any) into
@@ -573,15 +622,7 @@ async fn send_stdin(
                 )
                 .await?;
             }
-            Feed::Frames(mut frames) => {
-                while let Some(frame) = frames.recv().await {
-                    w.write_all(frame.header().as_bytes()).await?;
-                    match frame {
-                        Frame::Bytes(b) => w.write_all(&b).await?,
-                        Frame::End(_) => break,
-                    }
-                }
-            }
+            Feed::Growing(growing) => send_growing(&mut w, growing).await?,
         }
         Ok(())
     }
@@ -707,13 +748,13 @@ impl HostTransport for SshTransport {
         host: &Host,
         started: &HostCommand,
         name: &str,
-        frames: tokio::sync::mpsc::Receiver<Frame>,
+        growing: Growing,
     ) -> Result<HostOutput> {
         let line = started.framed_line(name).ok_or_else(|| {
             Error::internal("run_framed takes an install named on stdin")
         })?;
         let early = Some((started.clone(), line.clone()));
-        self.run_fed(opened, host, early, (started, Some(line)), Feed::Frames(frames))
+        self.run_fed(opened, host, early, (started, Some(line)), Feed::Growing(growing))
             .await
     }
 }

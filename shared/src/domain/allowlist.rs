@@ -193,8 +193,6 @@ impl Allowlist {
         }
     }
 
-    /// Step two, once the archive is known: an entry admits this source
-    /// under the name the archive gives itself, with its digest.
     /// Whether `admit_archive` admits `name` from `source` whatever its
     /// digest: an archive that passes can be sent on before its digest is
     /// known.
@@ -207,6 +205,8 @@ impl Allowlist {
                 .any(|e| e.name == name && e.admits(&canonical) && e.digest.is_none())
     }
 
+    /// Step two, once the archive is known: an entry admits this source
+    /// under the name the archive gives itself, with its digest.
     pub fn admit_archive(&self, source: &Source, name: &str, digest: &str) -> Result<()> {
         if self.allows_all() {
             return Ok(());

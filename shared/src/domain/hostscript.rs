@@ -17,25 +17,18 @@ pub const RESULT_MARKER: &str = "@@plugin-delivery-result ";
 pub const SCRIPT_LAUNCH: &str = "sh -c 'eval \"$1\"' plugin-host ";
 
 /// The largest frame the host script takes.
-pub const FRAME_MAX: usize = 16 * 1024 * 1024;
+pub const FRAME_MAX: u64 = 16 * 1024 * 1024;
 
-/// A piece of an archive sent while it is built: its bytes as they come
-/// (each a frame, "N\n" and N bytes, 1 <= N <= `FRAME_MAX`), then its
-/// digest ("end SHA256\n"). Without the end, the host publishes nothing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Frame {
-    Bytes(Vec<u8>),
-    End(String),
+/// An archive sent while it is built goes in frames: each is this line and
+/// then `len` bytes of the archive (1 <= len <= `FRAME_MAX`).
+pub fn frame_header(len: u64) -> String {
+    format!("{len}\n")
 }
 
-impl Frame {
-    /// What precedes the frame's bytes on the wire (all of an end).
-    pub fn header(&self) -> String {
-        match self {
-            Frame::Bytes(b) => format!("{}\n", b.len()),
-            Frame::End(sha) => format!("end {sha}\n"),
-        }
-    }
+/// The line after the last frame: the archive's digest. Without it, the
+/// host publishes nothing.
+pub fn frame_end(sha256: &str) -> String {
+    format!("end {sha256}\n")
 }
 
 /// One invocation of the host script.
@@ -353,6 +346,9 @@ pub fn interpret(out: &HostOutput) -> Result<HostResult> {
         "migrate_failed" => Error::host_failed(
             "the host could not move its plugin bookkeeping to the current layout; nothing was changed",
         ),
+        "no_frames" => Error::host_failed(
+            "the host cannot take an archive while it is built (it lacks GNU coreutils); nothing was changed",
+        ),
         "fetch_failed" => Error::host_failed(
             "the host could not download the plugin archive (its link may have expired); nothing was changed",
         ),
@@ -481,8 +477,8 @@ mod tests {
             assert_eq!(cmd.framed_line("alpha"), None, "{cmd:?}");
             assert_eq!(cmd.naming("alpha", &digest), None, "{cmd:?}");
         }
-        assert_eq!(Frame::Bytes(vec![7; 12]).header(), "12\n");
-        assert_eq!(Frame::End(digest.clone()).header(), format!("end {digest}\n"));
+        assert_eq!(frame_header(12), "12\n");
+        assert_eq!(frame_end(&digest), format!("end {digest}\n"));
     }
 
     #[test]

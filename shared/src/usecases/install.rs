@@ -19,14 +19,15 @@ use crate::domain::caller::{Caller, Scope};
 use crate::domain::config::RuntimeProfile;
 use crate::domain::error::{Error, Result};
 use crate::domain::host::{Access, Host};
-use crate::domain::hostscript::{interpret, Frame, HostCommand, HostOutput, HostResult, HostStatus};
+use crate::domain::archive;
+use crate::domain::hostscript::{interpret, HostCommand, HostOutput, HostResult, HostStatus};
 use crate::domain::intake::Skipped;
 use crate::domain::plugin::{
     validate_name, validate_workspace_id, InstalledPlugin, Manifest, PluginInfo,
 };
 use crate::domain::records::{now_rfc3339, Kind, OperationRecord, Trigger};
 use crate::domain::source::{NameFrom, Resolved, Source};
-use crate::ports::{Deps, Opened, Payload};
+use crate::ports::{Deps, Growing, Growth, Opened, Payload};
 use crate::usecases::resolve::LocalBuild;
 use crate::usecases::{access, allowlist, record, resolve, state};
 
@@ -129,51 +130,6 @@ struct Framed {
     staged: Result<()>,
 }
 
-/// The bytes of an archive in the making go to the host in frames of this
-/// size: each costs the host one `head` process, and each is held in memory
-/// until it is sent (at most three at once: one filling, one waiting, one
-/// being sent).
-const FRAME_BYTES: usize = 4 * 1024 * 1024;
-
-/// Where the archive's bytes go while it is built: frames, sent to the
-/// host's command as soon as each is full. If the host stops taking them
-/// (its command failed), the rest is dropped here and the build goes on:
-/// the command's own result is then the answer.
-struct FrameTap {
-    tx: tokio::sync::mpsc::Sender<Frame>,
-    buf: Vec<u8>,
-    open: bool,
-}
-
-impl FrameTap {
-    fn send(&mut self) {
-        if self.buf.is_empty() {
-            return;
-        }
-        let frame = std::mem::replace(&mut self.buf, Vec::with_capacity(FRAME_BYTES));
-        // On the build's blocking thread: waits while the host is behind.
-        if self.open && self.tx.blocking_send(Frame::Bytes(frame)).is_err() {
-            self.open = false;
-        }
-    }
-}
-
-impl std::io::Write for FrameTap {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = buf.len().min(FRAME_BYTES - self.buf.len());
-        self.buf.extend_from_slice(&buf[..n]);
-        if self.buf.len() == FRAME_BYTES {
-            self.send();
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.send();
-        Ok(())
-    }
-}
-
 /// Aborts a spawned task when dropped (the operation gave up on it).
 struct Aborting(tokio::task::AbortHandle);
 
@@ -187,9 +143,9 @@ impl Drop for Aborting {
 struct Building {
     task: tokio::task::JoinHandle<Result<Resolved>>,
     _guard: Aborting,
-    frames: tokio::sync::mpsc::Receiver<Frame>,
-    /// Sends the digest after the last frame, once the archive passed.
-    end: tokio::sync::mpsc::Sender<Frame>,
+    growing: Growing,
+    /// Tells the digest after the last byte, once the archive passed.
+    end: std::sync::Arc<tokio::sync::watch::Sender<Growth>>,
     /// The plugin.yaml checked before the first byte went anywhere: the
     /// archive must hold the same.
     manifest_bytes: Option<Vec<u8>>,
@@ -202,26 +158,32 @@ enum Work {
     Building(Building),
 }
 
-/// Starts building a registry plugin's archive with its bytes going to
-/// frames as they are made, once everything that can be checked without
+/// Starts building a registry plugin's archive, telling how far its file is
+/// written as it grows (the host reads it that far, never holding the
+/// build back), once everything that can be checked without
 /// the archive has passed: its listing (`plan_local`), the org allowlist
 /// for its name with any digest (the caller's condition), and its
 /// plugin.yaml, read ahead, against the pin.
 async fn begin_building(deps: &Deps, build: LocalBuild, pin: Option<&str>) -> Result<Building> {
     let manifest_bytes = build.manifest(deps).await?;
     let manifest = checked_manifest_bytes(manifest_bytes.as_deref(), pin)?;
-    let (tx, frames) = tokio::sync::mpsc::channel(1);
-    let tap = FrameTap {
-        tx: tx.clone(),
-        buf: Vec::with_capacity(FRAME_BYTES),
-        open: true,
-    };
+    let (tx, growing) = tokio::sync::watch::channel(Growth::default());
+    let tx = std::sync::Arc::new(tx);
+    let told = tx.clone();
+    let tap: archive::Tap = Box::new(move |path, written| {
+        told.send_modify(|g| {
+            if g.path.is_none() {
+                g.path = Some(path.to_path_buf());
+            }
+            g.written = written;
+        })
+    });
     let owned = deps.clone();
-    let task = tokio::spawn(async move { build.build(&owned, Some(Box::new(tap))).await });
+    let task = tokio::spawn(async move { build.build(&owned, Some(tap)).await });
     Ok(Building {
         _guard: Aborting(task.abort_handle()),
         task,
-        frames,
+        growing,
         end: tx,
         manifest_bytes,
         manifest,
@@ -352,7 +314,7 @@ async fn prepare(
 }
 
 /// The rest of `prepare` for an archive being built (`Building`): its
-/// frames go to the install started ahead as they come. Once built, the
+/// bytes go to the install started ahead as they come. Once built, the
 /// archive must hold the plugin.yaml that was checked and pass the
 /// allowlist with its digest; only then does the host get the digest,
 /// and the archive is staged beside the host's remaining work. A plugin
@@ -373,7 +335,7 @@ async fn deliver_while_building(
     let Building {
         task,
         _guard,
-        frames,
+        growing,
         end,
         manifest_bytes,
         manifest,
@@ -392,7 +354,7 @@ async fn deliver_while_building(
     let opened = match opened {
         Ok(o) => o,
         Err(e) => {
-            drop((frames, end));
+            drop((growing, end));
             let resolved = finish.await?;
             let resolve_ms = lap(deps, &mut t);
             return Ok(Prepared {
@@ -415,7 +377,7 @@ async fn deliver_while_building(
     let run = async {
         let r = deps
             .transport
-            .run_framed(opened, &host, started, &name, frames)
+            .run_framed(opened, &host, started, &name, growing)
             .await;
         (r, deps.clock.now().saturating_duration_since(host_t))
     };
@@ -429,7 +391,11 @@ async fn deliver_while_building(
                 return Err(e);
             }
         };
-        let _ = end.send(Frame::End(resolved.archive.sha256.clone())).await;
+        let (sha, size) = (resolved.archive.sha256.clone(), resolved.archive.size);
+        end.send_modify(|g| {
+            g.written = size;
+            g.end = Some(sha);
+        });
         drop(end);
         let staged = stage_leaving_time_to_undo(deps, &resolved).await;
         let stage_ms = lap(deps, &mut t);
@@ -437,6 +403,22 @@ async fn deliver_while_building(
     };
     let ((output, host_took), finished) = tokio::join!(run, finish_and_stage);
     let (resolved, resolve_ms, staged, stage_ms) = finished?;
+    // A host that cannot cut frames said so before it touched anything:
+    // it gets the archive whole, now that it is built.
+    let output = match output {
+        Ok(out) if host_error(&out).as_deref() == Some("no_frames") => {
+            tracing::info!(instance = %host.instance_id, "the host cannot take frames; sending the archive whole");
+            let archive = &resolved.archive;
+            let cmd = started
+                .naming(&name, &archive.sha256)
+                .ok_or_else(|| Error::internal("a framed build without its command"))?
+                .with_archive_bytes(archive.size);
+            deps.transport
+                .run_opened(None, &host, &cmd, Some(&Payload::from(archive)))
+                .await
+        }
+        other => other,
+    };
     Ok(Prepared {
         host,
         resolved,
@@ -641,6 +623,13 @@ pub async fn install_on(
         }
         (None, Err(e)) => Err(e),
     };
+    // The host must say it holds this very archive (a result of another
+    // digest, from a confused or tampered host step, is not a success).
+    let ran = ran.and_then(|r| match r.digest.as_deref() {
+        Some(d) if d == archive.sha256 => Ok(r),
+        _ => Err(Error::host_failed("the host reported another plugin digest")
+            .with_detail(format!("expected {}, got {:?}", archive.sha256, r))),
+    });
     let result = match ran {
         Ok(r) => r,
         Err(e) => return Err(record::fail(deps.records.as_ref(), &mut rec, e).await),
@@ -729,6 +718,13 @@ async fn run_opened_on_host(
         .run_opened(opened, host, cmd, payload)
         .await?;
     host_result(&out, rec)
+}
+
+/// The code of the error a command's output reports, if it reports one.
+fn host_error(out: &HostOutput) -> Option<String> {
+    interpret(out)
+        .err()
+        .and_then(|e| e.fields.get("host_error")?.as_str().map(str::to_string))
 }
 
 /// The end of a command's stderr kept in the record; its output as a

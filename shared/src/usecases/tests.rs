@@ -1284,3 +1284,149 @@ async fn a_warm_instance_installs_from_its_copy_and_stages_a_swept_archive_again
     let cold = reinstall_requests(&m, &cold_deps, &first.digest).await;
     assert!(warm + 3 <= cold, "warm {warm} requests, cold {cold}");
 }
+
+/// The memory hosts, counting the installs sent while their archive is
+/// built; with `no_frames`, hosts that cannot cut frames (no GNU head), which
+/// answer such an install before they touch anything.
+struct Framing {
+    hosts: Arc<crate::adapters::memory::MemoryHosts>,
+    framed: std::sync::atomic::AtomicUsize,
+    no_frames: bool,
+}
+
+#[async_trait::async_trait]
+impl crate::ports::HostTransport for Framing {
+    async fn run(
+        &self,
+        host: &crate::domain::host::Host,
+        cmd: &crate::domain::hostscript::HostCommand,
+        payload: Option<&crate::ports::Payload<'_>>,
+    ) -> Result<crate::domain::hostscript::HostOutput> {
+        self.hosts.run(host, cmd, payload).await
+    }
+
+    async fn run_framed(
+        &self,
+        opened: Option<crate::ports::Opened>,
+        host: &crate::domain::host::Host,
+        started: &crate::domain::hostscript::HostCommand,
+        name: &str,
+        growing: crate::ports::Growing,
+    ) -> Result<crate::domain::hostscript::HostOutput> {
+        self.framed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.no_frames {
+            drop(growing);
+            return Ok(result_line(
+                r#"{"status":"error","plugin":"hello","code":"no_frames","message":"this host cannot take an archive in frames"}"#,
+                78,
+            ));
+        }
+        self.hosts.run_framed(opened, host, started, name, growing).await
+    }
+}
+
+fn framing(m: &Memory, deps: Deps, no_frames: bool) -> (Deps, Arc<Framing>) {
+    let t = Arc::new(Framing {
+        hosts: m.hosts.clone(),
+        framed: Default::default(),
+        no_frames,
+    });
+    (
+        Deps {
+            transport: t.clone(),
+            ..deps
+        },
+        t,
+    )
+}
+
+#[tokio::test]
+async fn a_registry_plugin_not_built_yet_is_sent_while_it_is_built_unless_a_check_needs_it_whole() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (m, deps) = world();
+    let (deps, t) = framing(&m, deps, false);
+    let out = install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
+    assert_eq!(out.status, InstallStatus::Installed);
+    assert_eq!(t.framed.load(Relaxed), 1);
+    assert_eq!(m.store.staged_digests(), std::slice::from_ref(&out.digest));
+    assert_eq!(m.store.state_of("ws-1").plugins["hello"].digest, out.digest);
+    // Built lately: its digest is known first, so it goes whole (and the
+    // host can find it unchanged).
+    let again = install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
+    assert_eq!(again.status, InstallStatus::Unchanged);
+    assert_eq!(t.framed.load(Relaxed), 1);
+
+    // A pin that plugin.yaml does not match: refused before anything is
+    // sent (plugin.yaml is read ahead of the build).
+    m.store.publish(
+        "hello",
+        &[("plugin.yaml", b"name: hello\nversion: 1.3.0\n"), ("a.md", b"a\n")],
+    );
+    let calls = m.hosts.calls().len();
+    let pinned = InstallRequest {
+        source: "hello".into(),
+        sha256: Some("1".repeat(64)),
+    };
+    let e = install::install(&deps, &owner(), "ws-1", pinned).await.unwrap_err();
+    assert_eq!(e.status(), 422);
+    assert_eq!((t.framed.load(Relaxed), m.hosts.calls().len()), (1, calls));
+
+    // An org allowlist entry that pins the digest: the archive goes whole.
+    let list = Allowlist::new(vec![AllowEntry {
+        name: "hello".into(),
+        sources: vec!["local://hello".into()],
+        digest: Some("2".repeat(64)),
+    }])
+    .unwrap();
+    assert!(m.store.save_allowlist(MEMORY_ORG, &list, None).await.unwrap());
+    let e = install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap_err();
+    assert_eq!(e.status(), 403);
+    assert_eq!((t.framed.load(Relaxed), m.hosts.calls().len()), (1, calls));
+    let (_, etag) = m.store.load_allowlist(MEMORY_ORG).await.unwrap();
+    let all = Allowlist::new(vec![]).unwrap();
+    assert!(m.store.save_allowlist(MEMORY_ORG, &all, etag.as_deref()).await.unwrap());
+
+    // A manifest.json pinning the tree is checked at the archive's end:
+    // built whole first.
+    m.store.publish(
+        "hello",
+        &[("manifest.json", b"{}"), ("plugin.yaml", b"name: hello\nversion: 1.4.0\n")],
+    );
+    let out = install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
+    assert_eq!(out.version, "1.4.0");
+    assert_eq!(t.framed.load(Relaxed), 1);
+}
+
+#[tokio::test]
+async fn a_host_that_cannot_take_frames_gets_the_archive_whole() {
+    let (m, deps) = world();
+    let (deps, t) = framing(&m, deps, true);
+    let out = install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
+    assert_eq!(out.status, InstallStatus::Installed);
+    assert_eq!(t.framed.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let calls = m.hosts.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].args[2..4], ["hello".to_string(), out.digest.clone()]);
+    assert_eq!(calls[0].payload.as_deref(), Some(out.digest.as_str()));
+    assert_eq!(m.store.staged_digests(), std::slice::from_ref(&out.digest));
+    assert_eq!(m.store.state_of("ws-1").plugins["hello"].digest, out.digest);
+}
+
+#[tokio::test]
+async fn a_host_reporting_another_digest_fails_the_install() {
+    let (m, deps) = world();
+    m.hosts.script(|_, cmd| {
+        (cmd.args[0] == "install").then(|| {
+            Ok(result_line(
+                &format!(
+                    r#"{{"status":"unchanged","plugin":"hello","digest":"{}","previous":"","previous_kind":"link","restarted":false,"pending_restart":false}}"#,
+                    "3".repeat(64)
+                ),
+                0,
+            ))
+        })
+    });
+    let e = install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap_err();
+    assert_eq!(e.status(), 502);
+    assert!(m.store.state_of("ws-1").plugins.is_empty());
+}
