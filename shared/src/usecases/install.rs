@@ -9,6 +9,10 @@
 //! (The host connection, and an install's command, which waits for the
 //! plugin's name on stdin, start beside the fetch once the source is
 //! admitted: a plugin refused later ends that command with nothing written.)
+//! A registry plugin not built yet goes to an SSH host while it is built
+//! (`deliver_while_building`), once every check but those of its digest
+//! has passed, its plugin.yaml read ahead for them; the host gets the
+//! digest, and publishes, only once the whole archive has passed those too.
 
 use std::time::Instant;
 

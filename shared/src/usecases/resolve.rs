@@ -2,7 +2,9 @@
 //! staging that archive in S3 under its digest. `local://` builds from the
 //! registry (or recalls the archive the same listing built before);
 //! `github://` and `https://` are fetched through the `Fetcher` port and
-//! pass `intake`'s checks before anything is staged.
+//! pass `intake`'s checks before anything is staged. A registry plugin can
+//! also be planned (`plan_local`) and built with a `Tap` that follows its
+//! file as it grows, for an install that sends it while it is built.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
