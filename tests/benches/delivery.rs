@@ -361,11 +361,18 @@ fn logged_install_timings(port: &str) -> String {
         .find(|v| v["fields"]["message"] == "install timings")
         .map(|v| {
             let f = &v["fields"];
-            ["framed", "resolve_ms", "stage_ms", "host_ms", "state_ms", "total_ms"]
-                .iter()
-                .map(|k| format!("{k} {}", f[k]))
-                .collect::<Vec<_>>()
-                .join(", ")
+            [
+                "framed",
+                "resolve_ms",
+                "stage_ms",
+                "host_ms",
+                "state_ms",
+                "total_ms",
+            ]
+            .iter()
+            .map(|k| format!("{k} {}", f[k]))
+            .collect::<Vec<_>>()
+            .join(", ")
         })
         .unwrap_or_else(|| "not logged".into())
 }

@@ -592,7 +592,10 @@ async fn a_registry_plugin_goes_to_the_host_while_its_archive_is_built() {
         .expect("staged archive");
     assert_eq!(sha256_hex(&staged), digest);
     assert!(staged.len() > 9 * 1024 * 1024, "three frames or more");
-    assert_eq!(f.desired().await["plugins"]["hefty"]["digest"], digest.as_str());
+    assert_eq!(
+        f.desired().await["plugins"]["hefty"]["digest"],
+        digest.as_str()
+    );
     assert_eq!(f.restarts(), 1);
     // The host said how it took the archive (the operation's record keeps
     // the end of its stderr).
@@ -603,7 +606,9 @@ async fn a_registry_plugin_goes_to_the_host_while_its_archive_is_built() {
     let rec: Value = serde_json::from_slice(&f.get(&ops[0]).await.unwrap()).unwrap();
     let said = rec["host_output"].as_str().unwrap_or_default();
     assert!(
-        said.contains(&format!("the archive came in frames, its digest {digest} last")),
+        said.contains(&format!(
+            "the archive came in frames, its digest {digest} last"
+        )),
         "{rec}"
     );
 
@@ -648,7 +653,11 @@ async fn an_install_sent_while_it_is_built_waits_out_a_held_host_lock() {
     let t = std::time::Instant::now();
     let (s, b) = install(&app, &f.workspace, r#"{"source":"waiter"}"#).await;
     assert_eq!((s, b["status"].as_str()), (200, Some("installed")), "{b}");
-    assert!(t.elapsed() > std::time::Duration::from_secs(6), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() > std::time::Duration::from_secs(6),
+        "{:?}",
+        t.elapsed()
+    );
     assert!(holder.wait().unwrap().success());
     assert_eq!(host_tree(&f, "waiter"), expected_tree(&files));
     let digest = b["digest"].as_str().unwrap();

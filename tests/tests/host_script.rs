@@ -2375,7 +2375,11 @@ fn an_archive_in_frames_is_published_once_the_digest_after_it_matches() {
     // Frames of 256 bytes: several, the last one short.
     assert!(v1.archive.bytes.len() > 600, "{}", v1.archive.bytes.len());
     assert_ne!(v1.archive.bytes.len() % 256, 0);
-    let r = run_script(&strs(&args), Some(&framed("alpha", &v1.archive, 256, Some(&v1.archive.sha))), None);
+    let r = run_script(
+        &strs(&args),
+        Some(&framed("alpha", &v1.archive, 256, Some(&v1.archive.sha))),
+        None,
+    );
     assert_eq!(
         r.result,
         json!({"status": "installed", "plugin": "alpha", "digest": v1.archive.sha, "previous": "", "previous_kind": "none", "restarted": true, "pending_restart": false})
@@ -2384,11 +2388,18 @@ fn an_archive_in_frames_is_published_once_the_digest_after_it_matches() {
     assert_eq!(h.restarts(), 1);
     h.assert_no_leftovers();
     // Root keeps the new tree's sums under the digest it learnt last.
-    assert!(h.book().join(format!("sums/alpha@{}", v1.archive.sha)).is_file());
+    assert!(h
+        .book()
+        .join(format!("sums/alpha@{}", v1.archive.sha))
+        .is_file());
 
     // The digest already live: it cannot be known before the archive, so
     // the tree is replaced (beside the live one) and the runtime restarted.
-    let r = run_script(&strs(&args), Some(&framed("alpha", &v1.archive, 4096, Some(&v1.archive.sha))), None);
+    let r = run_script(
+        &strs(&args),
+        Some(&framed("alpha", &v1.archive, 4096, Some(&v1.archive.sha))),
+        None,
+    );
     r.assert_ok("installed");
     assert_eq!(r.result["previous"], v1.archive.sha.as_str());
     h.assert_installed_at("alpha", &v1);
@@ -2397,8 +2408,12 @@ fn an_archive_in_frames_is_published_once_the_digest_after_it_matches() {
     // One frame for the whole of an upgrade.
     let v2 = alpha_v2();
     let whole = v2.archive.bytes.len();
-    run_script(&strs(&args), Some(&framed("alpha", &v2.archive, whole, Some(&v2.archive.sha))), None)
-        .assert_ok("installed");
+    run_script(
+        &strs(&args),
+        Some(&framed("alpha", &v2.archive, whole, Some(&v2.archive.sha))),
+        None,
+    )
+    .assert_ok("installed");
     h.assert_installed("alpha", &v2);
     assert_eq!(h.restarts(), 3);
     let memory = h.read("CLAUDE.md");
@@ -2422,9 +2437,18 @@ fn an_archive_in_frames_is_published_once_the_digest_after_it_matches() {
     longer.extend_from_slice(b"xyz");
     longer.extend_from_slice(format!("end {}\n", v1.archive.sha).as_bytes());
     let cases: Vec<(String, Vec<u8>)> = [
-        ("no end line".to_string(), framed("alpha", &v1.archive, 1000, None)),
-        ("another digest".to_string(), framed("alpha", &v1.archive, 1000, Some(&other))),
-        ("a short digest".to_string(), framed("alpha", &v1.archive, 1000, Some(&v1.archive.sha[1..]))),
+        (
+            "no end line".to_string(),
+            framed("alpha", &v1.archive, 1000, None),
+        ),
+        (
+            "another digest".to_string(),
+            framed("alpha", &v1.archive, 1000, Some(&other)),
+        ),
+        (
+            "a short digest".to_string(),
+            framed("alpha", &v1.archive, 1000, Some(&v1.archive.sha[1..])),
+        ),
         ("cut mid-frame".to_string(), cut_mid_frame),
         ("bytes beyond a frame".to_string(), longer),
     ]
@@ -2478,7 +2502,10 @@ fn a_host_without_gnu_head_or_timeout_refuses_frames_before_it_touches_anything(
         symlink("/usr/bin/busybox", bin.path().join(tool)).unwrap();
         let r = run_script(&strs(&args), Some(&input), Some(bin.path()));
         r.assert_error("no_frames", 78);
-        assert!(!h.book().parent().unwrap().exists(), "{tool}: root's state was made");
+        assert!(
+            !h.book().parent().unwrap().exists(),
+            "{tool}: root's state was made"
+        );
         assert_eq!(h.listing(""), Vec::<String>::new(), "{tool}");
         // The same archive whole, named with its digest: installed there.
         let mut whole = format!("alpha {}\n", v1.archive.sha).into_bytes();

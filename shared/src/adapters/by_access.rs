@@ -78,8 +78,16 @@ impl HostTransport for ByAccess {
         growing: Growing,
     ) -> Result<HostOutput> {
         match host.access {
-            Access::Ssh => self.ssh.run_framed(opened, host, started, name, growing).await,
-            Access::Ssm => self.ssm.run_framed(opened, host, started, name, growing).await,
+            Access::Ssh => {
+                self.ssh
+                    .run_framed(opened, host, started, name, growing)
+                    .await
+            }
+            Access::Ssm => {
+                self.ssm
+                    .run_framed(opened, host, started, name, growing)
+                    .await
+            }
         }
     }
 }

@@ -573,7 +573,10 @@ async fn send_growing(
             }
         }
         let ready = g.written.saturating_sub(sent);
-        if let Some(f) = file.as_mut().filter(|_| ready >= FRAME_MIN || (g.end.is_some() && ready > 0)) {
+        if let Some(f) = file
+            .as_mut()
+            .filter(|_| ready >= FRAME_MIN || (g.end.is_some() && ready > 0))
+        {
             let len = ready.min(FRAME_MAX);
             w.write_all(frame_header(len).as_bytes()).await?;
             f.seek(std::io::SeekFrom::Start(sent)).await?;
@@ -750,12 +753,18 @@ impl HostTransport for SshTransport {
         name: &str,
         growing: Growing,
     ) -> Result<HostOutput> {
-        let line = started.framed_line(name).ok_or_else(|| {
-            Error::internal("run_framed takes an install named on stdin")
-        })?;
+        let line = started
+            .framed_line(name)
+            .ok_or_else(|| Error::internal("run_framed takes an install named on stdin"))?;
         let early = Some((started.clone(), line.clone()));
-        self.run_fed(opened, host, early, (started, Some(line)), Feed::Growing(growing))
-            .await
+        self.run_fed(
+            opened,
+            host,
+            early,
+            (started, Some(line)),
+            Feed::Growing(growing),
+        )
+        .await
     }
 }
 

@@ -422,12 +422,16 @@ mod tests {
             ("data/big.bin", &big, 0o644),
             ("plugin.yaml", b"name: x\n", 0o644),
         ];
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(std::path::PathBuf, u64, u64)>::new()));
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(
+            Vec::<(std::path::PathBuf, u64, u64)>::new(),
+        ));
         let kept = seen.clone();
         let tap: Tap = Box::new(move |path, len| {
             // What the file holds when the tap hears of it.
             let on_disk = std::fs::metadata(path).unwrap().len();
-            kept.lock().unwrap().push((path.to_path_buf(), len, on_disk));
+            kept.lock()
+                .unwrap()
+                .push((path.to_path_buf(), len, on_disk));
         });
         let mut a = CanonicalArchive::create_tapped(1 << 23, Some(tap)).unwrap();
         for (p, d, m) in files {

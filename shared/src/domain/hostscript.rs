@@ -107,7 +107,9 @@ impl HostCommand {
     /// digest last.
     pub fn framed_line(&self, name: &str) -> Option<String> {
         match self.args.as_slice() {
-            [op, _cfg, n, d, _owner, _wait, _restart] if op == "install" && n == "-" && d == "-" => {
+            [op, _cfg, n, d, _owner, _wait, _restart]
+                if op == "install" && n == "-" && d == "-" =>
+            {
                 Some(format!("{name} +\n"))
             }
             _ => None,

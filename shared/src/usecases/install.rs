@@ -18,12 +18,12 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::domain::archive;
 use crate::domain::archive::{sha256_hex, ArchiveFile};
 use crate::domain::caller::{Caller, Scope};
 use crate::domain::config::RuntimeProfile;
 use crate::domain::error::{Error, Result};
 use crate::domain::host::{Access, Host};
-use crate::domain::archive;
 use crate::domain::hostscript::{interpret, HostCommand, HostOutput, HostResult, HostStatus};
 use crate::domain::intake::Skipped;
 use crate::domain::plugin::{
@@ -249,7 +249,9 @@ async fn prepare(
         let at_hand = match source {
             Source::Local { name } if framable => match resolve::plan_local(deps, name).await? {
                 resolve::Local::AtHand(r) => Some(r),
-                resolve::Local::ToBuild(b) if b.checked_at_its_end() => Some(b.build(deps, None).await?),
+                resolve::Local::ToBuild(b) if b.checked_at_its_end() => {
+                    Some(b.build(deps, None).await?)
+                }
                 resolve::Local::ToBuild(b) => {
                     return Ok(Work::Building(begin_building(deps, b, pin).await?));
                 }
@@ -295,7 +297,8 @@ async fn prepare(
     let (resolved, manifest, resolve_ms, stage_ms) = match work {
         Ok(Work::Ready(r, m, resolve_ms, stage_ms)) => (r, m, resolve_ms, stage_ms),
         Ok(Work::Building(b)) => {
-            let started = started.ok_or_else(|| Error::internal("a framed build without its command"))?;
+            let started =
+                started.ok_or_else(|| Error::internal("a framed build without its command"))?;
             return deliver_while_building(deps, host, source, &list, b, &started, opened, t).await;
         }
         Err(e) => {
@@ -631,8 +634,10 @@ pub async fn install_on(
     // digest, from a confused or tampered host step, is not a success).
     let ran = ran.and_then(|r| match r.digest.as_deref() {
         Some(d) if d == archive.sha256 => Ok(r),
-        _ => Err(Error::host_failed("the host reported another plugin digest")
-            .with_detail(format!("expected {}, got {:?}", archive.sha256, r))),
+        _ => Err(
+            Error::host_failed("the host reported another plugin digest")
+                .with_detail(format!("expected {}, got {:?}", archive.sha256, r)),
+        ),
     });
     let result = match ran {
         Ok(r) => r,

@@ -1313,7 +1313,8 @@ impl crate::ports::HostTransport for Framing {
         name: &str,
         growing: crate::ports::Growing,
     ) -> Result<crate::domain::hostscript::HostOutput> {
-        self.framed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.framed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if self.no_frames {
             drop(growing);
             return Ok(result_line(
@@ -1321,7 +1322,9 @@ impl crate::ports::HostTransport for Framing {
                 78,
             ));
         }
-        self.hosts.run_framed(opened, host, started, name, growing).await
+        self.hosts
+            .run_framed(opened, host, started, name, growing)
+            .await
     }
 }
 
@@ -1345,14 +1348,18 @@ async fn a_registry_plugin_not_built_yet_is_sent_while_it_is_built_unless_a_chec
     use std::sync::atomic::Ordering::Relaxed;
     let (m, deps) = world();
     let (deps, t) = framing(&m, deps, false);
-    let out = install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
+    let out = install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap();
     assert_eq!(out.status, InstallStatus::Installed);
     assert_eq!(t.framed.load(Relaxed), 1);
     assert_eq!(m.store.staged_digests(), std::slice::from_ref(&out.digest));
     assert_eq!(m.store.state_of("ws-1").plugins["hello"].digest, out.digest);
     // Built lately: its digest is known first, so it goes whole (and the
     // host can find it unchanged).
-    let again = install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
+    let again = install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap();
     assert_eq!(again.status, InstallStatus::Unchanged);
     assert_eq!(t.framed.load(Relaxed), 1);
 
@@ -1360,14 +1367,19 @@ async fn a_registry_plugin_not_built_yet_is_sent_while_it_is_built_unless_a_chec
     // sent (plugin.yaml is read ahead of the build).
     m.store.publish(
         "hello",
-        &[("plugin.yaml", b"name: hello\nversion: 1.3.0\n"), ("a.md", b"a\n")],
+        &[
+            ("plugin.yaml", b"name: hello\nversion: 1.3.0\n"),
+            ("a.md", b"a\n"),
+        ],
     );
     let calls = m.hosts.calls().len();
     let pinned = InstallRequest {
         source: "hello".into(),
         sha256: Some("1".repeat(64)),
     };
-    let e = install::install(&deps, &owner(), "ws-1", pinned).await.unwrap_err();
+    let e = install::install(&deps, &owner(), "ws-1", pinned)
+        .await
+        .unwrap_err();
     assert_eq!(e.status(), 422);
     assert_eq!((t.framed.load(Relaxed), m.hosts.calls().len()), (1, calls));
 
@@ -1378,21 +1390,36 @@ async fn a_registry_plugin_not_built_yet_is_sent_while_it_is_built_unless_a_chec
         digest: Some("2".repeat(64)),
     }])
     .unwrap();
-    assert!(m.store.save_allowlist(MEMORY_ORG, &list, None).await.unwrap());
-    let e = install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap_err();
+    assert!(m
+        .store
+        .save_allowlist(MEMORY_ORG, &list, None)
+        .await
+        .unwrap());
+    let e = install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap_err();
     assert_eq!(e.status(), 403);
     assert_eq!((t.framed.load(Relaxed), m.hosts.calls().len()), (1, calls));
     let (_, etag) = m.store.load_allowlist(MEMORY_ORG).await.unwrap();
     let all = Allowlist::new(vec![]).unwrap();
-    assert!(m.store.save_allowlist(MEMORY_ORG, &all, etag.as_deref()).await.unwrap());
+    assert!(m
+        .store
+        .save_allowlist(MEMORY_ORG, &all, etag.as_deref())
+        .await
+        .unwrap());
 
     // A manifest.json pinning the tree is checked at the archive's end:
     // built whole first.
     m.store.publish(
         "hello",
-        &[("manifest.json", b"{}"), ("plugin.yaml", b"name: hello\nversion: 1.4.0\n")],
+        &[
+            ("manifest.json", b"{}"),
+            ("plugin.yaml", b"name: hello\nversion: 1.4.0\n"),
+        ],
     );
-    let out = install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
+    let out = install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap();
     assert_eq!(out.version, "1.4.0");
     assert_eq!(t.framed.load(Relaxed), 1);
 }
@@ -1401,12 +1428,17 @@ async fn a_registry_plugin_not_built_yet_is_sent_while_it_is_built_unless_a_chec
 async fn a_host_that_cannot_take_frames_gets_the_archive_whole() {
     let (m, deps) = world();
     let (deps, t) = framing(&m, deps, true);
-    let out = install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap();
+    let out = install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap();
     assert_eq!(out.status, InstallStatus::Installed);
     assert_eq!(t.framed.load(std::sync::atomic::Ordering::Relaxed), 1);
     let calls = m.hosts.calls();
     assert_eq!(calls.len(), 1);
-    assert_eq!(calls[0].args[2..4], ["hello".to_string(), out.digest.clone()]);
+    assert_eq!(
+        calls[0].args[2..4],
+        ["hello".to_string(), out.digest.clone()]
+    );
     assert_eq!(calls[0].payload.as_deref(), Some(out.digest.as_str()));
     assert_eq!(m.store.staged_digests(), std::slice::from_ref(&out.digest));
     assert_eq!(m.store.state_of("ws-1").plugins["hello"].digest, out.digest);
@@ -1426,7 +1458,9 @@ async fn a_host_reporting_another_digest_fails_the_install() {
             ))
         })
     });
-    let e = install::install(&deps, &owner(), "ws-1", req("hello")).await.unwrap_err();
+    let e = install::install(&deps, &owner(), "ws-1", req("hello"))
+        .await
+        .unwrap_err();
     assert_eq!(e.status(), 502);
     assert!(m.store.state_of("ws-1").plugins.is_empty());
 }
