@@ -307,24 +307,38 @@ pub async fn host_faults(access: Access, ops: usize, seed: u64, payload: usize) 
                 let start = Instant::now();
                 while host_processes(&config_dir).is_empty() {
                     if start.elapsed() > Duration::from_secs(10) {
-                        return false;
+                        return (false, None);
                     }
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                tokio::time::sleep(delay).await;
+                // Watched while waiting: a host side that ends first says
+                // how long it really ran.
+                let seen = Instant::now();
+                while seen.elapsed() < delay {
+                    if host_processes(&config_dir).is_empty() {
+                        return (false, Some(seen.elapsed()));
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
                 let pids = host_processes(&config_dir);
                 if pids.is_empty() {
-                    return false;
+                    return (false, Some(seen.elapsed()));
                 }
                 let victim = pids[(pick % pids.len() as u64) as usize];
                 // Gone between the scan and the kill: a miss, not a fault.
-                std::process::Command::new("kill")
+                let hit = std::process::Command::new("kill")
                     .args(["-KILL", &victim.to_string()])
                     .stderr(std::process::Stdio::null())
                     .status()
-                    .is_ok_and(|s| s.success())
+                    .is_ok_and(|s| s.success());
+                (hit, None)
             };
-            let ((s, _), hit) = tokio::join!(install(&app, &f.workspace, body), killer);
+            let ((s, _), (hit, ran)) = tokio::join!(install(&app, &f.workspace, body), killer);
+            // The clean install's span was measured under another load: a
+            // host side seen ending sooner sets the window from now on.
+            if let Some(ran) = ran.filter(|r| *r < took[next]) {
+                took[next] = ran;
+            }
             (s, if hit { "kill" } else { "missed" })
         };
         count(&mut report.faults, fault);
