@@ -8,7 +8,7 @@
 #   install   CONFIG_DIR NAME SHA256 OWNER LOCK_WAIT RESTART_CMD [BYTES]
 #             (tar.gz on stdin, or downloaded from $PLUGIN_ARCHIVE_URL when
 #             that is set; BYTES, the archive's size, only picks the hash
-#             tool that is quicker for it)
+#             and inflate tools that are quicker for it)
 #   install   CONFIG_DIR - - OWNER LOCK_WAIT RESTART_CMD
 #             (over SSH: stdin's first line names the plugin,
 #             "NAME SHA256 [BYTES]\n", and the archive follows it. The
@@ -17,7 +17,8 @@
 #             by the time it has it. Nothing on the host is looked at,
 #             locked or written before the line. Stdin closed before a whole
 #             line, or no line within the step time limit: a usage error,
-#             nothing changed. Or the line is "NAME +\n" and the archive
+#             nothing changed. Or the line is "NAME + [BYTES]\n" (BYTES:
+#             about the archive's size, a hint as above) and the archive
 #             follows in frames while the caller is still building it:
 #             "N\n" and N bytes (N from 1 to 16777216), as many as it
 #             takes, then "end SHA256\n". The digest, known last, is
@@ -112,6 +113,13 @@ unset CDPATH
 # paths hold no control character and no backslash).
 SHA256=sha256sum
 command -v openssl >/dev/null 2>&1 && SHA256='openssl dgst -sha256 -r'
+# How the step inflates the archive: "gzip" (tar -z), or "python" for an
+# archive of 1 MiB or more (check_bytes), when the host has python3.
+# Python's zlib inflates stored deflate blocks, the bulk of an archive of
+# incompressible files, ten times as fast as gzip does (100 MiB: 0.07
+# against 0.65 CPU-seconds on the bench machine), and starts in 10 ms, which
+# a small archive would not win back.
+inflate=gzip
 # Where a process finds its own fds by name (/dev/fd is a link to it on
 # most systems, not all).
 dev_fd=/dev/fd
@@ -1142,8 +1150,9 @@ intact() {
 # fd 7 holds root's sums of NAME@SHA when WITH_SUMS is NAME@SHA. The step
 # clears leftovers and writes what is there now to fd 3 (a FIFO root reads):
 #   ok probe KIND DIGEST|- INTACT
-# then waits for root's words on stdin (a FIFO). "feed": the archive is
-# coming on fd 5 (a FIFO root writes as the bytes arrive); the step extracts
+# then waits for root's words on stdin (a FIFO). "feed HOW": the archive is
+# coming on fd 5 (a FIFO root writes as the bytes arrive), to be inflated
+# the way HOW names (extract_archive); the step extracts
 # it into its staging dir and hashes the files (new sums to fd 4) while root
 # is still receiving and hashing the archive. Then "go SHA" once root has
 # verified the whole archive: only now is anything published. (SHA "-":
@@ -1175,12 +1184,13 @@ owner_install() {
     printf 'ok probe %s %s %s\n' "$prev_kind" "${prev_digest:--}" "$probe_intact" >&3
     exec 3>&-
     oi_word=''
-    read -r oi_word || oi_word=''
+    oi_how=''
+    read -r oi_word oi_how || oi_word=''
     if [ "$oi_word" != feed ]; then
         printf 'ok stopped\n'
         return 0
     fi
-    extract_archive <&5
+    extract_archive "$oi_how" <&5
     exec 5<&-
     oi_word=''
     oi_sha=''
@@ -1197,17 +1207,30 @@ owner_install() {
     apply_archive
 }
 
-# extract_archive (stdin: the archive as it arrives, not verified yet; fd 4:
-# the new tree's sums), as OWNER in CONFIG_DIR after inspect_current: into
-# a staging dir of its own, where nothing is live. The rest of the input is
-# read to its end, so root's copy to the step never breaks off early.
+# extract_archive HOW (stdin: the archive as it arrives, not verified yet;
+# fd 4: the new tree's sums), as OWNER in CONFIG_DIR after inspect_current:
+# into a staging dir of its own, where nothing is live. HOW "python"
+# inflates with python3's zlib, when there is one (see $inflate); else tar
+# runs gzip. The rest of the input is read to its end, so root's copy to
+# the step never breaks off early.
 extract_archive() {
     # owner_prepare emptied staging, under root's lock; names of this step's
     # own (its pid) all the same, should a step of a killed run live on.
     work=$staging/tree.$$
     mkdir "$work" || fail internal 'cannot create a staging directory' 1
-    tar -xzf - -C "$work" --no-same-owner >&2 ||
-        fail bad_archive 'archive could not be extracted' 66
+    if [ "$1" = python ] && command -v python3 >/dev/null 2>&1; then
+        # tar may see a clean end of input where Python stopped on a bad
+        # stream: the marker exists only if Python inflated a whole one.
+        if ! { python3 -I -S -c "$INFLATE" && : >"$staging/inflated.$$"; } |
+            tar -xf - -C "$work" --no-same-owner >&2 ||
+            [ ! -e "$staging/inflated.$$" ]; then
+            fail bad_archive 'archive could not be extracted' 66
+        fi
+        rm -f "$staging/inflated.$$"
+    else
+        tar -xzf - -C "$work" --no-same-owner >&2 ||
+            fail bad_archive 'archive could not be extracted' 66
+    fi
     cat >/dev/null || :
     # Plugins are plain files and directories, plugin.yaml among them;
     # anything else is not ours. One walk hashes the files (their sums to
@@ -1391,7 +1414,8 @@ report_words() {
         fail internal 'a step run as the workspace user gave an odd result' 1
 }
 
-# The archive's size (optional): only picks root's hash tool.
+# The archive's size (optional): only picks root's hash tool and the
+# step's inflate tool.
 check_bytes() {
     case $1 in
         '' | *[!"$DIGITS"]*) usage 'archive size must be a number of bytes' ;;
@@ -1399,11 +1423,13 @@ check_bytes() {
     [ "${#1}" -le 15 ] || usage 'archive size must be a number of bytes'
     # Under 1,000,000 bytes sha256sum is done before OpenSSL has started.
     [ "${#1}" -le 6 ] && SHA256=sha256sum
+    [ "${#1}" -ge 7 ] && [ "$1" -ge 1048576 ] && inflate=python
+    :
 }
 
 # The plugin named on stdin's first line (install with NAME and SHA256 as
-# "-"): NAME SHA256 [BYTES], or NAME + (the archive in frames, its digest
-# after it; sha stays empty until then). A shell reads a pipe or socket a
+# "-"): NAME SHA256 [BYTES], or NAME + [BYTES] (the archive in frames, its
+# digest after it; sha stays empty until then). A shell reads a pipe or socket a
 # byte at a time, so the archive's first byte stays on stdin for the copy
 # to the step. The line is read by a child shell under the step time
 # limit: a caller gone without a word (its connection left open) must not
@@ -1421,7 +1447,8 @@ $rn_line
 EOF
     [ -z "$rn_rest" ] || usage 'the plugin named on stdin takes 2 or 3 words'
     check_name "$rn_name"
-    if [ "$rn_sha" = + ] && [ -z "$rn_bytes" ]; then
+    if [ "$rn_sha" = + ]; then
+        [ -z "$rn_bytes" ] || check_bytes "$rn_bytes"
         frames_ok || fail no_frames 'this host cannot take an archive in frames' 78
         framed=true
         sha=''
@@ -1465,6 +1492,30 @@ while IFS= read -r h; do
     head -c "$h" || exit 1
 done
 exit 1'
+
+# Python's gunzip for extract_archive: stdin, one gzip member and nothing
+# after it, to stdout; exit 1 on anything else (a cut stream, bad data, a
+# reader gone). Output comes 1 MiB a call at most: a run of zeros cannot
+# inflate into memory.
+INFLATE='
+import os, sys, zlib
+def put(m):
+    v = memoryview(m)
+    while v:
+        v = v[os.write(1, v):]
+d = zlib.decompressobj(31)
+try:
+    b = os.read(0, 1048576)
+    while b and not d.eof:
+        put(d.decompress(b, 1048576))
+        b = d.unconsumed_tail
+        if not b and not d.eof:
+            b = os.read(0, 1048576)
+    put(d.flush())
+    whole = d.eof and not d.unused_data and not b and not os.read(0, 1)
+except (OSError, zlib.error):
+    whole = False
+sys.exit(0 if whole else 1)'
 
 op_install() {
     [ "$#" -eq 6 ] || [ "$#" -eq 7 ] || usage 'install takes 6 arguments, or 7 with the size'
@@ -1547,7 +1598,7 @@ op_install() {
     # the only reader, and root writes through fd 3 alone (a step that is
     # gone makes the write fail instead of blocking).
     command exec 3>"$rwork/feed" 7<&- || fail internal 'cannot open the step channels' 1
-    printf 'feed\n' >&6 || :
+    printf 'feed %s\n' "$inflate" >&6 || :
     # Root receives the archive, hashes it and copies it to the step in one
     # pass: the step extracts while the bytes arrive, and publishes nothing
     # before root's "go", given once the whole archive is verified. tee's

@@ -263,8 +263,8 @@ pub trait HostTransport: Send + Sync {
             .await
             .map(|g| g.clone())
             .ok()
-            .and_then(|g| Some((g.path?, g.end?)));
-        let Some((path, sha)) = done else {
+            .and_then(|g| Some((g.path?, g.end?, g.written)));
+        let Some((path, sha, written)) = done else {
             if let Some(o) = opened {
                 self.close(o, host).await;
             }
@@ -272,7 +272,8 @@ pub trait HostTransport: Send + Sync {
         };
         let cmd = started
             .naming(name, &sha)
-            .ok_or_else(|| Error::internal("run_framed takes an install named on stdin"))?;
+            .ok_or_else(|| Error::internal("run_framed takes an install named on stdin"))?
+            .with_archive_bytes(written);
         let payload = Payload {
             path: &path,
             sha256: &sha,
@@ -292,6 +293,10 @@ pub struct Growth {
     /// Its digest, once it is complete and has passed every check; the
     /// last thing the host is told.
     pub end: Option<String>,
+    /// The size it is expected to reach (its files' bytes before
+    /// compression; 0 if not known), known before the first byte: a hint
+    /// for the host's choice of tools.
+    pub about: u64,
 }
 
 /// The archive's growth as it is built. Closed without an `end`: the build

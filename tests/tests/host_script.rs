@@ -1886,6 +1886,112 @@ fn the_archive_size_picks_roots_hash_tool_and_must_be_a_number() {
     assert_eq!(h.listing(""), Vec::<String>::new());
 }
 
+/// The size also picks how the install step inflates the archive:
+/// Python's zlib from 1 MiB on, when the host has python3 (it inflates
+/// stored blocks ten times as fast as gzip, and starts in 10 ms), else gzip
+/// through tar. Either way a stream that is not one whole gzip member is a
+/// bad_archive with nothing published, even when the tar inside it is whole
+/// (the gzip trailer cut off, or bytes after it), which tar alone would not
+/// notice behind Python.
+#[test]
+fn the_archive_size_picks_the_inflater_and_either_refuses_a_stream_not_whole() {
+    let calls = tempfile::tempdir().unwrap();
+    // The step runs as the agent: its shim must be able to log.
+    fs::set_permissions(calls.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let log = calls.path().join("python-calls");
+    let bin = path_without(&["python3"]);
+    fs::write(
+        bin.path().join("python3"),
+        format!(
+            "#!/bin/sh\necho \"$@\" >>'{}'\nexec /usr/bin/python3 \"$@\"\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(
+        bin.path().join("python3"),
+        fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let args_for = |h: &Host, sha: &str, size: &str| -> Vec<String> {
+        let mut a: Vec<String> = ["install", h.cfg(), "alpha", sha, OWNER, "5"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        a.push(h.restart_cmd());
+        a.push(size.to_string());
+        a
+    };
+    for (size, by_python) in [("57000", false), ("5000000", true)] {
+        let h = Host::new();
+        let v1 = alpha_v1();
+        let _ = fs::remove_file(&log);
+        let args = args_for(&h, &v1.archive.sha, size);
+        run_script_env(&strs(&args), Some(&v1.archive.bytes), Some(bin.path()), &[])
+            .assert_ok("installed");
+        h.assert_installed_at("alpha", &v1);
+        let called = fs::read_to_string(&log).unwrap_or_default();
+        let inflates = called
+            .lines()
+            .filter(|l| l.contains("decompressobj"))
+            .count();
+        assert_eq!(inflates, usize::from(by_python), "{size}: {called:?}");
+
+        let memory = h.read("CLAUDE.md");
+        let whole = alpha_v2().archive.bytes;
+        let cut = whole[..whole.len() - 8].to_vec();
+        let trailed = [&whole[..], b"junk"].concat();
+        for bad in [cut, trailed] {
+            let _ = fs::remove_file(&log);
+            let args = args_for(&h, &sha256(&bad), size);
+            let r = run_script_env(&strs(&args), Some(&bad), Some(bin.path()), &[]);
+            r.assert_error("bad_archive", 66);
+            assert_eq!(r.result["message"], "archive could not be extracted");
+            let called = fs::read_to_string(&log).unwrap_or_default();
+            let inflates = called
+                .lines()
+                .filter(|l| l.contains("decompressobj"))
+                .count();
+            assert_eq!(inflates, usize::from(by_python), "{size}: {called:?}");
+        }
+        assert_untouched(&h, &v1, &memory);
+
+        // In frames, the size the caller expects comes after the "+".
+        let _ = fs::remove_file(&log);
+        let v2 = alpha_v2();
+        let mut input = format!("alpha + {size}\n").into_bytes();
+        input.extend_from_slice(&framed("alpha", &v2.archive, 1000, Some(&v2.archive.sha))[8..]);
+        let args = named_on_stdin_args(&h);
+        run_script_env(&strs(&args), Some(&input), Some(bin.path()), &[]).assert_ok("installed");
+        h.assert_installed_at("alpha", &v2);
+        let called = fs::read_to_string(&log).unwrap_or_default();
+        let inflates = called
+            .lines()
+            .filter(|l| l.contains("decompressobj"))
+            .count();
+        assert_eq!(
+            inflates,
+            usize::from(by_python),
+            "framed {size}: {called:?}"
+        );
+    }
+    // No python3 on the host: gzip, whatever the size (the fake runtime's
+    // restart finds its Python by its full path).
+    let h = Host::new();
+    let v1 = alpha_v1();
+    let bare = path_without(&["python3"]);
+    let mut args = args_for(&h, &v1.archive.sha, "5000000");
+    args[6] = h.restart_cmd().replacen("python3", "/usr/bin/python3", 1);
+    run_script_env(
+        &strs(&args),
+        Some(&v1.archive.bytes),
+        Some(bare.path()),
+        &[],
+    )
+    .assert_ok("installed");
+    h.assert_installed_at("alpha", &v1);
+}
+
 #[test]
 fn without_setpriv_the_script_refuses_and_changes_nothing() {
     let h = Host::new();
@@ -2472,8 +2578,9 @@ fn an_archive_in_frames_is_published_once_the_digest_after_it_matches() {
         assert!(!h.book().join("restart-pending").exists(), "{what}");
     }
 
-    // "+" takes no size, and a framed archive never comes from a URL.
-    let mut sized = format!("alpha + {}\n", v1.archive.bytes.len()).into_bytes();
+    // The size after "+" is a number, and a framed archive never comes
+    // from a URL.
+    let mut sized = b"alpha + 12ab\n".to_vec();
     sized.extend_from_slice(&framed("alpha", &v1.archive, 1000, Some(&v1.archive.sha))[8..]);
     run_script(&strs(&args), Some(&sized), None).assert_error("usage", 64);
     let input = framed("alpha", &v1.archive, 1000, Some(&v1.archive.sha));

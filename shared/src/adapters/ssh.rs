@@ -753,8 +753,9 @@ impl HostTransport for SshTransport {
         name: &str,
         growing: Growing,
     ) -> Result<HostOutput> {
+        let about = growing.borrow().about;
         let line = started
-            .framed_line(name)
+            .framed_line(name, about)
             .ok_or_else(|| Error::internal("run_framed takes an install named on stdin"))?;
         let early = Some((started.clone(), line.clone()));
         self.run_fed(

@@ -103,14 +103,18 @@ impl HostCommand {
     }
 
     /// For `install_named_on_stdin`: stdin's first line when the archive
-    /// follows in frames while it is still being built (`Frame`), its
-    /// digest last.
-    pub fn framed_line(&self, name: &str) -> Option<String> {
+    /// follows in frames while it is still being built (`frame_header`),
+    /// its digest last. `about`, the size the archive is expected to have
+    /// (0: not known), is a hint like `with_archive_bytes`'s.
+    pub fn framed_line(&self, name: &str, about: u64) -> Option<String> {
         match self.args.as_slice() {
             [op, _cfg, n, d, _owner, _wait, _restart]
                 if op == "install" && n == "-" && d == "-" =>
             {
-                Some(format!("{name} +\n"))
+                Some(match about {
+                    0 => format!("{name} +\n"),
+                    _ => format!("{name} + {about}\n"),
+                })
             }
             _ => None,
         }
@@ -120,7 +124,7 @@ impl HostCommand {
     /// `digest` in its arguments instead (for a transport that takes the
     /// archive whole). `None` for any other command.
     pub fn naming(&self, name: &str, digest: &str) -> Option<HostCommand> {
-        self.framed_line(name)?;
+        self.framed_line(name, 0)?;
         let mut args = self.args.clone();
         args[2] = name.to_string();
         args[3] = digest.to_string();
@@ -464,7 +468,11 @@ mod tests {
         };
         let digest = "cd".repeat(32);
         let early = HostCommand::install_named_on_stdin(&p, "1000:1000", 5);
-        assert_eq!(early.framed_line("alpha").as_deref(), Some("alpha +\n"));
+        assert_eq!(early.framed_line("alpha", 0).as_deref(), Some("alpha +\n"));
+        assert_eq!(
+            early.framed_line("alpha", 104857600).as_deref(),
+            Some("alpha + 104857600\n")
+        );
         assert_eq!(
             early.naming("alpha", &digest),
             Some(HostCommand::install(&p, "alpha", &digest, "1000:1000", 5))
@@ -476,7 +484,7 @@ mod tests {
             named.with_archive_bytes(3),
             HostCommand::uninstall(&p, "alpha", "1000:1000", 5),
         ] {
-            assert_eq!(cmd.framed_line("alpha"), None, "{cmd:?}");
+            assert_eq!(cmd.framed_line("alpha", 7), None, "{cmd:?}");
             assert_eq!(cmd.naming("alpha", &digest), None, "{cmd:?}");
         }
         assert_eq!(frame_header(12), "12\n");

@@ -171,7 +171,10 @@ enum Work {
 async fn begin_building(deps: &Deps, build: LocalBuild, pin: Option<&str>) -> Result<Building> {
     let manifest_bytes = build.manifest(deps).await?;
     let manifest = checked_manifest_bytes(manifest_bytes.as_deref(), pin)?;
-    let (tx, growing) = tokio::sync::watch::channel(Growth::default());
+    let (tx, growing) = tokio::sync::watch::channel(Growth {
+        about: build.bytes(),
+        ..Growth::default()
+    });
     let tx = std::sync::Arc::new(tx);
     let told = tx.clone();
     let tap: archive::Tap = Box::new(move |path, written| {

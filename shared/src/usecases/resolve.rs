@@ -226,6 +226,12 @@ fn local_resolved(
 }
 
 impl LocalBuild {
+    /// The listed files' bytes: about the size of the archive, before it
+    /// is built.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+
     /// Whether the archive has a check that only its end can make (a
     /// `manifest.json` pinning the whole tree): such an archive is not
     /// sent anywhere before it is whole.
