@@ -354,25 +354,33 @@ fn watch_log(port: &str) -> std::path::PathBuf {
 
 /// The numbers of the last "install timings" line in the functions' log.
 fn logged_install_timings(port: &str) -> String {
+    logged_timings(
+        port,
+        "install timings",
+        &[
+            "framed",
+            "resolve_ms",
+            "stage_ms",
+            "host_ms",
+            "state_ms",
+            "total_ms",
+        ],
+    )
+}
+
+/// The fields `keys` of the last log line of `message` on `port`'s watch.
+fn logged_timings(port: &str, message: &str, keys: &[&str]) -> String {
     let text = std::fs::read_to_string(watch_log(port)).unwrap_or_default();
     text.lines()
         .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["fields"]["message"] == "install timings")
+        .find(|v| v["fields"]["message"] == message)
         .map(|v| {
             let f = &v["fields"];
-            [
-                "framed",
-                "resolve_ms",
-                "stage_ms",
-                "host_ms",
-                "state_ms",
-                "total_ms",
-            ]
-            .iter()
-            .map(|k| format!("{k} {}", f[k]))
-            .collect::<Vec<_>>()
-            .join(", ")
+            keys.iter()
+                .map(|k| format!("{k} {}", f[k]))
+                .collect::<Vec<_>>()
+                .join(", ")
         })
         .unwrap_or_else(|| "not logged".into())
 }
@@ -542,7 +550,9 @@ async fn large() {
         &envfile,
         &f.bucket,
         &profiles,
-        "PLUGIN_OPERATION_TIMEOUT_SECS='300'\n",
+        // (The SSH adapter's own timings too: when the host session was
+        // ready and how long the install ran on it.)
+        "PLUGIN_OPERATION_TIMEOUT_SECS='300'\nRUST_LOG='warn,plugin_delivery=info,plugin_delivery::adapters::ssh=debug'\n",
     );
     let port = "9123";
     let mut watch = serve_release(&envfile, port);
@@ -679,6 +689,14 @@ async fn large() {
     println!(
         "  stages (the function's own log, ms): {}",
         logged_install_timings(port)
+    );
+    println!(
+        "  its SSH session (ms): {}",
+        logged_timings(
+            port,
+            "ssh timings",
+            &["connect_ms", "auth_ms", "waited_ms", "run_ms", "total_ms"]
+        )
     );
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
