@@ -142,6 +142,7 @@ self=${1-}  # this script's text, to start the owner steps with
 
 plugin=''   # echoed in results only once NAME has been validated
 work=''     # owner: this operation's staging dir, removed on any exit
+scratch=''  # owner: a dir beside it for the step's own notes, the same
 aside=''    # owner: legacy plugin dir moved aside, put back unless published
 rwork=''    # root: this operation's dir in its own state, removed on exit
 
@@ -157,6 +158,10 @@ cleanup() {
     if [ -n "$work" ]; then
         rm -rf "$work"
         work=''
+    fi
+    if [ -n "$scratch" ]; then
+        rm -rf "$scratch"
+        scratch=''
     fi
     if [ -n "$rwork" ]; then
         rm -rf "$rwork"
@@ -1218,30 +1223,46 @@ extract_archive() {
     # own (its pid) all the same, should a step of a killed run live on.
     work=$staging/tree.$$
     mkdir "$work" || fail internal 'cannot create a staging directory' 1
+    ea_sums=''
     if [ "$1" = python ] && command -v python3 >/dev/null 2>&1; then
+        scratch=$staging/notes.$$
+        mkdir "$scratch" || fail internal 'cannot create a staging directory' 1
+        ea_sums=$scratch/sums
         # tar may see a clean end of input where Python stopped on a bad
         # stream: the marker exists only if Python inflated a whole one.
-        if ! { python3 -I -S -c "$INFLATE" && : >"$staging/inflated.$$"; } |
+        if ! { python3 -I -S -c "$INFLATE" "$ea_sums" && : >"$scratch/whole"; } |
             tar -xf - -C "$work" --no-same-owner >&2 ||
-            [ ! -e "$staging/inflated.$$" ]; then
+            [ ! -e "$scratch/whole" ]; then
             fail bad_archive 'archive could not be extracted' 66
         fi
-        rm -f "$staging/inflated.$$"
     else
         tar -xzf - -C "$work" --no-same-owner >&2 ||
             fail bad_archive 'archive could not be extracted' 66
     fi
     cat >/dev/null || :
     # Plugins are plain files and directories, plugin.yaml among them;
-    # anything else is not ours. One walk hashes the files (their sums to
-    # fd 4) and names every other kind of entry (on stdout, captured).
-    # Files over 1 MiB go to $SHA256, the rest to sha256sum, which starts
-    # in a third of OpenSSL's time (1.8 against 5.5 ms): a plugin of small
-    # files starts no OpenSSL at all.
-    # shellcheck disable=SC2016 # $@ is the inner shell's
-    odd=$(cd "$work" && find . -type f -size +1024k -exec sh -c 'exec '"$SHA256"' "$@" >&4' sh {} + \
-        -o -type f -exec sh -c 'exec sha256sum "$@" >&4' sh {} + \
-        -o ! -type d -print) || fail internal 'cannot hash the plugin files' 1
+    # anything else is not ours. Python's sums stand for the tree when they
+    # name exactly the files tar made: then only the other kinds of entry
+    # are looked for. Else one walk hashes the files (their sums to fd 4)
+    # and names every other kind of entry (on stdout, captured). Files over
+    # 1 MiB go to $SHA256, the rest to sha256sum, which starts in a third
+    # of OpenSSL's time (1.8 against 5.5 ms): a plugin of small files
+    # starts no OpenSSL at all.
+    if [ -n "$ea_sums" ] && [ -f "$ea_sums" ] &&
+        [ "$(cut -c67- "$ea_sums" | sort)" = "$(cd "$work" && find . -type f | sort)" ]; then
+        odd=$(cd "$work" && find . ! -type d ! -type f -print) ||
+            fail internal 'cannot list the plugin files' 1
+        cat "$ea_sums" >&4 || fail internal 'cannot hash the plugin files' 1
+    else
+        # shellcheck disable=SC2016 # $@ is the inner shell's
+        odd=$(cd "$work" && find . -type f -size +1024k -exec sh -c 'exec '"$SHA256"' "$@" >&4' sh {} + \
+            -o -type f -exec sh -c 'exec sha256sum "$@" >&4' sh {} + \
+            -o ! -type d -print) || fail internal 'cannot hash the plugin files' 1
+    fi
+    if [ -n "$scratch" ]; then
+        rm -rf "$scratch"
+        scratch=''
+    fi
     [ -z "$odd" ] || fail bad_archive 'archive holds entries other than files and directories' 66
     [ -f "$work/plugin.yaml" ] || fail bad_archive 'archive holds no plugin.yaml' 66
 }
@@ -1496,25 +1517,127 @@ exit 1'
 # Python's gunzip for extract_archive: stdin, one gzip member and nothing
 # after it, to stdout; exit 1 on anything else (a cut stream, bad data, a
 # reader gone). Output comes 1 MiB a call at most: a run of zeros cannot
-# inflate into memory.
+# inflate into memory. It also hashes the tar stream's regular files as
+# they pass, and writes their sums (sha256sum's lines, "./path") to the
+# file $1, once the stream was whole, unless it gave up on reading the
+# stream exactly as tar does (anything but GNU headers of files, dirs and
+# long names; a name with a control character, a backslash, an empty, "."
+# or ".." part; a name twice). The step then hashes the extracted files
+# itself, as it does after gzip.
 INFLATE='
-import os, sys, zlib
+import hashlib, os, sys, zlib
 def put(m):
     v = memoryview(m)
     while v:
         v = v[os.write(1, v):]
+class Sums:
+    def __init__(self):
+        self.ok = True
+        self.done = False
+        self.head = b""
+        self.left = 0
+        self.pad = 0
+        self.hash = None
+        self.long = None
+        self.name = None
+        self.lines = []
+        self.seen = set()
+    def feed(self, v):
+        i, n = 0, len(v)
+        while i < n and self.ok and not self.done:
+            if self.left:
+                k = min(self.left, n - i)
+                if self.hash is not None:
+                    self.hash.update(v[i:i + k])
+                else:
+                    self.long.append(bytes(v[i:i + k]))
+                self.left -= k
+                i += k
+                if not self.left:
+                    self.entry_end()
+            elif self.pad:
+                k = min(self.pad, n - i)
+                self.pad -= k
+                i += k
+            else:
+                k = min(512 - len(self.head), n - i)
+                self.head += bytes(v[i:i + k])
+                i += k
+                if len(self.head) == 512:
+                    self.header(self.head)
+                    self.head = b""
+    def header(self, h):
+        if h == bytes(512):
+            self.done = True
+            return
+        fields = h[:148] + b"        " + h[156:]
+        size = h[124:136].strip(b" \0")
+        if (not size.isdigit() or int(h[148:156].strip(b" \0") or b"x", 8) != sum(fields)
+                or h[257:265] != b"ustar  \0"):
+            self.ok = False
+            return
+        size = int(size, 8)
+        kind = h[156:157]
+        self.pad = -size % 512
+        self.left = size
+        if kind == b"L":
+            if self.long is not None or size > 65536:
+                self.ok = False
+                return
+            self.long = []
+            self.hash = None
+            self.name = None
+            if not size:
+                self.ok = False
+            return
+        if self.long is not None:
+            name = b"".join(self.long).split(b"\0", 1)[0]
+            self.long = None
+        else:
+            name = h[:100].split(b"\0", 1)[0]
+        if kind == b"5":
+            self.hash = None
+            self.ok = not size
+            return
+        if kind not in (b"0", b"\0"):
+            self.ok = False
+            return
+        if name.startswith(b"./"):
+            name = name[2:]
+        parts = name.split(b"/")
+        if (not name or name in self.seen or any(p in (b"", b".", b"..") for p in parts)
+                or any(c < 32 or c == 92 or c == 127 for c in name)):
+            self.ok = False
+            return
+        self.seen.add(name)
+        self.name = name
+        self.hash = hashlib.sha256()
+        if not size:
+            self.entry_end()
+    def entry_end(self):
+        if self.hash is not None:
+            self.lines.append(self.hash.hexdigest().encode() + b"  ./" + self.name + b"\n")
+            self.hash = None
 d = zlib.decompressobj(31)
+sums = Sums()
 try:
     b = os.read(0, 1048576)
     while b and not d.eof:
-        put(d.decompress(b, 1048576))
+        out = d.decompress(b, 1048576)
+        sums.feed(memoryview(out))
+        put(out)
         b = d.unconsumed_tail
         if not b and not d.eof:
             b = os.read(0, 1048576)
-    put(d.flush())
+    out = d.flush()
+    sums.feed(memoryview(out))
+    put(out)
     whole = d.eof and not d.unused_data and not b and not os.read(0, 1)
 except (OSError, zlib.error):
     whole = False
+if whole and sums.ok and sums.done:
+    with open(sys.argv[1], "wb") as f:
+        f.writelines(sums.lines)
 sys.exit(0 if whole else 1)'
 
 op_install() {

@@ -1922,20 +1922,60 @@ fn the_archive_size_picks_the_inflater_and_either_refuses_a_stream_not_whole() {
         a.push(size.to_string());
         a
     };
+    // A file over 1 MiB (hashed by OpenSSL after gzip), one empty, and one
+    // whose name takes a GNU long-name entry.
+    let big = "y".repeat(1_100_000);
+    let long = format!("rules/{}.md", "n".repeat(120));
+    let sized = plugin(&[
+        ("plugin.yaml", "name: alpha\nversion: 0.9.0\n"),
+        ("data/big.txt", &big),
+        ("data/empty", ""),
+        (&long, "A rule.\n"),
+    ]);
     for (size, by_python) in [("57000", false), ("5000000", true)] {
         let h = Host::new();
-        let v1 = alpha_v1();
         let _ = fs::remove_file(&log);
-        let args = args_for(&h, &v1.archive.sha, size);
-        run_script_env(&strs(&args), Some(&v1.archive.bytes), Some(bin.path()), &[])
-            .assert_ok("installed");
-        h.assert_installed_at("alpha", &v1);
+        let args = args_for(&h, &sized.archive.sha, size);
+        run_script_env(
+            &strs(&args),
+            Some(&sized.archive.bytes),
+            Some(bin.path()),
+            &[],
+        )
+        .assert_ok("installed");
+        h.assert_installed_at("alpha", &sized);
         let called = fs::read_to_string(&log).unwrap_or_default();
         let inflates = called
             .lines()
             .filter(|l| l.contains("decompressobj"))
             .count();
         assert_eq!(inflates, usize::from(by_python), "{size}: {called:?}");
+        // Python hashed the files as they passed (sha256sum's text-mode
+        // lines for all); after gzip the step hashed them (OpenSSL's
+        // binary-mode mark for the big one). Either way, each file's
+        // real sum.
+        let mut lines: Vec<String> = sums_of(&h, &sized).lines().map(String::from).collect();
+        let line = |path: &str, mark: &str| {
+            let bytes = fs::read(h.path(&format!("plugins/alpha/{path}"))).unwrap();
+            format!("{}{mark}./{path}", sha256(&bytes))
+        };
+        let mut want = vec![
+            line("data/big.txt", if by_python { "  " } else { " *" }),
+            line("data/empty", "  "),
+            line("plugin.yaml", "  "),
+            line(&long, "  "),
+        ];
+        want.sort_by(|a, b| a[66..].cmp(&b[66..]));
+        lines.sort_by(|a, b| a[66..].cmp(&b[66..]));
+        assert_eq!(lines, want, "{size}");
+        assert_eq!(h.inventory()[0]["digest"], sized.archive.sha.as_str());
+
+        let h = Host::new();
+        let v1 = alpha_v1();
+        let args = args_for(&h, &v1.archive.sha, size);
+        run_script_env(&strs(&args), Some(&v1.archive.bytes), Some(bin.path()), &[])
+            .assert_ok("installed");
+        h.assert_installed_at("alpha", &v1);
 
         let memory = h.read("CLAUDE.md");
         let whole = alpha_v2().archive.bytes;
@@ -1975,6 +2015,36 @@ fn the_archive_size_picks_the_inflater_and_either_refuses_a_stream_not_whole() {
             "framed {size}: {called:?}"
         );
     }
+    // Python's sums stand only when they name the very files tar made:
+    // here a file and then a dir of the same name (tar keeps the dir).
+    let h = Host::new();
+    let mut b = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::default()));
+    for (path, data) in [
+        ("plugin.yaml", &b"name: alpha\n"[..]),
+        ("x", &b"gone\n"[..]),
+    ] {
+        let mut hd = tar::Header::new_gnu();
+        hd.set_size(data.len() as u64);
+        hd.set_mode(0o644);
+        b.append_data(&mut hd, path, data).unwrap();
+    }
+    let mut hd = tar::Header::new_gnu();
+    hd.set_entry_type(tar::EntryType::Directory);
+    hd.set_size(0);
+    hd.set_mode(0o755);
+    b.append_data(&mut hd, "x/", std::io::empty()).unwrap();
+    let shadowed = Archive::new(b.into_inner().unwrap().finish().unwrap());
+    let args = args_for(&h, &shadowed.sha, "5000000");
+    run_script_env(&strs(&args), Some(&shadowed.bytes), Some(bin.path()), &[])
+        .assert_ok("installed");
+    assert!(h.path("plugins/alpha/x").is_dir());
+    let sums = fs::read_to_string(h.book().join(format!("sums/alpha@{}", shadowed.sha))).unwrap();
+    assert_eq!(
+        sums,
+        format!("{}  ./plugin.yaml\n", sha256(b"name: alpha\n"))
+    );
+    assert_eq!(h.inventory()[0]["digest"], shadowed.sha.as_str());
+
     // No python3 on the host: gzip, whatever the size (the fake runtime's
     // restart finds its Python by its full path).
     let h = Host::new();
