@@ -24,9 +24,10 @@
 #             takes, then "end SHA256\n". The digest, known last, is
 #             checked like the other's; frames that end without it are a
 #             digest_mismatch, nothing published. With the digest unknown
-#             before the archive, the "already installed" check cannot be
-#             made: an archive of the digest already live replaces its
-#             tree, "installed", like a repair. Frames are cut with GNU
+#             before the archive, the "already installed" check is made
+#             once it is known: an archive of the digest already live, whose
+#             tree is intact, is "unchanged" (nothing replaced, no restart)
+#             as it is in the other form. Frames are cut with GNU
 #             head, which reads no further than asked, under GNU timeout:
 #             a host without them answers no_frames before it looks at,
 #             locks or writes anything, and the caller sends the archive
@@ -1162,10 +1163,13 @@ intact() {
 # is still receiving and hashing the archive. Then "go SHA" once root has
 # verified the whole archive: only now is anything published. (SHA "-":
 # the archive comes in frames, and the digest root verified last, given
-# with "go", names the tree; else "go" must give SHA itself.) Any other
-# word (or none: root closed it) ends the step with "ok stopped", leaving
-# nothing behind. The report on stdout: "changing" before the first change,
-# then
+# with "go", names the tree; else "go" must give SHA itself.) Or, for
+# frames whose digest turned out to be the live tree's, "same SHA": the
+# step checks the live tree against root's sums (fd 7 stays open for
+# that) and leaves it, reporting "ok unchanged KIND DIGEST", if it is
+# intact; else it goes on as with "go" (a repair). Any other word (or
+# none: root closed it) ends the step with "ok stopped", leaving nothing
+# behind. The report on stdout: "changing" before the first change, then
 #   ok applied KIND DIGEST|-   (what was replaced)
 owner_install() {
     [ "$#" -eq 4 ] || usage 'owner-install takes 4 arguments'
@@ -1185,7 +1189,7 @@ owner_install() {
         [ -n "$with_sums" ] && check_trees "$prev_dir" <&7
         intact "$name@$sha" && probe_intact=true
     fi
-    exec 7<&-
+    [ -n "$sha" ] && exec 7<&-
     printf 'ok probe %s %s %s\n' "$prev_kind" "${prev_digest:--}" "$probe_intact" >&3
     exec 3>&-
     oi_word=''
@@ -1200,6 +1204,19 @@ owner_install() {
     oi_word=''
     oi_sha=''
     read -r oi_word oi_sha || oi_word=''
+    if [ "$oi_word" = same ] && [ -z "$sha" ]; then
+        check_sha "$oi_sha"
+        [ "$oi_sha" = "$prev_digest" ] || usage 'root gave another digest'
+        checked=''
+        first_tree=$name@$oi_sha
+        [ -n "$with_sums" ] && [ -d "$link" ] && check_trees "$prev_dir" <&7
+        if intact "$name@$oi_sha"; then
+            printf 'ok unchanged %s %s\n' "$prev_kind" "$prev_digest"
+            return 0
+        fi
+        oi_word=go
+    fi
+    exec 7<&-
     if [ "$oi_word" != go ]; then
         printf 'ok stopped\n'
         return 0
@@ -1668,6 +1685,20 @@ op_install() {
     if [ -n "$sha" ] && [ -f "$book/sums/$name@$sha" ]; then
         with_sums=$name@$sha
         sums_in=$book/sums/$with_sums
+    elif [ "$framed" = true ]; then
+        # The frames' digest comes last: the sums of the one tree of NAME
+        # root has (the live one, as a rule), should they turn out to be
+        # its archive.
+        for oi_sums in "$book/sums/$name"@*; do
+            [ -f "$oi_sums" ] || continue
+            if [ -n "$with_sums" ]; then
+                with_sums=''
+                sums_in=/dev/null
+                break
+            fi
+            with_sums=${oi_sums##*/}
+            sums_in=$oi_sums
+        done
     fi
     # One owner step for the whole install (one privilege drop): it says
     # what is there through the verdict FIFO, then takes its orders on the
@@ -1757,8 +1788,20 @@ op_install() {
     [ "${got%% *}" = "$sha" ] || fail digest_mismatch 'archive digest does not match' 65
 
     mark_pending
-    printf 'go %s\n' "$sha" >&6 || :
+    said=go
+    # Frames of the live digest: the step leaves the live tree if intact.
+    [ "$framed" = true ] && [ "$rw_kind" = link ] && [ "$sha" = "$rw_digest" ] && said=same
+    printf '%s %s\n' "$said" "$sha" >&6 || :
     step_end
+    case ${report##*"$NL"} in
+        'ok unchanged '*)
+            [ "$said" = same ] ||
+                fail internal 'a step run as the workspace user gave an odd result' 1
+            unmark_pending
+            restart_if_owed
+            done_ok unchanged "$sha" "$sha" "$restarted"
+            ;;
+    esac
     report_ok applied
     report_words
     mv "$rwork/sums" "$book/sums/$name@$sha" || say 'could not record the plugin file sums'

@@ -2569,17 +2569,32 @@ fn an_archive_in_frames_is_published_once_the_digest_after_it_matches() {
         .join(format!("sums/alpha@{}", v1.archive.sha))
         .is_file());
 
-    // The digest already live: it cannot be known before the archive, so
-    // the tree is replaced (beside the live one) and the runtime restarted.
-    let r = run_script(
-        &strs(&args),
-        Some(&framed("alpha", &v1.archive, 4096, Some(&v1.archive.sha))),
-        None,
+    // The digest already live, its tree intact: known only after the
+    // frames, and then nothing is replaced, nor the runtime restarted.
+    let again = framed("alpha", &v1.archive, 4096, Some(&v1.archive.sha));
+    let r = run_script(&strs(&args), Some(&again), None);
+    assert_eq!(
+        r.result,
+        json!({"status": "unchanged", "plugin": "alpha", "digest": v1.archive.sha, "previous": v1.archive.sha, "previous_kind": "link", "restarted": false, "pending_restart": false})
     );
+    h.assert_installed_at("alpha", &v1);
+    assert_eq!(
+        h.listing(".plugin-delivery/store"),
+        vec![format!("alpha@{}", v1.archive.sha)]
+    );
+    assert_eq!(h.restarts(), 1);
+    h.assert_no_leftovers();
+
+    // The same frames once the agent has edited the live tree: a repair,
+    // the tree replaced (beside the live one) and the runtime restarted.
+    let out = as_agent(&h.cfg, "echo edited >> plugins/alpha/plugin.yaml");
+    assert!(out.status.success(), "{out:?}");
+    let r = run_script(&strs(&args), Some(&again), None);
     r.assert_ok("installed");
     assert_eq!(r.result["previous"], v1.archive.sha.as_str());
     h.assert_installed_at("alpha", &v1);
     assert_eq!(h.restarts(), 2);
+    h.assert_no_leftovers();
 
     // One frame for the whole of an upgrade.
     let v2 = alpha_v2();
