@@ -1209,7 +1209,7 @@ owner_install() {
         [ "$oi_sha" = "$prev_digest" ] || usage 'root gave another digest'
         checked=''
         first_tree=$name@$oi_sha
-        [ -n "$with_sums" ] && [ -d "$link" ] && check_trees "$prev_dir" <&7
+        [ "$with_sums" = "$name@$oi_sha" ] && [ -d "$link" ] && check_trees "$prev_dir" <&7
         if intact "$name@$oi_sha"; then
             printf 'ok unchanged %s %s\n' "$prev_kind" "$prev_digest"
             return 0
@@ -1532,21 +1532,36 @@ done
 exit 1'
 
 # Python's gunzip for extract_archive: stdin, one gzip member and nothing
-# after it, to stdout; exit 1 on anything else (a cut stream, bad data, a
-# reader gone). Output comes 1 MiB a call at most: a run of zeros cannot
-# inflate into memory. It also hashes the tar stream's regular files as
-# they pass, and writes their sums (sha256sum's lines, "./path") to the
-# file $1, once the stream was whole, unless it gave up on reading the
-# stream exactly as tar does (anything but GNU headers of files, dirs and
-# long names; a name with a control character, a backslash, an empty, "."
-# or ".." part; a name twice). The step then hashes the extracted files
-# itself, as it does after gzip.
+# after it, to stdout; exit 1 on anything else (a cut stream, bad data).
+# Output comes 1 MiB a call at most: a run of zeros cannot inflate into
+# memory. A reader gone (tar stops at the end of the archive, before any
+# padding) ends the output but not the check of the stream; tar's own
+# status tells whether it had all it needed. It also hashes the tar
+# stream's regular files as they pass, and writes their sums (sha256sum's
+# lines, "./path") to the file $1, once the stream was whole, unless it gave
+# up on reading the stream exactly as tar does (anything but GNU headers
+# of files, dirs and long names; a name with a control character, a
+# backslash, an empty, "." or ".." part; a name twice; any error of its
+# own). The step then hashes the extracted files itself, as it does after
+# gzip. A Python without zlib leaves the stream to gzip.
 INFLATE='
-import hashlib, os, sys, zlib
+import os, sys
+try:
+    import hashlib, zlib
+except ImportError:
+    os.execvp("gzip", ["gzip", "-dc"])
+gone = False
 def put(m):
+    global gone
     v = memoryview(m)
-    while v:
-        v = v[os.write(1, v):]
+    while v and not gone:
+        try:
+            v = v[os.write(1, v):]
+        except BrokenPipeError:
+            gone = True
+def octal(f):
+    f = f.strip(b" \0")
+    return int(f, 8) if f and not f.translate(None, b"01234567") else None
 class Sums:
     def __init__(self):
         self.ok = True
@@ -1559,6 +1574,11 @@ class Sums:
         self.name = None
         self.lines = []
         self.seen = set()
+    def take(self, v):
+        try:
+            self.feed(v)
+        except Exception:
+            self.ok = False
     def feed(self, v):
         i, n = 0, len(v)
         while i < n and self.ok and not self.done:
@@ -1587,25 +1607,21 @@ class Sums:
         if h == bytes(512):
             self.done = True
             return
-        fields = h[:148] + b"        " + h[156:]
-        size = h[124:136].strip(b" \0")
-        if (not size.isdigit() or int(h[148:156].strip(b" \0") or b"x", 8) != sum(fields)
+        size = octal(h[124:136])
+        if (size is None or octal(h[148:156]) != sum(h[:148]) + 256 + sum(h[156:])
                 or h[257:265] != b"ustar  \0"):
             self.ok = False
             return
-        size = int(size, 8)
         kind = h[156:157]
         self.pad = -size % 512
         self.left = size
         if kind == b"L":
-            if self.long is not None or size > 65536:
+            if self.long is not None or not size or size > 65536:
                 self.ok = False
                 return
             self.long = []
             self.hash = None
             self.name = None
-            if not size:
-                self.ok = False
             return
         if self.long is not None:
             name = b"".join(self.long).split(b"\0", 1)[0]
@@ -1641,13 +1657,13 @@ try:
     b = os.read(0, 1048576)
     while b and not d.eof:
         out = d.decompress(b, 1048576)
-        sums.feed(memoryview(out))
+        sums.take(memoryview(out))
         put(out)
         b = d.unconsumed_tail
         if not b and not d.eof:
             b = os.read(0, 1048576)
     out = d.flush()
-    sums.feed(memoryview(out))
+    sums.take(memoryview(out))
     put(out)
     whole = d.eof and not d.unused_data and not b and not os.read(0, 1)
 except (OSError, zlib.error):
