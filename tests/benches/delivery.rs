@@ -478,21 +478,7 @@ fn cli_install(
     .unwrap();
     let key = work.join(key);
     let t = Instant::now();
-    run(Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&key));
-    run(aws_cmd().args([
-        "ec2-instance-connect",
-        "send-ssh-public-key",
-        "--endpoint-url",
-        stack().var("AWS_ENDPOINT_URL_EC2_INSTANCE_CONNECT"),
-        "--instance-id",
-        &f.host.instance_id,
-        "--instance-os-user",
-        LOGIN_USER,
-        "--ssh-public-key",
-        &format!("file://{}.pub", key.display()),
-    ]));
+    push_new_key(f, &key);
     let remote = format!(
         "sudo -n sh -c 'mkdir -p {0} && tar -xzf - -C {0}'",
         dest.display()
@@ -517,12 +503,12 @@ fn cli_install(
     (t.elapsed(), t_ssh.elapsed())
 }
 
-/// One key push for the fixture's host, of a key nobody uses.
-fn push_throwaway_key(f: &Fixture, work: &std::path::Path) {
-    let key = work.join("warm-up-key");
+/// A new key at `key` (`ssh-keygen`), pushed for the fixture's host
+/// (`aws ec2-instance-connect send-ssh-public-key`), as the CLI design does.
+fn push_new_key(f: &Fixture, key: &std::path::Path) {
     run(Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&key));
+        .arg(key));
     run(aws_cmd().args([
         "ec2-instance-connect",
         "send-ssh-public-key",
@@ -626,7 +612,7 @@ async fn large() {
     // The EIC emulator makes its EC2 client on its first key push (0.3 s
     // of Python on a freshly started stack); the service it stands in for
     // is always warm.
-    push_throwaway_key(&f, src.path());
+    push_new_key(&f, &src.path().join("warm-up-key"));
     // Who spends the machine's CPU during the install: moto (S3 reads of
     // the registry and the staging write), the function, and the rest
     // (sshd, the host script, the emulators).

@@ -1790,6 +1790,23 @@ fn path_without(tools: &[&str]) -> TempDir {
     bin
 }
 
+/// A PATH like `path_without(&[tool])`, whose `tool` appends its
+/// arguments to `log` and then runs /usr/bin's.
+fn path_logging(tool: &str, log: &Path) -> TempDir {
+    let bin = path_without(&[tool]);
+    let shim = bin.path().join(tool);
+    fs::write(
+        &shim,
+        format!(
+            "#!/bin/sh\necho \"$@\" >>'{}'\nexec /usr/bin/{tool} \"$@\"\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&shim, fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
 /// Installs `alpha` with `bin` as the script's whole PATH.
 fn install_with_path(h: &Host, p: &Plugin, bin: &Path) -> Run {
     let args = h.alpha_args(p, &[]);
@@ -1854,20 +1871,7 @@ fn the_archive_size_picks_roots_hash_tool_and_must_be_a_number() {
     for (size, openssl_calls) in [("57000", 0), ("5000000", 1)] {
         let h = Host::new();
         let p = alpha_v1();
-        let bin = path_without(&["openssl"]);
-        fs::write(
-            bin.path().join("openssl"),
-            format!(
-                "#!/bin/sh\necho \"$@\" >>'{}'\nexec /usr/bin/openssl \"$@\"\n",
-                log.display()
-            ),
-        )
-        .unwrap();
-        fs::set_permissions(
-            bin.path().join("openssl"),
-            fs::Permissions::from_mode(0o755),
-        )
-        .unwrap();
+        let bin = path_logging("openssl", &log);
         let _ = fs::remove_file(&log);
         let args = h.alpha_args(&p, &[size]);
         run_script_env(&strs(&args), Some(&p.archive.bytes), Some(bin.path()), &[])
@@ -1899,20 +1903,7 @@ fn the_archive_size_picks_the_inflater_and_either_refuses_a_stream_not_whole() {
     // The step runs as the agent: its shim must be able to log.
     fs::set_permissions(calls.path(), fs::Permissions::from_mode(0o777)).unwrap();
     let log = calls.path().join("python-calls");
-    let bin = path_without(&["python3"]);
-    fs::write(
-        bin.path().join("python3"),
-        format!(
-            "#!/bin/sh\necho \"$@\" >>'{}'\nexec /usr/bin/python3 \"$@\"\n",
-            log.display()
-        ),
-    )
-    .unwrap();
-    fs::set_permissions(
-        bin.path().join("python3"),
-        fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
+    let bin = path_logging("python3", &log);
     let args_for = |h: &Host, sha: &str, size: &str| -> Vec<String> {
         let mut a: Vec<String> = ["install", h.cfg(), "alpha", sha, OWNER, "5"]
             .iter()
