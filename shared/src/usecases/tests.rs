@@ -1291,6 +1291,8 @@ async fn a_warm_instance_installs_from_its_copy_and_stages_a_swept_archive_again
 struct Framing {
     hosts: Arc<crate::adapters::memory::MemoryHosts>,
     framed: std::sync::atomic::AtomicUsize,
+    /// The size hint the last of them came with.
+    about: std::sync::atomic::AtomicU64,
     no_frames: bool,
 }
 
@@ -1315,6 +1317,8 @@ impl crate::ports::HostTransport for Framing {
     ) -> Result<crate::domain::hostscript::HostOutput> {
         self.framed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.about
+            .store(growing.borrow().about, std::sync::atomic::Ordering::Relaxed);
         if self.no_frames {
             drop(growing);
             return Ok(result_line(
@@ -1332,6 +1336,7 @@ fn framing(m: &Memory, deps: Deps, no_frames: bool) -> (Deps, Arc<Framing>) {
     let t = Arc::new(Framing {
         hosts: m.hosts.clone(),
         framed: Default::default(),
+        about: Default::default(),
         no_frames,
     });
     (
@@ -1353,6 +1358,10 @@ async fn a_registry_plugin_not_built_yet_is_sent_while_it_is_built_unless_a_chec
         .unwrap();
     assert_eq!(out.status, InstallStatus::Installed);
     assert_eq!(t.framed.load(Relaxed), 1);
+    // The host is told, ahead, about how large the archive will be: the
+    // listed files' bytes.
+    let listed = MANIFEST.len() + b"# greet\n".len();
+    assert_eq!(t.about.load(Relaxed), listed as u64);
     assert_eq!(m.store.staged_digests(), std::slice::from_ref(&out.digest));
     assert_eq!(m.store.state_of("ws-1").plugins["hello"].digest, out.digest);
     // Built lately: its digest is known first, so it goes whole (and the
