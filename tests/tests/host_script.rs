@@ -1807,6 +1807,17 @@ fn path_logging(tool: &str, log: &Path) -> TempDir {
     bin
 }
 
+/// How many of the calls `path_logging("python3", log)` logged were the
+/// install step's inflate, and the log.
+fn python_inflates(log: &Path) -> (usize, String) {
+    let called = fs::read_to_string(log).unwrap_or_default();
+    let inflates = called
+        .lines()
+        .filter(|l| l.contains("decompressobj"))
+        .count();
+    (inflates, called)
+}
+
 /// Installs `alpha` with `bin` as the script's whole PATH.
 fn install_with_path(h: &Host, p: &Plugin, bin: &Path) -> Run {
     let args = h.alpha_args(p, &[]);
@@ -1935,11 +1946,7 @@ fn the_archive_size_picks_the_inflater_and_either_refuses_a_stream_not_whole() {
         )
         .assert_ok("installed");
         h.assert_installed_at("alpha", &sized);
-        let called = fs::read_to_string(&log).unwrap_or_default();
-        let inflates = called
-            .lines()
-            .filter(|l| l.contains("decompressobj"))
-            .count();
+        let (inflates, called) = python_inflates(&log);
         assert_eq!(inflates, usize::from(by_python), "{size}: {called:?}");
         // Python hashed the files as they passed (sha256sum's text-mode
         // lines for all); after gzip the step hashed them (OpenSSL's
@@ -1978,11 +1985,7 @@ fn the_archive_size_picks_the_inflater_and_either_refuses_a_stream_not_whole() {
             let r = run_script_env(&strs(&args), Some(&bad), Some(bin.path()), &[]);
             r.assert_error("bad_archive", 66);
             assert_eq!(r.result["message"], "archive could not be extracted");
-            let called = fs::read_to_string(&log).unwrap_or_default();
-            let inflates = called
-                .lines()
-                .filter(|l| l.contains("decompressobj"))
-                .count();
+            let (inflates, called) = python_inflates(&log);
             assert_eq!(inflates, usize::from(by_python), "{size}: {called:?}");
         }
         assert_untouched(&h, &v1, &memory);
@@ -1995,11 +1998,7 @@ fn the_archive_size_picks_the_inflater_and_either_refuses_a_stream_not_whole() {
         let args = named_on_stdin_args(&h);
         run_script_env(&strs(&args), Some(&input), Some(bin.path()), &[]).assert_ok("installed");
         h.assert_installed_at("alpha", &v2);
-        let called = fs::read_to_string(&log).unwrap_or_default();
-        let inflates = called
-            .lines()
-            .filter(|l| l.contains("decompressobj"))
-            .count();
+        let (inflates, called) = python_inflates(&log);
         assert_eq!(
             inflates,
             usize::from(by_python),
